@@ -1,0 +1,75 @@
+"""``pdserve.v1.Decode`` servicer: protos in, domain calls, protos out. Errors map here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from decode_service.worker import DecodeWorker
+from engine.errors import EngineError
+from engine.sequence import FinishReason
+from pdserve.grpc_runtime import BASE_STATUS_CODES, status_for
+from pdserve.proto_convert import FINISH_TO_PROTO, sampling_from_proto, ticket_to_proto
+from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+STATUS_CODES = dict(BASE_STATUS_CODES)
+
+
+class DecodeServicer(worker_pb2_grpc.DecodeServicer):
+    def __init__(self, worker: DecodeWorker, model_name: str) -> None:
+        self.worker = worker
+        self.model_name = model_name
+
+    async def Generate(
+        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        structlog.contextvars.bind_contextvars(request_id=request.request_id)
+        sampling = sampling_from_proto(request.sampling)
+        prompt = list(request.prompt_token_ids)
+        if not prompt:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty prompt_token_ids")
+        try:
+            if request.mode == worker_pb2.PREFILL_MODE_REMOTE:
+                remaining = context.time_remaining()
+                lease = remaining if remaining is not None else float("inf")
+                handle, ticket = self.worker.reserve(request.request_id, prompt, sampling, lease)
+                yield worker_pb2.DecodeResponse(ticket=ticket_to_proto(ticket))
+            else:
+                handle = self.worker.generate_local(request.request_id, prompt, sampling)
+        except EngineError as exc:
+            await context.abort(status_for(exc, STATUS_CODES), str(exc))
+        try:
+            async for out in handle.outputs():
+                if out.finish_reason is FinishReason.ERROR:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, out.error or "decode failed")
+                yield worker_pb2.DecodeResponse(
+                    tokens=worker_pb2.TokenChunk(
+                        token_ids=out.token_ids,
+                        finish_reason=FINISH_TO_PROTO[out.finish_reason],
+                        completion_tokens=out.num_completion_tokens,
+                    )
+                )
+        finally:
+            self.worker.release(handle)
+            structlog.contextvars.unbind_contextvars("request_id")
+
+    async def GetStatus(
+        self, request: worker_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerStatus:
+        stats = self.worker.stats()
+        return worker_pb2.WorkerStatus(
+            tier="decode",
+            model=self.model_name,
+            total_blocks=stats.total_blocks,
+            free_blocks=stats.free_blocks,
+            block_size=self.worker.engine.engine.kv_cache.block_size,
+            running=stats.running,
+            waiting=stats.waiting,
+            pending_transfers=self.worker.pending_transfers(),
+            pool_ok=stats.pool_ok,
+            kv_endpoint=self.worker.kv_endpoint,
+        )

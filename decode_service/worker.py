@@ -1,0 +1,106 @@
+"""The decode worker in domain terms: reserve blocks, receive pages, batch, stream tokens."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import structlog
+
+from engine.async_engine import AsyncEngine, RequestHandle
+from engine.config import EngineConfig
+from engine.engine import PoolStats
+from engine.model_loader import ModelSpec
+from engine.sequence import FinishReason, SamplingParams
+from kvtransfer.ticket import TransferTicket
+from kvtransfer.zmq_transport import KVReceiver
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    engine: EngineConfig
+    listen: str = "127.0.0.1:50071"
+    kv_bind: str = "tcp://127.0.0.1:0"
+    """ZeroMQ endpoint the KV receiver binds (tcp://host:port or ipc:///path)."""
+    kv_advertise: str | None = None
+    """Endpoint prefill workers connect to; the bound endpoint when unset."""
+    kv_lease_s: float = 60.0
+    """A reservation whose pages have not all arrived by then is freed."""
+    verify_checksum: bool = True
+
+
+class DecodeWorker:
+    def __init__(self, config: DecodeConfig, engine: AsyncEngine) -> None:
+        self.config = config
+        self.engine = engine
+        self.spec: ModelSpec = engine.spec
+        self.receiver = KVReceiver(
+            config.kv_bind,
+            engine.engine.kv_cache,
+            on_ready=self._on_kv_ready,
+            on_failed=self._on_kv_failed,
+            verify_checksum=config.verify_checksum,
+        )
+        self._transfers: dict[str, bytes] = {}  # engine key -> transfer id
+        self.kv_endpoint = config.kv_advertise or config.kv_bind
+
+    def start(self) -> None:
+        bound = self.receiver.start()
+        self.kv_endpoint = self.config.kv_advertise or bound
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.receiver.stop()
+        self.engine.stop()
+
+    def generate_local(
+        self, request_id: str, prompt: list[int], sampling: SamplingParams
+    ) -> RequestHandle:
+        """Colocated: compute the prompt here and stream every token."""
+        return self.engine.submit(self.engine.new_sequence(request_id, prompt, sampling))
+
+    def reserve(
+        self, request_id: str, prompt: list[int], sampling: SamplingParams, lease_s: float
+    ) -> tuple[RequestHandle, TransferTicket]:
+        """Reserve blocks for a prompt a prefill worker computes; the ticket says where to push
+        its pages. Raises OutOfBlocksError. The caller must :meth:`release` the handle."""
+        seq = self.engine.new_sequence(request_id, prompt, sampling)
+        handle, block_ids = self.engine.reserve(seq)
+        transfer_id = os.urandom(16)
+        lease_s = min(lease_s, self.config.kv_lease_s)
+        self._transfers[handle.key] = transfer_id
+        self.receiver.expect(transfer_id, handle.key, block_ids, lease_s)
+        kv = self.engine.engine.kv_cache
+        ticket = TransferTicket(
+            transfer_id=transfer_id,
+            kv_endpoint=self.kv_endpoint,
+            block_ids=tuple(block_ids),
+            block_size=kv.block_size,
+            num_layers=kv.num_layers,
+            num_kv_heads=kv.num_kv_heads,
+            head_dim=kv.head_dim,
+            dtype=str(kv.dtype).removeprefix("torch."),
+            lease_s=lease_s,
+        )
+        return handle, ticket
+
+    def release(self, handle: RequestHandle) -> None:
+        """End a request on every exit path: stop its transfer first, then free its blocks."""
+        transfer_id = self._transfers.pop(handle.key, None)
+        if transfer_id is not None:
+            self.receiver.cancel(transfer_id)  # after this no page can land in its blocks
+        handle.close()
+
+    def stats(self) -> PoolStats:
+        return self.engine.stats()
+
+    def pending_transfers(self) -> int:
+        return self.receiver.pending()
+
+    def _on_kv_ready(self, key: str, first_token_id: int) -> None:
+        self.engine.engine.kv_ready(key, first_token_id)
+
+    def _on_kv_failed(self, key: str, reason: str) -> None:
+        self.engine.engine.abort(key, FinishReason.ERROR, reason)

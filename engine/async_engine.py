@@ -1,0 +1,120 @@
+"""Bridges the engine thread to asyncio: each request's outputs arrive on its own queue.
+
+gRPC handlers on the event loop call :meth:`AsyncEngine.submit` or :meth:`AsyncEngine.reserve`,
+then iterate :meth:`RequestHandle.outputs`. Leaving that iteration early (the caller cancelled,
+the deadline passed) must be followed by :meth:`RequestHandle.close`, which aborts the request in
+the engine and frees its blocks; ``close`` is idempotent and safe after a normal finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import torch
+
+from engine.config import EngineConfig
+from engine.engine import Engine, PoolStats, RequestOutput
+from engine.model_loader import ModelSpec
+from engine.sequence import FinishReason, SamplingParams, Sequence
+
+
+class RequestHandle:
+    """One request's view of the engine: its outputs, and the means to stop it."""
+
+    def __init__(self, owner: AsyncEngine, key: str, queue: asyncio.Queue[RequestOutput]):
+        self._owner = owner
+        self.key = key
+        self._queue = queue
+        self.finished = False
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """Yield outputs until (and including) the one with a finish reason."""
+        while not self.finished:
+            out = await self._queue.get()
+            if out.finish_reason is not None:
+                self.finished = True
+                self._owner._forget(self.key)
+            yield out
+
+    async def next_output(self) -> RequestOutput:
+        out = await self._queue.get()
+        if out.finish_reason is not None:
+            self.finished = True
+            self._owner._forget(self.key)
+        return out
+
+    def close(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
+        """Abort the request unless it finished; frees its blocks. Idempotent."""
+        if not self.finished:
+            self.finished = True
+            self._owner._forget(self.key)
+            self._owner.engine.abort(self.key, reason)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.engine = Engine(config, model, spec, self._sink)
+        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    def new_sequence(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
+    ) -> Sequence:
+        """A sequence keyed uniquely on this worker (callers may reuse request ids)."""
+        return Sequence(
+            request_id=f"{request_id}#{uuid.uuid4().hex[:12]}",
+            token_ids=list(prompt_token_ids),
+            num_prompt_tokens=len(prompt_token_ids),
+            sampling=sampling,
+            eos_token_ids=self.spec.eos_token_ids,
+        )
+
+    def submit(self, seq: Sequence, *, export_kv: bool = False) -> RequestHandle:
+        handle = self._register(seq.request_id)
+        try:
+            self.engine.add(seq, export_kv=export_kv)
+        except BaseException:
+            self._forget(seq.request_id)
+            raise
+        return handle
+
+    def reserve(self, seq: Sequence) -> tuple[RequestHandle, list[int]]:
+        handle = self._register(seq.request_id)
+        try:
+            block_ids = self.engine.reserve(seq)
+        except BaseException:
+            self._forget(seq.request_id)
+            raise
+        return handle, block_ids
+
+    def stats(self) -> PoolStats:
+        return self.engine.stats()
+
+    def _register(self, key: str) -> RequestHandle:
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._queues[key] = queue
+        return RequestHandle(self, key, queue)
+
+    def _forget(self, key: str) -> None:
+        self._queues.pop(key, None)
+
+    def _sink(self, outputs: list[RequestOutput]) -> None:
+        """Called on the engine (or KV receiver) thread."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)

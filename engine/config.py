@@ -1,0 +1,61 @@
+"""Frozen configuration, built once at each entry point from flags and passed down."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+class DType(enum.Enum):
+    """Element type of weights and KV cache."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to serve and how to place it."""
+
+    model: str = DEFAULT_MODEL
+    """The default model's name, a local transformers folder, or a hub id in the local cache."""
+    dtype: DType = DType.FLOAT32
+    device: str = "auto"
+    """"auto" picks CUDA when a GPU is present, else CPU."""
+    cache_dir: Path | None = None
+    """Where the default model is converted to once; ``~/.cache/pdserve`` when unset."""
+    max_model_len: int | None = None
+    """Cap on prompt + output tokens; the model's own context length when unset."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Shape of the paged KV pool."""
+
+    block_size: int = 16
+    """Token slots per block. 16 keeps the last partial block's waste small."""
+    num_blocks: int = 2048
+    """Blocks in the pool. 2048 x 16 slots x 46 KB/token is ~1.5 GB for the default model."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one engine step."""
+
+    max_num_seqs: int = 64
+    """Sequences in the running batch at most."""
+    max_num_batched_tokens: int = 2048
+    """Tokens computed in one forward pass at most (prompt tokens + one per running sequence)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = ModelConfig()
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    num_threads: int | None = None
+    """torch intra-op threads for this process; torch's default when unset."""

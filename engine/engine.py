@@ -1,0 +1,287 @@
+"""The engine: one step is schedule -> run -> update, looped on a dedicated thread.
+
+Threads: the step loop runs on its own thread so torch work never blocks the gRPC event loop.
+Every other thread (gRPC handlers, the KV receiver) talks to the engine through the public
+methods below, which take ``self._lock``; the forward pass runs *outside* the lock, and touches
+only blocks of sequences in the batch, which nobody else may free until ``update`` has run (aborts
+of in-flight sequences are deferred to then).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+import torch
+
+from engine.attention import register_paged_attention
+from engine.block_pool import BlockPool
+from engine.config import EngineConfig
+from engine.errors import EngineStoppedError
+from engine.kv_cache import KVCache
+from engine.model_loader import TORCH_DTYPES, ModelSpec
+from engine.model_runner import ModelRunner
+from engine.sampler import Sampler
+from engine.scheduler import Finished, ScheduledBatch, Scheduler
+from engine.sequence import FinishReason, Sequence
+
+log = structlog.get_logger(__name__)
+
+_IDLE_WAIT_S = 0.5
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request. ``pages`` is set for KV-exporting sequences."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    pages: torch.Tensor | None = None  # (L, 2, n, bs, KVH, D) copy of the prompt's blocks
+    error: str | None = None
+
+
+OutputSink = Callable[[list[RequestOutput]], None]
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    total_blocks: int
+    free_blocks: int
+    running: int
+    waiting: int
+    awaiting_kv: int
+    pool_ok: bool
+    num_preemptions: int
+
+
+class Engine:
+    """Owns the KV cache, block pool, scheduler and model runner of one worker."""
+
+    def __init__(
+        self, config: EngineConfig, model: torch.nn.Module, spec: ModelSpec, sink: OutputSink
+    ) -> None:
+        self.config = config
+        self.spec = spec
+        self._sink = sink
+        device = next(model.parameters()).device
+        model.set_attn_implementation(register_paged_attention())
+        self.kv_cache = KVCache(
+            num_layers=spec.num_layers,
+            num_blocks=config.cache.num_blocks,
+            block_size=config.cache.block_size,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            dtype=TORCH_DTYPES[config.model.dtype],
+            device=device,
+        )
+        self.pool = BlockPool(config.cache.num_blocks)
+        self.scheduler = Scheduler(config.scheduler, self.pool, config.cache.block_size)
+        self.runner = ModelRunner(model, self.kv_cache, Sampler())
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._pending_aborts: dict[str, tuple[FinishReason, str | None]] = {}
+        self._in_flight: ScheduledBatch | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._export_kv: set[str] = set()
+
+    # -- requests (any thread) --------------------------------------------------------------
+
+    def add(self, seq: Sequence, *, export_kv: bool = False) -> None:
+        """Queue a sequence to compute here. With ``export_kv`` it stops after its first token
+        and its output carries a copy of the prompt's KV pages."""
+        with self._lock:
+            self._check_running()
+            seq.arrival_time = time.monotonic()
+            if export_kv:
+                self._export_kv.add(seq.request_id)
+            self.scheduler.add(seq)
+            self._wakeup.notify()
+
+    def reserve(self, seq: Sequence) -> list[int]:
+        """Reserve blocks for a prompt another worker computes; see :meth:`Scheduler.reserve`."""
+        with self._lock:
+            self._check_running()
+            seq.arrival_time = time.monotonic()
+            return self.scheduler.reserve(seq)
+
+    def kv_ready(self, request_id: str, first_token_id: int) -> None:
+        """All pages of a reserved prompt arrived: the sequence joins the running batch."""
+        with self._lock:
+            if request_id not in self.scheduler.awaiting_kv:
+                return  # aborted meanwhile
+            finished = self.scheduler.kv_ready(request_id, first_token_id)
+            self._wakeup.notify()
+        if finished is not None:
+            self._emit([self._output(finished.seq, (), finished.reason)])
+
+    def abort(
+        self,
+        request_id: str,
+        reason: FinishReason = FinishReason.CANCELLED,
+        error: str | None = None,
+    ) -> None:
+        """Stop a request wherever it is and free its blocks (deferred while its step runs).
+
+        Unless the reason is CANCELLED (the owner went away), an output with the reason and
+        ``error`` is emitted so the owner learns why."""
+        with self._lock:
+            if self._in_flight is not None and any(
+                item.seq.request_id == request_id for item in self._in_flight.items
+            ):
+                self._pending_aborts[request_id] = (reason, error)
+                return
+            seq = self.scheduler.abort(request_id, reason)
+            self._export_kv.discard(request_id)
+        if seq is not None and reason is not FinishReason.CANCELLED:
+            self._emit([self._output(seq, (), reason, error=error)])
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            try:
+                self.pool.check_integrity()
+                ok = True
+            except Exception:  # noqa: BLE001 - reported, not raised: this is a health probe
+                ok = False
+            return PoolStats(
+                total_blocks=self.pool.num_blocks,
+                free_blocks=self.pool.num_free,
+                running=len(self.scheduler.running),
+                waiting=len(self.scheduler.waiting),
+                awaiting_kv=len(self.scheduler.awaiting_kv),
+                pool_ok=ok,
+                num_preemptions=self.scheduler.num_preemptions,
+            )
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step: schedule -> run -> update. Returns what it produced."""
+        with self._lock:
+            batch = self.scheduler.schedule()
+            self._in_flight = batch
+        if batch is None:
+            return []
+        try:
+            sampled = self.runner.execute(batch)
+        except Exception as exc:  # noqa: BLE001 - fail the batch's requests, keep serving
+            log.exception("engine_step_failed", batch_size=len(batch.items))
+            return self._fail_batch(batch, f"engine step failed: {exc}")
+        with self._lock:
+            self._in_flight = None
+            finished = self.scheduler.update(batch, sampled)
+            outputs = self._collect(batch, sampled, finished)
+            outputs.extend(self._apply_pending_aborts())
+        return outputs
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        while True:
+            with self._lock:
+                while not self._stopping and not self.scheduler.has_work():
+                    self._wakeup.wait(_IDLE_WAIT_S)
+                if self._stopping:
+                    return
+            outputs = self.step()
+            if outputs:
+                self._emit(outputs)
+
+    # -- helpers (lock held unless noted) ---------------------------------------------------
+
+    def _collect(
+        self, batch: ScheduledBatch, sampled: list[int], finished: list[Finished]
+    ) -> list[RequestOutput]:
+        reasons = {f.seq.request_id: f.reason for f in finished}
+        outputs: list[RequestOutput] = []
+        for item, token in zip(batch.items, sampled, strict=True):
+            seq = item.seq
+            if not item.sample or seq.is_finished:
+                continue
+            rid = seq.request_id
+            reason = reasons.get(rid)
+            if rid in self._export_kv:
+                self._export_kv.discard(rid)
+                prompt_blocks = seq.block_table[: self.scheduler.blocks_for(seq.num_prompt_tokens)]
+                pages = self.kv_cache.gather_pages(prompt_blocks)
+                outputs.append(self._output(seq, (token,), reason, pages))
+                self._finish_exported(seq, reason)
+                continue
+            outputs.append(self._output(seq, (token,), reason))
+            if reason is not None:
+                self.scheduler.release(seq, reason)
+        return outputs
+
+    def _finish_exported(self, seq: Sequence, reason: FinishReason | None) -> None:
+        """An exporting sequence's work here ends with its first token, whatever comes next."""
+        if seq in self.scheduler.running:
+            self.scheduler.running.remove(seq)
+        self.scheduler.release(seq, reason or FinishReason.STOP)
+
+    def _apply_pending_aborts(self) -> list[RequestOutput]:
+        outputs = []
+        for rid, (reason, error) in self._pending_aborts.items():
+            seq = self.scheduler.abort(rid, reason)
+            self._export_kv.discard(rid)
+            if seq is not None and reason is not FinishReason.CANCELLED:
+                outputs.append(self._output(seq, (), reason, error=error))
+        self._pending_aborts.clear()
+        return outputs
+
+    def _fail_batch(self, batch: ScheduledBatch, message: str) -> list[RequestOutput]:
+        outputs = []
+        with self._lock:
+            self._in_flight = None
+            for item in batch.items:
+                seq = self.scheduler.abort(item.seq.request_id, FinishReason.ERROR)
+                self._export_kv.discard(item.seq.request_id)
+                if seq is not None:
+                    outputs.append(self._output(seq, (), FinishReason.ERROR, error=message))
+            self._pending_aborts.clear()
+        return outputs
+
+    def _output(
+        self,
+        seq: Sequence,
+        tokens: tuple[int, ...],
+        reason: FinishReason | None,
+        pages: torch.Tensor | None = None,
+        error: str | None = None,
+    ) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            token_ids=tokens,
+            finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_completion_tokens=seq.num_completion_tokens,
+            pages=pages,
+            error=error,
+        )
+
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        """Hand outputs to the owner (called without the lock)."""
+        try:
+            self._sink(outputs)
+        except Exception:  # noqa: BLE001 - a broken sink must not kill the engine thread
+            log.exception("engine_sink_failed")
+
+    def _check_running(self) -> None:
+        if self._stopping:
+            raise EngineStoppedError("engine is shutting down")

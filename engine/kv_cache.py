@@ -1,0 +1,67 @@
+"""The paged KV tensor: every layer's K and V for every block, in one allocation.
+
+Layout::
+
+    kv[layer, k_or_v, block, slot, kv_head, head_dim]      (L, 2, NB, bs, KVH, D)
+
+A token at position ``p`` of a sequence lives in slot ``p % bs`` of block ``block_table[p // bs]``,
+i.e. at flat slot ``block_table[p // bs] * bs + p % bs`` of ``kv[layer, k_or_v].view(NB * bs, ...)``.
+A page on the wire is ``kv[l0:l1, :, block_ids]``: the layers' K and V for some blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class KVCache:
+    """Owns the KV tensor. Which blocks belong to whom is the :class:`BlockPool`'s business."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = device
+        # (L, 2, NB, bs, KVH, D)
+        self.kv = torch.zeros(
+            (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim),
+            dtype=dtype,
+            device=device,
+        )
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.kv[:, :, 0].numel() * self.kv.element_size()
+
+    def page_shape(self, num_layers: int, num_blocks: int) -> tuple[int, ...]:
+        return (num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+    def layer_slots(self, layer: int) -> torch.Tensor:
+        """K and V of one layer as flat slots: (2, NB * bs, KVH, D), a view."""
+        return self.kv[layer].view(2, self.num_blocks * self.block_size, self.num_kv_heads, -1)
+
+    def gather_pages(self, block_ids: Sequence[int], layers: slice = slice(None)) -> torch.Tensor:
+        """Copy some blocks' K and V out: (L', 2, n, bs, KVH, D), contiguous, on the cache device."""
+        index = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
+        return self.kv[layers].index_select(2, index)
+
+    def scatter_pages(
+        self, block_ids: Sequence[int], pages: torch.Tensor, layers: slice = slice(None)
+    ) -> None:
+        """Write pages (L', 2, n, bs, KVH, D) into the given blocks of the given layers."""
+        index = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
+        self.kv[layers].index_copy_(2, index, pages.to(self.device, non_blocking=True))

@@ -1,0 +1,91 @@
+"""Per-request state: :class:`Sequence` with its :class:`SequenceStatus`, and sampling parameters."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.Enum):
+    """Why a sequence ended (mirrors ``pdserve.v1.FinishReason``)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to choose each new token. Validated at the gateway; the engine trusts these values."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # (0, 1]
+    top_k: int = 0  # 0 disables
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings: checked on text, by the gateway
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class SequenceStatus(enum.Enum):
+    """Where a sequence is in its life on one worker."""
+
+    WAITING_FOR_KV = "waiting_for_kv"  # blocks reserved, pages in flight from a prefill worker
+    WAITING = "waiting"  # queued for (more) prefill compute
+    RUNNING = "running"  # in the batch: one token per step
+    FINISHED = "finished"  # done; blocks already returned
+
+
+@dataclass(eq=False)
+class Sequence:
+    """All state of one request on one worker.
+
+    ``token_ids`` holds the prompt followed by every generated token. ``num_computed_tokens``
+    counts the positions whose KV is in the cache; a sequence needs compute while it lags
+    ``len(token_ids)`` (prefill is that lag being large, decode is that lag being one).
+    ``block_table`` lists the sequence's KV blocks in order; the sequence owns them until it
+    finishes, when the scheduler returns them to the pool.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    sampling: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    arrival_time: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    def append_token(self, token_id: int) -> FinishReason | None:
+        """Append a sampled token and return why the sequence must stop now, if it must."""
+        self.token_ids.append(token_id)
+        stop_ids = self.sampling.stop_token_ids
+        if token_id in stop_ids or (not self.sampling.ignore_eos and token_id in self.eos_token_ids):
+            return FinishReason.STOP
+        if self.num_completion_tokens >= self.sampling.max_tokens:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,197 @@
+"""``pdserve up``: the tiers as separate processes on one machine, started and stopped together.
+
+Each worker is the same command Kubernetes runs (``pdserve prefill`` / ``decode`` / ``gateway``),
+so what runs here is what runs there. A child that dies is reported and stops the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine.model_loader import resolve_model_path
+
+log = structlog.get_logger(__name__)
+
+READY_TIMEOUT_S = 300.0
+STOP_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    name: str
+    address: str  # gRPC address, for the readiness check
+    argv: tuple[str, ...]
+
+
+def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
+    """Ports: prefill workers first, then decode workers, then decode KV endpoints."""
+    host, base = args.host, args.worker_base_port
+    model_flags = _passthrough(args, log_level)
+    engine_flags = [
+        "--block-size", str(args.block_size), "--num-blocks", str(args.num_blocks),
+        "--max-num-seqs", str(args.max_num_seqs),
+        "--max-batched-tokens", str(args.max_batched_tokens),
+        "--threads", str(args.threads or _threads_per_worker(args.prefill + args.decode)),
+    ]
+    me = (sys.executable, "-m", "pdserve.cli")
+    specs: list[ProcessSpec] = []
+    prefill_addrs = [f"{host}:{base + i}" for i in range(args.prefill)]
+    decode_addrs = [f"{host}:{base + args.prefill + i}" for i in range(args.decode)]
+    for i, addr in enumerate(prefill_addrs):
+        argv = (*me, "prefill", "--listen", addr, *model_flags, *engine_flags)
+        specs.append(ProcessSpec(f"prefill-{i}", addr, argv))
+    ipc_dir = tempfile.gettempdir()
+    for i, addr in enumerate(decode_addrs):
+        if args.kv_transport == "ipc":
+            kv = f"ipc://{ipc_dir}/pdserve-{os.getpid()}-decode-{i}.sock"
+        else:
+            kv = f"tcp://{host}:{base + args.prefill + args.decode + i}"
+        argv = (*me, "decode", "--listen", addr, "--kv-bind", kv, *model_flags, *engine_flags)
+        specs.append(ProcessSpec(f"decode-{i}", addr, argv))
+    gateway_addr = f"{host}:{args.port}"
+    gw = [*me, "gateway", "--listen", gateway_addr, *model_flags]
+    for addr in prefill_addrs:
+        gw += ["--prefill", addr]
+    for addr in decode_addrs:
+        gw += ["--decode", addr]
+    specs.append(ProcessSpec("gateway", gateway_addr, tuple(gw)))
+    return specs
+
+
+def _passthrough(args: argparse.Namespace, log_level: str) -> list[str]:
+    flags = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
+             "--log-level", log_level, "--log-format", args.log_format]
+    if args.cache_dir:
+        flags += ["--cache-dir", str(args.cache_dir)]
+    if args.max_model_len:
+        flags += ["--max-model-len", str(args.max_model_len)]
+    return flags
+
+
+def _threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+class Cluster:
+    def __init__(self, specs: list[ProcessSpec]) -> None:
+        self.specs = specs
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self) -> None:
+        for spec in self.specs:
+            self.procs[spec.name] = subprocess.Popen(spec.argv)
+            log.info("process_started", name=spec.name, pid=self.procs[spec.name].pid,
+                     address=spec.address)
+
+    def dead(self) -> list[tuple[str, int]]:
+        return [(n, p.returncode) for n, p in self.procs.items() if p.poll() is not None]
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = list(self.specs)
+        while pending:
+            if self.dead():
+                name, code = self.dead()[0]
+                raise RuntimeError(f"{name} exited with code {code} during start-up")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready after {timeout_s:.0f}s: {[s.name for s in pending]}")
+            pending = [s for s in pending if not _serving(s.address)]
+            if pending:
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("process_killed", name=name)
+                proc.kill()
+                proc.wait()
+
+
+def _serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=1.0
+            )
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    from pdserve.cli import model_config
+
+    if args.decode < 1 or args.prefill < 0:
+        print("pdserve up: need --decode >= 1 and --prefill >= 0", file=sys.stderr)
+        return 2
+    resolve_model_path(model_config(args))  # convert the default model once, before the workers
+    quiet = args.generate is not None and args.log_level == "info"
+    cluster = Cluster(plan_cluster(args, "warning" if quiet else args.log_level))
+    stop = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    cluster.start()
+    try:
+        cluster.wait_ready()
+        gateway = f"{args.host}:{args.port}"
+        mode = "disaggregated" if args.prefill else "colocated"
+        log.info("cluster_ready", gateway=gateway, prefill=args.prefill, decode=args.decode,
+                 mode=mode)
+        if args.generate is not None:
+            return _generate_once(gateway, args.generate, args.max_tokens)
+        print(f"pdserve is up ({mode}): gateway at {gateway}. Ctrl-C to stop.", file=sys.stderr)
+        while not stop:
+            dead = cluster.dead()
+            if dead:
+                for name, code in dead:
+                    log.error("process_died", name=name, exit_code=code)
+                    print(f"pdserve up: {name} exited with code {code}; stopping", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        return 0
+    except RuntimeError as exc:
+        print(f"pdserve up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cluster.stop()
+
+
+def _generate_once(gateway: str, prompt: str, max_tokens: int) -> int:
+    from pdserve.client import Client
+
+    with Client(gateway) as client:
+        try:
+            last = None
+            for chunk in client.generate(prompt, max_tokens=max_tokens, temperature=0.0):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                last = chunk
+        except grpc.RpcError as exc:
+            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if last is not None:
+        print(f"\n[finish_reason={last.finish_reason} prompt_tokens={last.prompt_tokens} "
+              f"completion_tokens={last.completion_tokens}]", file=sys.stderr)
+    return 0

@@ -1,0 +1,78 @@
+"""Conversions between generated proto messages and engine domain objects.
+
+Servicers and worker clients call these; nothing else imports generated classes.
+"""
+
+from __future__ import annotations
+
+from engine.sequence import FinishReason, SamplingParams
+from kvtransfer.ticket import TransferTicket
+from protos.pdserve.v1 import common_pb2, worker_pb2
+
+DEFAULT_MAX_TOKENS = 16
+
+FINISH_TO_PROTO = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
+}
+FINISH_FROM_PROTO = {value: key for key, value in FINISH_TO_PROTO.items()}
+
+
+def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    """Fill unset fields with defaults; no validation here (the gateway validates)."""
+    return SamplingParams(
+        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
+        temperature=msg.temperature if msg.HasField("temperature") else 1.0,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        top_k=msg.top_k if msg.HasField("top_k") else 0,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+    )
+
+
+def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        stop=list(params.stop),
+        stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
+    )
+    if params.seed is not None:
+        msg.seed = params.seed
+    return msg
+
+
+def ticket_from_proto(msg: worker_pb2.TransferTicket) -> TransferTicket:
+    return TransferTicket(
+        transfer_id=msg.transfer_id,
+        kv_endpoint=msg.kv_endpoint,
+        block_ids=tuple(msg.block_ids),
+        block_size=msg.block_size,
+        num_layers=msg.num_layers,
+        num_kv_heads=msg.num_kv_heads,
+        head_dim=msg.head_dim,
+        dtype=msg.dtype,
+        lease_s=msg.lease_seconds,
+    )
+
+
+def ticket_to_proto(ticket: TransferTicket) -> worker_pb2.TransferTicket:
+    return worker_pb2.TransferTicket(
+        transfer_id=ticket.transfer_id,
+        kv_endpoint=ticket.kv_endpoint,
+        block_ids=list(ticket.block_ids),
+        block_size=ticket.block_size,
+        num_layers=ticket.num_layers,
+        num_kv_heads=ticket.num_kv_heads,
+        head_dim=ticket.head_dim,
+        dtype=ticket.dtype,
+        lease_seconds=ticket.lease_s,
+    )
