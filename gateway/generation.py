@@ -98,7 +98,9 @@ class GenerationCore:
                     text += detok.flush()
                 match = stops.feed(text)
                 if match.stopped:
-                    yield Delta(event.token_ids, match.text, FinishReason.STOP, len(prompt), completion)
+                    yield Delta(
+                        event.token_ids, match.text, FinishReason.STOP, len(prompt), completion
+                    )
                     return
                 finish = event.finish_reason
                 if finish is not None:

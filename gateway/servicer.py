@@ -55,7 +55,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             try:
                 sampling = sampling_from_proto(request.sampling)
                 prompt = self.core.prepare(prompt_from_proto(request), sampling)
-                log.info("request_accepted", prompt_tokens=len(prompt), max_tokens=sampling.max_tokens)
+                log.info(
+                    "request_accepted", prompt_tokens=len(prompt), max_tokens=sampling.max_tokens
+                )
                 stream = self.core.generate(request_id, prompt, sampling, context.time_remaining())
                 async for delta in stream:
                     usage = common_pb2.Usage(

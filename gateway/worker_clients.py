@@ -122,7 +122,9 @@ class DecodeClient:
             request_id=request_id,
             prompt_token_ids=prompt,
             sampling=sampling_to_proto(sampling),
-            mode=worker_pb2.PREFILL_MODE_REMOTE if remote_prefill else worker_pb2.PREFILL_MODE_LOCAL,
+            mode=worker_pb2.PREFILL_MODE_REMOTE
+            if remote_prefill
+            else worker_pb2.PREFILL_MODE_LOCAL,
         )
         return DecodeStream(self.address, self._stub.Generate(request, timeout=timeout))
 

@@ -1,0 +1,71 @@
+"""Validation of sampling parameters at the gateway's edge.
+
+The engine trusts :class:`~engine.sequence.SamplingParams`; every check a client can fail lives
+here and raises :class:`~engine.errors.InvalidRequestError` with a message naming the field,
+the value and the allowed range (it reaches the client as gRPC INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import math
+
+from engine.errors import InvalidRequestError
+from engine.sequence import SamplingParams
+
+DEFAULT_MAX_TOKENS = 16  # completion length when the client does not say
+MAX_STOP_STRINGS = 16  # more would make per-token stop checks costly
+MAX_STOP_STRING_CHARS = 256  # bounds the text the stop matcher may hold back
+
+
+def validate_sampling(params: SamplingParams, prompt_len: int, max_model_len: int) -> None:
+    """Raise InvalidRequestError unless ``params`` can be served for a ``prompt_len`` prompt."""
+    _check_sampling_ranges(params)
+    _check_lengths(params.max_tokens, prompt_len, max_model_len)
+    _check_stop_strings(params.stop)
+
+
+def _check_sampling_ranges(params: SamplingParams) -> None:
+    if math.isnan(params.temperature) or math.isinf(params.temperature):
+        raise InvalidRequestError(f"temperature must be a finite number, got {params.temperature}")
+    if params.temperature < 0:
+        raise InvalidRequestError(
+            f"temperature must be >= 0 (0 means greedy), got {params.temperature}"
+        )
+    if math.isnan(params.top_p) or not 0 < params.top_p <= 1:
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k < 0:
+        raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {params.top_k}")
+    for token_id in params.stop_token_ids:
+        if token_id < 0:
+            raise InvalidRequestError(f"stop_token_ids must be >= 0, got {token_id}")
+
+
+def _check_lengths(max_tokens: int, prompt_len: int, max_model_len: int) -> None:
+    if max_tokens < 1:
+        raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+    if prompt_len >= max_model_len:
+        raise InvalidRequestError(
+            f"prompt has {prompt_len} tokens, but the model's context length is "
+            f"{max_model_len}: the prompt must be shorter to leave room for output"
+        )
+    if prompt_len + max_tokens > max_model_len:
+        raise InvalidRequestError(
+            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = "
+            f"{prompt_len + max_tokens} exceeds the model's context length of {max_model_len}; "
+            f"lower max_tokens to at most {max_model_len - prompt_len}"
+        )
+
+
+def _check_stop_strings(stop: tuple[str, ...]) -> None:
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequestError(
+            f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stop)}"
+        )
+    for index, s in enumerate(stop):
+        if not s:
+            raise InvalidRequestError(f"stop string {index} is empty")
+        if len(s) > MAX_STOP_STRING_CHARS:
+            raise InvalidRequestError(
+                f"stop string {index} has {len(s)} characters; at most "
+                f"{MAX_STOP_STRING_CHARS} are allowed"
+            )

@@ -1,0 +1,88 @@
+"""validate_sampling: every invalid field is rejected with a message naming it and its value."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine.errors import InvalidRequestError
+from engine.sequence import SamplingParams
+from gateway.validation import (
+    DEFAULT_MAX_TOKENS,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    validate_sampling,
+)
+
+MAX_MODEL_LEN = 2048
+
+
+def test_defaults_are_valid() -> None:
+    assert DEFAULT_MAX_TOKENS == 16
+    validate_sampling(SamplingParams(), prompt_len=10, max_model_len=MAX_MODEL_LEN)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=2.5, top_p=1.0, top_k=0),
+        SamplingParams(top_p=1e-6, top_k=1),
+        SamplingParams(stop=("x" * MAX_STOP_STRING_CHARS,)),
+        SamplingParams(stop=tuple(str(i) for i in range(MAX_STOP_STRINGS))),
+        SamplingParams(max_tokens=MAX_MODEL_LEN - 10),  # exactly fills the context
+        SamplingParams(stop_token_ids=(0, 2), ignore_eos=True, seed=7),
+    ],
+)
+def test_boundary_values_are_valid(params: SamplingParams) -> None:
+    validate_sampling(params, prompt_len=10, max_model_len=MAX_MODEL_LEN)
+
+
+@pytest.mark.parametrize(
+    ("params", "prompt_len", "message"),
+    [
+        (
+            SamplingParams(temperature=-0.1),
+            10,
+            "temperature must be >= 0 (0 means greedy), got -0.1",
+        ),
+        (SamplingParams(temperature=math.nan), 10, "temperature must be a finite number, got nan"),
+        (SamplingParams(temperature=math.inf), 10, "temperature must be a finite number, got inf"),
+        (SamplingParams(top_p=0.0), 10, "top_p must be in (0, 1], got 0.0"),
+        (SamplingParams(top_p=1.5), 10, "top_p must be in (0, 1], got 1.5"),
+        (SamplingParams(top_p=math.nan), 10, "top_p must be in (0, 1], got nan"),
+        (SamplingParams(top_k=-1), 10, "top_k must be >= 0 (0 disables it), got -1"),
+        (SamplingParams(max_tokens=0), 10, "max_tokens must be >= 1, got 0"),
+        (SamplingParams(max_tokens=-5), 10, "max_tokens must be >= 1, got -5"),
+        (
+            SamplingParams(max_tokens=100),
+            2000,
+            "prompt (2000 tokens) + max_tokens (100) = 2100 exceeds the model's context length "
+            "of 2048; lower max_tokens to at most 48",
+        ),
+        (
+            SamplingParams(max_tokens=1),
+            2048,
+            "prompt has 2048 tokens, but the model's context length is 2048",
+        ),
+        (SamplingParams(stop=("ok", "")), 10, "stop string 1 is empty"),
+        (
+            SamplingParams(stop=tuple(str(i) for i in range(MAX_STOP_STRINGS + 1))),
+            10,
+            "at most 16 stop strings are allowed, got 17",
+        ),
+        (
+            SamplingParams(stop=("x" * (MAX_STOP_STRING_CHARS + 1),)),
+            10,
+            "stop string 0 has 257 characters; at most 256 are allowed",
+        ),
+        (SamplingParams(stop_token_ids=(2, -3)), 10, "stop_token_ids must be >= 0, got -3"),
+    ],
+)
+def test_invalid_values_are_rejected_with_a_precise_message(
+    params: SamplingParams, prompt_len: int, message: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as excinfo:
+        validate_sampling(params, prompt_len=prompt_len, max_model_len=MAX_MODEL_LEN)
+    assert message in str(excinfo.value)
