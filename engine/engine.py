@@ -20,9 +20,9 @@ import torch
 from engine.attention import register_paged_attention
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
-from engine.errors import EngineStoppedError
+from engine.errors import EngineStoppedError, OutOfBlocksError
 from engine.kv_cache import KVCache
-from engine.model_loader import TORCH_DTYPES, ModelSpec
+from engine.model_loader import ModelSpec
 from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import Finished, ScheduledBatch, Scheduler
@@ -69,7 +69,7 @@ class Engine:
         self.config = config
         self.spec = spec
         self._sink = sink
-        device = next(model.parameters()).device
+        weights = next(model.parameters())  # the KV cache matches the weights' device and dtype
         model.set_attn_implementation(register_paged_attention())
         self.kv_cache = KVCache(
             num_layers=spec.num_layers,
@@ -77,8 +77,8 @@ class Engine:
             block_size=config.cache.block_size,
             num_kv_heads=spec.num_kv_heads,
             head_dim=spec.head_dim,
-            dtype=TORCH_DTYPES[config.model.dtype],
-            device=device,
+            dtype=weights.dtype,
+            device=weights.device,
         )
         self.pool = BlockPool(config.cache.num_blocks)
         self.scheduler = Scheduler(config.scheduler, self.pool, config.cache.block_size)
@@ -98,6 +98,7 @@ class Engine:
         and its output carries a copy of the prompt's KV pages."""
         with self._lock:
             self._check_running()
+            self._check_fits(seq, export_kv)
             seq.arrival_time = time.monotonic()
             if export_kv:
                 self._export_kv.add(seq.request_id)
@@ -108,6 +109,7 @@ class Engine:
         """Reserve blocks for a prompt another worker computes; see :meth:`Scheduler.reserve`."""
         with self._lock:
             self._check_running()
+            self._check_fits(seq, export_kv=False)
             seq.arrival_time = time.monotonic()
             return self.scheduler.reserve(seq)
 
@@ -281,6 +283,16 @@ class Engine:
             self._sink(outputs)
         except Exception:  # noqa: BLE001 - a broken sink must not kill the engine thread
             log.exception("engine_sink_failed")
+
+    def _check_fits(self, seq: Sequence, export_kv: bool) -> None:
+        """Refuse a sequence that could never fit the pool, even alone (it would wait forever)."""
+        remaining = 0 if export_kv else seq.sampling.max_tokens - seq.num_completion_tokens
+        needed = self.scheduler.blocks_for(seq.num_tokens + remaining)
+        if needed > self.pool.num_blocks:
+            raise OutOfBlocksError(
+                f"request needs {needed} KV blocks of {self.kv_cache.block_size} tokens; "
+                f"this worker's pool has {self.pool.num_blocks}"
+            )
 
     def _check_running(self) -> None:
         if self._stopping:

@@ -9,7 +9,7 @@ import pytest
 
 from engine.config import ModelConfig
 from engine.model_loader import default_cache_dir, resolve_model_path
-from tests.e2e.cluster import Cluster, start_cluster
+from pdserve.local_cluster import Cluster, start_cluster
 from tests.support.tiny_models import build_tiny_model
 
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gpt2")

@@ -11,7 +11,7 @@ import pytest
 
 from pdserve.client import AsyncClient, Chunk
 from tests.e2e import reference
-from tests.e2e.cluster import Cluster
+from pdserve.local_cluster import Cluster
 
 pytestmark = pytest.mark.e2e
 

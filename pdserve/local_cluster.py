@@ -1,4 +1,7 @@
-"""Start a real pdserve cluster (``pdserve up``) on loopback for end-to-end tests."""
+"""Start a real pdserve cluster (``pdserve up``) as a child process on loopback.
+
+Used by end-to-end tests and benchmarks: it picks free ports, waits until every tier is SERVING,
+and can check that every worker is idle (all KV blocks free, nothing pending)."""
 
 from __future__ import annotations
 

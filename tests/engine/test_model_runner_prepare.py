@@ -1,0 +1,209 @@
+"""ModelRunner.prepare: packed inputs and paged-attention metadata for a mixed batch.
+
+``prepare`` never calls the model, so a placeholder stands in for it. The last test feeds the
+metadata to :func:`engine.attention.paged_attention` and compares with plain causal attention
+computed per sequence, which checks that the pieces fit together.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from engine.attention import paged_attention
+from engine.kv_cache import KVCache
+from engine.model_runner import ModelInputs, ModelRunner
+from engine.sampler import Sampler
+from engine.scheduler import ScheduledBatch, ScheduledSeq
+from engine.sequence import SamplingParams, Sequence
+
+BS = 4
+H, KVH, D = 2, 1, 8
+
+
+def make_cache(num_layers: int = 2, num_blocks: int = 16) -> KVCache:
+    return KVCache(num_layers, num_blocks, BS, KVH, D, torch.float32, torch.device("cpu"))
+
+
+def make_runner(cache: KVCache) -> ModelRunner:
+    return ModelRunner(object(), cache, Sampler(seed=0))  # type: ignore[arg-type]
+
+
+def make_seq(rid: str, num_tokens: int, computed: int, table: list[int], seed: int) -> Sequence:
+    tokens = [seed * 100 + i for i in range(num_tokens)]
+    seq = Sequence(rid, tokens, num_tokens, SamplingParams(seed=seed))
+    seq.block_table = list(table)
+    seq.num_computed_tokens = computed
+    return seq
+
+
+def slot(table: list[int], pos: int) -> int:
+    return table[pos // BS] * BS + pos % BS
+
+
+# A: a prefill chunk (positions 3..7 of 10, no sample); B: a decode token (position 5);
+# C: a whole short prompt (positions 0..2).
+TABLE_A, TABLE_B, TABLE_C = [7, 2, 9], [4, 11], [5]
+
+
+def mixed_batch() -> ScheduledBatch:
+    a = make_seq("a", 10, 3, TABLE_A, 1)
+    b = make_seq("b", 6, 5, TABLE_B, 2)
+    c = make_seq("c", 3, 0, TABLE_C, 3)
+    return ScheduledBatch(
+        (ScheduledSeq(a, 5, False), ScheduledSeq(b, 1, True), ScheduledSeq(c, 3, True))
+    )
+
+
+@pytest.fixture
+def prepared() -> tuple[ScheduledBatch, ModelInputs]:
+    batch = mixed_batch()
+    return batch, make_runner(make_cache()).prepare(batch)
+
+
+def test_input_ids_and_positions(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
+    batch, inputs = prepared
+    a, b, c = (item.seq for item in batch.items)
+    expected = a.token_ids[3:8] + b.token_ids[5:6] + c.token_ids[0:3]
+    assert inputs.input_ids.tolist() == [expected]
+    assert inputs.position_ids.tolist() == [[3, 4, 5, 6, 7, 5, 0, 1, 2]]
+    assert inputs.input_ids.dtype == inputs.position_ids.dtype == torch.long
+
+
+def test_slot_mapping(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
+    _, inputs = prepared
+    expected = [slot(TABLE_A, p) for p in range(3, 8)]
+    expected += [slot(TABLE_B, 5)] + [slot(TABLE_C, p) for p in range(3)]
+    assert expected == [31, 8, 9, 10, 11, 45, 20, 21, 22]
+    assert inputs.attention.slot_mapping.tolist() == expected
+
+
+def test_context_slots(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
+    _, inputs = prepared
+    ctx = inputs.attention.context_slots
+    assert ctx.shape == (3, 8)  # B sequences, C = longest context (a: 8 positions)
+    for row, (table, length) in enumerate([(TABLE_A, 8), (TABLE_B, 6), (TABLE_C, 3)]):
+        assert ctx[row, :length].tolist() == [slot(table, p) for p in range(length)]
+    assert int(ctx.max()) < 16 * BS  # padding stays inside the cache
+
+
+def test_mask_is_causal_over_each_context(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
+    _, inputs = prepared
+    mask = inputs.attention.mask
+    assert mask.shape == (3, 1, 5, 8) and mask.dtype == torch.bool
+    for row, (start, length) in enumerate([(3, 5), (5, 1), (0, 3)]):
+        for q in range(5):
+            attended = mask[row, 0, q].nonzero().flatten().tolist()
+            if q < length:
+                assert attended == list(range(start + q + 1)), (row, q)
+            else:
+                assert attended == [0], (row, q)  # padding row: one slot, never all-masked
+
+
+def test_logits_index_and_sample_requests(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
+    batch, inputs = prepared
+    assert inputs.logits_index.tolist() == [5, 8]  # b's only token, c's last token
+    _, b, c = (item.seq for item in batch.items)
+    assert [(r.params, r.position) for r in inputs.sample_requests] == [
+        (b.sampling, 6),
+        (c.sampling, 3),
+    ]
+
+
+def test_query_and_output_index_round_trip(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
+    _, inputs = prepared
+    query_index, output_index = inputs.attention.query_index, inputs.attention.output_index
+    assert query_index is not None and output_index is not None
+    assert query_index.shape == (3, 5)
+    assert query_index[0].tolist() == [0, 1, 2, 3, 4]
+    assert query_index[1, 0].item() == 5
+    assert query_index[2, :3].tolist() == [6, 7, 8]
+    packed = torch.arange(100, 109)  # (N,)
+    padded = packed[query_index]  # (B, Q)
+    assert padded.flatten()[output_index].tolist() == packed.tolist()
+
+
+def test_decode_only_batch_needs_no_query_index() -> None:
+    cache = make_cache()
+    seqs = [make_seq("a", 6, 5, [3, 8], 1), make_seq("b", 9, 8, [1, 0, 6], 2)]
+    batch = ScheduledBatch(tuple(ScheduledSeq(s, 1, True) for s in seqs))
+    inputs = make_runner(cache).prepare(batch)
+    assert inputs.attention.query_index is None and inputs.attention.output_index is None
+    assert inputs.position_ids.tolist() == [[5, 8]]
+    assert inputs.attention.slot_mapping.tolist() == [8 * BS + 1, 6 * BS + 0]
+    assert inputs.attention.mask.shape == (2, 1, 1, 9)
+    assert inputs.attention.mask[0, 0, 0].tolist() == [True] * 6 + [False] * 3
+    assert inputs.attention.mask[1, 0, 0].all()
+    assert inputs.logits_index.tolist() == [0, 1]
+
+
+def test_single_prefill_sequence() -> None:
+    seq = make_seq("a", 5, 0, [2, 3], 1)
+    inputs = make_runner(make_cache()).prepare(ScheduledBatch((ScheduledSeq(seq, 5, True),)))
+    assert inputs.attention.slot_mapping.tolist() == [8, 9, 10, 11, 12]
+    assert inputs.logits_index.tolist() == [4]
+    mask = inputs.attention.mask[0, 0]
+    assert torch.equal(mask, torch.ones(5, 5, dtype=torch.bool).tril())
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int):
+    """Causal attention of queries at positions start.. over keys 0..: q (n, H, D), k (c, KVH, D)."""
+    k = k.repeat_interleave(H // KVH, dim=1)  # (c, H, D)
+    v = v.repeat_interleave(H // KVH, dim=1)
+    scores = torch.einsum("nhd,chd->hnc", q, k) / D**0.5  # (H, n, c)
+    positions = torch.arange(start, start + q.shape[0])
+    scores.masked_fill_(torch.arange(k.shape[0])[None, :] > positions[:, None], float("-inf"))
+    return torch.einsum("hnc,chd->nhd", scores.softmax(-1), v)  # (n, H, D)
+
+
+def test_metadata_drives_paged_attention_like_plain_attention() -> None:
+    gen = torch.Generator().manual_seed(0)
+    cache = make_cache()
+    batch = mixed_batch()
+    runner = make_runner(cache)
+    # Context already computed: positions [0, num_computed) of each sequence, in its blocks.
+    contexts_k, contexts_v = [], []
+    for item in batch.items:
+        seq = item.seq
+        total = seq.num_computed_tokens + item.num_new_tokens
+        k = torch.randn((total, KVH, D), generator=gen)
+        v = torch.randn((total, KVH, D), generator=gen)
+        for p in range(seq.num_computed_tokens):
+            s = slot(seq.block_table, p)
+            cache.kv[1, 0, s // BS, s % BS] = k[p]
+            cache.kv[1, 1, s // BS, s % BS] = v[p]
+        contexts_k.append(k)
+        contexts_v.append(v)
+    inputs = runner.prepare(batch)
+    new_k = torch.cat(
+        [k[item.seq.num_computed_tokens :] for k, item in zip(contexts_k, batch.items)]
+    )
+    new_v = torch.cat(
+        [v[item.seq.num_computed_tokens :] for v, item in zip(contexts_v, batch.items)]
+    )
+    n = new_k.shape[0]
+    query = torch.randn((n, H, D), generator=gen)
+    module = types.SimpleNamespace(layer_idx=1)
+    out, _ = paged_attention(
+        module,  # type: ignore[arg-type]
+        query.transpose(0, 1)[None],  # (1, H, N, D)
+        new_k.transpose(0, 1)[None],  # (1, KVH, N, D)
+        new_v.transpose(0, 1)[None],
+        None,
+        scaling=D**-0.5,
+        pdserve_batch=inputs.attention,
+    )
+    assert out.shape == (1, n, H, D)
+    offset = 0
+    for item, k, v in zip(batch.items, contexts_k, contexts_v):
+        start, count = item.seq.num_computed_tokens, item.num_new_tokens
+        expected = reference_attention(query[offset : offset + count], k, v, start)
+        torch.testing.assert_close(out[0, offset : offset + count], expected)
+        offset += count
+    # the new tokens' K and V landed in their slots of layer 1 only
+    slots = cache.layer_slots(1)
+    torch.testing.assert_close(slots[0][inputs.attention.slot_mapping], new_k)
+    torch.testing.assert_close(slots[1][inputs.attention.slot_mapping], new_v)
+    assert not cache.kv[0].any()
