@@ -22,7 +22,10 @@ from engine.model_loader import default_cache_dir, resolve_model_path
 from pdserve.client import AsyncClient
 from pdserve.local_cluster import start_cluster
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven bright stars slowly fade".split()
+WORDS = (
+    *("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"),
+    *("while", "seven", "bright", "stars", "slowly", "fade"),
+)
 
 
 def make_prompts(n: int, seed: int) -> list[str]:
@@ -36,8 +39,9 @@ async def one(client: AsyncClient, prompt: str, max_tokens: int) -> tuple[float,
     sent = time.perf_counter()
     first = None
     tokens = 0
-    async for chunk in client.generate(prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                                       ignore_eos=True):
+    async for chunk in client.generate(
+        prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True
+    ):
         if chunk.token_ids and first is None:
             first = time.perf_counter()
         tokens += len(chunk.token_ids)
@@ -82,12 +86,16 @@ def main() -> None:
                 results[mode] = asyncio.run(run_load(cluster.gateway, prompts, args.max_tokens))
             finally:
                 cluster.stop()
-    print(f"{args.requests} concurrent requests, {args.max_tokens} output tokens each, "
-          f"prompts 48-200 words, 1 thread per worker")
+    print(
+        f"{args.requests} concurrent requests, {args.max_tokens} output tokens each, "
+        f"prompts 48-200 words, 1 thread per worker"
+    )
     print(f"{'mode':<15}{'TTFT mean':>11}{'TTFT p50':>10}{'TTFT max':>10}{'tok/s':>8}{'wall':>8}")
     for mode, r in results.items():
-        print(f"{mode:<15}{r['ttft_mean_s']:>10.2f}s{r['ttft_p50_s']:>9.2f}s"
-              f"{r['ttft_max_s']:>9.2f}s{r['output_tok_per_s']:>8.1f}{r['wall_s']:>7.1f}s")
+        print(
+            f"{mode:<15}{r['ttft_mean_s']:>10.2f}s{r['ttft_p50_s']:>9.2f}s"
+            f"{r['ttft_max_s']:>9.2f}s{r['output_tok_per_s']:>8.1f}{r['wall_s']:>7.1f}s"
+        )
     ratio = results["disaggregated"]["output_tok_per_s"] / results["colocated"]["output_tok_per_s"]
     print(f"disaggregated / colocated output tok/s: {ratio:.2f}")
     if args.json:

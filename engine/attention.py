@@ -52,7 +52,8 @@ def paged_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function; returns ``(1, N, H, D)``."""
     batch: AttentionBatch = kwargs["pdserve_batch"]
-    slots = batch.kv_cache.layer_slots(module.layer_idx)  # (2, NB * bs, KVH, D)
+    layer_idx: int = module.layer_idx  # type: ignore[assignment]  # set by every HF attention
+    slots = batch.kv_cache.layer_slots(layer_idx)  # (2, NB * bs, KVH, D)
     k_new = key[0].transpose(0, 1)  # (N, KVH, D)
     v_new = value[0].transpose(0, 1)
     slots[0].index_copy_(0, batch.slot_mapping, k_new)
@@ -61,7 +62,7 @@ def paged_attention(
     k_ctx = slots[0][batch.context_slots].transpose(1, 2)  # (B, KVH, C, D)
     v_ctx = slots[1][batch.context_slots].transpose(1, 2)
     q = query[0].transpose(0, 1)  # (N, H, D)
-    if batch.query_index is None:
+    if batch.query_index is None:  # noqa: SIM108 - decode only: one query per sequence
         q_padded = q.unsqueeze(2)  # (B=N, H, 1, D)
     else:
         q_padded = q[batch.query_index].transpose(1, 2)  # (B, H, Q, D)

@@ -70,7 +70,7 @@ class Engine:
         self.spec = spec
         self._sink = sink
         weights = next(model.parameters())  # the KV cache matches the weights' device and dtype
-        model.set_attn_implementation(register_paged_attention())
+        model.set_attn_implementation(register_paged_attention())  # type: ignore[operator]
         self.kv_cache = KVCache(
             num_layers=spec.num_layers,
             num_blocks=config.cache.num_blocks,
@@ -149,7 +149,7 @@ class Engine:
             try:
                 self.pool.check_integrity()
                 ok = True
-            except Exception:  # noqa: BLE001 - reported, not raised: this is a health probe
+            except Exception:
                 ok = False
             return PoolStats(
                 total_blocks=self.pool.num_blocks,
@@ -172,7 +172,7 @@ class Engine:
             return []
         try:
             sampled = self.runner.execute(batch)
-        except Exception as exc:  # noqa: BLE001 - fail the batch's requests, keep serving
+        except Exception as exc:
             log.exception("engine_step_failed", batch_size=len(batch.items))
             return self._fail_batch(batch, f"engine step failed: {exc}")
         with self._lock:
@@ -281,7 +281,7 @@ class Engine:
         """Hand outputs to the owner (called without the lock)."""
         try:
             self._sink(outputs)
-        except Exception:  # noqa: BLE001 - a broken sink must not kill the engine thread
+        except Exception:
             log.exception("engine_sink_failed")
 
     def _check_fits(self, seq: Sequence, export_kv: bool) -> None:

@@ -5,7 +5,8 @@ Layout::
     kv[layer, k_or_v, block, slot, kv_head, head_dim]      (L, 2, NB, bs, KVH, D)
 
 A token at position ``p`` of a sequence lives in slot ``p % bs`` of block ``block_table[p // bs]``,
-i.e. at flat slot ``block_table[p // bs] * bs + p % bs`` of ``kv[layer, k_or_v].view(NB * bs, ...)``.
+i.e. at flat slot ``block_table[p // bs] * bs + p % bs`` of ``kv[layer, k_or_v]`` viewed as
+``(NB * bs, KVH, D)``.
 A page on the wire is ``kv[l0:l1, :, block_ids]``: the layers' K and V for some blocks.
 """
 
@@ -55,7 +56,8 @@ class KVCache:
         return self.kv[layer].view(2, self.num_blocks * self.block_size, self.num_kv_heads, -1)
 
     def gather_pages(self, block_ids: Sequence[int], layers: slice = slice(None)) -> torch.Tensor:
-        """Copy some blocks' K and V out: (L', 2, n, bs, KVH, D), contiguous, on the cache device."""
+        """Copy some blocks' K and V out: (L', 2, n, bs, KVH, D), contiguous, on the cache's
+        device."""
         index = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
         return self.kv[layers].index_select(2, index)
 

@@ -79,7 +79,7 @@ def _resolve_hub_cache(repo_id: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception as exc:  # noqa: BLE001 - any failure means "not in the local cache"
+    except Exception as exc:
         raise ModelLoadError(
             f"model {repo_id!r} is neither a local folder nor in the local Hugging Face cache "
             f"(pdserve never downloads at run time): {exc}"
@@ -107,7 +107,7 @@ def ensure_default_model(target: Path) -> Path:
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    clean = LlamaForCausalLM(config)
+    clean = LlamaForCausalLM(config)  # type: ignore[arg-type]  # a LlamaConfig at run time
     clean.load_state_dict(gguf_model.state_dict(), strict=True)
     clean.generation_config = gguf_model.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,9 @@ def describe_model(name: str, path: Path, config: PretrainedConfig) -> ModelSpec
     num_heads = text.num_attention_heads
     num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
-    max_len = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", 2048)
+    max_len: int = (
+        getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 2048
+    )
     eos = _eos_token_ids(path, config)
     return ModelSpec(
         name=name,
@@ -200,7 +202,8 @@ def load_model(config: ModelConfig) -> tuple[torch.nn.Module, ModelSpec]:
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=TORCH_DTYPES[config.dtype], local_files_only=True
     )
-    model.to(device).eval()
+    model.to(device)  # type: ignore[arg-type]  # transformers' stub types .to() too narrowly
+    model.eval()
     log.info(
         "model_loaded",
         model=config.model,

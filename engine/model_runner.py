@@ -12,7 +12,7 @@ import torch
 
 from engine.attention import AttentionBatch
 from engine.kv_cache import KVCache
-from engine.sampler import SampleRequest, Sampler
+from engine.sampler import Sampler, SampleRequest
 from engine.scheduler import ScheduledBatch
 
 

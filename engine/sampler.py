@@ -61,7 +61,9 @@ class Sampler:
         return generator
 
 
-def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def filtered_probs(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
     """Probabilities (V,) after temperature, top-k and top-p filtering."""
     scaled = logits / temperature
     if 0 < top_k < scaled.shape[-1]:

@@ -1,4 +1,4 @@
-"""Per-request state: :class:`Sequence` with its :class:`SequenceStatus`, and sampling parameters."""
+"""Per-request state: :class:`Sequence` with its :class:`SequenceStatus`; sampling parameters."""
 
 from __future__ import annotations
 
@@ -84,7 +84,9 @@ class Sequence:
         """Append a sampled token and return why the sequence must stop now, if it must."""
         self.token_ids.append(token_id)
         stop_ids = self.sampling.stop_token_ids
-        if token_id in stop_ids or (not self.sampling.ignore_eos and token_id in self.eos_token_ids):
+        if token_id in stop_ids or (
+            not self.sampling.ignore_eos and token_id in self.eos_token_ids
+        ):
             return FinishReason.STOP
         if self.num_completion_tokens >= self.sampling.max_tokens:
             return FinishReason.LENGTH

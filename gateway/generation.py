@@ -16,7 +16,7 @@ which aborts the work and frees its blocks on each tier.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -118,7 +118,7 @@ class GenerationCore:
         sampling: SamplingParams,
         route: Route,
         deadline: Deadline,
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncGenerator[TokenEvent, None]:
         remote = route.prefill is not None
         stream = route.decode.open(
             request_id, prompt, sampling, remote_prefill=remote, timeout=deadline.remaining()

@@ -29,5 +29,7 @@ class RoundRobinRouter:
         return Route(decode=next(self._next_decode), prefill=prefill)
 
     async def close(self) -> None:
-        for client in [*self.prefill, *self.decode]:
-            await client.close()
+        for prefill in self.prefill:
+            await prefill.close()
+        for decode in self.decode:
+            await decode.close()

@@ -25,7 +25,7 @@ SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_nam
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = field(default_factory=ModelConfig)
     listen: str = "127.0.0.1:50051"
     prefill: tuple[str, ...] = field(default_factory=tuple)
     """Prefill worker addresses; none means every prompt is computed on a decode worker."""

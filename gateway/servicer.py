@@ -8,14 +8,13 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
-from engine.errors import EngineError
+from engine.errors import EngineError, InvalidRequestError
 from gateway.errors import NoWorkersError, UpstreamError
 from gateway.generation import GenerationCore
 from gateway.prompts import ChatMessage, ChatPrompt, PromptInput, TextPrompt, TokenPrompt
 from pdserve.grpc_runtime import BASE_STATUS_CODES, status_for
 from pdserve.proto_convert import FINISH_TO_PROTO, sampling_from_proto
 from protos.pdserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from engine.errors import InvalidRequestError
 
 log = structlog.get_logger(__name__)
 

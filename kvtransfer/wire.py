@@ -208,13 +208,16 @@ def _decode_page(transfer_id: bytes, flags: int, body: bytes) -> PageHeader:
     return header
 
 
-def verify_payload(header: PageHeader, payload: memoryview) -> None:
-    """Check a payload frame against its header; raises :class:`MalformedFrameError`."""
+def verify_payload(
+    header: PageHeader, payload: memoryview, *, verify_checksum: bool = True
+) -> None:
+    """Check a payload frame's size, and its checksum when the sender sent one and
+    ``verify_checksum`` is set; raises :class:`MalformedFrameError`."""
     if payload.nbytes != header.payload_nbytes:
         raise MalformedFrameError(
             f"payload of {payload.nbytes} bytes, header declares {header.payload_nbytes}"
         )
-    if header.crc32 is not None and checksum(payload) != header.crc32:
+    if verify_checksum and header.crc32 is not None and checksum(payload) != header.crc32:
         raise MalformedFrameError("payload checksum mismatch (corrupted page)")
 
 

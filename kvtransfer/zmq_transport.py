@@ -44,7 +44,11 @@ class _Expected:
     request_id: str
     block_ids: frozenset[int]
     deadline: float
-    layers_seen: set[int] = field(default_factory=set)
+    written: dict[int, set[int]] = field(default_factory=dict)  # layer -> blocks written
+
+    def complete(self, num_layers: int) -> bool:
+        """Every reserved block has been written for every layer."""
+        return all(self.written.get(layer, set()) >= self.block_ids for layer in range(num_layers))
 
 
 @dataclass
@@ -75,7 +79,7 @@ class KVReceiver:
         self._verify = verify_checksum
         self._expected: dict[bytes, _Expected] = {}
         self._lock = threading.Lock()
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock: zmq.Socket[bytes] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -100,7 +104,9 @@ class KVReceiver:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def expect(self, transfer_id: bytes, request_id: str, block_ids: list[int], lease_s: float):
+    def expect(
+        self, transfer_id: bytes, request_id: str, block_ids: list[int], lease_s: float
+    ) -> None:
         """Accept pages for ``transfer_id`` into ``block_ids`` until the lease runs out."""
         with self._lock:
             self._expected[transfer_id] = _Expected(
@@ -174,9 +180,14 @@ class KVReceiver:
                 self._write_page(expected, header, frames[1].buffer)
                 return None
             if isinstance(header, wire.DoneHeader):
-                missing = self._kv.num_layers - len(expected.layers_seen)
-                if missing or header.num_layers != self._kv.num_layers:
-                    raise wire.MalformedFrameError(f"DONE with {missing} layers missing")
+                if header.num_layers != self._kv.num_layers:
+                    raise wire.MalformedFrameError(
+                        f"DONE for {header.num_layers} layers, receiver has {self._kv.num_layers}"
+                    )
+                if not expected.complete(self._kv.num_layers):
+                    raise wire.MalformedFrameError(
+                        "DONE with layers missing: a reserved block has not arrived"
+                    )
                 del self._expected[tid]
                 return (expected.request_id, True, str(header.first_token_id))
             if isinstance(header, wire.AbortHeader):
@@ -186,7 +197,9 @@ class KVReceiver:
             del self._expected[tid]
             return (expected.request_id, False, str(exc))
 
-    def _write_page(self, expected: _Expected, header: wire.PageHeader, payload: memoryview):
+    def _write_page(
+        self, expected: _Expected, header: wire.PageHeader, payload: memoryview
+    ) -> None:
         kv = self._kv
         geometry = (header.block_size, header.num_kv_heads, header.head_dim, header.dtype)
         mine = (kv.block_size, kv.num_kv_heads, kv.head_dim, kv.dtype)
@@ -196,13 +209,14 @@ class KVReceiver:
             raise wire.MalformedFrameError(f"layer {header.layer_end - 1} >= {kv.num_layers}")
         if not expected.block_ids.issuperset(header.block_ids):
             raise wire.MalformedFrameError("page targets blocks outside the reservation")
-        wire.verify_payload(header, payload)
+        wire.verify_payload(header, payload, verify_checksum=self._verify)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
             flat = torch.frombuffer(payload, dtype=torch.uint8)
         pages = flat.view(header.dtype).view(header.shape)
         kv.scatter_pages(header.block_ids, pages, slice(header.layer_start, header.layer_end))
-        expected.layers_seen.update(range(header.layer_start, header.layer_end))
+        for layer in range(header.layer_start, header.layer_end):
+            expected.written.setdefault(layer, set()).update(header.block_ids)
         self.counters.pages += 1
         self.counters.bytes += header.payload_nbytes
 
@@ -263,7 +277,7 @@ class KVSender:
         self._awaiting: dict[bytes, tuple[OutgoingTransfer, float]] = {}
         self._sockets: dict[str, zmq.Socket[bytes]] = {}
         self._poller = zmq.Poller()
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.counters = SenderCounters()
@@ -317,7 +331,8 @@ class KVSender:
         num_layers, _, _, block_size, kv_heads, head_dim = pages.shape
         try:
             for layer in range(num_layers):
-                payload = memoryview(pages[layer].contiguous().view(torch.uint8).numpy()).cast("B")
+                raw = pages[layer].contiguous().view(torch.uint8).numpy()
+                payload = memoryview(raw).cast("B")  # type: ignore[arg-type]
                 header = wire.PageHeader(
                     transfer_id=job.transfer_id,
                     layer_start=layer,
@@ -352,8 +367,10 @@ class KVSender:
                 except wire.MalformedFrameError as exc:
                     log.warning("kv_ack_dropped", reason=str(exc))
                     continue
+                if not isinstance(header, wire.AckHeader):
+                    continue
                 entry = self._awaiting.pop(header.transfer_id, None)
-                if entry is None or not isinstance(header, wire.AckHeader):
+                if entry is None:
                     continue
                 ok = header.status is wire.AckStatus.OK
                 self._finish(entry[0], ok, header.message)

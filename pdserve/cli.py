@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from engine.config import (
     DEFAULT_MODEL,
@@ -25,7 +26,8 @@ from engine.config import (
 ENV_PREFIX = "PDSERVE_"
 
 
-def _env(flag: str, default: object) -> object:
+def _env(flag: str, default: Any) -> Any:
+    """``PDSERVE_<FLAG>`` or ``default``; argparse applies the flag's type to either."""
     return os.environ.get(ENV_PREFIX + flag.upper().replace("-", "_"), default)
 
 
@@ -39,32 +41,59 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--dtype", choices=[d.value for d in DType], default=_env("dtype", "float32"))
     g.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--cache-dir", type=Path, default=_env("cache_dir", None),
-                   help="where the default model is converted once (~/.cache/pdserve)")
-    g.add_argument("--max-model-len", type=int, default=_env("max_model_len", None),
-                   help="cap on prompt + completion tokens (the model's context by default)")
+    g.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=_env("cache_dir", None),
+        help="where the default model is converted once (~/.cache/pdserve)",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=_env("max_model_len", None),
+        help="cap on prompt + completion tokens (the model's context by default)",
+    )
 
 
 def _add_log_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default=_env("log_level", "info"))
-    p.add_argument("--log-format", choices=["auto", "json", "console"],
-                   default=_env("log_format", "auto"),
-                   help="json lines, console text, or auto (console on a terminal)")
+    p.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default=_env("log_format", "auto"),
+        help="json lines, console text, or auto (console on a terminal)",
+    )
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--block-size", type=int, default=int(_env("block_size", 16)),
-                   help="token slots per KV block")
-    g.add_argument("--num-blocks", type=int, default=int(_env("num_blocks", 2048)),
-                   help="KV blocks in this worker's pool")
-    g.add_argument("--max-num-seqs", type=int, default=int(_env("max_num_seqs", 64)),
-                   help="sequences in one batch at most")
-    g.add_argument("--max-batched-tokens", type=int,
-                   default=int(_env("max_batched_tokens", 2048)),
-                   help="tokens in one forward pass at most (longer prompts are chunked)")
-    g.add_argument("--threads", type=int, default=_env("threads", None),
-                   help="torch threads for this process")
+    g.add_argument(
+        "--block-size",
+        type=int,
+        default=_env("block_size", 16),
+        help="token slots per KV block",
+    )
+    g.add_argument(
+        "--num-blocks",
+        type=int,
+        default=_env("num_blocks", 2048),
+        help="KV blocks in this worker's pool",
+    )
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=_env("max_num_seqs", 64),
+        help="sequences in one batch at most",
+    )
+    g.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        default=_env("max_batched_tokens", 2048),
+        help="tokens in one forward pass at most (longer prompts are chunked)",
+    )
+    g.add_argument(
+        "--threads", type=int, default=_env("threads", None), help="torch threads for this process"
+    )
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -94,62 +123,107 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start a local cluster: gateway + N prefill + M decode workers",
-                        description="Start a gateway, N prefill and M decode workers on this "
-                        "machine. Ctrl-C stops them all; a worker that dies is reported and "
-                        "stops the cluster. --prefill 0 runs colocated (decode workers prefill).")
+    up = sub.add_parser(
+        "up",
+        help="start a local cluster: gateway + N prefill + M decode workers",
+        description="Start a gateway, N prefill and M decode workers on this "
+        "machine. Ctrl-C stops them all; a worker that dies is reported and "
+        "stops the cluster. --prefill 0 runs colocated (decode workers prefill).",
+    )
     up.add_argument("--prefill", type=int, default=1, help="prefill workers (0: colocated)")
     up.add_argument("--decode", type=int, default=1, help="decode workers")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051, help="gateway port")
-    up.add_argument("--worker-base-port", type=int, default=50061,
-                    help="first port for workers' gRPC and KV endpoints")
+    up.add_argument(
+        "--worker-base-port",
+        type=int,
+        default=50061,
+        help="first port for workers' gRPC and KV endpoints",
+    )
     up.add_argument("--kv-transport", choices=["tcp", "ipc"], default="tcp")
-    up.add_argument("--generate", metavar="PROMPT", default=None,
-                    help="stream one completion of PROMPT, then stop the cluster")
+    up.add_argument(
+        "--generate",
+        metavar="PROMPT",
+        default=None,
+        help="stream one completion of PROMPT, then stop the cluster",
+    )
     up.add_argument("--max-tokens", type=int, default=64, help="with --generate")
     _add_model_flags(up)
     _add_engine_flags(up)
     _add_log_flags(up)
 
-    gw = sub.add_parser("gateway", help="run the public gRPC gateway",
-                        description="Serve pdserve.v1.Generation; route to the given workers.")
+    gw = sub.add_parser(
+        "gateway",
+        help="run the public gRPC gateway",
+        description="Serve pdserve.v1.Generation; route to the given workers.",
+    )
     gw.add_argument("--listen", default=_env("listen", "127.0.0.1:50051"))
-    gw.add_argument("--prefill", action="append", default=[],
-                    help="prefill worker address (repeat, or comma-separate); none: colocated")
-    gw.add_argument("--decode", action="append", default=[],
-                    help="decode worker address (repeat, or comma-separate)")
+    gw.add_argument(
+        "--prefill",
+        action="append",
+        default=[],
+        help="prefill worker address (repeat, or comma-separate); none: colocated",
+    )
+    gw.add_argument(
+        "--decode",
+        action="append",
+        default=[],
+        help="decode worker address (repeat, or comma-separate)",
+    )
     _add_model_flags(gw)
     _add_log_flags(gw)
 
-    pf = sub.add_parser("prefill", help="run a prefill worker",
-                        description="Compute prompts, return first tokens, push KV pages to the "
-                        "decode worker named in each request's ticket.")
+    pf = sub.add_parser(
+        "prefill",
+        help="run a prefill worker",
+        description="Compute prompts, return first tokens, push KV pages to the "
+        "decode worker named in each request's ticket.",
+    )
     pf.add_argument("--listen", default=_env("listen", "127.0.0.1:50061"))
-    pf.add_argument("--kv-ack-timeout", type=float, default=30.0,
-                    help="seconds to hold sent pages awaiting the decode worker's ack")
+    pf.add_argument(
+        "--kv-ack-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to hold sent pages awaiting the decode worker's ack",
+    )
     pf.add_argument("--no-kv-checksum", action="store_true", help="skip page checksums")
     _add_model_flags(pf)
     _add_engine_flags(pf)
     _add_log_flags(pf)
 
-    dc = sub.add_parser("decode", help="run a decode worker",
-                        description="Continuous batching over a paged KV pool; receives KV "
-                        "pages from prefill workers, or prefills locally (colocated).")
+    dc = sub.add_parser(
+        "decode",
+        help="run a decode worker",
+        description="Continuous batching over a paged KV pool; receives KV "
+        "pages from prefill workers, or prefills locally (colocated).",
+    )
     dc.add_argument("--listen", default=_env("listen", "127.0.0.1:50071"))
-    dc.add_argument("--kv-bind", default=_env("kv_bind", "tcp://127.0.0.1:0"),
-                    help="ZeroMQ endpoint for incoming KV pages (tcp://host:port, ipc:///path)")
-    dc.add_argument("--kv-advertise", default=_env("kv_advertise", None),
-                    help="endpoint prefill workers should connect to (default: the bound one)")
-    dc.add_argument("--kv-lease-seconds", type=float, default=60.0,
-                    help="free a reservation whose pages have not all arrived by then")
+    dc.add_argument(
+        "--kv-bind",
+        default=_env("kv_bind", "tcp://127.0.0.1:0"),
+        help="ZeroMQ endpoint for incoming KV pages (tcp://host:port, ipc:///path)",
+    )
+    dc.add_argument(
+        "--kv-advertise",
+        default=_env("kv_advertise", None),
+        help="endpoint prefill workers should connect to (default: the bound one)",
+    )
+    dc.add_argument(
+        "--kv-lease-seconds",
+        type=float,
+        default=60.0,
+        help="free a reservation whose pages have not all arrived by then",
+    )
     dc.add_argument("--no-kv-checksum", action="store_true", help="skip page checksums")
     _add_model_flags(dc)
     _add_engine_flags(dc)
     _add_log_flags(dc)
 
-    gen = sub.add_parser("generate", help="stream a completion from a gateway",
-                         description="Send PROMPT to a gateway and print the text as it streams.")
+    gen = sub.add_parser(
+        "generate",
+        help="stream a completion from a gateway",
+        description="Send PROMPT to a gateway and print the text as it streams.",
+    )
     gen.add_argument("prompt")
     gen.add_argument("--gateway", default=_env("gateway", "127.0.0.1:50051"))
     gen.add_argument("--chat", action="store_true", help="send PROMPT as a user chat message")
@@ -186,26 +260,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_cluster(args)
     if args.command == "gateway":
-        from gateway.server import GatewayConfig, serve as serve_gateway
+        from gateway.server import GatewayConfig
+        from gateway.server import serve as serve_gateway
 
-        cfg = GatewayConfig(model=model_config(args), listen=args.listen,
-                            prefill=_split(args.prefill), decode=_split(args.decode))
+        cfg = GatewayConfig(
+            model=model_config(args),
+            listen=args.listen,
+            prefill=_split(args.prefill),
+            decode=_split(args.decode),
+        )
         asyncio.run(serve_gateway(cfg))
         return 0
     if args.command == "prefill":
         from prefill_service.server import serve as serve_prefill
         from prefill_service.worker import PrefillConfig
 
-        pcfg = PrefillConfig(engine=engine_config(args), listen=args.listen,
-                             checksum=not args.no_kv_checksum, ack_timeout_s=args.kv_ack_timeout)
+        pcfg = PrefillConfig(
+            engine=engine_config(args),
+            listen=args.listen,
+            checksum=not args.no_kv_checksum,
+            ack_timeout_s=args.kv_ack_timeout,
+        )
         asyncio.run(serve_prefill(pcfg))
         return 0
     from decode_service.server import serve as serve_decode
     from decode_service.worker import DecodeConfig
 
-    dcfg = DecodeConfig(engine=engine_config(args), listen=args.listen, kv_bind=args.kv_bind,
-                        kv_advertise=args.kv_advertise, kv_lease_s=args.kv_lease_seconds,
-                        verify_checksum=not args.no_kv_checksum)
+    dcfg = DecodeConfig(
+        engine=engine_config(args),
+        listen=args.listen,
+        kv_bind=args.kv_bind,
+        kv_advertise=args.kv_advertise,
+        kv_lease_s=args.kv_lease_seconds,
+        verify_checksum=not args.no_kv_checksum,
+    )
     asyncio.run(serve_decode(dcfg))
     return 0
 

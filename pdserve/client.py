@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import grpc
 
@@ -34,6 +35,22 @@ class Chunk:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+
+
+class RequestOptions(TypedDict, total=False):
+    """Everything but the text prompt; unset sampling fields take the server's defaults."""
+
+    messages: Sequence[tuple[str, str]] | None  # (role, content) pairs
+    prompt_token_ids: Sequence[int] | None
+    request_id: str
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    stop: Sequence[str]
+    stop_token_ids: Sequence[int]
+    ignore_eos: bool
 
 
 def build_request(
@@ -91,8 +108,14 @@ class Client:
         self._channel = grpc.insecure_channel(address)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
-    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> Iterator[Chunk]:
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout)
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        timeout: float | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> Iterator[Chunk]:
+        call = self._stub.Generate(build_request(prompt, **options), timeout=timeout)
         try:
             for msg in call:
                 yield chunk_from_proto(msg)
@@ -117,9 +140,13 @@ class AsyncClient:
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     async def generate(
-        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs
+        self,
+        prompt: str | None = None,
+        *,
+        timeout: float | None = None,
+        **options: Unpack[RequestOptions],
     ) -> AsyncIterator[Chunk]:
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout)
+        call = self._stub.Generate(build_request(prompt, **options), timeout=timeout)
         try:
             async for msg in call:
                 yield chunk_from_proto(msg)

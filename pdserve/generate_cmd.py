@@ -7,26 +7,20 @@ import sys
 
 import grpc
 
-from pdserve.client import Client
+from pdserve.client import Client, RequestOptions
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    prompt_kwargs: dict[str, object] = (
-        {"messages": [("user", args.prompt)]} if args.chat else {"prompt": args.prompt}
-    )
-    with Client(args.gateway) as client:
+def stream_completion(
+    gateway: str,
+    prompt: str | None,
+    options: RequestOptions,
+    timeout: float | None = None,
+) -> int:
+    """Print the text as it streams, then the finish reason and usage; returns an exit code."""
+    last = None
+    with Client(gateway) as client:
         try:
-            last = None
-            for chunk in client.generate(
-                timeout=args.timeout,
-                max_tokens=args.max_tokens,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                seed=args.seed,
-                stop=args.stop,
-                **prompt_kwargs,
-            ):
+            for chunk in client.generate(prompt, timeout=timeout, **options):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 last = chunk
@@ -40,3 +34,18 @@ def run_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    options = RequestOptions(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    if args.chat:
+        options["messages"] = [("user", args.prompt)]
+    prompt = None if args.chat else args.prompt
+    return stream_completion(args.gateway, prompt, options, args.timeout)

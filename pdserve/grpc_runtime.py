@@ -31,7 +31,9 @@ BASE_STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
 }
 
 
-def status_for(exc: BaseException, table: dict[type[Exception], grpc.StatusCode]) -> grpc.StatusCode:
+def status_for(
+    exc: BaseException, table: dict[type[Exception], grpc.StatusCode]
+) -> grpc.StatusCode:
     """The status code of the most specific class in ``table`` that ``exc`` is an instance of."""
     for cls in type(exc).__mro__:
         if cls in table:
@@ -42,7 +44,9 @@ def status_for(exc: BaseException, table: dict[type[Exception], grpc.StatusCode]
 class ServerHandle:
     """A started aio server with its health servicer."""
 
-    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, port: int):
+    def __init__(
+        self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, port: int
+    ):
         self.server = server
         self.health = health_servicer
         self.port = port
@@ -77,8 +81,11 @@ async def start_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME],
+        [
+            *service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     port = server.add_insecure_port(address)

@@ -39,10 +39,16 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
     host, base = args.host, args.worker_base_port
     model_flags = _passthrough(args, log_level)
     engine_flags = [
-        "--block-size", str(args.block_size), "--num-blocks", str(args.num_blocks),
-        "--max-num-seqs", str(args.max_num_seqs),
-        "--max-batched-tokens", str(args.max_batched_tokens),
-        "--threads", str(args.threads or _threads_per_worker(args.prefill + args.decode)),
+        "--block-size",
+        str(args.block_size),
+        "--num-blocks",
+        str(args.num_blocks),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-batched-tokens",
+        str(args.max_batched_tokens),
+        "--threads",
+        str(args.threads or _threads_per_worker(args.prefill + args.decode)),
     ]
     me = (sys.executable, "-m", "pdserve.cli")
     specs: list[ProcessSpec] = []
@@ -70,8 +76,18 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
 
 
 def _passthrough(args: argparse.Namespace, log_level: str) -> list[str]:
-    flags = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
-             "--log-level", log_level, "--log-format", args.log_format]
+    flags = [
+        "--model",
+        args.model,
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--log-level",
+        log_level,
+        "--log-format",
+        args.log_format,
+    ]
     if args.cache_dir:
         flags += ["--cache-dir", str(args.cache_dir)]
     if args.max_model_len:
@@ -91,8 +107,12 @@ class Cluster:
     def start(self) -> None:
         for spec in self.specs:
             self.procs[spec.name] = subprocess.Popen(spec.argv)
-            log.info("process_started", name=spec.name, pid=self.procs[spec.name].pid,
-                     address=spec.address)
+            log.info(
+                "process_started",
+                name=spec.name,
+                pid=self.procs[spec.name].pid,
+                address=spec.address,
+            )
 
     def dead(self) -> list[tuple[str, int]]:
         return [(n, p.returncode) for n, p in self.procs.items() if p.poll() is not None]
@@ -157,8 +177,9 @@ def run_cluster(args: argparse.Namespace) -> int:
         cluster.wait_ready()
         gateway = f"{args.host}:{args.port}"
         mode = "disaggregated" if args.prefill else "colocated"
-        log.info("cluster_ready", gateway=gateway, prefill=args.prefill, decode=args.decode,
-                 mode=mode)
+        log.info(
+            "cluster_ready", gateway=gateway, prefill=args.prefill, decode=args.decode, mode=mode
+        )
         if args.generate is not None:
             return _generate_once(gateway, args.generate, args.max_tokens)
         print(f"pdserve is up ({mode}): gateway at {gateway}. Ctrl-C to stop.", file=sys.stderr)
@@ -179,19 +200,7 @@ def run_cluster(args: argparse.Namespace) -> int:
 
 
 def _generate_once(gateway: str, prompt: str, max_tokens: int) -> int:
-    from pdserve.client import Client
+    from pdserve.client import RequestOptions
+    from pdserve.generate_cmd import stream_completion
 
-    with Client(gateway) as client:
-        try:
-            last = None
-            for chunk in client.generate(prompt, max_tokens=max_tokens, temperature=0.0):
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-                last = chunk
-        except grpc.RpcError as exc:
-            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    if last is not None:
-        print(f"\n[finish_reason={last.finish_reason} prompt_tokens={last.prompt_tokens} "
-              f"completion_tokens={last.completion_tokens}]", file=sys.stderr)
-    return 0
+    return stream_completion(gateway, prompt, RequestOptions(max_tokens=max_tokens, temperature=0))

@@ -115,10 +115,25 @@ def start_cluster(
     gateway_port = free_port_range(1)
     base = free_port_range(prefill + 2 * decode)
     argv = [
-        sys.executable, "-m", "pdserve.cli", "up",
-        "--prefill", str(prefill), "--decode", str(decode),
-        "--port", str(gateway_port), "--worker-base-port", str(base),
-        "--model", model, "--log-format", "json", "--threads", "1", *extra,
+        sys.executable,
+        "-m",
+        "pdserve.cli",
+        "up",
+        "--prefill",
+        str(prefill),
+        "--decode",
+        str(decode),
+        "--port",
+        str(gateway_port),
+        "--worker-base-port",
+        str(base),
+        "--model",
+        model,
+        "--log-format",
+        "json",
+        "--threads",
+        "1",
+        *extra,
     ]
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 
 import structlog
 
@@ -38,7 +39,7 @@ def configure_logging(level: str = "info", json: bool | None = None, tier: str =
 
 
 def _add_tier(tier: str) -> structlog.typing.Processor:
-    def add(_: object, __: str, event: dict[str, object]) -> dict[str, object]:
+    def add(_: object, __: str, event: MutableMapping[str, object]) -> MutableMapping[str, object]:
         event.setdefault("tier", tier)
         return event
 

@@ -26,7 +26,9 @@ def cluster_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cluster-logs")
 
 
-def _cluster(model: str, prefill: int, logs: Path, extra: tuple[str, ...] = ()) -> Iterator[Cluster]:
+def _cluster(
+    model: str, prefill: int, logs: Path, extra: tuple[str, ...] = ()
+) -> Iterator[Cluster]:
     cluster = start_cluster(model, prefill=prefill, decode=1, log_dir=logs, extra=extra)
     try:
         yield cluster
@@ -38,8 +40,9 @@ def _cluster(model: str, prefill: int, logs: Path, extra: tuple[str, ...] = ()) 
 def default_cluster(
     request: pytest.FixtureRequest, default_model_path: Path, cluster_logs: Path
 ) -> Iterator[Cluster]:
-    yield from _cluster(str(default_model_path), 1 if request.param == "disaggregated" else 0,
-                        cluster_logs)
+    yield from _cluster(
+        str(default_model_path), 1 if request.param == "disaggregated" else 0, cluster_logs
+    )
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +50,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tiny-models")
 
 
-@pytest.fixture(scope="module", params=[(a, m) for a in TINY_ARCHS for m in ("disagg", "coloc")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(
+    scope="module",
+    params=[(a, m) for a in TINY_ARCHS for m in ("disagg", "coloc")],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
 def tiny_cluster(
     request: pytest.FixtureRequest, tiny_model_dir: Path, cluster_logs: Path
 ) -> Iterator[tuple[Path, Cluster]]:

@@ -10,15 +10,15 @@ import grpc
 import pytest
 
 from pdserve.client import AsyncClient, Chunk
-from tests.e2e import reference
 from pdserve.local_cluster import Cluster
+from tests.e2e import reference
 
 pytestmark = pytest.mark.e2e
 
 DEFAULT_PROMPTS = [
     ("The capital of France is", 12),
     ("Once upon a time, in a small village by the sea, there lived an old fisherman who", 40),
-    ("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", 24),
+    ('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n', 24),
     (" ".join(["Paris is the capital of France."] * 24) + " Berlin is the capital of", 16),
     ("List three primary colors:", 30),
 ]
@@ -42,9 +42,7 @@ def _check_stream(chunks: list[Chunk], prompt_len: int, max_tokens: int) -> list
     return tokens
 
 
-async def _run_concurrently(
-    cluster: Cluster, prompts: list[tuple[str, int]]
-) -> list[list[Chunk]]:
+async def _run_concurrently(cluster: Cluster, prompts: list[tuple[str, int]]) -> list[list[Chunk]]:
     async with AsyncClient(cluster.gateway) as client:
         return await asyncio.gather(
             *[
@@ -79,22 +77,29 @@ def test_default_model_chat_messages(default_cluster: Cluster, default_model_pat
     async def run() -> list[Chunk]:
         async with AsyncClient(default_cluster.gateway) as client:
             return await _collect(
-                client, messages=[("user", "What is the capital of France?")],
-                max_tokens=12, temperature=0.0,
+                client,
+                messages=[("user", "What is the capital of France?")],
+                max_tokens=12,
+                temperature=0.0,
             )
 
     chunks = asyncio.run(run())
     tok = reference.tokenizer(str(default_model_path))
     prompt_ids = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True, tokenize=True, return_dict=True,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
     )["input_ids"]
     tokens = _check_stream(chunks, len(prompt_ids), 12)
     assert tokens == reference.greedy(default_model_path, list(prompt_ids), 12)
 
 
-TINY_PROMPTS = [("hello world", 20), ("The quick brown fox jumps over the lazy dog " * 6, 12),
-                ("日本語 é ü ☃ 🙂", 16)]
+TINY_PROMPTS = [
+    ("hello world", 20),
+    ("The quick brown fox jumps over the lazy dog " * 6, 12),
+    ("日本語 é ü ☃ 🙂", 16),
+]
 
 
 def test_tiny_models_match_transformers(tiny_cluster: tuple[Path, Cluster]):
@@ -118,8 +123,17 @@ def test_tiny_models_match_transformers(tiny_cluster: tuple[Path, Cluster]):
         ({"messages": [("wizard", "hi")]}, "role"),
         ({"prompt_token_ids": [1, 10**9]}, "vocab"),
     ],
-    ids=["no-input", "two-inputs", "empty-prompt", "max-tokens", "temperature", "top-p-zero",
-         "top-p-high", "unknown-role", "token-out-of-vocab"],
+    ids=[
+        "no-input",
+        "two-inputs",
+        "empty-prompt",
+        "max-tokens",
+        "temperature",
+        "top-p-zero",
+        "top-p-high",
+        "unknown-role",
+        "token-out-of-vocab",
+    ],
 )
 def test_invalid_argument(default_cluster: Cluster, kwargs: dict[str, object], message: str):
     async def run() -> None:
@@ -133,8 +147,12 @@ def test_invalid_argument(default_cluster: Cluster, kwargs: dict[str, object], m
 
 
 def test_cancel_and_deadline_free_every_block(default_cluster: Cluster):
-    long_request = {"prompt": "Tell me a long story about dragons.", "max_tokens": 400,
-                    "temperature": 0.0, "ignore_eos": True}
+    long_request = {
+        "prompt": "Tell me a long story about dragons.",
+        "max_tokens": 400,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
 
     async def cancel_after_first_token() -> None:
         async with AsyncClient(default_cluster.gateway) as client:
@@ -157,8 +175,9 @@ def test_cancel_and_deadline_free_every_block(default_cluster: Cluster):
 def test_stop_string_and_stop_token(default_cluster: Cluster, default_model_path: Path):
     async def run(**kwargs: object) -> list[Chunk]:
         async with AsyncClient(default_cluster.gateway) as client:
-            return await _collect(client, prompt="The capital of France is", temperature=0.0,
-                                  max_tokens=12, **kwargs)
+            return await _collect(
+                client, prompt="The capital of France is", temperature=0.0, max_tokens=12, **kwargs
+            )
 
     chunks = asyncio.run(run(stop=["."]))
     assert chunks[-1].finish_reason == "stop"

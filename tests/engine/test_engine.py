@@ -33,9 +33,16 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     with torch.inference_mode():
         for prompt, n in zip(PROMPTS, MAX_TOKENS, strict=True):
             ids = torch.tensor([prompt])
-            out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                               do_sample=False, top_k=None, top_p=None, temperature=None)
-            expected.append(out[0, len(prompt):].tolist())
+            out = ref.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                do_sample=False,
+                top_k=None,
+                top_p=None,
+                temperature=None,
+            )
+            expected.append(out[0, len(prompt) :].tolist())
     return model, spec, expected
 
 
@@ -49,8 +56,13 @@ def _engine(model, spec, *, num_blocks=256, block_size=4, budget=2048) -> Engine
 
 
 def _seq(spec, i: int, prompt: list[int], n: int) -> Sequence:
-    return Sequence(f"r{i}", list(prompt), len(prompt), SamplingParams(max_tokens=n, temperature=0),
-                    spec.eos_token_ids)
+    return Sequence(
+        f"r{i}",
+        list(prompt),
+        len(prompt),
+        SamplingParams(max_tokens=n, temperature=0),
+        spec.eos_token_ids,
+    )
 
 
 def _run_to_completion(engine: Engine, steps_limit: int = 2000) -> list[RequestOutput]:
@@ -66,8 +78,11 @@ def _generated(outputs: list[RequestOutput], request_id: str) -> list[int]:
     return [t for o in outputs if o.request_id == request_id for t in o.token_ids]
 
 
-@pytest.mark.parametrize(("budget", "num_blocks"), [(2048, 256), (16, 256), (5, 256), (64, 24)],
-                         ids=["one-shot", "chunked-16", "chunked-5", "preempting"])
+@pytest.mark.parametrize(
+    ("budget", "num_blocks"),
+    [(2048, 256), (16, 256), (5, 256), (64, 24)],
+    ids=["one-shot", "chunked-16", "chunked-5", "preempting"],
+)
 def test_greedy_matches_transformers(tiny, budget: int, num_blocks: int):
     model, spec, expected = tiny
     engine = _engine(model, spec, budget=budget, num_blocks=num_blocks)
@@ -148,9 +163,13 @@ def test_stop_token_and_length_finish(tiny):
     model, spec, expected = tiny
     engine = _engine(model, spec)
     stop_at = expected[1][3]
-    seq = Sequence("s", list(PROMPTS[1]), len(PROMPTS[1]),
-                   SamplingParams(max_tokens=20, temperature=0, stop_token_ids=(stop_at,)),
-                   spec.eos_token_ids)
+    seq = Sequence(
+        "s",
+        list(PROMPTS[1]),
+        len(PROMPTS[1]),
+        SamplingParams(max_tokens=20, temperature=0, stop_token_ids=(stop_at,)),
+        spec.eos_token_ids,
+    )
     engine.add(seq)
     outputs = _run_to_completion(engine)
     tokens = _generated(outputs, "s")

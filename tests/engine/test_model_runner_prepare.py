@@ -149,7 +149,10 @@ def test_single_prefill_sequence() -> None:
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int):
-    """Causal attention of queries at positions start.. over keys 0..: q (n, H, D), k (c, KVH, D)."""
+    """Causal attention of queries at positions start.. over keys 0..
+
+    q (n, H, D), k and v (c, KVH, D); returns (n, H, D).
+    """
     k = k.repeat_interleave(H // KVH, dim=1)  # (c, H, D)
     v = v.repeat_interleave(H // KVH, dim=1)
     scores = torch.einsum("nhd,chd->hnc", q, k) / D**0.5  # (H, n, c)
@@ -178,10 +181,10 @@ def test_metadata_drives_paged_attention_like_plain_attention() -> None:
         contexts_v.append(v)
     inputs = runner.prepare(batch)
     new_k = torch.cat(
-        [k[item.seq.num_computed_tokens :] for k, item in zip(contexts_k, batch.items)]
+        [k[item.seq.num_computed_tokens :] for k, item in zip(contexts_k, batch.items, strict=True)]
     )
     new_v = torch.cat(
-        [v[item.seq.num_computed_tokens :] for v, item in zip(contexts_v, batch.items)]
+        [v[item.seq.num_computed_tokens :] for v, item in zip(contexts_v, batch.items, strict=True)]
     )
     n = new_k.shape[0]
     query = torch.randn((n, H, D), generator=gen)
@@ -197,7 +200,7 @@ def test_metadata_drives_paged_attention_like_plain_attention() -> None:
     )
     assert out.shape == (1, n, H, D)
     offset = 0
-    for item, k, v in zip(batch.items, contexts_k, contexts_v):
+    for item, k, v in zip(batch.items, contexts_k, contexts_v, strict=True):
         start, count = item.seq.num_computed_tokens, item.num_new_tokens
         expected = reference_attention(query[offset : offset + count], k, v, start)
         torch.testing.assert_close(out[0, offset : offset + count], expected)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.sampler import SampleRequest, Sampler, filtered_probs
+from engine.sampler import Sampler, SampleRequest, filtered_probs
 from engine.sequence import SamplingParams
 
 VOCAB = 50

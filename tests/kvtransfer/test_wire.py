@@ -258,6 +258,16 @@ def test_checksum_off_checks_size_only() -> None:
         wire.verify_payload(decoded, memoryview(payload)[:-2])
 
 
+def test_verification_can_skip_the_checksum_but_not_the_size() -> None:
+    payload, header = payload_and_header()
+    payload[3] ^= 0x01
+    wire.verify_payload(header, memoryview(payload), verify_checksum=False)
+    with pytest.raises(MalformedFrameError, match="checksum"):
+        wire.verify_payload(header, memoryview(payload))
+    with pytest.raises(MalformedFrameError, match="payload of"):
+        wire.verify_payload(header, memoryview(payload)[:-1], verify_checksum=False)
+
+
 def test_checksum_flag_governs_crc_presence() -> None:
     frame = bytearray(page_frame(crc=1234))
     decoded = wire.decode(bytes(frame))

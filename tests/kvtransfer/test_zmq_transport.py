@@ -161,7 +161,7 @@ def page_frames(
     block_ids: list[int],
     layer_start: int = 0,
     *,
-    crc: int | None | str = "auto",
+    crc: int | str | None = "auto",
 ) -> list[bytes]:
     """A PAGE message as a sender would build it; ``crc`` may be forced to a wrong value."""
     payload = pages.contiguous().view(torch.uint8).numpy().tobytes()
@@ -329,35 +329,20 @@ def test_payload_flipped_byte_is_caught(h: Harness) -> None:
     assert "checksum" in h.rec.failed["r"][0] and untouched(h.dst)
 
 
+def page_for(src: KVCache, block_ids: tuple[int, ...] = (1, 2), layer: int = 0) -> list[bytes]:
+    """One layer's PAGE for transfer 9, claiming to be ``layer``."""
+    pages = src.gather_pages(range(len(block_ids)), slice(0, 1))
+    return page_frames(tid(9), pages, list(block_ids), layer)
+
+
 @pytest.mark.parametrize(
     ("frames_for", "reason"),
     [
-        # a page for blocks 1 and 3, only 1 and 2 reserved
-        (
-            lambda src: page_frames(tid(9), src.gather_pages([0, 1], slice(0, 1)), [1, 3]),
-            "outside the reservation",
-        ),
-        # a page for a layer the receiver does not have
-        (
-            lambda src: page_frames(tid(9), src.gather_pages([0, 1], slice(0, 1)), [1, 2], 3),
-            "layer",
-        ),
-        # payload size disagrees with the header
-        (
-            lambda src: (
-                page_frames(tid(9), src.gather_pages([0, 1], slice(0, 1)), [1, 2])[:1]
-                + [b"\0" * 16]
-            ),
-            "payload of",
-        ),
-        # a page header without its payload frame
-        (
-            lambda src: page_frames(tid(9), src.gather_pages([0, 1], slice(0, 1)), [1, 2])[:1],
-            "payloads",
-        ),
-        # DONE before every layer arrived
-        (lambda src: [done_frame(tid(9))], "layers missing"),
-        # DONE counting a different number of layers
+        (lambda src: page_for(src, (1, 3)), "outside the reservation"),  # only 1, 2 reserved
+        (lambda src: page_for(src, layer=LAYERS), "layer"),  # the receiver has no such layer
+        (lambda src: [page_for(src)[0], b"\0" * 16], "payload of"),  # size disagrees
+        (lambda src: page_for(src)[:1], "payloads"),  # header without its payload frame
+        (lambda src: [done_frame(tid(9))], "layers missing"),  # DONE before every layer
         (lambda src: [done_frame(tid(9), num_layers=LAYERS + 1)], "DONE"),
         (lambda src: [wire.encode(wire.AbortHeader(tid(9), "prefill died"))], "prefill died"),
         (lambda src: [wire.encode(wire.AckHeader(tid(9), wire.AckStatus.OK, ""))], "ACK"),
@@ -528,15 +513,12 @@ def run_many(h: Harness, src: KVCache, kinds: list[str], rng: random.Random) -> 
     assert counters.pages == LAYERS * len(oks)
 
 
-# -- bugs -----------------------------------------------------------------------------------
+# -- regressions ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: DONE checks only that every layer was seen, not that every reserved block "
-    "was written; blocks no page covered keep stale KV (possibly another request's)",
-)
 def test_done_requires_every_reserved_block(h: Harness) -> None:
+    """DONE is refused unless every reserved block arrived for every layer: an unwritten block
+    would keep stale KV, possibly another request's."""
     src = filled_cache(seed=14)
     h.receiver.expect(tid(20), "r", [1, 2], LONG_LEASE_S)
     sock = h.dealer()
@@ -548,14 +530,25 @@ def test_done_requires_every_reserved_block(h: Harness) -> None:
     assert "r" in h.rec.failed and not h.rec.ready
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: KVReceiver stores verify_checksum but never reads it; _write_page always "
-    "calls wire.verify_payload, which checks the crc whenever the header carries one",
-)
+def test_blocks_may_arrive_in_separate_pages(h: Harness) -> None:
+    src = filled_cache(seed=16)
+    h.receiver.expect(tid(23), "r", [5, 9], LONG_LEASE_S)
+    sock = h.dealer()
+    for layer in range(LAYERS):
+        for src_block, dst_block in [(3, 9), (2, 5)]:
+            page = src.gather_pages([src_block], slice(layer, layer + 1))
+            sock.send_multipart(page_frames(tid(23), page, [dst_block], layer))
+    sock.send(done_frame(tid(23), first_token_id=8))
+    assert recv_ack(sock).status is wire.AckStatus.OK
+    h.rec.wait(lambda: "r" in h.rec.ready)
+    assert torch.equal(h.dst.kv[:, :, [5, 9]], src.kv[:, :, [2, 3]])
+
+
 def test_receiver_without_verification_skips_the_checksum(
     make_harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With ``verify_checksum=False`` the receiver computes no checksum (it used to ignore the
+    flag)."""
     threads: list[str] = []
     real = wire.checksum
 
@@ -598,12 +591,9 @@ def fake_receiver(replies: Callable[[bytes], list[bytes]]) -> tuple[str, threadi
     return endpoint, thread
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: KVSender._collect_acks pops the awaiting transfer before checking that the "
-    "frame is an ACK, so a stray non-ACK frame loses the transfer: on_sent is never called",
-)
 def test_sender_ignores_non_ack_frames_for_a_transfer() -> None:
+    """A stray non-ACK frame naming a transfer must not consume it: its ACK still counts (the
+    sender used to drop the transfer and never call on_sent)."""
     endpoint, thread = fake_receiver(
         lambda t: [
             wire.encode(wire.DoneHeader(t, 1, 1)),  # not an ACK: must be ignored
