@@ -87,6 +87,7 @@ class Engine:
         self._wakeup = threading.Condition(self._lock)
         self._pending_aborts: dict[str, tuple[FinishReason, str | None]] = {}
         self._in_flight: ScheduledBatch | None = None
+        self._idle_step = False  # the last step found work it could not schedule
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._export_kv: set[str] = set()
@@ -168,6 +169,7 @@ class Engine:
         with self._lock:
             batch = self.scheduler.schedule()
             self._in_flight = batch
+            self._idle_step = batch is None
         if batch is None:
             return []
         try:
@@ -205,6 +207,9 @@ class Engine:
             outputs = self.step()
             if outputs:
                 self._emit(outputs)
+            elif self._in_flight is None and self._idle_step:
+                with self._lock:  # work exists but cannot be scheduled yet: do not spin
+                    self._wakeup.wait(0.01)
 
     # -- helpers (lock held unless noted) ---------------------------------------------------
 

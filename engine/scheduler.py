@@ -1,11 +1,16 @@
 """Decides what one engine step computes, and owns every sequence's blocks.
 
-Policy, as one expression per step: running sequences first (one token each), newest preempted
-(recompute) when the pool cannot grow them; then waiting sequences in arrival order, each taking
-as many prompt tokens as the step's token budget leaves (long prompts are chunked).
+Two queues. ``running`` holds admitted sequences, whatever they still need: a prompt chunk, the
+rest of a prompt, or one token per step. ``waiting`` holds sequences not yet admitted: new
+prompts, preempted sequences (no blocks; they recompute), and sequences whose KV arrived from a
+prefill worker (they keep their blocks). Policy per step, as vLLM v1 does it: every running
+sequence takes what it needs within the token budget, preempting the newest running sequences
+(recompute) when the pool cannot grow it; then waiting sequences are admitted in order while
+budget, ``max_num_seqs`` and blocks allow. Long prompts are therefore chunked, and a sequence
+never waits while holding blocks that nobody can take back (no deadlock).
 
-All methods run under the engine's lock. A sequence's blocks return to the pool on every exit:
-finish, abort, failed transfer and preemption all go through :meth:`Scheduler._release`.
+All methods run under the engine's lock. Blocks return to the pool on every exit: finish (the
+engine calls :meth:`release`), abort, failed transfer and preemption.
 """
 
 from __future__ import annotations
@@ -69,15 +74,16 @@ class Scheduler:
         return list(seq.block_table)
 
     def kv_ready(self, request_id: str, first_token_id: int) -> Finished | None:
-        """Every page of a reserved prompt has arrived: the sequence joins the batch."""
+        """Every page of a reserved prompt has arrived: the sequence queues for admission,
+        keeping its blocks (its prompt needs no compute; its first token's KV is next)."""
         seq = self.awaiting_kv.pop(request_id)
         seq.num_computed_tokens = seq.num_tokens
         reason = seq.append_token(first_token_id)
         if reason is not None:
             self._release(seq, reason)
             return Finished(seq, reason)
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
         return None
 
     def abort(self, request_id: str, reason: FinishReason) -> Sequence | None:
@@ -101,25 +107,33 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         items: list[ScheduledSeq] = []
         budget = self.config.max_num_batched_tokens
-        for seq in self._grow_running():
-            items.append(ScheduledSeq(seq, 1, True))
-            budget -= 1
         index = 0
-        while index < len(self.waiting) and budget > 0 and len(items) < self.config.max_num_seqs:
-            seq = self.waiting[index]
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            needed = self.blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_table)
-            if not self.pool.can_allocate(needed):
-                break  # first come, first served: later prompts do not overtake this one
-            seq.block_table.extend(self.pool.allocate(needed))
-            completes = seq.num_computed_tokens + num_new == seq.num_tokens
-            items.append(ScheduledSeq(seq, num_new, completes))
+            if not self._grow(seq, num_new, first_unscheduled=index):
+                continue  # ``seq`` itself was preempted; the same index is the next sequence
+            items.append(self._item(seq, num_new))
             budget -= num_new
             index += 1
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            # (a KV-ready sequence needs one token; a new or preempted one its whole prompt)
+            needed = self.blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_table)
+            if not self.pool.can_allocate(needed) and not self._reclaim_waiting(needed):
+                break  # first come, first served: later prompts do not overtake this one
+            seq.block_table.extend(self.pool.allocate(needed))
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            items.append(self._item(seq, num_new))
+            budget -= num_new
         return ScheduledBatch(tuple(items)) if items else None
 
     def update(self, batch: ScheduledBatch, sampled: list[int]) -> list[Finished]:
-        """Record the step's results; finished sequences give their blocks back at once."""
+        """Record the step's results. Finished sequences leave ``running``; the caller reads
+        what it needs of them, then gives their blocks back with :meth:`release`."""
         finished: list[Finished] = []
         for item, token in zip(batch.items, sampled, strict=True):
             seq = item.seq
@@ -129,14 +143,8 @@ class Scheduler:
             if not item.sample:
                 continue
             reason = seq.append_token(token)
-            if seq.status is SequenceStatus.WAITING:
-                self.waiting.remove(seq)
-                if reason is None:
-                    seq.status = SequenceStatus.RUNNING
-                    self.running.append(seq)
-            elif reason is not None:
-                self.running.remove(seq)
             if reason is not None:
+                self.running.remove(seq)
                 finished.append(Finished(seq, reason))
         return finished
 
@@ -152,26 +160,43 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
-    def _grow_running(self) -> list[Sequence]:
-        """Give each running sequence a slot for its next token, preempting the newest if needed."""
-        ready: list[Sequence] = []
-        queue = list(self.running)
-        while queue:
-            seq = queue.pop(0)
-            if len(seq.block_table) * self.block_size > seq.num_computed_tokens:
-                ready.append(seq)
-                continue
-            while not self.pool.can_allocate(1) and queue:
-                self._preempt(queue.pop())  # newest first
-            if self.pool.can_allocate(1):
-                seq.block_table.extend(self.pool.allocate(1))
-                ready.append(seq)
-            else:
-                self._preempt(seq)
-        return ready
+    def _item(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+        completes = seq.num_computed_tokens + num_new == seq.num_tokens
+        return ScheduledSeq(seq, num_new, completes)
+
+    def _grow(self, seq: Sequence, num_new: int, first_unscheduled: int) -> bool:
+        """Give a running sequence blocks for ``num_new`` more tokens, preempting the newest
+        running sequences not yet scheduled this step (``seq`` itself last). Returns False
+        when ``seq`` was preempted."""
+        needed = self.blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_table)
+        while not self.pool.can_allocate(needed):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+            assert self.running.index(seq) >= first_unscheduled  # never a scheduled sequence
+        seq.block_table.extend(self.pool.allocate(needed))
+        return True
+
+    def _reclaim_waiting(self, needed: int) -> bool:
+        """With nothing running, free blocks held by queued KV-ready sequences (newest first;
+        they will recompute) until the head of ``waiting`` can be admitted."""
+        if self.running:
+            return False  # running sequences finish and free their blocks; wait for them
+        for seq in reversed(list(self.waiting)[1:]):
+            if self.pool.can_allocate(needed):
+                break
+            if seq.block_table:
+                self.pool.free(seq.block_table)
+                seq.block_table = []
+                seq.num_computed_tokens = 0
+                self.num_preemptions += 1
+        return self.pool.can_allocate(needed)
 
     def _preempt(self, seq: Sequence) -> None:
-        """Free a running sequence's blocks; it recomputes its tokens' KV when readmitted."""
+        """Free a running sequence's blocks; it recomputes its tokens' KV when readmitted.
+        Recompute rather than swap: on CPU a swap is a copy into the same memory, and the
+        recomputed KV is bit-identical, so greedy output does not change."""
         self.running.remove(seq)
         self.pool.free(seq.block_table)
         seq.block_table = []

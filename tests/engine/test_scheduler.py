@@ -163,7 +163,8 @@ def test_chunk_blocks_are_allocated_per_chunk() -> None:
     sim.sched.add(seq)
     sim.step()
     assert (seq.num_computed_tokens, len(seq.block_table)) == (6, 2)
-    assert seq.status is SequenceStatus.WAITING and seq.num_completion_tokens == 0
+    # admitted: a partial prefill runs (and can be preempted) like any running sequence
+    assert seq.status is SequenceStatus.RUNNING and seq.num_completion_tokens == 0
     sim.step()
     assert (seq.num_computed_tokens, len(seq.block_table)) == (12, 3)
     sim.step()
@@ -320,11 +321,6 @@ def test_a_lone_sequence_that_outgrows_the_pool_preempts_itself() -> None:
     assert sim.all_free()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: partially prefilled sequences in `waiting` hold blocks but are never "
-    "preempted; when the FCFS head cannot get its next chunk, nothing runs ever again",
-)
 def test_partial_prefills_cannot_deadlock_the_pool() -> None:
     sim = Sim(4, budget=8)
     a = make_seq("a", 12, max_tokens=4, ignore_eos=True)
@@ -352,15 +348,15 @@ def test_abort_waiting_sequence() -> None:
     assert not sim.sched.has_work() and sim.all_free()
 
 
-def test_abort_partially_prefilled_waiting_sequence_frees_its_blocks() -> None:
+def test_abort_partially_prefilled_sequence_frees_its_blocks() -> None:
     sim = Sim(8, budget=4)
     seq = make_seq("a", 10)
     sim.sched.add(seq)
     sim.step()
-    assert seq.status is SequenceStatus.WAITING and sim.pool.num_used == 1
+    assert seq.status is SequenceStatus.RUNNING and sim.pool.num_used == 1
     assert sim.sched.abort("a", FinishReason.ERROR) is seq
     assert seq.finish_reason is FinishReason.ERROR and seq.block_table == []
-    assert sim.all_free() and not sim.sched.waiting
+    assert sim.all_free() and not sim.sched.running
 
 
 def test_abort_running_sequence() -> None:
@@ -420,7 +416,7 @@ def test_abort_while_its_step_runs_is_skipped_by_update() -> None:
 # -- reserve + kv_ready (disaggregated path) ------------------------------------------------
 
 
-def test_reserve_allocates_the_prompt_and_kv_ready_joins_running() -> None:
+def test_reserve_allocates_the_prompt_and_kv_ready_queues_for_admission() -> None:
     sim = Sim(8)
     seq = make_seq("a", 9, max_tokens=3)
     block_ids = sim.sched.reserve(seq)
@@ -430,9 +426,11 @@ def test_reserve_allocates_the_prompt_and_kv_ready_joins_running() -> None:
     assert not sim.sched.has_work()  # nothing to compute until the pages arrive
     assert sim.sched.schedule() is None
     assert sim.sched.kv_ready("a", 55) is None
-    assert seq.status is SequenceStatus.RUNNING and sim.sched.running == [seq]
+    # queued with its blocks; admitted (under max_num_seqs) by the next schedule()
+    assert seq.status is SequenceStatus.WAITING and list(sim.sched.waiting) == [seq]
     assert seq.token_ids[-1] == 55 and seq.num_computed_tokens == 9
     batch, _ = sim.step()
+    assert seq.status is SequenceStatus.RUNNING
     assert batch is not None
     assert [(i.seq, i.num_new_tokens, i.sample) for i in batch.items] == [(seq, 1, True)]
     assert len(seq.block_table) == 3  # slot 9 fits in the third block
@@ -486,11 +484,6 @@ def test_kv_ready_sequence_can_be_preempted_and_recomputed_locally() -> None:
     assert remote.num_completion_tokens == 6 and sim.all_free()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: kv_ready appends to `running` without checking max_num_seqs, so a decode "
-    "worker's batch grows past max_num_seqs (and past max_num_batched_tokens)",
-)
 def test_kv_ready_respects_max_num_seqs() -> None:
     sim = Sim(32, max_num_seqs=2, budget=2)
     seqs = [make_seq(f"r{i}", 4, max_tokens=5) for i in range(3)]
