@@ -12,8 +12,9 @@ from engine.config import EngineConfig
 from engine.engine import PoolStats
 from engine.model_loader import ModelSpec
 from engine.sequence import FinishReason, SamplingParams
+from kvtransfer.config import TransferConfig, fingerprint_for
+from kvtransfer.receiver import KVReceiver
 from kvtransfer.ticket import TransferTicket
-from kvtransfer.zmq_transport import KVReceiver
 
 log = structlog.get_logger(__name__)
 
@@ -21,6 +22,7 @@ log = structlog.get_logger(__name__)
 @dataclass(frozen=True)
 class DecodeConfig:
     engine: EngineConfig
+    transfer: TransferConfig
     listen: str = "127.0.0.1:50071"
     kv_bind: str = "tcp://127.0.0.1:0"
     """ZeroMQ endpoint the KV receiver binds (tcp://host:port or ipc:///path)."""
@@ -28,7 +30,6 @@ class DecodeConfig:
     """Endpoint prefill workers connect to; the bound endpoint when unset."""
     kv_lease_s: float = 60.0
     """A reservation whose pages have not all arrived by then is freed."""
-    verify_checksum: bool = True
 
 
 class DecodeWorker:
@@ -36,12 +37,17 @@ class DecodeWorker:
         self.config = config
         self.engine = engine
         self.spec: ModelSpec = engine.spec
+        kv = engine.engine.kv_cache
+        self.fingerprint = fingerprint_for(engine.spec, kv, config.transfer.backend)
         self.receiver = KVReceiver(
             config.kv_bind,
-            engine.engine.kv_cache,
+            kv,
+            self.fingerprint,
+            config.transfer.auth(),
             on_ready=self._on_kv_ready,
             on_failed=self._on_kv_failed,
-            verify_checksum=config.verify_checksum,
+            pair_host=_host_of(config.kv_advertise or config.kv_bind),
+            group_timeout_s=config.transfer.handshake_timeout_s,
         )
         self._transfers: dict[str, bytes] = {}  # engine key -> transfer id
         self.kv_endpoint = config.kv_advertise or config.kv_bind
@@ -72,17 +78,12 @@ class DecodeWorker:
         lease_s = min(lease_s, self.config.kv_lease_s)
         self._transfers[handle.key] = transfer_id
         self.receiver.expect(transfer_id, handle.key, block_ids, lease_s)
-        kv = self.engine.engine.kv_cache
         ticket = TransferTicket(
             transfer_id=transfer_id,
             kv_endpoint=self.kv_endpoint,
             block_ids=tuple(block_ids),
-            block_size=kv.block_size,
-            num_layers=kv.num_layers,
-            num_kv_heads=kv.num_kv_heads,
-            head_dim=kv.head_dim,
-            dtype=str(kv.dtype).removeprefix("torch."),
             lease_s=lease_s,
+            fingerprint=self.fingerprint,
         )
         return handle, ticket
 
@@ -104,3 +105,11 @@ class DecodeWorker:
 
     def _on_kv_failed(self, key: str, reason: str) -> None:
         self.engine.engine.abort(key, FinishReason.ERROR, reason)
+
+
+def _host_of(endpoint: str) -> str:
+    """Host part of ``tcp://host:port`` (where the pair-group store listens); loopback else."""
+    if endpoint.startswith("tcp://"):
+        host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+        return "127.0.0.1" if host in ("", "*", "0.0.0.0") else host
+    return "127.0.0.1"

@@ -42,11 +42,15 @@ class RequestOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_completion_tokens: int
-    pages: torch.Tensor | None = None  # (L, 2, n, bs, KVH, D) copy of the prompt's blocks
+    pages: torch.Tensor | None = None  # (L, 2, n, bs, KVH, D) copy of the prompt's blocks,
+    # for exporting sequences when the engine has no layer sink
     error: str | None = None
 
 
 OutputSink = Callable[[list[RequestOutput]], None]
+LayerSink = Callable[[str, int, torch.Tensor], None]
+"""``(request key, layer, pages (1, 2, n, bs, KVH, D))``: one layer of an exporting prompt's KV,
+called on the engine thread while the forward pass continues with the next layer."""
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,19 @@ class Engine:
     """Owns the KV cache, block pool, scheduler and model runner of one worker."""
 
     def __init__(
-        self, config: EngineConfig, model: torch.nn.Module, spec: ModelSpec, sink: OutputSink
+        self,
+        config: EngineConfig,
+        model: torch.nn.Module,
+        spec: ModelSpec,
+        sink: OutputSink,
+        layer_sink: LayerSink | None = None,
     ) -> None:
+        """With ``layer_sink``, exporting sequences stream their prompt's KV layer by layer as
+        each layer finishes; without, their output carries all pages at the end."""
         self.config = config
         self.spec = spec
         self._sink = sink
+        self._layer_sink = layer_sink
         weights = next(model.parameters())  # the KV cache matches the weights' device and dtype
         model.set_attn_implementation(register_paged_attention())  # type: ignore[operator]
         self.kv_cache = KVCache(
@@ -145,6 +157,10 @@ class Engine:
         if seq is not None and reason is not FinishReason.CANCELLED:
             self._emit([self._output(seq, (), reason, error=error)])
 
+    def set_layer_sink(self, sink: LayerSink | None) -> None:
+        """Stream exporting prompts' KV layer by layer into ``sink`` (set before :meth:`start`)."""
+        self._layer_sink = sink
+
     def stats(self) -> PoolStats:
         with self._lock:
             try:
@@ -172,11 +188,14 @@ class Engine:
             self._idle_step = batch is None
         if batch is None:
             return []
+        self.runner.layer_listener = self._layer_listener(batch)
         try:
             sampled = self.runner.execute(batch)
-        except Exception as exc:
+        except Exception as exc:  # fail the batch's requests, keep serving
             log.exception("engine_step_failed", batch_size=len(batch.items))
             return self._fail_batch(batch, f"engine step failed: {exc}")
+        finally:
+            self.runner.layer_listener = None
         with self._lock:
             self._in_flight = None
             finished = self.scheduler.update(batch, sampled)
@@ -213,6 +232,32 @@ class Engine:
 
     # -- helpers (lock held unless noted) ---------------------------------------------------
 
+    def _layer_listener(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+        """Streams each layer of the prompts whose prefill completes in this step."""
+        sink = self._layer_sink
+        if sink is None:
+            return None
+        exporting = [
+            (item.seq.request_id, self._prompt_blocks(item.seq))
+            for item in batch.items
+            if item.sample and item.seq.request_id in self._export_kv
+        ]
+        if not exporting:
+            return None
+
+        def on_layer(layer: int) -> None:
+            for key, blocks in exporting:
+                pages = self.kv_cache.gather_pages(blocks, slice(layer, layer + 1))
+                try:
+                    sink(key, layer, pages)
+                except Exception:  # the sink's failure is that one transfer's alone
+                    log.exception("kv_layer_export_failed", layer=layer)
+
+        return on_layer
+
+    def _prompt_blocks(self, seq: Sequence) -> list[int]:
+        return seq.block_table[: self.scheduler.blocks_for(seq.num_prompt_tokens)]
+
     def _collect(
         self, batch: ScheduledBatch, sampled: list[int], finished: list[Finished]
     ) -> list[RequestOutput]:
@@ -226,8 +271,8 @@ class Engine:
             reason = reasons.get(rid)
             if rid in self._export_kv:
                 self._export_kv.discard(rid)
-                prompt_blocks = seq.block_table[: self.scheduler.blocks_for(seq.num_prompt_tokens)]
-                pages = self.kv_cache.gather_pages(prompt_blocks)
+                streamed = self._layer_sink is not None
+                pages = None if streamed else self.kv_cache.gather_pages(self._prompt_blocks(seq))
                 outputs.append(self._output(seq, (token,), reason, pages))
                 self._finish_exported(seq, reason)
                 continue

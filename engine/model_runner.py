@@ -6,7 +6,8 @@ sequence's context through its block table (see :mod:`engine.attention`).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -24,12 +25,29 @@ class ModelInputs(NamedTuple):
     sample_requests: list[SampleRequest]
 
 
+LayerListener = Callable[[int], None]
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, sampler: Sampler) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.sampler = sampler
         self.device = kv_cache.device
+        self.layer_listener: LayerListener | None = None
+        """Called with a layer index as soon as that layer's KV is in the cache (during
+        :meth:`execute`); the engine sets it for steps that stream KV out layer by layer."""
+        layers = [m for m in model.modules() if _is_attention(m)]
+        if len(layers) != kv_cache.num_layers:
+            raise ValueError(
+                f"found {len(layers)} attention modules, expected {kv_cache.num_layers}"
+            )
+        for module in layers:
+            module.register_forward_hook(self._after_attention)
+
+    def _after_attention(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self.layer_listener is not None:
+            self.layer_listener(int(module.layer_idx))  # type: ignore[arg-type]
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int]:
@@ -105,3 +123,8 @@ class ModelRunner:
             logits_index=logits_index.to(dev),
             sample_requests=requests,
         )
+
+
+def _is_attention(module: torch.nn.Module) -> bool:
+    """transformers' self-attention modules carry their ``layer_idx`` (and write the KV)."""
+    return type(module).__name__.endswith("Attention") and hasattr(module, "layer_idx")

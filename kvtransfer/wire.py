@@ -2,42 +2,59 @@
 
 Every message is a ZeroMQ multipart message whose first frame is a header::
 
-    common   magic "PDKV" | version u16 | kind u8 | flags u8 | transfer_id 16 bytes
+    prefix   magic "PDKV" | version u16 | kind u8 | flags u8 | transfer_id 16 bytes | body
+    tag      16 bytes, last: HMAC-SHA256/128 over prefix + payload when the fleet has a key,
+             else CRC32 of prefix + payload (first 4 bytes) when checksums are on, else zeros
+
     PAGE     layer_start u16 | layer_end u16 | num_blocks u32 | block_size u16 | kv_heads u16
-             | head_dim u16 | dtype u8 | payload_nbytes u64 | crc32 u32 | block_ids u32 x n
+             | head_dim u16 | dtype u8 | payload_nbytes u64 | block_ids u32 x n
     DONE     first_token_id u32 | num_layers u32
     ABORT    utf-8 reason
     ACK      status u8 | utf-8 message
+    HELLO, WELCOME, REFUSE   utf-8 JSON object (handshake; see ``kvtransfer.handshake``)
 
-A PAGE header is followed by exactly one payload frame: the K and V of ``num_blocks`` blocks for
-layers ``[layer_start, layer_end)``, shaped ``(layers, 2, num_blocks, block_size, kv_heads,
-head_dim)``, C-contiguous. Decoders raise :class:`MalformedFrameError` on anything off.
+A PAGE's payload is ``(layers, 2, num_blocks, block_size, kv_heads, head_dim)``, C-contiguous: in
+the second frame with the ZeroMQ backend, or out of band (flag ``FLAG_OUT_OF_BAND``) over a
+torch.distributed pair group. Decoders raise :class:`MalformedFrameError` on anything off, and
+:class:`UnauthenticatedFrameError` when the tag does not verify.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
+import json
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 MAGIC = b"PDKV"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 TRANSFER_ID_BYTES = 16
+TAG_BYTES = 16
 MAX_BLOCKS_PER_PAGE = 1 << 20
+MAX_TEXT_BYTES = 4096
 
-_COMMON = struct.Struct("<4sHBB16s")
-_PAGE = struct.Struct("<HHIHHHBQI")
+_PREFIX = struct.Struct("<4sHBB16s")
+_PAGE = struct.Struct("<HHIHHHBQ")
 _DONE = struct.Struct("<II")
 _ACK = struct.Struct("<B")
 
-FLAG_CHECKSUM = 0x01
+FLAG_CRC32 = 0x01
+FLAG_MAC = 0x02
+FLAG_OUT_OF_BAND = 0x04
 
 
 class MalformedFrameError(ValueError):
     """A frame failed validation; it must be dropped and never reach the KV cache."""
+
+
+class UnauthenticatedFrameError(MalformedFrameError):
+    """A frame's tag did not verify against the fleet's key (or carried none)."""
 
 
 class FrameKind(enum.IntEnum):
@@ -45,6 +62,9 @@ class FrameKind(enum.IntEnum):
     DONE = 2
     ABORT = 3
     ACK = 4
+    HELLO = 5
+    WELCOME = 6
+    REFUSE = 7
 
 
 class AckStatus(enum.IntEnum):
@@ -67,7 +87,7 @@ class PageHeader:
     head_dim: int
     dtype: torch.dtype
     payload_nbytes: int
-    crc32: int | None  # None when the sender did not checksum
+    out_of_band: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -101,19 +121,67 @@ class AckHeader:
     message: str
 
 
-Header = PageHeader | DoneHeader | AbortHeader | AckHeader
+@dataclass(frozen=True)
+class HandshakeHeader:
+    """HELLO (sender -> receiver), WELCOME or REFUSE (receiver -> sender)."""
+
+    transfer_id: bytes  # a random handshake id, echoed in the answer
+    kind: FrameKind
+    fields: dict[str, Any]
 
 
-def checksum(payload: memoryview | bytes) -> int:
-    return zlib.crc32(payload) & 0xFFFFFFFF
+Header = PageHeader | DoneHeader | AbortHeader | AckHeader | HandshakeHeader
 
 
-def encode(header: Header) -> bytes:
-    """Serialize a header frame."""
-    flags = 0
+class FrameAuth:
+    """Seals and verifies frame tags. With a key every frame is MACed and frames without a
+    valid MAC are refused; without one, an optional CRC32 catches corruption (not forgery)."""
+
+    def __init__(self, key: bytes | None, checksum: bool = True) -> None:
+        if key is not None and len(key) < 16:
+            raise ValueError("the KV channel key must be at least 16 bytes")
+        self.key = key
+        self.checksum = checksum
+
+    @property
+    def flags(self) -> int:
+        if self.key is not None:
+            return FLAG_MAC
+        return FLAG_CRC32 if self.checksum else 0
+
+    def tag(self, prefix: bytes, payload: memoryview | None) -> bytes:
+        if self.key is not None:
+            mac = hmac.new(self.key, prefix, hashlib.sha256)
+            if payload is not None:
+                mac.update(payload)
+            return mac.digest()[:TAG_BYTES]
+        if self.checksum:
+            crc = zlib.crc32(prefix)
+            if payload is not None:
+                crc = zlib.crc32(payload, crc)
+            return struct.pack("<I", crc & 0xFFFFFFFF) + bytes(TAG_BYTES - 4)
+        return bytes(TAG_BYTES)
+
+    def verify(self, flags: int, prefix: bytes, tag: bytes, payload: memoryview | None) -> None:
+        """Raise unless the tag is what this side requires and it matches."""
+        if self.key is not None:
+            if not flags & FLAG_MAC:
+                raise UnauthenticatedFrameError("frame carries no MAC; this channel requires one")
+            if not hmac.compare_digest(self.tag(prefix, payload), tag):
+                raise UnauthenticatedFrameError("frame MAC does not verify (wrong key or altered)")
+            return
+        if flags & FLAG_MAC:
+            raise UnauthenticatedFrameError("frame is MACed but this receiver has no key")
+        if flags & FLAG_CRC32 and self.checksum and self.tag(prefix, payload) != tag:
+            raise MalformedFrameError("checksum mismatch (corrupted or truncated frame)")
+
+
+def encode(header: Header, auth: FrameAuth, payload: memoryview | None = None) -> bytes:
+    """Serialize a header frame, sealing it (with its payload, if any) by ``auth``."""
+    flags = auth.flags
     if isinstance(header, PageHeader):
-        if header.crc32 is not None:
-            flags |= FLAG_CHECKSUM
+        if header.out_of_band:
+            flags |= FLAG_OUT_OF_BAND
         body = _PAGE.pack(
             header.layer_start,
             header.layer_end,
@@ -123,35 +191,51 @@ def encode(header: Header) -> bytes:
             header.head_dim,
             DTYPE_CODES[header.dtype],
             header.payload_nbytes,
-            header.crc32 or 0,
         ) + struct.pack(f"<{len(header.block_ids)}I", *header.block_ids)
         kind = FrameKind.PAGE
     elif isinstance(header, DoneHeader):
         body, kind = _DONE.pack(header.first_token_id, header.num_layers), FrameKind.DONE
     elif isinstance(header, AbortHeader):
-        body, kind = header.reason.encode()[:1024], FrameKind.ABORT
-    else:
-        body = _ACK.pack(header.status) + header.message.encode()[:1024]
+        body, kind = header.reason.encode()[:MAX_TEXT_BYTES], FrameKind.ABORT
+    elif isinstance(header, AckHeader):
+        body = _ACK.pack(header.status) + header.message.encode()[:MAX_TEXT_BYTES]
         kind = FrameKind.ACK
-    _check_transfer_id(header.transfer_id)
-    return _COMMON.pack(MAGIC, PROTOCOL_VERSION, kind, flags, header.transfer_id) + body
+    else:
+        body, kind = json.dumps(header.fields).encode(), header.kind
+        if len(body) > MAX_TEXT_BYTES:
+            raise ValueError("handshake fields too large")
+    if len(header.transfer_id) != TRANSFER_ID_BYTES:
+        raise ValueError(f"transfer id must be {TRANSFER_ID_BYTES} bytes")
+    prefix = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind, flags, header.transfer_id) + body
+    return prefix + auth.tag(prefix, payload)
 
 
-def decode(frame: bytes | memoryview) -> Header:
-    """Parse and validate a header frame; raises :class:`MalformedFrameError`."""
+def split(frame: bytes | memoryview) -> tuple[int, bytes, bytes]:
+    """``(flags, prefix, tag)`` of a header frame, checking only its framing."""
     data = bytes(frame)
-    if len(data) < _COMMON.size:
-        raise MalformedFrameError(f"header of {len(data)} bytes is shorter than {_COMMON.size}")
-    magic, version, kind_code, flags, transfer_id = _COMMON.unpack_from(data)
+    if len(data) < _PREFIX.size + TAG_BYTES:
+        raise MalformedFrameError(f"header of {len(data)} bytes is too short")
+    magic, version, _, flags, _ = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise MalformedFrameError(f"bad magic {magic!r}")
     if version != PROTOCOL_VERSION:
         raise MalformedFrameError(f"protocol version {version}, expected {PROTOCOL_VERSION}")
+    return flags, data[:-TAG_BYTES], data[-TAG_BYTES:]
+
+
+def decode(frame: bytes | memoryview, auth: FrameAuth, payload: memoryview | None = None) -> Header:
+    """Parse, authenticate and validate a header frame (with its in-band payload, if any).
+
+    For an out-of-band PAGE, call :func:`verify_out_of_band` once the payload has arrived."""
+    flags, prefix, tag = split(frame)
+    _, _, kind_code, _, transfer_id = _PREFIX.unpack_from(prefix)
     try:
         kind = FrameKind(kind_code)
     except ValueError:
         raise MalformedFrameError(f"unknown frame kind {kind_code}") from None
-    body = data[_COMMON.size :]
+    if not (kind is FrameKind.PAGE and flags & FLAG_OUT_OF_BAND):
+        auth.verify(flags, prefix, tag, payload)
+    body = prefix[_PREFIX.size :]
     if kind is FrameKind.PAGE:
         return _decode_page(transfer_id, flags, body)
     if kind is FrameKind.DONE:
@@ -161,21 +245,35 @@ def decode(frame: bytes | memoryview) -> Header:
         return DoneHeader(transfer_id, first_token, num_layers)
     if kind is FrameKind.ABORT:
         return AbortHeader(transfer_id, body.decode(errors="replace"))
-    if len(body) < _ACK.size:
-        raise MalformedFrameError("ACK body is empty")
+    if kind is FrameKind.ACK:
+        if len(body) < _ACK.size:
+            raise MalformedFrameError("ACK body is empty")
+        try:
+            status = AckStatus(body[0])
+        except ValueError:
+            raise MalformedFrameError(f"unknown ACK status {body[0]}") from None
+        return AckHeader(transfer_id, status, body[1:].decode(errors="replace"))
     try:
-        status = AckStatus(body[0])
-    except ValueError:
-        raise MalformedFrameError(f"unknown ACK status {body[0]}") from None
-    return AckHeader(transfer_id, status, body[1:].decode(errors="replace"))
+        fields = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedFrameError(f"handshake body is not JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise MalformedFrameError("handshake body is not a JSON object")
+    return HandshakeHeader(transfer_id, kind, fields)
+
+
+def verify_out_of_band(
+    frame: bytes | memoryview, auth: FrameAuth, payload: memoryview | None
+) -> None:
+    """Authenticate an out-of-band PAGE header together with the payload that followed it."""
+    flags, prefix, tag = split(frame)
+    auth.verify(flags, prefix, tag, payload)
 
 
 def _decode_page(transfer_id: bytes, flags: int, body: bytes) -> PageHeader:
     if len(body) < _PAGE.size:
         raise MalformedFrameError(f"PAGE body of {len(body)} bytes is shorter than {_PAGE.size}")
-    (start, end, n, block_size, kv_heads, head_dim, dtype_code, nbytes, crc) = _PAGE.unpack_from(
-        body
-    )
+    (start, end, n, block_size, kv_heads, head_dim, dtype_code, nbytes) = _PAGE.unpack_from(body)
     if not 0 < n <= MAX_BLOCKS_PER_PAGE:
         raise MalformedFrameError(f"PAGE carries {n} blocks")
     if len(body) != _PAGE.size + 4 * n:
@@ -188,18 +286,17 @@ def _decode_page(transfer_id: bytes, flags: int, body: bytes) -> PageHeader:
         raise MalformedFrameError(f"unknown dtype code {dtype_code}")
     if 0 in (block_size, kv_heads, head_dim):
         raise MalformedFrameError("zero block_size, kv_heads or head_dim")
-    block_ids = struct.unpack_from(f"<{n}I", body, _PAGE.size)
     header = PageHeader(
         transfer_id=transfer_id,
         layer_start=start,
         layer_end=end,
-        block_ids=tuple(block_ids),
+        block_ids=struct.unpack_from(f"<{n}I", body, _PAGE.size),
         block_size=block_size,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         dtype=CODE_DTYPES[dtype_code],
         payload_nbytes=nbytes,
-        crc32=crc if flags & FLAG_CHECKSUM else None,
+        out_of_band=bool(flags & FLAG_OUT_OF_BAND),
     )
     if header.expected_nbytes() != nbytes:
         raise MalformedFrameError(
@@ -208,19 +305,8 @@ def _decode_page(transfer_id: bytes, flags: int, body: bytes) -> PageHeader:
     return header
 
 
-def verify_payload(
-    header: PageHeader, payload: memoryview, *, verify_checksum: bool = True
-) -> None:
-    """Check a payload frame's size, and its checksum when the sender sent one and
-    ``verify_checksum`` is set; raises :class:`MalformedFrameError`."""
+def check_payload_size(header: PageHeader, payload: memoryview) -> None:
     if payload.nbytes != header.payload_nbytes:
         raise MalformedFrameError(
             f"payload of {payload.nbytes} bytes, header declares {header.payload_nbytes}"
         )
-    if verify_checksum and header.crc32 is not None and checksum(payload) != header.crc32:
-        raise MalformedFrameError("payload checksum mismatch (corrupted page)")
-
-
-def _check_transfer_id(transfer_id: bytes) -> None:
-    if len(transfer_id) != TRANSFER_ID_BYTES:
-        raise ValueError(f"transfer id must be {TRANSFER_ID_BYTES} bytes, got {len(transfer_id)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -50,6 +51,7 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
         "--threads",
         str(args.threads or _threads_per_worker(args.prefill + args.decode)),
     ]
+    engine_flags += _transfer_flags(args)
     me = (sys.executable, "-m", "pdserve.cli")
     specs: list[ProcessSpec] = []
     prefill_addrs = [f"{host}:{base + i}" for i in range(args.prefill)]
@@ -95,18 +97,47 @@ def _passthrough(args: argparse.Namespace, log_level: str) -> list[str]:
     return flags
 
 
+def _transfer_flags(args: argparse.Namespace) -> list[str]:
+    flags = [
+        "--kv-backend",
+        args.kv_backend,
+        "--kv-streaming",
+        args.kv_streaming,
+        "--kv-max-queued-mb",
+        str(args.kv_max_queued_mb),
+        "--kv-ack-timeout",
+        str(args.kv_ack_timeout),
+    ]
+    if args.kv_key_file:
+        flags += ["--kv-key-file", str(args.kv_key_file)]
+    if args.kv_insecure:
+        flags.append("--kv-insecure")
+    if args.no_kv_checksum:
+        flags.append("--no-kv-checksum")
+    return flags
+
+
+def cluster_env(args: argparse.Namespace) -> dict[str, str]:
+    """The children's environment: with no key given, a fresh random one for this cluster."""
+    env = dict(os.environ)
+    if not args.kv_insecure and not args.kv_key_file and not env.get("PDSERVE_KV_KEY"):
+        env["PDSERVE_KV_KEY"] = secrets.token_hex(32)
+    return env
+
+
 def _threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 class Cluster:
-    def __init__(self, specs: list[ProcessSpec]) -> None:
+    def __init__(self, specs: list[ProcessSpec], env: dict[str, str]) -> None:
         self.specs = specs
+        self.env = env
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self) -> None:
         for spec in self.specs:
-            self.procs[spec.name] = subprocess.Popen(spec.argv)
+            self.procs[spec.name] = subprocess.Popen(spec.argv, env=self.env)
             log.info(
                 "process_started",
                 name=spec.name,
@@ -163,7 +194,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         return 2
     resolve_model_path(model_config(args))  # convert the default model once, before the workers
     quiet = args.generate is not None and args.log_level == "info"
-    cluster = Cluster(plan_cluster(args, "warning" if quiet else args.log_level))
+    cluster = Cluster(plan_cluster(args, "warning" if quiet else args.log_level), cluster_env(args))
     stop = False
 
     def on_signal(signum: int, _frame: object) -> None:

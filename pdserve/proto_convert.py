@@ -6,6 +6,7 @@ Servicers and worker clients call these; nothing else imports generated classes.
 from __future__ import annotations
 
 from engine.sequence import FinishReason, SamplingParams
+from kvtransfer.handshake import Fingerprint
 from kvtransfer.ticket import TransferTicket
 from protos.pdserve.v1 import common_pb2, worker_pb2
 
@@ -51,16 +52,23 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
 
 
 def ticket_from_proto(msg: worker_pb2.TransferTicket) -> TransferTicket:
+    fp = msg.fingerprint
     return TransferTicket(
         transfer_id=msg.transfer_id,
         kv_endpoint=msg.kv_endpoint,
         block_ids=tuple(msg.block_ids),
-        block_size=msg.block_size,
-        num_layers=msg.num_layers,
-        num_kv_heads=msg.num_kv_heads,
-        head_dim=msg.head_dim,
-        dtype=msg.dtype,
         lease_s=msg.lease_seconds,
+        fingerprint=Fingerprint(
+            model=fp.model,
+            dtype=fp.dtype,
+            block_size=fp.block_size,
+            num_layers=fp.num_layers,
+            num_kv_heads=fp.num_kv_heads,
+            head_dim=fp.head_dim,
+            backend=fp.backend,
+            layout=fp.layout,
+            protocol_version=fp.protocol_version,
+        ),
     )
 
 
@@ -69,10 +77,6 @@ def ticket_to_proto(ticket: TransferTicket) -> worker_pb2.TransferTicket:
         transfer_id=ticket.transfer_id,
         kv_endpoint=ticket.kv_endpoint,
         block_ids=list(ticket.block_ids),
-        block_size=ticket.block_size,
-        num_layers=ticket.num_layers,
-        num_kv_heads=ticket.num_kv_heads,
-        head_dim=ticket.head_dim,
-        dtype=ticket.dtype,
         lease_seconds=ticket.lease_s,
+        fingerprint=worker_pb2.KVFingerprint(**ticket.fingerprint.to_fields()),
     )

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
 import structlog
+import torch
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import PoolStats
 from engine.errors import EngineError
 from engine.sequence import FinishReason, SamplingParams
-from kvtransfer.ticket import TransferTicket, check_compatible
-from kvtransfer.zmq_transport import KVSender, OutgoingTransfer
+from kvtransfer.config import Streaming, TransferConfig, fingerprint_for
+from kvtransfer.sender import KVSender, TransferBackpressureError, TransferSpec
+from kvtransfer.ticket import TransferTicket, check_ticket
 
 log = structlog.get_logger(__name__)
 
@@ -21,10 +24,8 @@ log = structlog.get_logger(__name__)
 @dataclass(frozen=True)
 class PrefillConfig:
     engine: EngineConfig
+    transfer: TransferConfig
     listen: str = "127.0.0.1:50061"
-    checksum: bool = True
-    ack_timeout_s: float = 30.0
-    """Drop the outgoing pages when the decode worker has not acknowledged them by then."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,18 @@ class PrefillWorker:
     def __init__(self, config: PrefillConfig, engine: AsyncEngine) -> None:
         self.config = config
         self.engine = engine
-        self.sender = KVSender(checksum=config.checksum, ack_timeout_s=config.ack_timeout_s)
+        kv = engine.engine.kv_cache
+        self.fingerprint = fingerprint_for(engine.spec, kv, config.transfer.backend)
+        self.sender = KVSender(
+            self.fingerprint,
+            config.transfer.auth(),
+            ack_timeout_s=config.transfer.ack_timeout_s,
+            handshake_timeout_s=config.transfer.handshake_timeout_s,
+            max_queued_bytes=config.transfer.max_queued_bytes,
+        )
+        self._transfers: dict[str, TransferSpec] = {}  # engine key -> transfer in flight
+        if config.transfer.streaming is Streaming.LAYERWISE:
+            engine.engine.set_layer_sink(self._export_layer)
 
     def start(self) -> None:
         self.sender.start()
@@ -51,35 +63,54 @@ class PrefillWorker:
     async def prefill(
         self, request_id: str, prompt: list[int], sampling: SamplingParams, ticket: TransferTicket
     ) -> PrefillResult:
-        """Compute the prompt, then push its pages without waiting for them to arrive.
+        """Compute the prompt while its pages stream out; answer with the first token.
 
-        Cancelling the awaiting task aborts the prompt in the engine and frees its blocks."""
-        kv = self.engine.engine.kv_cache
-        check_compatible(ticket, kv, self.engine.engine.scheduler.blocks_for(len(prompt)))
+        Cancelling the awaiting task aborts the prompt in the engine, frees its blocks, and
+        aborts the transfer (the decode worker frees its reservation at once)."""
+        num_blocks = self.engine.engine.scheduler.blocks_for(len(prompt))
+        check_ticket(ticket, self.fingerprint, num_blocks)
         seq = self.engine.new_sequence(request_id, prompt, sampling)
+        transfer = TransferSpec(
+            request_id, ticket.transfer_id, ticket.kv_endpoint, ticket.block_ids
+        )
         start = time.monotonic_ns()
-        handle = self.engine.submit(seq, export_kv=True)
+        self.sender.open(transfer)
+        self._transfers[seq.request_id] = transfer
         try:
-            out = await handle.next_output()
+            handle = self.engine.submit(seq, export_kv=True)
+            try:
+                out = await handle.next_output()
+            finally:
+                handle.close()
+        except BaseException:
+            self.sender.abort(transfer.transfer_id, "prefill cancelled or failed")
+            raise
         finally:
-            handle.close()
+            self._transfers.pop(seq.request_id, None)
         done = time.monotonic_ns()
         if out.finish_reason is FinishReason.ERROR:
+            self.sender.abort(transfer.transfer_id, out.error or "prefill failed")
             raise EngineError(out.error or "prefill failed")
-        assert out.pages is not None and out.token_ids
         first = out.token_ids[0]
-        if out.finish_reason is None:  # the request continues on the decode worker
-            self.sender.submit(
-                OutgoingTransfer(
-                    request_id=request_id,
-                    transfer_id=ticket.transfer_id,
-                    endpoint=ticket.kv_endpoint,
-                    block_ids=ticket.block_ids,
-                    pages=out.pages,
-                    first_token_id=first,
-                )
-            )
+        if out.finish_reason is not None:  # nothing left to decode: release the reservation
+            self.sender.abort(transfer.transfer_id, "request finished at its first token")
+        else:
+            if out.pages is not None:  # send-after-prefill mode
+                await asyncio.to_thread(self._send_all, transfer, out.pages)
+            self.sender.finish(transfer.transfer_id, first)
         return PrefillResult(first, out.finish_reason, prefill_ns=done - start)
+
+    def _send_all(self, transfer: TransferSpec, pages: torch.Tensor) -> None:
+        try:
+            self.sender.send_pages(transfer.transfer_id, transfer.endpoint, 0, pages)
+        except TransferBackpressureError as exc:
+            log.warning("kv_backpressure_abort", request_id=transfer.request_id, error=str(exc))
+
+    def _export_layer(self, key: str, layer: int, pages: torch.Tensor) -> None:
+        """Engine thread, mid-forward: this layer's KV of a prompt is ready."""
+        transfer = self._transfers.get(key)
+        if transfer is not None:
+            self.sender.send_pages(transfer.transfer_id, transfer.endpoint, layer, pages)
 
     def stats(self) -> PoolStats:
         return self.engine.stats()

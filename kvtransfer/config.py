@@ -1,0 +1,53 @@
+"""How a worker's end of the KV channel is set up (built at the entry point, passed down)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from engine.kv_cache import KVCache
+from engine.model_loader import ModelSpec
+from kvtransfer import wire
+from kvtransfer.datapath import Backend
+from kvtransfer.handshake import Fingerprint
+
+
+class Streaming(enum.Enum):
+    LAYERWISE = "layerwise"  # push each layer's pages as soon as that layer is computed
+    AFTER_PREFILL = "after-prefill"  # push everything once the prefill is done (comparison)
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    backend: Backend = Backend.ZMQ
+    key: bytes | None = None
+    """Shared secret of the fleet: every frame is MACed with it. None only with ``insecure``."""
+    insecure: bool = False
+    """Run without a key (local development only); frames then carry a CRC32 at most."""
+    checksum: bool = True
+    streaming: Streaming = Streaming.LAYERWISE
+    max_queued_bytes: int = 512 << 20
+    ack_timeout_s: float = 30.0
+    handshake_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.key is None and not self.insecure:
+            raise ValueError(
+                "the KV channel needs the fleet's key (--kv-key-file or PDSERVE_KV_KEY); "
+                "pass --kv-insecure to run without one (local development only)"
+            )
+
+    def auth(self) -> wire.FrameAuth:
+        return wire.FrameAuth(self.key, self.checksum)
+
+
+def fingerprint_for(spec: ModelSpec, kv: KVCache, backend: Backend) -> Fingerprint:
+    return Fingerprint(
+        model=spec.fingerprint,
+        dtype=str(kv.dtype).removeprefix("torch."),
+        block_size=kv.block_size,
+        num_layers=kv.num_layers,
+        num_kv_heads=kv.num_kv_heads,
+        head_dim=kv.head_dim,
+        backend=backend.value,
+    )
