@@ -64,3 +64,17 @@ def tiny_cluster(
         build_tiny_model(path, arch, vocab_size=512, seed=1)
     for cluster in _cluster(str(path), 1 if mode == "disagg" else 0, cluster_logs):
         yield path, cluster
+
+
+TRANSFER_VARIANTS = {
+    "gloo": ("--kv-backend", "gloo"),
+    "ipc": ("--kv-transport", "ipc"),
+    "after-prefill-insecure": ("--kv-streaming", "after-prefill", "--kv-insecure"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TRANSFER_VARIANTS))
+def transfer_variant_cluster(
+    request: pytest.FixtureRequest, default_model_path: Path, cluster_logs: Path
+) -> Iterator[Cluster]:
+    yield from _cluster(str(default_model_path), 1, cluster_logs, TRANSFER_VARIANTS[request.param])

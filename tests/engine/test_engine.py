@@ -196,3 +196,28 @@ def test_dtype_bfloat16_runs(tmp_path: Path):
     assert engine.kv_cache.dtype is torch.bfloat16
     engine.add(_seq(spec, 0, PROMPTS[0], 5))
     assert len(_generated(_run_to_completion(engine), "r0")) == 5
+
+
+@pytest.mark.parametrize("budget", [2048, 16], ids=["one-shot", "chunked"])
+def test_layer_sink_streams_each_layer_once_with_the_same_pages(tiny, budget: int):
+    """Layer-wise export hands over exactly the pages an after-prefill export would, each layer
+    once and in order, during the step that completes the prompt."""
+    model, spec, _ = tiny
+    streamed: list[tuple[str, int, torch.Tensor]] = []
+    layerwise = _engine(model, spec, budget=budget)
+    layerwise.set_layer_sink(lambda key, layer, pages: streamed.append((key, layer, pages)))
+    whole = _engine(model, spec, budget=budget)
+    for engine in (layerwise, whole):
+        engine.add(_seq(spec, 1, PROMPTS[1], 5), export_kv=True)
+        engine.add(_seq(spec, 3, PROMPTS[3], 5), export_kv=True)
+    streamed_out = {o.request_id: o for o in _run_to_completion(layerwise)}
+    whole_out = {o.request_id: o for o in _run_to_completion(whole)}
+    for rid in ("r1", "r3"):
+        assert streamed_out[rid].pages is None  # already streamed
+        assert streamed_out[rid].token_ids == whole_out[rid].token_ids
+        layers = [(layer, pages) for key, layer, pages in streamed if key == rid]
+        assert [layer for layer, _ in layers] == list(range(spec.num_layers))
+        pages = torch.cat([p for _, p in layers])  # (L, 2, n, bs, KVH, D)
+        expected = whole_out[rid].pages
+        assert expected is not None and torch.equal(pages, expected)
+    assert layerwise.pool.num_free == layerwise.pool.num_blocks
