@@ -11,7 +11,12 @@ from decode_service.worker import DecodeWorker
 from engine.errors import EngineError
 from engine.sequence import FinishReason
 from pdserve.grpc_runtime import BASE_STATUS_CODES, status_for
-from pdserve.proto_convert import FINISH_TO_PROTO, sampling_from_proto, ticket_to_proto
+from pdserve.proto_convert import (
+    FINISH_TO_PROTO,
+    sampling_from_proto,
+    status_to_proto,
+    ticket_to_proto,
+)
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -60,16 +65,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
     async def GetStatus(
         self, request: worker_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.WorkerStatus:
-        stats = self.worker.stats()
-        return worker_pb2.WorkerStatus(
-            tier="decode",
-            model=self.model_name,
-            total_blocks=stats.total_blocks,
-            free_blocks=stats.free_blocks,
-            block_size=self.worker.engine.engine.kv_cache.block_size,
-            running=stats.running,
-            waiting=stats.waiting,
-            pending_transfers=self.worker.pending_transfers(),
-            pool_ok=stats.pool_ok,
+        return status_to_proto(
+            "decode",
+            self.model_name,
+            self.worker.stats(),
+            self.worker.engine.engine.kv_cache.block_size,
+            self.worker.pending_transfers(),
             kv_endpoint=self.worker.kv_endpoint,
         )

@@ -5,6 +5,7 @@ Servicers and worker clients call these; nothing else imports generated classes.
 
 from __future__ import annotations
 
+from engine.engine import PoolStats
 from engine.sequence import FinishReason, SamplingParams
 from kvtransfer.handshake import Fingerprint
 from kvtransfer.ticket import TransferTicket
@@ -79,4 +80,26 @@ def ticket_to_proto(ticket: TransferTicket) -> worker_pb2.TransferTicket:
         block_ids=list(ticket.block_ids),
         lease_seconds=ticket.lease_s,
         fingerprint=worker_pb2.KVFingerprint(**ticket.fingerprint.to_fields()),
+    )
+
+
+def status_to_proto(
+    tier: str,
+    model: str,
+    stats: PoolStats,
+    block_size: int,
+    pending_transfers: int,
+    kv_endpoint: str = "",
+) -> worker_pb2.WorkerStatus:
+    return worker_pb2.WorkerStatus(
+        tier=tier,
+        model=model,
+        total_blocks=stats.total_blocks,
+        free_blocks=stats.free_blocks,
+        block_size=block_size,
+        running=stats.running,
+        waiting=stats.waiting,
+        pending_transfers=pending_transfers,
+        pool_ok=stats.pool_ok,
+        kv_endpoint=kv_endpoint,
     )

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import grpc
+import structlog
 import torch
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.model_loader import load_model
+from pdserve.grpc_runtime import serve_until_signalled, start_server
+
+log = structlog.get_logger(__name__)
+
+
+class Worker(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
 
 
 def build_engine(config: EngineConfig) -> AsyncEngine:
@@ -15,3 +28,24 @@ def build_engine(config: EngineConfig) -> AsyncEngine:
         torch.set_num_threads(config.num_threads)
     model, spec = load_model(config.model)
     return AsyncEngine(config, model, spec)
+
+
+async def serve_worker(
+    tier: str,
+    listen: str,
+    service_name: str,
+    worker: Worker,
+    add_servicer: Callable[[grpc.aio.Server], Any],
+    grace_s: float,
+    **ready_fields: object,
+) -> None:
+    """Serve one worker's gRPC service until SIGTERM/SIGINT; the worker runs meanwhile.
+    ``ready_fields`` go on the ready log line (callables are read once the worker started)."""
+    handle = await start_server(listen, [service_name], [add_servicer])
+    worker.start()
+    fields = {k: v() if callable(v) else v for k, v in ready_fields.items()}
+    log.info(f"{tier}_worker_ready", listen=listen, port=handle.port, **fields)
+    try:
+        await serve_until_signalled(handle, [service_name], grace_s)
+    finally:
+        worker.stop()
