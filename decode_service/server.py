@@ -6,15 +6,16 @@ import functools
 
 from decode_service.servicer import DecodeServicer
 from decode_service.worker import DecodeConfig, DecodeWorker
-from pdserve.worker_runtime import build_engine, serve_worker
+from pdserve.worker_runtime import build_engine, serve_worker, worker_metrics
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
 
 
-async def serve(config: DecodeConfig, grace_s: float = 5.0) -> None:
+async def serve(config: DecodeConfig, metrics_port: int = 9102, grace_s: float = 5.0) -> None:
     worker = DecodeWorker(config, build_engine(config.engine))
-    servicer = DecodeServicer(worker, config.engine.model.model)
+    registry, metrics = worker_metrics("decode", worker.engine, lambda: [worker.receiver.stats])
+    servicer = DecodeServicer(worker, config.engine.model.model, metrics)
     add = functools.partial(worker_pb2_grpc.add_DecodeServicer_to_server, servicer)
     await serve_worker(
         "decode",
@@ -23,6 +24,7 @@ async def serve(config: DecodeConfig, grace_s: float = 5.0) -> None:
         worker,
         add,
         grace_s,
+        (registry, metrics_port),
         kv_endpoint=lambda: worker.kv_endpoint,
         blocks=config.engine.cache.num_blocks,
     )

@@ -11,6 +11,7 @@ from decode_service.worker import DecodeWorker
 from engine.errors import EngineError
 from engine.sequence import FinishReason
 from pdserve.grpc_runtime import BASE_STATUS_CODES, status_for
+from pdserve.metrics import WorkerMetrics
 from pdserve.proto_convert import (
     FINISH_TO_PROTO,
     sampling_from_proto,
@@ -25,9 +26,12 @@ STATUS_CODES = dict(BASE_STATUS_CODES)
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeServicer):
-    def __init__(self, worker: DecodeWorker, model_name: str) -> None:
+    def __init__(
+        self, worker: DecodeWorker, model_name: str, metrics: WorkerMetrics | None = None
+    ) -> None:
         self.worker = worker
         self.model_name = model_name
+        self.metrics = metrics
 
     async def Generate(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
@@ -51,6 +55,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             async for out in handle.outputs():
                 if out.finish_reason is FinishReason.ERROR:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, out.error or "decode failed")
+                if out.timings is not None and self.metrics is not None:
+                    local = request.mode != worker_pb2.PREFILL_MODE_REMOTE
+                    generated = out.num_completion_tokens - (0 if local else 1)
+                    self.metrics.observe(out.timings, len(prompt) if local else 0, generated)
                 yield worker_pb2.DecodeResponse(
                     tokens=worker_pb2.TokenChunk(
                         token_ids=out.token_ids,

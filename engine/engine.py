@@ -26,7 +26,7 @@ from engine.model_loader import ModelSpec
 from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import Finished, ScheduledBatch, Scheduler
-from engine.sequence import FinishReason, Sequence
+from engine.sequence import FinishReason, RequestTimings, Sequence
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +45,7 @@ class RequestOutput:
     pages: torch.Tensor | None = None  # (L, 2, n, bs, KVH, D) copy of the prompt's blocks,
     # for exporting sequences when the engine has no layer sink
     error: str | None = None
+    timings: RequestTimings | None = None  # on the last output of a request
 
 
 OutputSink = Callable[[list[RequestOutput]], None]
@@ -62,6 +63,10 @@ class PoolStats:
     awaiting_kv: int
     pool_ok: bool
     num_preemptions: int
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.free_blocks / self.total_blocks
 
 
 class Engine:
@@ -95,6 +100,7 @@ class Engine:
         self.pool = BlockPool(config.cache.num_blocks)
         self.scheduler = Scheduler(config.scheduler, self.pool, config.cache.block_size)
         self.runner = ModelRunner(model, self.kv_cache, Sampler())
+        self.runner.install_layer_hooks()
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._pending_aborts: dict[str, tuple[FinishReason, str | None]] = {}
@@ -273,7 +279,7 @@ class Engine:
                 self._export_kv.discard(rid)
                 streamed = self._layer_sink is not None
                 pages = None if streamed else self.kv_cache.gather_pages(self._prompt_blocks(seq))
-                outputs.append(self._output(seq, (token,), reason, pages))
+                outputs.append(self._output(seq, (token,), reason, pages, last=True))
                 self._finish_exported(seq, reason)
                 continue
             outputs.append(self._output(seq, (token,), reason))
@@ -316,7 +322,9 @@ class Engine:
         reason: FinishReason | None,
         pages: torch.Tensor | None = None,
         error: str | None = None,
+        last: bool = False,
     ) -> RequestOutput:
+        """``last``: the request's final output here even without a finish reason (export)."""
         return RequestOutput(
             request_id=seq.request_id,
             token_ids=tokens,
@@ -325,6 +333,7 @@ class Engine:
             num_completion_tokens=seq.num_completion_tokens,
             pages=pages,
             error=error,
+            timings=seq.timings(time.monotonic()) if last or reason is not None else None,
         )
 
     def _emit(self, outputs: list[RequestOutput]) -> None:

@@ -37,10 +37,13 @@ class ModelRunner:
         self.layer_listener: LayerListener | None = None
         """Called with a layer index as soon as that layer's KV is in the cache (during
         :meth:`execute`); the engine sets it for steps that stream KV out layer by layer."""
-        layers = [m for m in model.modules() if _is_attention(m)]
-        if len(layers) != kv_cache.num_layers:
+
+    def install_layer_hooks(self) -> None:
+        """Hook every attention module so :attr:`layer_listener` hears each finished layer."""
+        layers = [m for m in self.model.modules() if _is_attention(m)]
+        if len(layers) != self.kv_cache.num_layers:
             raise ValueError(
-                f"found {len(layers)} attention modules, expected {kv_cache.num_layers}"
+                f"found {len(layers)} attention modules, expected {self.kv_cache.num_layers}"
             )
         for module in layers:
             module.register_forward_hook(self._after_attention)

@@ -15,6 +15,7 @@ engine calls :meth:`release`), abort, failed transfer and preemption.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -78,6 +79,7 @@ class Scheduler:
         keeping its blocks (its prompt needs no compute; its first token's KV is next)."""
         seq = self.awaiting_kv.pop(request_id)
         seq.num_computed_tokens = seq.num_tokens
+        seq.first_scheduled_time = seq.first_token_time = time.monotonic()
         reason = seq.append_token(first_token_id)
         if reason is not None:
             self._release(seq, reason)
@@ -142,6 +144,8 @@ class Scheduler:
             seq.num_computed_tokens += item.num_new_tokens
             if not item.sample:
                 continue
+            if seq.first_token_time is None:
+                seq.first_token_time = time.monotonic()
             reason = seq.append_token(token)
             if reason is not None:
                 self.running.remove(seq)
@@ -161,6 +165,8 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     def _item(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.monotonic()
         completes = seq.num_computed_tokens + num_new == seq.num_tokens
         return ScheduledSeq(seq, num_new, completes)
 

@@ -33,6 +33,13 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
+@dataclass(frozen=True)
+class RequestTimings:
+    queue_s: float  # arrival -> first scheduled
+    prefill_s: float  # first scheduled -> first token (0 when the KV came from elsewhere)
+    decode_s: float  # first token -> finish
+
+
 class SequenceStatus(enum.Enum):
     """Where a sequence is in its life on one worker."""
 
@@ -62,7 +69,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     finish_reason: FinishReason | None = None
-    arrival_time: float = 0.0
+    arrival_time: float = 0.0  # time.monotonic() of each milestone on this worker
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +88,16 @@ class Sequence:
     @property
     def last_token_id(self) -> int:
         return self.token_ids[-1]
+
+    def timings(self, now: float) -> RequestTimings:
+        """Queue, prefill and decode time on this worker, as vLLM reports them."""
+        scheduled = self.first_scheduled_time if self.first_scheduled_time is not None else now
+        first = self.first_token_time if self.first_token_time is not None else now
+        return RequestTimings(
+            queue_s=scheduled - self.arrival_time,
+            prefill_s=max(0.0, first - scheduled),
+            decode_s=max(0.0, now - first),
+        )
 
     def append_token(self, token_id: int) -> FinishReason | None:
         """Append a sampled token and return why the sequence must stop now, if it must."""

@@ -31,6 +31,7 @@ from gateway.router import RoundRobinRouter, Route
 from gateway.stop_strings import StopStringMatcher
 from gateway.validation import validate_sampling
 from gateway.worker_clients import TokenEvent
+from pdserve.metrics import GatewayMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -69,11 +70,13 @@ class GenerationCore:
         prompts: PromptTokenizer,
         max_model_len: int,
         router: RoundRobinRouter,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.prompts = prompts
         self.max_model_len = max_model_len
         self.router = router
+        self.metrics = metrics
 
     def prepare(self, inp: PromptInput, sampling: SamplingParams) -> list[int]:
         """Tokenize and validate; raises InvalidRequestError before any worker is involved."""
@@ -86,6 +89,8 @@ class GenerationCore:
     ) -> AsyncIterator[Delta]:
         deadline = Deadline(timeout)
         route = self.router.route()
+        if self.metrics is not None:
+            self.metrics.routed("colocated" if route.prefill is None else "disaggregated")
         detok = IncrementalDetokenizer(self.tokenizer, prompt)
         stops = StopStringMatcher(sampling.stop)
         completion = 0

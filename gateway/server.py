@@ -6,6 +6,7 @@ import functools
 from dataclasses import dataclass, field
 
 import structlog
+from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
 
 from engine.config import ModelConfig
@@ -15,7 +16,9 @@ from gateway.prompts import PromptTokenizer
 from gateway.router import RoundRobinRouter
 from gateway.servicer import GenerationServicer
 from gateway.worker_clients import DecodeClient, PrefillClient
+from pdserve.gpu import register_gpu_metrics
 from pdserve.grpc_runtime import serve_until_signalled, start_server
+from pdserve.metrics import GatewayMetrics, serve_metrics
 from protos.pdserve.v1 import generation_pb2, generation_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -30,9 +33,11 @@ class GatewayConfig:
     prefill: tuple[str, ...] = field(default_factory=tuple)
     """Prefill worker addresses; none means every prompt is computed on a decode worker."""
     decode: tuple[str, ...] = field(default_factory=tuple)
+    metrics_port: int = 9100
+    """Prometheus /metrics port (0: off)."""
 
 
-def build_core(config: GatewayConfig) -> GenerationCore:
+def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> GenerationCore:
     """Tokenizer and model limits (no weights), plus clients for every configured worker."""
     path = resolve_model_path(config.model)
     spec = describe_model(config.model.model, path, load_hf_config(path))
@@ -42,12 +47,17 @@ def build_core(config: GatewayConfig) -> GenerationCore:
     router = RoundRobinRouter(
         [PrefillClient(a) for a in config.prefill], [DecodeClient(a) for a in config.decode]
     )
-    return GenerationCore(tokenizer, PromptTokenizer(tokenizer, max_len, vocab), max_len, router)
+    prompts = PromptTokenizer(tokenizer, max_len, vocab)
+    return GenerationCore(tokenizer, prompts, max_len, router, metrics)
 
 
 async def serve(config: GatewayConfig, grace_s: float = 5.0) -> None:
-    core = build_core(config)
-    servicer = GenerationServicer(core)
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+    register_gpu_metrics(registry, "gateway")
+    core = build_core(config, metrics)
+    servicer = GenerationServicer(core, metrics)
+    serve_metrics(config.metrics_port, registry)
     handle = await start_server(
         config.listen,
         [SERVICE_NAME],

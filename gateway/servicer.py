@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -13,6 +14,7 @@ from gateway.errors import NoWorkersError, UpstreamError
 from gateway.generation import GenerationCore
 from gateway.prompts import ChatMessage, ChatPrompt, PromptInput, TextPrompt, TokenPrompt
 from pdserve.grpc_runtime import BASE_STATUS_CODES, status_for
+from pdserve.metrics import GatewayMetrics
 from pdserve.proto_convert import FINISH_TO_PROTO, sampling_from_proto
 from protos.pdserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
@@ -42,14 +44,44 @@ def prompt_from_proto(request: generation_pb2.GenerateRequest) -> PromptInput:
     return ChatPrompt(tuple(ChatMessage(m.role, m.content) for m in request.messages))
 
 
+class _Clock:
+    """Client-observed timing of one request, recorded into the gateway's histograms."""
+
+    def __init__(self, metrics: GatewayMetrics | None) -> None:
+        self.metrics = metrics
+        self.start = self.last = time.monotonic()
+        self.first = True
+
+    def tokens(self, count: int) -> None:
+        if self.metrics is None or count == 0:
+            return
+        now = time.monotonic()
+        if self.first:
+            self.metrics.ttft.observe(now - self.start)
+            self.first = False
+        else:
+            for _ in range(count):  # a message carrying k tokens: k gaps of 1/k each
+                self.metrics.itl.observe((now - self.last) / count)
+        self.metrics.generation_tokens.inc(count)
+        self.last = now
+
+    def done(self, code: grpc.StatusCode) -> None:
+        if self.metrics is not None:
+            self.metrics.e2e.observe(time.monotonic() - self.start)
+            self.metrics.request_done(code.name)
+
+
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, core: GenerationCore) -> None:
+    def __init__(self, core: GenerationCore, metrics: GatewayMetrics | None = None) -> None:
         self.core = core
+        self.metrics = metrics
 
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         request_id = request.request_id or uuid.uuid4().hex
+        clock = _Clock(self.metrics)
+        code = grpc.StatusCode.CANCELLED  # unless the stream ends otherwise
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 sampling = sampling_from_proto(request.sampling)
@@ -57,8 +89,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 log.info(
                     "request_accepted", prompt_tokens=len(prompt), max_tokens=sampling.max_tokens
                 )
+                if self.metrics is not None:
+                    self.metrics.prompt_tokens.inc(len(prompt))
                 stream = self.core.generate(request_id, prompt, sampling, context.time_remaining())
                 async for delta in stream:
+                    clock.tokens(len(delta.token_ids))
                     usage = common_pb2.Usage(
                         prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens
                     )
@@ -70,15 +105,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                         usage=usage,
                     )
                     if delta.finish_reason is not None:
+                        code = grpc.StatusCode.OK
                         log.info(
                             "request_finished",
                             finish_reason=delta.finish_reason.value,
                             completion_tokens=delta.completion_tokens,
                         )
             except UpstreamError as exc:
+                code = exc.code
                 log.warning("request_failed", code=exc.code.name, error=str(exc))
                 await context.abort(exc.code, str(exc))
             except EngineError as exc:
                 code = status_for(exc, STATUS_CODES)
                 log.info("request_rejected", code=code.name, error=str(exc))
                 await context.abort(code, str(exc))
+            finally:
+                clock.done(code)

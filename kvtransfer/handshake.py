@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from engine.errors import EngineError
 from kvtransfer import wire
 
 LAYOUT = "L,2,NB,bs,KVH,D"  # engine.kv_cache.KVCache's tensor layout
 
 
-class IncompatiblePeerError(Exception):
+class IncompatiblePeerError(EngineError):
     """The two ends of a transfer disagree; nothing was sent."""
 
 

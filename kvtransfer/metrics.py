@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
 
 @dataclass
 class TransferStats:
@@ -19,7 +21,9 @@ class TransferStats:
     bytes: int = 0
     failures: Counter[str] = field(default_factory=Counter)  # by reason
     dropped_frames: Counter[str] = field(default_factory=Counter)  # by reason
-    durations_s: list[float] = field(default_factory=list)  # first frame -> done, last 1024
+    duration_counts: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
+    """Transfers whose duration (first frame -> done) was <= each bucket bound (cumulative)."""
+    duration_sum_s: float = 0.0
 
     def fail(self, reason: str) -> None:
         self.failures[reason] += 1
@@ -29,6 +33,7 @@ class TransferStats:
 
     def completed(self, seconds: float) -> None:
         self.transfers_completed += 1
-        self.durations_s.append(seconds)
-        if len(self.durations_s) > 1024:
-            del self.durations_s[:512]
+        self.duration_sum_s += seconds
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if seconds <= bound:
+                self.duration_counts[i] += 1

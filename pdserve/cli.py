@@ -22,6 +22,9 @@ from engine.config import (
     ModelConfig,
     SchedulerConfig,
 )
+from kvtransfer.config import Streaming, TransferConfig
+from kvtransfer.datapath import Backend
+from pdserve.bench.cli import add_bench_arguments
 
 ENV_PREFIX = "PDSERVE_"
 
@@ -65,6 +68,15 @@ def _add_log_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_metrics_flag(p: argparse.ArgumentParser, default: int) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env("metrics_port", default),
+        help="port of the Prometheus /metrics endpoint (0: off)",
+    )
+
+
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument(
@@ -93,6 +105,65 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--threads", type=int, default=_env("threads", None), help="torch threads for this process"
+    )
+
+
+def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("KV transfer")
+    g.add_argument(
+        "--kv-backend",
+        choices=[b.value for b in Backend],
+        default=_env("kv_backend", "zmq"),
+        help="how page bytes move: zmq (tcp/ipc), gloo (torch.distributed, CPU), "
+        "nccl (torch.distributed, GPU); both tiers must agree",
+    )
+    g.add_argument(
+        "--kv-streaming",
+        choices=[s.value for s in Streaming],
+        default=_env("kv_streaming", "layerwise"),
+        help="push each layer's pages as it is computed, or all after the prefill",
+    )
+    g.add_argument(
+        "--kv-key-file",
+        type=Path,
+        default=_env("kv_key_file", None),
+        help="file holding the fleet's KV channel secret (or set PDSERVE_KV_KEY); "
+        "every frame is MACed with it",
+    )
+    g.add_argument(
+        "--kv-insecure",
+        action="store_true",
+        help="run the KV channel without a key (local development only)",
+    )
+    g.add_argument(
+        "--no-kv-checksum", action="store_true", help="without a key, skip the per-frame CRC32"
+    )
+    g.add_argument(
+        "--kv-max-queued-mb",
+        type=int,
+        default=_env("kv_max_queued_mb", 512),
+        help="pages queued per decode peer before the prefill worker waits",
+    )
+    g.add_argument(
+        "--kv-ack-timeout",
+        type=float,
+        default=_env("kv_ack_timeout", 30.0),
+        help="seconds a transfer may wait for its acknowledgement",
+    )
+
+
+def transfer_config(args: argparse.Namespace) -> TransferConfig:
+    key = os.environ.get(ENV_PREFIX + "KV_KEY")
+    if args.kv_key_file:
+        key = Path(args.kv_key_file).read_text().strip()
+    return TransferConfig(
+        backend=Backend(args.kv_backend),
+        key=key.encode() if key else None,
+        insecure=args.kv_insecure,
+        checksum=not args.no_kv_checksum,
+        streaming=Streaming(args.kv_streaming),
+        max_queued_bytes=int(args.kv_max_queued_mb) << 20,
+        ack_timeout_s=float(args.kv_ack_timeout),
     )
 
 
@@ -150,7 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-tokens", type=int, default=64, help="with --generate")
     _add_model_flags(up)
     _add_engine_flags(up)
+    _add_transfer_flags(up)
     _add_log_flags(up)
+    up.add_argument(
+        "--metrics-base-port",
+        type=int,
+        default=0,
+        help="serve /metrics: gateway on this port, workers on the next ones "
+        "(prefill first, then decode); 0: off",
+    )
 
     gw = sub.add_parser(
         "gateway",
@@ -172,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_flags(gw)
     _add_log_flags(gw)
+    _add_metrics_flag(gw, 9100)
 
     pf = sub.add_parser(
         "prefill",
@@ -180,16 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
         "decode worker named in each request's ticket.",
     )
     pf.add_argument("--listen", default=_env("listen", "127.0.0.1:50061"))
-    pf.add_argument(
-        "--kv-ack-timeout",
-        type=float,
-        default=30.0,
-        help="seconds to hold sent pages awaiting the decode worker's ack",
-    )
-    pf.add_argument("--no-kv-checksum", action="store_true", help="skip page checksums")
+    _add_transfer_flags(pf)
     _add_model_flags(pf)
     _add_engine_flags(pf)
     _add_log_flags(pf)
+    _add_metrics_flag(pf, 9101)
 
     dc = sub.add_parser(
         "decode",
@@ -214,10 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="free a reservation whose pages have not all arrived by then",
     )
-    dc.add_argument("--no-kv-checksum", action="store_true", help="skip page checksums")
+    _add_transfer_flags(dc)
     _add_model_flags(dc)
     _add_engine_flags(dc)
     _add_log_flags(dc)
+    _add_metrics_flag(dc, 9102)
 
     gen = sub.add_parser(
         "generate",
@@ -234,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[])
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+
+    bench = sub.add_parser(
+        "bench",
+        help="load a gateway and report vLLM-style serving metrics (or --compare)",
+        description="Benchmark a gateway (TTFT, TPOT, ITL, E2E, throughput, goodput), or with "
+        "--compare run the same requests through transformers and local pdserve clusters.",
+    )
+    add_bench_arguments(bench)
     return parser
 
 
@@ -250,6 +334,10 @@ def _configure_logs(args: argparse.Namespace, tier: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from pdserve.bench.cli import run_bench
+
+        return run_bench(args)
     if args.command == "generate":
         from pdserve.generate_cmd import run_generate
 
@@ -268,33 +356,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             listen=args.listen,
             prefill=_split(args.prefill),
             decode=_split(args.decode),
+            metrics_port=args.metrics_port,
         )
         asyncio.run(serve_gateway(cfg))
         return 0
+    if args.command in ("prefill", "decode"):
+        try:
+            transfer_config(args)
+        except (ValueError, OSError) as exc:
+            print(f"pdserve {args.command}: {exc}", file=sys.stderr)
+            return 2
     if args.command == "prefill":
         from prefill_service.server import serve as serve_prefill
         from prefill_service.worker import PrefillConfig
 
         pcfg = PrefillConfig(
-            engine=engine_config(args),
-            listen=args.listen,
-            checksum=not args.no_kv_checksum,
-            ack_timeout_s=args.kv_ack_timeout,
+            engine=engine_config(args), transfer=transfer_config(args), listen=args.listen
         )
-        asyncio.run(serve_prefill(pcfg))
+        asyncio.run(serve_prefill(pcfg, metrics_port=args.metrics_port))
         return 0
     from decode_service.server import serve as serve_decode
     from decode_service.worker import DecodeConfig
 
     dcfg = DecodeConfig(
         engine=engine_config(args),
+        transfer=transfer_config(args),
         listen=args.listen,
         kv_bind=args.kv_bind,
         kv_advertise=args.kv_advertise,
         kv_lease_s=args.kv_lease_seconds,
-        verify_checksum=not args.no_kv_checksum,
     )
-    asyncio.run(serve_decode(dcfg))
+    asyncio.run(serve_decode(dcfg, metrics_port=args.metrics_port))
     return 0
 
 

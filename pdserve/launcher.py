@@ -7,6 +7,7 @@ so what runs here is what runs there. A child that dies is reported and stops th
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import secrets
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -56,8 +58,18 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
     specs: list[ProcessSpec] = []
     prefill_addrs = [f"{host}:{base + i}" for i in range(args.prefill)]
     decode_addrs = [f"{host}:{base + args.prefill + i}" for i in range(args.decode)]
+    metrics = _metrics_ports(args)
     for i, addr in enumerate(prefill_addrs):
-        argv = (*me, "prefill", "--listen", addr, *model_flags, *engine_flags)
+        argv = (
+            *me,
+            "prefill",
+            "--listen",
+            addr,
+            "--metrics-port",
+            str(next(metrics)),
+            *model_flags,
+            *engine_flags,
+        )
         specs.append(ProcessSpec(f"prefill-{i}", addr, argv))
     ipc_dir = tempfile.gettempdir()
     for i, addr in enumerate(decode_addrs):
@@ -65,10 +77,29 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
             kv = f"ipc://{ipc_dir}/pdserve-{os.getpid()}-decode-{i}.sock"
         else:
             kv = f"tcp://{host}:{base + args.prefill + args.decode + i}"
-        argv = (*me, "decode", "--listen", addr, "--kv-bind", kv, *model_flags, *engine_flags)
+        argv = (
+            *me,
+            "decode",
+            "--listen",
+            addr,
+            "--kv-bind",
+            kv,
+            "--metrics-port",
+            str(next(metrics)),
+            *model_flags,
+            *engine_flags,
+        )
         specs.append(ProcessSpec(f"decode-{i}", addr, argv))
     gateway_addr = f"{host}:{args.port}"
-    gw = [*me, "gateway", "--listen", gateway_addr, *model_flags]
+    gw = [
+        *me,
+        "gateway",
+        "--listen",
+        gateway_addr,
+        "--metrics-port",
+        str(args.metrics_base_port),
+        *model_flags,
+    ]
     for addr in prefill_addrs:
         gw += ["--prefill", addr]
     for addr in decode_addrs:
@@ -95,6 +126,12 @@ def _passthrough(args: argparse.Namespace, log_level: str) -> list[str]:
     if args.max_model_len:
         flags += ["--max-model-len", str(args.max_model_len)]
     return flags
+
+
+def _metrics_ports(args: argparse.Namespace) -> Iterator[int]:
+    """Workers' metrics ports after the gateway's; all 0 (off) unless a base port is given."""
+    base = args.metrics_base_port
+    return itertools.count(base + 1) if base else itertools.repeat(0)
 
 
 def _transfer_flags(args: argparse.Namespace) -> list[str]:

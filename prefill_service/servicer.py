@@ -20,6 +20,7 @@ from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 log = structlog.get_logger(__name__)
 
 STATUS_CODES = {**BASE_STATUS_CODES, IncompatiblePeerError: grpc.StatusCode.FAILED_PRECONDITION}
+# (IncompatiblePeerError is an EngineError: the most specific entry wins in status_for)
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillServicer):

@@ -17,6 +17,7 @@ from engine.sequence import FinishReason, SamplingParams
 from kvtransfer.config import Streaming, TransferConfig, fingerprint_for
 from kvtransfer.sender import KVSender, TransferBackpressureError, TransferSpec
 from kvtransfer.ticket import TransferTicket, check_ticket
+from pdserve.metrics import WorkerMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -36,9 +37,12 @@ class PrefillResult:
 
 
 class PrefillWorker:
-    def __init__(self, config: PrefillConfig, engine: AsyncEngine) -> None:
+    def __init__(
+        self, config: PrefillConfig, engine: AsyncEngine, metrics: WorkerMetrics | None = None
+    ) -> None:
         self.config = config
         self.engine = engine
+        self.metrics = metrics
         kv = engine.engine.kv_cache
         self.fingerprint = fingerprint_for(engine.spec, kv, config.transfer.backend)
         self.sender = KVSender(
@@ -88,6 +92,8 @@ class PrefillWorker:
         finally:
             self._transfers.pop(seq.request_id, None)
         done = time.monotonic_ns()
+        if self.metrics is not None and out.timings is not None:
+            self.metrics.observe(out.timings, len(prompt), len(out.token_ids))
         if out.finish_reason is FinishReason.ERROR:
             self.sender.abort(transfer.transfer_id, out.error or "prefill failed")
             raise EngineError(out.error or "prefill failed")

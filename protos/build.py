@@ -6,7 +6,9 @@ committed or edited by hand.
 
 protoc runs from the project root with ``-I .`` because the protos import each other as
 ``"protos/pdserve/v1/common.proto"``; the outputs land next to their sources and import as
-``protos.pdserve.v1.generation_pb2`` and so on:
+``protos.pdserve.v1.generation_pb2`` and so on. ``google/api/annotations.proto`` (the HTTP
+annotations Envoy's gRPC-JSON transcoder reads) comes from the installed
+``googleapis-common-protos`` package, whose folder is added as a second include path:
 
     protos/pdserve/v1/<name>.proto  ->  <name>_pb2.py, <name>_pb2.pyi, <name>_pb2_grpc.py
                                         descriptor.pb  (all files, imports included)
@@ -31,6 +33,10 @@ DESCRIPTOR_SET = PROTO_DIR / "descriptor.pb"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 
+GOOGLEAPIS_MARKER = Path("google", "api", "annotations.proto")
+"""A file of ``googleapis-common-protos``; the folder that holds it is an include path."""
+
+
 class ProtoBuildError(RuntimeError):
     """protoc is missing, found no sources, or rejected them."""
 
@@ -45,6 +51,21 @@ def proto_sources(root: Path) -> list[Path]:
     return sorted(p.relative_to(root) for p in (root / PROTO_DIR).glob("*.proto"))
 
 
+def googleapis_include_dir() -> Path:
+    """The ``sys.path`` folder holding ``google/api/annotations.proto`` (googleapis-common-protos).
+
+    Found by looking at files rather than importing, so this module stays standard-library only.
+    """
+    for entry in sys.path:
+        folder = Path(entry or ".")
+        if (folder / GOOGLEAPIS_MARKER).is_file():
+            return folder.resolve()
+    raise ProtoBuildError(
+        f"{GOOGLEAPIS_MARKER.as_posix()} not found on sys.path "
+        "(is googleapis-common-protos installed in this interpreter?)"
+    )
+
+
 def protoc_command(root: Path) -> list[str]:
     """The protoc command line; run it with ``cwd=root``."""
     sources = proto_sources(root)
@@ -56,6 +77,8 @@ def protoc_command(root: Path) -> list[str]:
         "grpc_tools.protoc",  # adds the include path of google/protobuf/*.proto by itself
         "-I",
         ".",
+        "-I",
+        str(googleapis_include_dir()),
         "--python_out=.",
         "--pyi_out=.",
         "--grpc_python_out=.",

@@ -1,0 +1,339 @@
+"""``pdserve bench``: flags and entry point.
+
+    pdserve bench --gateway 127.0.0.1:50051 --num-prompts 64 --request-rate 2
+    pdserve bench --request-rate-sweep 1,2,4 --goodput ttft:500 tpot:100 --plot-dir plots/
+    pdserve bench --compare --num-prompts 24 --output-json compare.json
+
+This module imports only the standard library at import time (the ``pdserve`` parser is built
+on every command); the benchmark's own modules are imported when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.config import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from pdserve.bench.datasets import BenchRequest
+    from pdserve.bench.report import RunResult
+
+DATASETS = ("random", "shared-prefix", "sharegpt")
+SMOKE_NUM_PROMPTS = 4
+SMOKE_INPUT_LEN = "8,32"
+SMOKE_OUTPUT_LEN = "4,8"
+SMOKE_PREFIX_LEN = 16
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("a request rate must be positive (inf: all at once)")
+    return value
+
+
+def _rates(text: str) -> list[float]:
+    return [_rate(t) for t in text.split(",") if t.strip()]
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """Every ``pdserve bench`` flag, added to the subparser ``pdserve.cli`` creates."""
+    target = p.add_argument_group("target")
+    target.add_argument(
+        "--gateway",
+        default=os.environ.get("PDSERVE_GATEWAY", "127.0.0.1:50051"),
+        help="gateway address to load (ignored with --compare)",
+    )
+    target.add_argument(
+        "--model",
+        default=os.environ.get("PDSERVE_MODEL", DEFAULT_MODEL),
+        help="the served model: its tokenizer builds the prompts; --compare runs it",
+    )
+    target.add_argument("--cache-dir", type=Path, default=None, help="pdserve's model cache")
+    target.add_argument("--request-timeout", type=float, default=None, help="seconds per request")
+    target.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+
+    data = p.add_argument_group("dataset")
+    data.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=None,
+        help="random lengths (default), shared prefixes, or a ShareGPT file (--dataset-path)",
+    )
+    data.add_argument("--dataset-path", type=Path, default=None, help="ShareGPT-format JSON")
+    data.add_argument("--num-prompts", type=int, default=24, help="requests per run")
+    data.add_argument(
+        "--input-len-range",
+        default="16,256",
+        help="MIN,MAX prompt tokens (shared-prefix: suffix tokens after the prefix)",
+    )
+    data.add_argument("--output-len-range", default="16,128", help="MIN,MAX output tokens")
+    data.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: prefixes")
+    data.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: prefix tokens")
+    data.add_argument(
+        "--sharegpt-output-len",
+        type=int,
+        default=None,
+        help="sharegpt: fixed output tokens instead of the reference answer's length",
+    )
+    data.add_argument("--seed", type=int, default=0, help="seeds the dataset and the arrivals")
+
+    load = p.add_argument_group("load")
+    load.add_argument(
+        "--request-rate", type=_rate, default=math.inf, help="requests/s; inf: all at once"
+    )
+    load.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="gamma shape of the arrival gaps: 1 Poisson, <1 burstier, >1 more regular",
+    )
+    load.add_argument(
+        "--max-concurrency", type=int, default=None, help="requests in flight at most"
+    )
+    load.add_argument(
+        "--request-rate-sweep",
+        type=_rates,
+        default=None,
+        metavar="R1,R2,...",
+        help="one run per rate (overrides --request-rate)",
+    )
+
+    out = p.add_argument_group("metrics and output")
+    out.add_argument(
+        "--goodput",
+        nargs="+",
+        default=[],
+        metavar="KEY:MS",
+        help="SLOs in ms for goodput, keys ttft, tpot, e2el (e.g. ttft:500 tpot:100)",
+    )
+    out.add_argument("--percentiles", default="50,90,99", help="latency percentiles to report")
+    out.add_argument("--num-warmups", type=int, default=1, help="untimed requests first")
+    out.add_argument("--output-json", type=Path, default=None, help="write every metric here")
+    out.add_argument("--plot-dir", type=Path, default=None, help="write PNG plots here")
+    out.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    out.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"CI mode: {SMOKE_NUM_PROMPTS} tiny requests ({SMOKE_INPUT_LEN} prompt, "
+        f"{SMOKE_OUTPUT_LEN} output tokens)",
+    )
+
+    cmp = p.add_argument_group("compare")
+    cmp.add_argument(
+        "--compare",
+        action="store_true",
+        help="run transformers one at a time, in static batches of 8 and with its continuous "
+        "batching, then pdserve colocated and disaggregated clusters it starts itself, and "
+        "print output tok/s ratios",
+    )
+    cmp.add_argument(
+        "--systems",
+        default=None,
+        help="with --compare, a comma-separated list of hf-serial, hf-static8, hf-cb "
+        "(transformers continuous batching), pdserve-colocated, pdserve-disaggregated "
+        "(default: all)",
+    )
+    cmp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    cmp.add_argument(
+        "--cluster-arg",
+        action="append",
+        default=[],
+        metavar="FLAG=VALUE",
+        help="extra flag for the clusters' `pdserve up`, repeatable "
+        "(e.g. --cluster-arg=--num-blocks=512)",
+    )
+    cmp.add_argument(
+        "--log-dir", type=Path, default=None, help="cluster logs (default: a temporary folder)"
+    )
+
+
+def _build_requests(args: argparse.Namespace, model_path: Path, seed: int) -> list[BenchRequest]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pdserve.bench import datasets as ds
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    config = AutoConfig.from_pretrained(model_path)
+    input_len = ds.LengthRange.parse(args.input_len_range)
+    output_len = ds.LengthRange.parse(args.output_len_range)
+    kind = args.dataset or ("sharegpt" if args.dataset_path else "random")
+    if kind == "sharegpt":
+        if args.dataset_path is None:
+            raise ValueError("--dataset sharegpt needs --dataset-path")
+        max_len = getattr(config, "max_position_embeddings", None)
+        return ds.sharegpt_requests(
+            args.dataset_path,
+            tokenizer,
+            args.num_prompts,
+            seed,
+            output_len=args.sharegpt_output_len,
+            max_model_len=max_len,
+        )
+    longest = input_len.high + output_len.high + (args.prefix_len if kind == "shared-prefix" else 0)
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and longest > context:
+        raise ValueError(
+            f"requests of up to {longest} tokens do not fit the {context}-token context"
+        )
+    vocab = ds.usable_token_ids(tokenizer, config.vocab_size)
+    if kind == "shared-prefix":
+        return ds.shared_prefix_requests(
+            vocab,
+            args.num_prompts,
+            args.num_prefixes,
+            args.prefix_len,
+            input_len,
+            output_len,
+            seed,
+        )
+    return ds.random_requests(vocab, args.num_prompts, input_len, output_len, seed)
+
+
+def _apply_smoke(args: argparse.Namespace) -> None:
+    args.num_prompts = SMOKE_NUM_PROMPTS
+    args.input_len_range = SMOKE_INPUT_LEN
+    args.output_len_range = SMOKE_OUTPUT_LEN
+    args.prefix_len = min(args.prefix_len, SMOKE_PREFIX_LEN)
+    args.num_prefixes = min(args.num_prefixes, 2)
+
+
+def _json_config(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if key == "command":
+            continue
+        if isinstance(value, float) and math.isinf(value):
+            value = "inf"
+        elif isinstance(value, list):
+            value = ["inf" if isinstance(v, float) and math.isinf(v) else v for v in value]
+        elif isinstance(value, Path):
+            value = str(value)
+        config[key] = value
+    config["model_path"] = str(model_path)
+    config["argv"] = sys.argv[1:]
+    return config
+
+
+def _split_cluster_args(values: list[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for v in values:
+        flag, sep, value = v.partition("=")
+        out += [flag, value] if sep else [flag]
+    return tuple(out)
+
+
+def _run(args: argparse.Namespace, model_path: Path) -> tuple[list[RunResult], dict[str, Any]]:
+    from pdserve.bench.compare import (
+        DEFAULT_SYSTEMS,
+        CompareConfig,
+        System,
+        run_compare,
+        throughput_ratios,
+    )
+    from pdserve.bench.load import LoadSpec
+    from pdserve.bench.metrics import parse_goodput
+    from pdserve.bench.runner import RunSettings, bench_gateway
+
+    settings = RunSettings(
+        slos_ms=parse_goodput(args.goodput),
+        percentiles=tuple(float(p) for p in args.percentiles.split(",") if p.strip()),
+        temperature=args.temperature,
+        timeout_s=args.request_timeout,
+        num_warmups=args.num_warmups,
+        disable_progress=args.disable_tqdm,
+    )
+    rates = args.request_rate_sweep or [args.request_rate]
+    loads = [LoadSpec(r, args.burstiness, args.max_concurrency, args.seed) for r in rates]
+    if not args.compare:
+        # Each rate of a sweep gets its own prompts (seed, seed + 1, ...): a server's prefix
+        # cache must not serve a later rate from an earlier one.
+        return [
+            bench_gateway(
+                args.gateway, _build_requests(args, model_path, args.seed + i), load, settings
+            )
+            for i, load in enumerate(loads)
+        ], {}
+    requests = _build_requests(args, model_path, args.seed)
+    if len(loads) != 1:
+        raise ValueError("--compare runs one load: give --request-rate, not a sweep")
+    systems = (
+        tuple(System(s.strip()) for s in args.systems.split(",") if s.strip())
+        if args.systems
+        else DEFAULT_SYSTEMS
+    )
+    with tempfile.TemporaryDirectory(prefix="pdserve-bench-") as tmp:
+        cfg = CompareConfig(
+            model_path=model_path,
+            log_dir=args.log_dir or Path(tmp),
+            dtype=args.dtype,
+            cache_dir=args.cache_dir,
+            cluster_args=_split_cluster_args(args.cluster_arg),
+            systems=systems,
+        )
+        cfg.log_dir.mkdir(parents=True, exist_ok=True)
+        runs = run_compare(requests, loads[0], settings, cfg)
+    return runs, throughput_ratios(runs)
+
+
+def _print_summary(args: argparse.Namespace, runs: list[RunResult], ratios: dict[str, Any]) -> None:
+    from pdserve.bench.report import format_ratios, format_table
+
+    first = runs[0]
+    n_in = sum(o.prompt_len for o in first.outcomes)
+    print(
+        f"\n{first.metrics.num_requests} requests, {n_in} prompt tokens, seed {args.seed}; "
+        + "; ".join(dict.fromkeys(r.load.describe() for r in runs))
+    )
+    for r in runs:
+        print(f"  {r.label}: {r.description}")
+    print()
+    print(format_table(runs))
+    if ratios:
+        print()
+        print(format_ratios(ratios))
+    if args.request_rate_sweep and args.goodput:
+        met = [r.load.request_rate for r in runs if (r.metrics.slo_attainment or 0) >= 0.9]
+        best = f"{max(met):g} req/s" if met else "none of the rates swept"
+        print(f"\nhighest rate with >= 90% of requests within every SLO: {best}")
+    for r in runs:
+        errors = [o.error for o in r.outcomes if not o.success]
+        if errors:
+            print(f"\n{r.label}: {len(errors)} failed requests, e.g. {errors[0]}", file=sys.stderr)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Entry point for ``pdserve bench``; returns the process exit status."""
+    from engine.config import ModelConfig
+    from engine.model_loader import default_cache_dir, resolve_model_path
+    from pdserve.bench.report import write_json
+
+    if args.smoke:
+        _apply_smoke(args)
+    try:
+        model_path = resolve_model_path(
+            ModelConfig(model=args.model, cache_dir=args.cache_dir or default_cache_dir())
+        )
+        runs, ratios = _run(args, model_path)
+    except ValueError as err:
+        print(f"pdserve bench: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # a warm-up request refused, a cluster that would not start
+        print(f"pdserve bench: {err}", file=sys.stderr)
+        return 1
+    _print_summary(args, runs, ratios)
+    if args.output_json:
+        write_json(args.output_json, runs, _json_config(args, model_path), ratios)
+        print(f"\nwrote {args.output_json}")
+    if args.plot_dir:
+        from pdserve.bench.plots import write_plots
+
+        for path in write_plots(runs, args.plot_dir):
+            print(f"wrote {path}")
+    return 0 if all(r.metrics.failed == 0 for r in runs) else 1

@@ -1,0 +1,250 @@
+"""Prometheus metrics of every pdserve process, named and shaped as vLLM's (prefix ``pdserve_``,
+base units, a ``tier`` label), on an HTTP port of its own (``--metrics-port``).
+
+Each process builds one :class:`prometheus_client.CollectorRegistry` at its entry point and passes
+it down; nothing registers at import time. Request-level histograms are observed where the event
+happens (the gateway for what the client sees: TTFT, ITL, E2E; workers for queue, prefill and
+decode time); pool and transfer state is read at scrape time by collectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from engine.engine import PoolStats
+from engine.sequence import RequestTimings
+from kvtransfer.metrics import DURATION_BUCKETS, TransferStats
+
+log = structlog.get_logger(__name__)
+
+# Buckets include the SLO thresholds people set (TTFT 200/500 ms, 1-2 s; ITL 50/100 ms).
+TTFT_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+ITL_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
+REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def serve_metrics(port: int, registry: CollectorRegistry, host: str = "0.0.0.0") -> None:
+    """Expose ``registry`` at ``http://host:port/metrics`` (0 disables)."""
+    if port:
+        start_http_server(port, addr=host, registry=registry)
+        log.info("metrics_listening", port=port)
+
+
+class GatewayMetrics:
+    """What clients observe, measured at the gateway."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        t = ["tier"]
+        self.ttft = Histogram(
+            "pdserve_time_to_first_token_seconds",
+            "Time from request arrival to the first token sent.",
+            t,
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        ).labels("gateway")
+        self.itl = Histogram(
+            "pdserve_inter_token_latency_seconds",
+            "Gap between consecutive token messages, per token.",
+            t,
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        ).labels("gateway")
+        self.e2e = Histogram(
+            "pdserve_e2e_request_latency_seconds",
+            "Time from request arrival to its last message.",
+            t,
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        ).labels("gateway")
+        self.prompt_tokens = Counter(
+            "pdserve_prompt_tokens", "Prompt tokens of accepted requests.", t, registry=registry
+        ).labels("gateway")
+        self.generation_tokens = Counter(
+            "pdserve_generation_tokens", "Tokens streamed back.", t, registry=registry
+        ).labels("gateway")
+        self._requests = Counter(
+            "pdserve_requests",
+            "Finished requests by gRPC status code.",
+            ["tier", "code"],
+            registry=registry,
+        )
+        self._decisions = Counter(
+            "pdserve_router_decisions",
+            "Routing decisions (disaggregated or colocated).",
+            ["tier", "decision"],
+            registry=registry,
+        )
+
+    def request_done(self, code: str) -> None:
+        self._requests.labels("gateway", code).inc()
+
+    def routed(self, decision: str) -> None:
+        self._decisions.labels("gateway", decision).inc()
+
+
+class WorkerMetrics:
+    """Per-request times on a worker, plus its pool and transfer state read at scrape time."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        tier: str,
+        pool: Callable[[], PoolStats],
+        transfers: Callable[[], list[TransferStats]],
+    ) -> None:
+        t = ["tier"]
+        self.queue_time = Histogram(
+            "pdserve_request_queue_time_seconds",
+            "Arrival to first scheduled, on this worker.",
+            t,
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        ).labels(tier)
+        self.prefill_time = Histogram(
+            "pdserve_request_prefill_time_seconds",
+            "First scheduled to first token, on this worker.",
+            t,
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        ).labels(tier)
+        self.decode_time = Histogram(
+            "pdserve_request_decode_time_seconds",
+            "First token to finish, on this worker.",
+            t,
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        ).labels(tier)
+        self.prompt_tokens = Counter(
+            "pdserve_prompt_tokens", "Prompt tokens computed here.", t, registry=registry
+        ).labels(tier)
+        self.generation_tokens = Counter(
+            "pdserve_generation_tokens", "Tokens sampled here.", t, registry=registry
+        ).labels(tier)
+        registry.register(_StateCollector(tier, pool, transfers))
+
+    def observe(self, timings: RequestTimings, prompt_tokens: int, generated: int) -> None:
+        self.queue_time.observe(timings.queue_s)
+        self.prefill_time.observe(timings.prefill_s)
+        self.decode_time.observe(timings.decode_s)
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(generated)
+
+
+class _StateCollector(Collector):
+    """Pool gauges and transfer counters, read from the engine and transfer stats per scrape."""
+
+    def __init__(
+        self,
+        tier: str,
+        pool: Callable[[], PoolStats],
+        transfers: Callable[[], list[TransferStats]],
+    ) -> None:
+        self._tier = tier
+        self._pool = pool
+        self._transfers = transfers
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        tier = self._tier
+        stats = self._pool()
+        yield _gauge("pdserve_num_requests_running", "Sequences in the batch.", tier, stats.running)
+        yield _gauge(
+            "pdserve_num_requests_waiting",
+            "Sequences queued for compute or KV.",
+            tier,
+            stats.waiting + stats.awaiting_kv,
+        )
+        yield _gauge(
+            "pdserve_kv_cache_usage_ratio", "Fraction of KV blocks in use.", tier, stats.usage
+        )
+        yield _gauge("pdserve_kv_cache_blocks", "KV blocks in the pool.", tier, stats.total_blocks)
+        preempt = CounterMetricFamily(
+            "pdserve_num_preemptions", "Sequences preempted.", labels=["tier"]
+        )
+        preempt.add_metric([tier], stats.num_preemptions)
+        yield preempt
+        yield from _transfer_families(tier, self._transfers())
+
+
+def _gauge(name: str, doc: str, tier: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=["tier"])
+    family.add_metric([tier], value)
+    return family
+
+
+def _transfer_families(
+    tier: str, all_stats: list[TransferStats]
+) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+    labels = ["tier", "backend"]
+    byte_count = CounterMetricFamily(
+        "pdserve_kv_transfer_bytes", "KV page bytes moved.", labels=labels
+    )
+    transfers = CounterMetricFamily(
+        "pdserve_kv_transfers", "KV transfers completed.", labels=labels
+    )
+    failures = CounterMetricFamily(
+        "pdserve_kv_transfer_failures", "KV transfers failed.", labels=[*labels, "reason"]
+    )
+    dropped = CounterMetricFamily(
+        "pdserve_kv_transfer_dropped_frames",
+        "KV frames dropped (unauthenticated, malformed, late).",
+        labels=[*labels, "reason"],
+    )
+    seconds = HistogramMetricFamily(
+        "pdserve_kv_transfer_seconds", "First frame to completion, per transfer.", labels=labels
+    )
+    for stats in all_stats:
+        key = [tier, stats.backend]
+        byte_count.add_metric(key, stats.bytes)
+        transfers.add_metric(key, stats.transfers_completed)
+        for reason, count in sorted(stats.failures.items()):
+            failures.add_metric([*key, reason], count)
+        for reason, count in sorted(stats.dropped_frames.items()):
+            dropped.add_metric([*key, reason], count)
+        buckets = [
+            (str(b), n) for b, n in zip(DURATION_BUCKETS, stats.duration_counts, strict=True)
+        ]
+        buckets.append(("+Inf", stats.transfers_completed))
+        seconds.add_metric(key, buckets, stats.duration_sum_s)
+    yield from (byte_count, transfers, failures, dropped, seconds)
