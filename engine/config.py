@@ -50,6 +50,8 @@ class SchedulerConfig:
     """Sequences in the running batch at most."""
     max_num_batched_tokens: int = 2048
     """Tokens computed in one forward pass at most (prompt tokens + one per running sequence)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV of full blocks whose token prefix was computed before (chained hashes)."""
 
 
 @dataclass(frozen=True)

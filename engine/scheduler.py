@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 from engine.block_pool import BlockPool
 from engine.config import SchedulerConfig
+from engine.prefix_cache import ROOT, prefix_hashes
 from engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -56,6 +57,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.awaiting_kv: dict[str, Sequence] = {}
         self.num_preemptions = 0
+        self.prefix_query_tokens = 0  # tokens of admitted sequences looked up in the cache
+        self.prefix_hit_tokens = 0  # of which found (their KV was not recomputed)
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -79,6 +82,7 @@ class Scheduler:
         keeping its blocks (its prompt needs no compute; its first token's KV is next)."""
         seq = self.awaiting_kv.pop(request_id)
         seq.num_computed_tokens = seq.num_tokens
+        self._register_full_blocks(seq)
         seq.first_scheduled_time = seq.first_token_time = time.monotonic()
         reason = seq.append_token(first_token_id)
         if reason is not None:
@@ -120,11 +124,23 @@ class Scheduler:
             index += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            # (a KV-ready sequence needs one token; a new or preempted one its whole prompt)
-            needed = self.blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_table)
-            if not self.pool.can_allocate(needed) and not self._reclaim_waiting(needed):
+            hits, hashes = self._cached_prefix(seq)
+            start = seq.num_computed_tokens + len(hits) * self.block_size
+            num_new = min(seq.num_tokens - start, budget)
+            # (a KV-ready sequence needs one token; a new or preempted one its whole prompt,
+            # less what the prefix cache holds)
+            needed = self.blocks_for(start + num_new) - len(seq.block_table) - len(hits)
+            revived = sum(1 for block_id in hits if self.pool.ref_count(block_id) == 0)
+            if not self.pool.can_allocate(needed + revived) and not self._reclaim_waiting(
+                needed + revived
+            ):
                 break  # first come, first served: later prompts do not overtake this one
+            if hits:
+                self.pool.share(hits)  # first: allocate() must not evict them
+                seq.block_table = list(hits)
+                seq.block_hashes = hashes[: len(hits)]
+                seq.num_computed_tokens = seq.num_cached_tokens = start
+                self.prefix_hit_tokens += start
             seq.block_table.extend(self.pool.allocate(needed))
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -142,6 +158,7 @@ class Scheduler:
             if seq.is_finished:
                 continue  # aborted while its step ran
             seq.num_computed_tokens += item.num_new_tokens
+            self._register_full_blocks(seq)
             if not item.sample:
                 continue
             if seq.first_token_time is None:
@@ -163,6 +180,38 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
+
+    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], list[bytes]]:
+        """Blocks of the prefix cache holding this sequence's longest cached prefix (full blocks,
+        leaving at least one token to compute so the step can sample), with their hashes."""
+        if not self.config.enable_prefix_caching or seq.block_table or seq.num_computed_tokens:
+            return [], []
+        self.prefix_query_tokens += seq.num_tokens
+        limit = (seq.num_tokens - 1) // self.block_size
+        hashes = prefix_hashes(seq.token_ids[: limit * self.block_size], self.block_size)
+        hits: list[int] = []
+        for block_hash in hashes:
+            block_id = self.pool.lookup(block_hash)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits, hashes
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        """Offer the sequence's newly completed blocks to the prefix cache."""
+        if not self.config.enable_prefix_caching:
+            return
+        done = len(seq.block_hashes)
+        full = seq.num_computed_tokens // self.block_size
+        if full <= done:
+            return
+        parent = seq.block_hashes[-1] if seq.block_hashes else ROOT
+        tokens = seq.token_ids[: full * self.block_size]
+        for index, block_hash in enumerate(
+            prefix_hashes(tokens, self.block_size, done, parent), start=done
+        ):
+            self.pool.register(seq.block_table[index], block_hash)
+            seq.block_hashes.append(block_hash)
 
     def _item(self, seq: Sequence, num_new: int) -> ScheduledSeq:
         if seq.first_scheduled_time is None:
@@ -195,6 +244,7 @@ class Scheduler:
             if seq.block_table:
                 self.pool.free(seq.block_table)
                 seq.block_table = []
+                seq.block_hashes = []
                 seq.num_computed_tokens = 0
                 self.num_preemptions += 1
         return self.pool.can_allocate(needed)
@@ -204,8 +254,9 @@ class Scheduler:
         Recompute rather than swap: on CPU a swap is a copy into the same memory, and the
         recomputed KV is bit-identical, so greedy output does not change."""
         self.running.remove(seq)
-        self.pool.free(seq.block_table)
+        self.pool.free(seq.block_table)  # its full blocks stay cached: recompute will hit them
         seq.block_table = []
+        seq.block_hashes = []
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

@@ -72,6 +72,9 @@ class Sequence:
     arrival_time: float = 0.0  # time.monotonic() of each milestone on this worker
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Prefix hashes of the sequence's full blocks whose KV is computed (see prefix_cache)."""
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def num_tokens(self) -> int:

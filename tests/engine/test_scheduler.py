@@ -43,9 +43,20 @@ def position_token(seq: Sequence) -> int:
 class Sim:
     """A scheduler plus the engine's side of the contract, with invariant checks each step."""
 
-    def __init__(self, num_blocks: int, *, max_num_seqs: int = 8, budget: int = 64) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        *,
+        max_num_seqs: int = 8,
+        budget: int = 64,
+        prefix_caching: bool = False,  # these prompts share prefixes; most tests test without
+    ) -> None:
         self.pool = BlockPool(num_blocks)
-        config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+        config = SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=budget,
+            enable_prefix_caching=prefix_caching,
+        )
         self.sched = Scheduler(config, self.pool, BS)
         self.finished: list[Finished] = []
 
