@@ -63,6 +63,8 @@ class PoolStats:
     awaiting_kv: int
     pool_ok: bool
     num_preemptions: int
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
 
     @property
     def usage(self) -> float:
@@ -88,16 +90,26 @@ class Engine:
         self._layer_sink = layer_sink
         weights = next(model.parameters())  # the KV cache matches the weights' device and dtype
         model.set_attn_implementation(register_paged_attention())  # type: ignore[operator]
+        num_blocks = config.cache.blocks_for_memory(
+            spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * weights.element_size(),
+            weights.device,
+        )
         self.kv_cache = KVCache(
             num_layers=spec.num_layers,
-            num_blocks=config.cache.num_blocks,
+            num_blocks=num_blocks,
             block_size=config.cache.block_size,
             num_kv_heads=spec.num_kv_heads,
             head_dim=spec.head_dim,
             dtype=weights.dtype,
             device=weights.device,
         )
-        self.pool = BlockPool(config.cache.num_blocks)
+        self.pool = BlockPool(num_blocks)
+        log.info(
+            "kv_pool_sized",
+            blocks=num_blocks,
+            block_size=config.cache.block_size,
+            bytes=num_blocks * self.kv_cache.bytes_per_block,
+        )
         self.scheduler = Scheduler(config.scheduler, self.pool, config.cache.block_size)
         self.runner = ModelRunner(model, self.kv_cache, Sampler())
         self.runner.install_layer_hooks()
@@ -182,6 +194,8 @@ class Engine:
                 awaiting_kv=len(self.scheduler.awaiting_kv),
                 pool_ok=ok,
                 num_preemptions=self.scheduler.num_preemptions,
+                prefix_query_tokens=self.scheduler.prefix_query_tokens,
+                prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
             )
 
     # -- the loop ---------------------------------------------------------------------------

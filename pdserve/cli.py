@@ -24,6 +24,7 @@ from engine.config import (
 )
 from kvtransfer.config import Streaming, TransferConfig
 from kvtransfer.datapath import Backend
+from pdserve import serving_flags as fleet
 from pdserve.bench.cli import add_bench_arguments
 
 ENV_PREFIX = "PDSERVE_"
@@ -90,6 +91,17 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=_env("num_blocks", 2048),
         help="KV blocks in this worker's pool",
+    )
+    g.add_argument(
+        "--kv-cache-memory",
+        default=_env("kv_cache_memory", None),
+        help="size the KV pool from memory instead of --num-blocks: bytes (4GiB, 512MiB) or "
+        "a fraction of the memory available at start (0.3)",
+    )
+    g.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="do not reuse the KV of prompt prefixes computed before",
     )
     g.add_argument(
         "--max-num-seqs",
@@ -180,9 +192,13 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=model_config(args),
-        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
+        cache=CacheConfig(
+            block_size=args.block_size, num_blocks=args.num_blocks, memory=args.kv_cache_memory
+        ),
         scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_batched_tokens,
+            enable_prefix_caching=not args.no_prefix_caching,
         ),
         num_threads=int(args.threads) if args.threads else None,
     )
@@ -223,6 +239,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(up)
     _add_transfer_flags(up)
     _add_log_flags(up)
+    fleet.add_gateway_flags(up)
+    fleet.add_tls_flags(up)
+    fleet.add_drain_flags(up)
+    fleet.add_worker_admission_flags(up)
+    up.add_argument(
+        "--also-prefill",
+        action="append",
+        default=[],
+        help="a prefill worker address the gateway also routes to (started elsewhere or later)",
+    )
+    up.add_argument(
+        "--also-decode",
+        action="append",
+        default=[],
+        help="a decode worker address the gateway also routes to (started elsewhere or later)",
+    )
+    up.add_argument(
+        "--state-file",
+        type=Path,
+        default=None,
+        help="write the children's names, pids, addresses and command lines here (JSON)",
+    )
+    up.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="a worker that dies is reported and the rest keep serving (the gateway routes "
+        "around it); without it the cluster stops",
+    )
     up.add_argument(
         "--metrics-base-port",
         type=int,
@@ -252,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(gw)
     _add_log_flags(gw)
     _add_metrics_flag(gw, 9100)
+    fleet.add_gateway_flags(gw)
+    fleet.add_tls_flags(gw)
+    fleet.add_drain_flags(gw)
 
     pf = sub.add_parser(
         "prefill",
@@ -265,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(pf)
     _add_log_flags(pf)
     _add_metrics_flag(pf, 9101)
+    fleet.add_tls_flags(pf)
+    fleet.add_drain_flags(pf)
+    fleet.add_worker_admission_flags(pf)
 
     dc = sub.add_parser(
         "decode",
@@ -294,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(dc)
     _add_log_flags(dc)
     _add_metrics_flag(dc, 9102)
+    fleet.add_tls_flags(dc)
+    fleet.add_drain_flags(dc)
+    fleet.add_worker_admission_flags(dc)
 
     gen = sub.add_parser(
         "generate",
@@ -310,6 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[])
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    gen.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="retries on RESOURCE_EXHAUSTED before the first token (after the server's delay)",
+    )
+    gen.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=_env("auth_token_file", None),
+        help="file whose first line is the bearer token (or set PDSERVE_AUTH_TOKEN)",
+    )
+    fleet.add_tls_flags(gen, server=False)
 
     bench = sub.add_parser(
         "bench",
@@ -348,21 +414,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_cluster(args)
     if args.command == "gateway":
-        from gateway.server import GatewayConfig
         from gateway.server import serve as serve_gateway
 
-        cfg = GatewayConfig(
-            model=model_config(args),
-            listen=args.listen,
-            prefill=_split(args.prefill),
-            decode=_split(args.decode),
-            metrics_port=args.metrics_port,
-        )
-        asyncio.run(serve_gateway(cfg))
+        try:
+            cfg = fleet.gateway_config(
+                args, model_config(args), _split(args.prefill), _split(args.decode)
+            )
+        except (ValueError, OSError) as exc:
+            print(f"pdserve gateway: {exc}", file=sys.stderr)
+            return 2
+        asyncio.run(serve_gateway(cfg, grace_s=args.shutdown_grace))
         return 0
     if args.command in ("prefill", "decode"):
         try:
             transfer_config(args)
+            serve_options = fleet.worker_serve_options(args)
         except (ValueError, OSError) as exc:
             print(f"pdserve {args.command}: {exc}", file=sys.stderr)
             return 2
@@ -373,7 +439,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         pcfg = PrefillConfig(
             engine=engine_config(args), transfer=transfer_config(args), listen=args.listen
         )
-        asyncio.run(serve_prefill(pcfg, metrics_port=args.metrics_port))
+        asyncio.run(
+            serve_prefill(
+                pcfg,
+                metrics_port=args.metrics_port,
+                grace_s=args.shutdown_grace,
+                options=serve_options,
+            )
+        )
         return 0
     from decode_service.server import serve as serve_decode
     from decode_service.worker import DecodeConfig
@@ -386,7 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv_advertise=args.kv_advertise,
         kv_lease_s=args.kv_lease_seconds,
     )
-    asyncio.run(serve_decode(dcfg, metrics_port=args.metrics_port))
+    asyncio.run(
+        serve_decode(
+            dcfg, metrics_port=args.metrics_port, grace_s=args.shutdown_grace, options=serve_options
+        )
+    )
     return 0
 
 

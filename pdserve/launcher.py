@@ -1,13 +1,17 @@
 """``pdserve up``: the tiers as separate processes on one machine, started and stopped together.
 
 Each worker is the same command Kubernetes runs (``pdserve prefill`` / ``decode`` / ``gateway``),
-so what runs here is what runs there. A child that dies is reported and stops the cluster.
+so what runs here is what runs there. A child that dies is reported and stops the cluster
+(with ``--keep-going``, only the gateway's death does: the gateway routes around dead workers).
+``--state-file`` records each child's name, pid, address and command line as JSON, so tests and
+operators can find (and kill, or restart) one worker.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import secrets
 import signal
@@ -17,17 +21,20 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.model_loader import resolve_model_path
+from pdserve import serving_flags
+from pdserve.tls import TLSConfig, sync_channel
 
 log = structlog.get_logger(__name__)
 
 READY_TIMEOUT_S = 300.0
-STOP_GRACE_S = 10.0
+STOP_MARGIN_S = 5.0  # beyond the children's own --shutdown-grace before they are killed
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,18 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
         "--threads",
         str(args.threads or _threads_per_worker(args.prefill + args.decode)),
     ]
+    if args.kv_cache_memory:
+        engine_flags += ["--kv-cache-memory", args.kv_cache_memory]
+    if args.no_prefix_caching:
+        engine_flags.append("--no-prefix-caching")
     engine_flags += _transfer_flags(args)
+    engine_flags += [
+        "--shutdown-grace",
+        str(args.shutdown_grace),
+        "--max-queue",
+        str(args.max_queue),
+    ]
+    worker_tls = serving_flags.cluster_tls_argv(args, "worker")
     me = (sys.executable, "-m", "pdserve.cli")
     specs: list[ProcessSpec] = []
     prefill_addrs = [f"{host}:{base + i}" for i in range(args.prefill)]
@@ -69,6 +87,7 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
             str(next(metrics)),
             *model_flags,
             *engine_flags,
+            *worker_tls,
         )
         specs.append(ProcessSpec(f"prefill-{i}", addr, argv))
     ipc_dir = tempfile.gettempdir()
@@ -88,6 +107,7 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
             str(next(metrics)),
             *model_flags,
             *engine_flags,
+            *worker_tls,
         )
         specs.append(ProcessSpec(f"decode-{i}", addr, argv))
     gateway_addr = f"{host}:{args.port}"
@@ -98,11 +118,15 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
         gateway_addr,
         "--metrics-port",
         str(args.metrics_base_port),
+        "--shutdown-grace",
+        str(args.shutdown_grace),
         *model_flags,
+        *serving_flags.gateway_argv(args),
+        *serving_flags.cluster_tls_argv(args, "gateway"),
     ]
-    for addr in prefill_addrs:
+    for addr in [*prefill_addrs, *args.also_prefill]:
         gw += ["--prefill", addr]
-    for addr in decode_addrs:
+    for addr in [*decode_addrs, *args.also_decode]:
         gw += ["--decode", addr]
     specs.append(ProcessSpec("gateway", gateway_addr, tuple(gw)))
     return specs
@@ -167,10 +191,20 @@ def _threads_per_worker(workers: int) -> int:
 
 
 class Cluster:
-    def __init__(self, specs: list[ProcessSpec], env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        specs: list[ProcessSpec],
+        env: dict[str, str],
+        *,
+        tls: TLSConfig | None = None,
+        stop_grace_s: float = 5.0 + STOP_MARGIN_S,
+    ) -> None:
         self.specs = specs
         self.env = env
+        self.tls = tls
+        self.stop_grace_s = stop_grace_s
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.reported: set[str] = set()
 
     def start(self) -> None:
         for spec in self.specs:
@@ -181,6 +215,21 @@ class Cluster:
                 pid=self.procs[spec.name].pid,
                 address=spec.address,
             )
+
+    def write_state(self, path: Path) -> None:
+        """The children as JSON (written atomically): name, pid, address, command line."""
+        children = [
+            {
+                "name": spec.name,
+                "pid": self.procs[spec.name].pid,
+                "address": spec.address,
+                "argv": list(spec.argv),
+            }
+            for spec in self.specs
+        ]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "children": children}, indent=1))
+        tmp.replace(path)
 
     def dead(self) -> list[tuple[str, int]]:
         return [(n, p.returncode) for n, p in self.procs.items() if p.poll() is not None]
@@ -194,7 +243,7 @@ class Cluster:
                 raise RuntimeError(f"{name} exited with code {code} during start-up")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not ready after {timeout_s:.0f}s: {[s.name for s in pending]}")
-            pending = [s for s in pending if not _serving(s.address)]
+            pending = [s for s in pending if not serving(s.address, self.tls)]
             if pending:
                 time.sleep(0.2)
 
@@ -202,7 +251,7 @@ class Cluster:
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
+        deadline = time.monotonic() + self.stop_grace_s
         for name, proc in self.procs.items():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -212,15 +261,24 @@ class Cluster:
                 proc.wait()
 
 
-def _serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def serving(address: str, tls: TLSConfig | None = None, service: str = "") -> bool:
+    """Whether the server at ``address`` reports SERVING (over TLS, with a client
+    certificate for mTLS, when ``tls`` is given)."""
+    with sync_channel(address, tls) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=1.0
+                health_pb2.HealthCheckRequest(service=service), timeout=1.0
             )
         except grpc.RpcError:
             return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _cluster_tls(args: argparse.Namespace) -> TLSConfig | None:
+    """How the launcher itself reaches the children (their CA; its cert for mTLS)."""
+    if args.tls_cert is None:
+        return None
+    return TLSConfig(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
 
 
 def run_cluster(args: argparse.Namespace) -> int:
@@ -229,9 +287,17 @@ def run_cluster(args: argparse.Namespace) -> int:
     if args.decode < 1 or args.prefill < 0:
         print("pdserve up: need --decode >= 1 and --prefill >= 0", file=sys.stderr)
         return 2
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("pdserve up: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
     resolve_model_path(model_config(args))  # convert the default model once, before the workers
     quiet = args.generate is not None and args.log_level == "info"
-    cluster = Cluster(plan_cluster(args, "warning" if quiet else args.log_level), cluster_env(args))
+    cluster = Cluster(
+        plan_cluster(args, "warning" if quiet else args.log_level),
+        cluster_env(args),
+        tls=_cluster_tls(args),
+        stop_grace_s=float(args.shutdown_grace) + STOP_MARGIN_S,
+    )
     stop = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -241,6 +307,8 @@ def run_cluster(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     cluster.start()
+    if args.state_file is not None:
+        cluster.write_state(Path(args.state_file))
     try:
         cluster.wait_ready()
         gateway = f"{args.host}:{args.port}"
@@ -252,19 +320,31 @@ def run_cluster(args: argparse.Namespace) -> int:
             return _generate_once(gateway, args.generate, args.max_tokens)
         print(f"pdserve is up ({mode}): gateway at {gateway}. Ctrl-C to stop.", file=sys.stderr)
         while not stop:
-            dead = cluster.dead()
-            if dead:
-                for name, code in dead:
-                    log.error("process_died", name=name, exit_code=code)
-                    print(f"pdserve up: {name} exited with code {code}; stopping", file=sys.stderr)
+            if _report_dead(cluster, args.keep_going):
                 return 1
-            time.sleep(0.5)
+            time.sleep(0.2)
         return 0
     except RuntimeError as exc:
         print(f"pdserve up: {exc}", file=sys.stderr)
         return 1
     finally:
         cluster.stop()
+
+
+def _report_dead(cluster: Cluster, keep_going: bool) -> bool:
+    """Report children that died since the last call; True when the cluster must stop."""
+    must_stop = False
+    for name, code in cluster.dead():
+        if name in cluster.reported:
+            continue
+        cluster.reported.add(name)
+        log.error("process_died", name=name, exit_code=code)
+        if keep_going and name != "gateway":
+            print(f"pdserve up: {name} exited with code {code}; continuing", file=sys.stderr)
+        else:
+            print(f"pdserve up: {name} exited with code {code}; stopping", file=sys.stderr)
+            must_stop = True
+    return must_stop
 
 
 def _generate_once(gateway: str, prompt: str, max_tokens: int) -> int:

@@ -199,11 +199,22 @@ class _StateCollector(Collector):
             "pdserve_kv_cache_usage_ratio", "Fraction of KV blocks in use.", tier, stats.usage
         )
         yield _gauge("pdserve_kv_cache_blocks", "KV blocks in the pool.", tier, stats.total_blocks)
-        preempt = CounterMetricFamily(
-            "pdserve_num_preemptions", "Sequences preempted.", labels=["tier"]
-        )
-        preempt.add_metric([tier], stats.num_preemptions)
-        yield preempt
+        for name, doc, value in (
+            ("pdserve_num_preemptions", "Sequences preempted.", stats.num_preemptions),
+            (
+                "pdserve_prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                stats.prefix_query_tokens,
+            ),
+            (
+                "pdserve_prefix_cache_hits",
+                "Prompt tokens found in the prefix cache.",
+                stats.prefix_hit_tokens,
+            ),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=["tier"])
+            counter.add_metric([tier], value)
+            yield counter
         yield from _transfer_families(tier, self._transfers())
 
 
