@@ -1,0 +1,1 @@
+"""Checks of deploy/ (Kubernetes, Envoy, nginx, Prometheus, Grafana, Docker) without a cluster."""
