@@ -38,7 +38,7 @@ class DecodeWorker:
         self.engine = engine
         self.spec: ModelSpec = engine.spec
         kv = engine.engine.kv_cache
-        self.fingerprint = fingerprint_for(engine.spec, kv, config.transfer.backend)
+        self.fingerprint = fingerprint_for(engine.spec, kv, config.transfer)
         self.receiver = KVReceiver(
             config.kv_bind,
             kv,

@@ -40,8 +40,15 @@ class TransferConfig:
     def auth(self) -> wire.FrameAuth:
         return wire.FrameAuth(self.key, self.checksum)
 
+    @property
+    def integrity(self) -> str:
+        """How frames are protected; both ends must agree (it is part of the fingerprint)."""
+        if self.key is not None:
+            return "hmac-sha256"
+        return "crc32" if self.checksum else "none"
 
-def fingerprint_for(spec: ModelSpec, kv: KVCache, backend: Backend) -> Fingerprint:
+
+def fingerprint_for(spec: ModelSpec, kv: KVCache, transfer: TransferConfig) -> Fingerprint:
     return Fingerprint(
         model=spec.fingerprint,
         dtype=str(kv.dtype).removeprefix("torch."),
@@ -49,5 +56,6 @@ def fingerprint_for(spec: ModelSpec, kv: KVCache, backend: Backend) -> Fingerpri
         num_layers=kv.num_layers,
         num_kv_heads=kv.num_kv_heads,
         head_dim=kv.head_dim,
-        backend=backend.value,
+        backend=transfer.backend.value,
+        integrity=transfer.integrity,
     )

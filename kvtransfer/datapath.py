@@ -43,6 +43,9 @@ class PairGroupHost:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self._store: dist.TCPStore | None = None
 
+    def close(self) -> None:
+        self._store = None  # the TCPStore's server stops when the last reference goes
+
     def offer(self) -> dict[str, object]:
         """Rendezvous details for one new peer (goes into WELCOME)."""
         if self._store is None:

@@ -30,6 +30,7 @@ class Fingerprint:
     num_kv_heads: int
     head_dim: int
     backend: str
+    integrity: str = "crc32"  # "hmac-sha256" with the fleet key, "crc32", or "none"
     layout: str = LAYOUT
     protocol_version: int = wire.PROTOCOL_VERSION
 

@@ -14,6 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
@@ -52,6 +53,7 @@ class _Expected:
 class _Peer:
     fingerprint: Fingerprint
     group: PairGroup | None = None  # out-of-band backends only
+    pending_group: Future[PairGroup] | None = None  # while the rendezvous runs
 
 
 class KVReceiver:
@@ -75,6 +77,7 @@ class KVReceiver:
         self._on_failed = on_failed
         self.backend = Backend(fingerprint.backend)
         self._pairs = PairGroupHost(self.backend, pair_host, group_timeout_s)
+        self._rendezvous = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-rendezvous")
         self._expected: dict[bytes, _Expected] = {}
         self._peers: dict[bytes, _Peer] = {}
         self._lock = threading.Lock()
@@ -107,6 +110,9 @@ class KVReceiver:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._rendezvous.shutdown(wait=False, cancel_futures=True)
+        self._peers.clear()
+        self._pairs.close()
 
     def expect(
         self, transfer_id: bytes, request_id: str, block_ids: list[int], lease_s: float
@@ -152,26 +158,27 @@ class KVReceiver:
             self.stats.drop("empty")
             return
         payload = frames[1].buffer if len(frames) == 2 else None
+        known = self._peers.get(peer)
         try:
             header = wire.decode(frames[0].buffer, self._auth, payload)
-        except wire.UnauthenticatedFrameError as exc:
-            self.stats.drop("unauthenticated")
-            log.warning("kv_frame_unauthenticated", reason=str(exc))
-            return
         except wire.MalformedFrameError as exc:
-            self.stats.drop("malformed")
-            log.warning("kv_frame_dropped", reason=str(exc))
+            self._drop_bad_frame(known, frames[0].buffer, exc)
             return
         if isinstance(header, wire.HandshakeHeader):
             self._handshake(peer, header)
             return
-        known = self._peers.get(peer)
         if known is None:
-            self.stats.drop("no_handshake")
+            # an out-of-band header cannot be authenticated without its payload: from a
+            # stranger, on a keyed channel, count it as what it is, unauthenticated
+            oob = isinstance(header, wire.PageHeader) and header.out_of_band
+            self.stats.drop("unauthenticated" if oob and self._auth.key else "no_handshake")
             if isinstance(header, wire.DoneHeader):
                 self._ack(peer, header.transfer_id, wire.AckStatus.FAILED, "handshake required")
             return
         data: torch.Tensor | memoryview | None = payload
+        if isinstance(header, wire.PageHeader) and header.out_of_band != self.backend.out_of_band:
+            self.stats.drop("malformed")  # the payload is not where this backend carries it
+            return
         if isinstance(header, wire.PageHeader) and header.out_of_band:
             data = self._receive_out_of_band(known, header, frames[0].buffer)
             if data is None:
@@ -194,10 +201,44 @@ class KVReceiver:
             self._ack(peer, tid, wire.AckStatus.OK, "")
             self._on_ready(request_id, int(message))
         else:
-            self.stats.fail(message.split(":")[0])
+            self.stats.fail(failure_label(message))
             log.warning("kv_transfer_failed", request_id=request_id, reason=message)
             self._ack(peer, tid, wire.AckStatus.FAILED, message)
             self._on_failed(request_id, f"KV transfer failed: {message}")
+
+    def _drop_bad_frame(
+        self, known: _Peer | None, frame: memoryview, exc: wire.MalformedFrameError
+    ) -> None:
+        """Count a frame that failed decoding; for an out-of-band PAGE from a handshaken peer,
+        still take its payload off the pair group so the sender is not left blocked."""
+        unauthenticated = isinstance(exc, wire.UnauthenticatedFrameError)
+        self.stats.drop("unauthenticated" if unauthenticated else "malformed")
+        log.warning("kv_frame_dropped", reason=str(exc))
+        if known is None or not self.backend.out_of_band or not wire.is_out_of_band_page(frame):
+            return
+        nbytes = wire.out_of_band_payload_size(frame)
+        group = self._group_of(known)
+        if nbytes is None or group is None:
+            # the payload's size is unknowable: the pair stream cannot be resynchronised, so
+            # forget the peer; its pending send fails and it must handshake again
+            self._forget(known)
+            return
+        recv_tensor(group, (nbytes,), torch.uint8, self._kv.device, 1)
+
+    def _forget(self, state: _Peer) -> None:
+        for identity, peer in list(self._peers.items()):
+            if peer is state:
+                del self._peers[identity]
+        log.warning("kv_peer_reset", reason="unreadable out-of-band page header")
+
+    def _group_of(self, peer: _Peer) -> PairGroup | None:
+        if peer.group is None and peer.pending_group is not None:
+            try:
+                peer.group = peer.pending_group.result(timeout=self._pairs.timeout.total_seconds())
+            except Exception as exc:  # rendezvous failed: this peer must handshake again
+                log.warning("kv_pair_group_failed", error=str(exc))
+            peer.pending_group = None
+        return peer.group
 
     def _handshake(self, peer: bytes, hello: wire.HandshakeHeader) -> None:
         if hello.kind is not wire.FrameKind.HELLO:
@@ -222,8 +263,8 @@ class KVReceiver:
             fields["rendezvous"] = offer
         self._send(peer, wire.HandshakeHeader(hello.transfer_id, wire.FrameKind.WELCOME, fields))
         state = _Peer(theirs)
-        if offer is not None:
-            state.group = self._pairs.accept(offer)  # blocks until the sender joins (bounded)
+        if offer is not None:  # joined off this thread: a peer that never joins stalls nobody
+            state.pending_group = self._rendezvous.submit(self._pairs.accept, offer)
         self._peers[peer] = state
         log.info("kv_peer_accepted", backend=self.backend.value)
 
@@ -233,8 +274,11 @@ class KVReceiver:
         """Take the payload that follows an out-of-band PAGE header (always, to stay in step
         with the sender), then authenticate it together with the header. A payload received
         on a GPU is authenticated by its header alone: hashing it would cost a device copy."""
-        assert peer.group is not None
-        pages = recv_tensor(peer.group, header.shape, header.dtype, self._kv.device, 1)
+        group = self._group_of(peer)
+        if group is None:
+            self.stats.drop("no_pair_group")
+            return None
+        pages = recv_tensor(group, header.shape, header.dtype, self._kv.device, 1)
         data = tensor_bytes(pages) if pages.device.type == "cpu" else None
         try:
             wire.verify_out_of_band(frame, self._auth, data)
@@ -258,13 +302,13 @@ class KVReceiver:
         try:
             if isinstance(header, wire.PageHeader):
                 if payload is None:
-                    raise wire.MalformedFrameError("PAGE without its payload")
+                    raise wire.MalformedFrameError("size: PAGE without its payload")
                 self._write_page(expected, header, payload)
                 return None
             if isinstance(header, wire.DoneHeader):
                 if header.num_layers != self._kv.num_layers:
                     raise wire.MalformedFrameError(
-                        f"DONE for {header.num_layers} layers, receiver has {self._kv.num_layers}"
+                        f"layers: DONE for {header.num_layers}, receiver has {self._kv.num_layers}"
                     )
                 if not expected.complete(self._kv.num_layers):
                     raise wire.MalformedFrameError(
@@ -325,3 +369,10 @@ class KVReceiver:
             self.stats.fail("lease_expired")
             log.warning("kv_lease_expired", request_id=e.request_id)
             self._on_failed(e.request_id, "KV transfer lease expired before all pages arrived")
+
+
+def failure_label(message: str) -> str:
+    """A bounded metric label for a failure message: its ``label:`` prefix, or "malformed"."""
+    head, sep, _ = message.partition(":")
+    label = head.strip().replace(" ", "_")
+    return label if sep and label.isidentifier() and len(label) <= 24 else "malformed"

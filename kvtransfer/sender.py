@@ -101,7 +101,7 @@ class KVSender:
         self._thread: threading.Thread | None = None
         self._budget = threading.Condition()
         self._queued: collections.Counter[str] = collections.Counter()  # endpoint -> bytes
-        self._open_count = 0
+        self._specs: dict[bytes, TransferSpec] = {}  # open transfers (any thread reads)
         self.stats = TransferStats(self.backend.value)
 
     def start(self) -> None:
@@ -116,9 +116,12 @@ class KVSender:
     # -- the owner's side (any thread) ------------------------------------------------------
 
     def open(self, spec: TransferSpec) -> None:
-        """Start a transfer; the peer handshake (if new) begins now, overlapping the prefill."""
+        """Start a transfer; the peer handshake (if new) begins now, overlapping the prefill.
+        Raises ValueError for a transfer id already open."""
         with self._budget:
-            self._open_count += 1
+            if spec.transfer_id in self._specs:
+                raise ValueError("transfer id already open")
+            self._specs[spec.transfer_id] = spec
         self._commands.put(("open", spec.transfer_id, spec))
 
     def send_pages(
@@ -126,7 +129,16 @@ class KVSender:
     ) -> None:
         """Queue pages ``(L', 2, n, bs, KVH, D)`` for layers from ``layer_start``. Blocks while
         the peer's queue is over budget; raises :class:`TransferBackpressureError` (and aborts
-        the transfer) if it stays so past the ack timeout."""
+        the transfer) if it stays so past the ack timeout. Pages for a transfer that already
+        ended are dropped; pages the transfer cannot carry abort it and raise ValueError."""
+        with self._budget:
+            if transfer_id not in self._specs:
+                return
+        try:
+            self._check_pages(transfer_id, layer_start, pages)
+        except ValueError as exc:
+            self._commands.put(("abort", transfer_id, f"invalid pages: {exc}"))
+            raise
         nbytes = pages.numel() * pages.element_size()
         deadline = time.monotonic() + self._ack_timeout
         with self._budget:
@@ -139,6 +151,28 @@ class KVSender:
             self._queued[endpoint] += nbytes
         self._commands.put(("pages", transfer_id, (layer_start, pages, nbytes, endpoint)))
 
+    def _check_pages(self, transfer_id: bytes, layer_start: int, pages: torch.Tensor) -> None:
+        """Refuse pages this transfer cannot carry (ValueError), before they are queued."""
+        with self._budget:
+            spec = self._specs[transfer_id]
+        fp = self.fingerprint
+        if pages.dim() != 6 or pages.numel() == 0:
+            raise ValueError(f"pages must be a non-empty 6-D tensor, got {tuple(pages.shape)}")
+        layers, two, blocks, block_size, kv_heads, head_dim = pages.shape
+        if str(pages.dtype).removeprefix("torch.") != fp.dtype:
+            raise ValueError(f"pages are {pages.dtype}, the channel carries {fp.dtype}")
+        if (two, block_size, kv_heads, head_dim) != (
+            2,
+            fp.block_size,
+            fp.num_kv_heads,
+            fp.head_dim,
+        ):
+            raise ValueError(f"page shape {tuple(pages.shape)} does not match the fingerprint")
+        if blocks != len(spec.block_ids):
+            raise ValueError(f"{blocks} blocks of pages for {len(spec.block_ids)} reserved")
+        if layer_start < 0 or layer_start + layers > fp.num_layers:
+            raise ValueError(f"layers [{layer_start}, {layer_start + layers}) out of range")
+
     def finish(self, transfer_id: bytes, first_token_id: int) -> None:
         """All pages are queued: send DONE with the first token and await the ack."""
         self._commands.put(("done", transfer_id, first_token_id))
@@ -150,7 +184,7 @@ class KVSender:
     def pending(self) -> int:
         """Transfers opened and not yet acknowledged or abandoned."""
         with self._budget:
-            return self._open_count
+            return len(self._specs)
 
     # -- sending thread ---------------------------------------------------------------------
 
@@ -162,7 +196,10 @@ class KVSender:
             except queue.Empty:
                 command = None
             while command is not None:
-                self._route(command)
+                try:
+                    self._route(command)
+                except Exception as exc:  # bad input fails its transfer, never this thread
+                    self._fail(command[1], f"error: {exc}")
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:
@@ -219,6 +256,8 @@ class KVSender:
             except (zmq.ZMQError, RuntimeError) as exc:  # RuntimeError: torch.distributed
                 self._fail(tid, f"send_error: {peer.endpoint}: {exc}")
                 self._reset(peer)
+            except Exception as exc:  # bad input fails its transfer, never this thread
+                self._fail(tid, f"error: {exc}")
 
     def _execute(self, peer: _Peer, kind: str, tid: bytes, arg: object) -> None:
         transfer = self._transfers.get(tid)
@@ -361,7 +400,7 @@ class KVSender:
 
     def _closed(self, transfer: _Transfer, ok: bool, message: str) -> None:
         with self._budget:
-            self._open_count -= 1
+            self._specs.pop(transfer.spec.transfer_id, None)
         if self._on_sent is not None:
             self._on_sent(transfer.spec.request_id, ok, message)
 

@@ -3,11 +3,14 @@ before computing anything."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from kvtransfer.handshake import Fingerprint, IncompatiblePeerError, check_match
 
 __all__ = ["IncompatiblePeerError", "TransferTicket", "check_ticket"]
+
+_ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}|(ipc|inproc)://\S+")
 
 
 @dataclass(frozen=True)
@@ -27,5 +30,5 @@ def check_ticket(ticket: TransferTicket, mine: Fingerprint, num_prompt_blocks: i
             f"decode worker reserved {len(ticket.block_ids)} blocks; "
             f"the prompt needs {num_prompt_blocks}"
         )
-    if not ticket.kv_endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+    if not _ENDPOINT.fullmatch(ticket.kv_endpoint):
         raise IncompatiblePeerError(f"unsupported KV endpoint {ticket.kv_endpoint!r}")

@@ -38,6 +38,7 @@ TRANSFER_ID_BYTES = 16
 TAG_BYTES = 16
 MAX_BLOCKS_PER_PAGE = 1 << 20
 MAX_TEXT_BYTES = 4096
+MAX_PAYLOAD_BYTES = 1 << 32  # one page; far above any real layer range
 
 _PREFIX = struct.Struct("<4sHBB16s")
 _PAGE = struct.Struct("<HHIHHHBQ")
@@ -172,8 +173,12 @@ class FrameAuth:
             return
         if flags & FLAG_MAC:
             raise UnauthenticatedFrameError("frame is MACed but this receiver has no key")
-        if flags & FLAG_CRC32 and self.checksum and self.tag(prefix, payload) != tag:
-            raise MalformedFrameError("checksum mismatch (corrupted or truncated frame)")
+        if not self.checksum:
+            return
+        if not flags & FLAG_CRC32:
+            raise MalformedFrameError("checksum: frame carries none; this channel requires one")
+        if self.tag(prefix, payload) != tag:
+            raise MalformedFrameError("checksum: mismatch (corrupted or truncated frame)")
 
 
 def encode(header: Header, auth: FrameAuth, payload: memoryview | None = None) -> bytes:
@@ -308,5 +313,30 @@ def _decode_page(transfer_id: bytes, flags: int, body: bytes) -> PageHeader:
 def check_payload_size(header: PageHeader, payload: memoryview) -> None:
     if payload.nbytes != header.payload_nbytes:
         raise MalformedFrameError(
-            f"payload of {payload.nbytes} bytes, header declares {header.payload_nbytes}"
+            f"size: payload of {payload.nbytes} bytes, header declares {header.payload_nbytes}"
         )
+
+
+def is_out_of_band_page(frame: bytes | memoryview) -> bool:
+    """Whether a frame claims to be a PAGE whose payload follows out of band (unvalidated)."""
+    data = bytes(frame[: _PREFIX.size])
+    if len(data) < _PREFIX.size:
+        return False
+    magic, _, kind, flags, _ = _PREFIX.unpack_from(data)
+    return magic == MAGIC and kind == FrameKind.PAGE and bool(flags & FLAG_OUT_OF_BAND)
+
+
+def out_of_band_payload_size(frame: bytes | memoryview) -> int | None:
+    """The size of the payload that follows an out-of-band PAGE header, read without checking
+    its tag, when the header is self-consistent (so a refused page's payload can still be taken
+    off its pair group); None when the size cannot be trusted."""
+    if not is_out_of_band_page(frame):
+        return None
+    data = bytes(frame)
+    try:
+        header = _decode_page(bytes(16), FLAG_OUT_OF_BAND, data[_PREFIX.size : -TAG_BYTES])
+    except (MalformedFrameError, struct.error):
+        return None
+    if header.payload_nbytes > MAX_PAYLOAD_BYTES:
+        return None
+    return header.payload_nbytes

@@ -67,6 +67,7 @@ def ticket_from_proto(msg: worker_pb2.TransferTicket) -> TransferTicket:
             num_kv_heads=fp.num_kv_heads,
             head_dim=fp.head_dim,
             backend=fp.backend,
+            integrity=fp.integrity,
             layout=fp.layout,
             protocol_version=fp.protocol_version,
         ),

@@ -44,7 +44,7 @@ class PrefillWorker:
         self.engine = engine
         self.metrics = metrics
         kv = engine.engine.kv_cache
-        self.fingerprint = fingerprint_for(engine.spec, kv, config.transfer.backend)
+        self.fingerprint = fingerprint_for(engine.spec, kv, config.transfer)
         self.sender = KVSender(
             self.fingerprint,
             config.transfer.auth(),

@@ -1,10 +1,11 @@
-"""The overlays' KEDA ScaledObjects: KEDA's CRD schema, and what they scale on.
+"""The overlays' KEDA ScaledObjects: KEDA's documented spec, and what they scale on.
 
-The schema is KEDA's own (vendored in tests/deploy/keda/, see its header), made strict the way
-the API server's field validation is: unknown fields are errors. On top of the schema, the
-checks KEDA's admission webhook or a careful reviewer would make: the target exists and leaves
-its replica count to the autoscaler, both directions have a stabilization window, and each tier
-scales on the signal that measures its bottleneck, from metrics pdserve exports.
+The schema in tests/deploy/keda/ is hand-written from KEDA's ScaledObject specification (see
+its header), strict the way the API server's field validation is: unknown fields are errors.
+On top of the schema, the checks KEDA's admission webhook or a careful reviewer would make: the
+target exists and leaves its replica count to the autoscaler, both directions have a
+stabilization window, and each tier scales on the signal that measures its bottleneck, from
+metrics pdserve exports.
 """
 
 from __future__ import annotations
@@ -89,8 +90,27 @@ def test_scaled_objects_match_the_keda_crd_schema(
         ].update(stabilisationWindowSeconds=30),  # misspelled
         lambda s: s["spec"].pop("scaleTargetRef"),
         lambda s: s["spec"].update(minReplicaCount="1"),
+        lambda s: s["spec"].update(pollingInterva=15),  # misspelled, top of spec
+        lambda s: s["spec"]["scaleTargetRef"].pop("name"),
+        lambda s: s["spec"]["triggers"][0].pop("metadata"),
+        lambda s: s["spec"]["triggers"][0].update(metricType="Average"),
+        lambda s: s["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"][
+            "scaleDown"
+        ].update(selectPolicy="max"),
+        lambda s: s["spec"].update(minReplicaCount=-1),
     ],
-    ids=["numeric-threshold", "misspelled-field", "no-target", "string-count"],
+    ids=[
+        "numeric-threshold",
+        "misspelled-field",
+        "no-target",
+        "string-count",
+        "misspelled-spec-field",
+        "no-target-name",
+        "no-trigger-metadata",
+        "unknown-metric-type",
+        "unknown-select-policy",
+        "negative-count",
+    ],
 )
 def test_schema_check_rejects_broken_objects(
     validator: jsonschema.protocols.Validator, mutate: Any

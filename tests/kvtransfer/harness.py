@@ -361,15 +361,13 @@ class RawPeer:
         """Send a (possibly tampered) PAGE the way the receiver will read it: the payload goes
         over the pair group exactly when the receiver will parse the header as an out-of-band
         PAGE from a handshaken peer, and so post a receive for it; otherwise it goes in band."""
-        try:
-            decoded = wire.decode(header, self.auth)
-        except wire.MalformedFrameError:
-            decoded = None
-        if isinstance(decoded, wire.PageHeader) and decoded.out_of_band and self.group is not None:
-            assert len(payload) == decoded.payload_nbytes, "gloo payloads have the header's size"
-            flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        size = wire.out_of_band_payload_size(header)
+        if size is not None and self.group is not None:
+            # the receiver takes a payload of the size the header declares, even off a header it
+            # refuses (so the pair stream stays in step)
+            assert len(payload) == size, "gloo payloads have the header's size"
             self.sock.send(header)
-            send_tensor(self.group, flat.view(decoded.dtype).view(decoded.shape), 0)
+            send_tensor(self.group, torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0)
         else:
             self.sock.send_multipart([header, payload])
 

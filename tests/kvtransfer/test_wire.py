@@ -327,11 +327,6 @@ def test_checksums_off_accepts_any_tag() -> None:
         wire.check_payload_size(header, memoryview(payload)[:-2])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: wire.FrameAuth.verify skips the CRC whenever the frame's own flags byte lacks "
-    "FLAG_CRC32, so one flipped flags bit disables integrity checking on a checksumming receiver",
-)
 def test_checksumming_side_refuses_frames_that_claim_no_checksum() -> None:
     frame, payload = sealed_page(AUTHS["crc"])
     frame[7] &= ~wire.FLAG_CRC32
