@@ -74,16 +74,19 @@ class DecodeWorker:
         its pages. Raises OutOfBlocksError. The caller must :meth:`release` the handle."""
         seq = self.engine.new_sequence(request_id, prompt, sampling)
         handle, block_ids = self.engine.reserve(seq)
+        cached = seq.num_cached_tokens // self.engine.engine.kv_cache.block_size
         transfer_id = os.urandom(16)
         lease_s = min(lease_s, self.config.kv_lease_s)
         self._transfers[handle.key] = transfer_id
-        self.receiver.expect(transfer_id, handle.key, block_ids, lease_s)
+        # the shared prefix blocks are not written: only the rest may receive pages
+        self.receiver.expect(transfer_id, handle.key, block_ids[cached:], lease_s)
         ticket = TransferTicket(
             transfer_id=transfer_id,
             kv_endpoint=self.kv_endpoint,
             block_ids=tuple(block_ids),
             lease_s=lease_s,
             fingerprint=self.fingerprint,
+            cached_blocks=cached,
         )
         return handle, ticket
 

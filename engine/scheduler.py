@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 from engine.block_pool import BlockPool
 from engine.config import SchedulerConfig
+from engine.errors import OutOfBlocksError
 from engine.prefix_cache import ROOT, prefix_hashes
 from engine.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -70,9 +71,21 @@ class Scheduler:
     def reserve(self, seq: Sequence) -> list[int]:
         """Allocate blocks for a prompt whose KV another worker computes; caller sends the ids.
 
-        Raises :class:`OutOfBlocksError` when the pool cannot hold the prompt now.
+        The longest cached prefix is shared rather than received again: its blocks lead the
+        list and ``seq.num_cached_tokens`` says how many tokens they cover (the sender skips
+        them). Raises :class:`OutOfBlocksError` when the pool cannot hold the prompt now.
         """
-        seq.block_table = self.pool.allocate(self.blocks_for(seq.num_tokens))
+        hits, hashes = self._cached_prefix(seq)
+        needed = self.blocks_for(seq.num_tokens) - len(hits)
+        revived = sum(1 for block_id in hits if self.pool.ref_count(block_id) == 0)
+        if not self.pool.can_allocate(needed + revived):
+            raise OutOfBlocksError(f"need {needed + revived} KV blocks, {self.pool.num_free} free")
+        if hits:
+            self.pool.share(hits)
+            seq.block_hashes = hashes[: len(hits)]
+            seq.num_cached_tokens = len(hits) * self.block_size
+            self.prefix_hit_tokens += seq.num_cached_tokens
+        seq.block_table = [*hits, *self.pool.allocate(needed)]
         seq.status = SequenceStatus.WAITING_FOR_KV
         self.awaiting_kv[seq.request_id] = seq
         return list(seq.block_table)

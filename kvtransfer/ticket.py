@@ -20,6 +20,12 @@ class TransferTicket:
     block_ids: tuple[int, ...]
     lease_s: float
     fingerprint: Fingerprint  # the decode worker's
+    cached_blocks: int = 0
+    """Leading blocks the decode worker already holds (a cached prefix): not sent."""
+
+    @property
+    def blocks_to_send(self) -> tuple[int, ...]:
+        return self.block_ids[self.cached_blocks :]
 
 
 def check_ticket(ticket: TransferTicket, mine: Fingerprint, num_prompt_blocks: int) -> None:
@@ -29,6 +35,10 @@ def check_ticket(ticket: TransferTicket, mine: Fingerprint, num_prompt_blocks: i
         raise IncompatiblePeerError(
             f"decode worker reserved {len(ticket.block_ids)} blocks; "
             f"the prompt needs {num_prompt_blocks}"
+        )
+    if not 0 <= ticket.cached_blocks < len(ticket.block_ids):
+        raise IncompatiblePeerError(
+            f"ticket skips {ticket.cached_blocks} of {len(ticket.block_ids)} blocks"
         )
     if not _ENDPOINT.fullmatch(ticket.kv_endpoint):
         raise IncompatiblePeerError(f"unsupported KV endpoint {ticket.kv_endpoint!r}")

@@ -3,8 +3,9 @@
 Every message is a ZeroMQ multipart message whose first frame is a header::
 
     prefix   magic "PDKV" | version u16 | kind u8 | flags u8 | transfer_id 16 bytes | body
-    tag      16 bytes, last: HMAC-SHA256/128 over prefix + payload when the fleet has a key,
-             else CRC32 of prefix + payload (first 4 bytes) when checksums are on, else zeros
+    tag      32 bytes, last: with the fleet key, a random 96-bit nonce and an AES-256-GMAC over
+             prefix + payload (keys derived from the fleet key); else CRC32 of prefix + payload
+             (first 4 bytes) when checksums are on; else zeros
 
     PAGE     layer_start u16 | layer_end u16 | num_blocks u32 | block_size u16 | kv_heads u16
              | head_dim u16 | dtype u8 | payload_nbytes u64 | block_ids u32 x n
@@ -25,17 +26,19 @@ import enum
 import hashlib
 import hmac
 import json
+import os
 import struct
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MAGIC = b"PDKV"
 PROTOCOL_VERSION = 2
 TRANSFER_ID_BYTES = 16
-TAG_BYTES = 16
+TAG_BYTES = 32  # MAC: nonce (12) + GMAC (16) + 4 zero bytes; CRC32: 4 bytes + zeros
 MAX_BLOCKS_PER_PAGE = 1 << 20
 MAX_TEXT_BYTES = 4096
 MAX_PAYLOAD_BYTES = 1 << 32  # one page; far above any real layer range
@@ -44,6 +47,8 @@ _PREFIX = struct.Struct("<4sHBB16s")
 _PAGE = struct.Struct("<HHIHHHBQ")
 _DONE = struct.Struct("<II")
 _ACK = struct.Struct("<B")
+
+_NONCE_BYTES = 12
 
 FLAG_CRC32 = 0x01
 FLAG_MAC = 0x02
@@ -136,13 +141,25 @@ Header = PageHeader | DoneHeader | AbortHeader | AckHeader | HandshakeHeader
 
 class FrameAuth:
     """Seals and verifies frame tags. With a key every frame is MACed and frames without a
-    valid MAC are refused; without one, an optional CRC32 catches corruption (not forgery)."""
+    valid MAC are refused; without one, an optional CRC32 catches corruption (not forgery).
+
+    The MAC is AES-256-GMAC (AES-GCM with no plaintext), tens of GB/s with AES-NI, where
+    HMAC-SHA256 managed under 2 GB/s and capped the channel: ``inner = GMAC_Kp(n, payload)``,
+    ``tag = GMAC_Kh(n, prefix || inner)`` with a fresh random nonce ``n`` per frame and two
+    keys derived from the fleet key, so the payload is never copied to be authenticated.
+    Random 96-bit nonces stay safe for about 2^32 frames per key: rotate the fleet key well
+    before that (hundreds of millions of requests).
+    """
 
     def __init__(self, key: bytes | None, checksum: bool = True) -> None:
         if key is not None and len(key) < 16:
             raise ValueError("the KV channel key must be at least 16 bytes")
         self.key = key
         self.checksum = checksum
+        self._payload_mac = self._header_mac = None
+        if key is not None:
+            self._payload_mac = AESGCM(hashlib.sha256(b"pdserve-kv-payload\0" + key).digest())
+            self._header_mac = AESGCM(hashlib.sha256(b"pdserve-kv-header\0" + key).digest())
 
     @property
     def flags(self) -> int:
@@ -152,10 +169,8 @@ class FrameAuth:
 
     def tag(self, prefix: bytes, payload: memoryview | None) -> bytes:
         if self.key is not None:
-            mac = hmac.new(self.key, prefix, hashlib.sha256)
-            if payload is not None:
-                mac.update(payload)
-            return mac.digest()[:TAG_BYTES]
+            nonce = os.urandom(_NONCE_BYTES)
+            return nonce + self._mac(nonce, prefix, payload) + bytes(TAG_BYTES - 28)
         if self.checksum:
             crc = zlib.crc32(prefix)
             if payload is not None:
@@ -163,12 +178,18 @@ class FrameAuth:
             return struct.pack("<I", crc & 0xFFFFFFFF) + bytes(TAG_BYTES - 4)
         return bytes(TAG_BYTES)
 
+    def _mac(self, nonce: bytes, prefix: bytes, payload: memoryview | None) -> bytes:
+        assert self._payload_mac is not None and self._header_mac is not None
+        inner = b"" if payload is None else self._payload_mac.encrypt(nonce, b"", payload)
+        return self._header_mac.encrypt(nonce, b"", prefix + inner)
+
     def verify(self, flags: int, prefix: bytes, tag: bytes, payload: memoryview | None) -> None:
         """Raise unless the tag is what this side requires and it matches."""
         if self.key is not None:
             if not flags & FLAG_MAC:
                 raise UnauthenticatedFrameError("frame carries no MAC; this channel requires one")
-            if not hmac.compare_digest(self.tag(prefix, payload), tag):
+            nonce, mac, padding = tag[:_NONCE_BYTES], tag[_NONCE_BYTES:28], tag[28:]
+            if any(padding) or not hmac.compare_digest(self._mac(nonce, prefix, payload), mac):
                 raise UnauthenticatedFrameError("frame MAC does not verify (wrong key or altered)")
             return
         if flags & FLAG_MAC:

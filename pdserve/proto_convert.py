@@ -59,6 +59,7 @@ def ticket_from_proto(msg: worker_pb2.TransferTicket) -> TransferTicket:
         kv_endpoint=msg.kv_endpoint,
         block_ids=tuple(msg.block_ids),
         lease_s=msg.lease_seconds,
+        cached_blocks=msg.cached_blocks,
         fingerprint=Fingerprint(
             model=fp.model,
             dtype=fp.dtype,
@@ -80,6 +81,7 @@ def ticket_to_proto(ticket: TransferTicket) -> worker_pb2.TransferTicket:
         kv_endpoint=ticket.kv_endpoint,
         block_ids=list(ticket.block_ids),
         lease_seconds=ticket.lease_s,
+        cached_blocks=ticket.cached_blocks,
         fingerprint=worker_pb2.KVFingerprint(**ticket.fingerprint.to_fields()),
     )
 

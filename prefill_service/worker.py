@@ -52,7 +52,8 @@ class PrefillWorker:
             handshake_timeout_s=config.transfer.handshake_timeout_s,
             max_queued_bytes=config.transfer.max_queued_bytes,
         )
-        self._transfers: dict[str, TransferSpec] = {}  # engine key -> transfer in flight
+        # engine key -> (transfer in flight, leading prompt blocks not sent)
+        self._transfers: dict[str, tuple[TransferSpec, int]] = {}
         if config.transfer.streaming is Streaming.LAYERWISE:
             engine.engine.set_layer_sink(self._export_layer)
 
@@ -75,11 +76,12 @@ class PrefillWorker:
         check_ticket(ticket, self.fingerprint, num_blocks)
         seq = self.engine.new_sequence(request_id, prompt, sampling)
         transfer = TransferSpec(
-            request_id, ticket.transfer_id, ticket.kv_endpoint, ticket.block_ids
+            request_id, ticket.transfer_id, ticket.kv_endpoint, ticket.blocks_to_send
         )
+        skip = ticket.cached_blocks
         start = time.monotonic_ns()
         self.sender.open(transfer)
-        self._transfers[seq.request_id] = transfer
+        self._transfers[seq.request_id] = (transfer, skip)
         try:
             handle = self.engine.submit(seq, export_kv=True)
             try:
@@ -102,7 +104,7 @@ class PrefillWorker:
             self.sender.abort(transfer.transfer_id, "request finished at its first token")
         else:
             if out.pages is not None:  # send-after-prefill mode
-                await asyncio.to_thread(self._send_all, transfer, out.pages)
+                await asyncio.to_thread(self._send_all, transfer, out.pages[:, :, skip:])
             self.sender.finish(transfer.transfer_id, first)
         return PrefillResult(first, out.finish_reason, prefill_ns=done - start)
 
@@ -114,9 +116,12 @@ class PrefillWorker:
 
     def _export_layer(self, key: str, layer: int, pages: torch.Tensor) -> None:
         """Engine thread, mid-forward: this layer's KV of a prompt is ready."""
-        transfer = self._transfers.get(key)
-        if transfer is not None:
-            self.sender.send_pages(transfer.transfer_id, transfer.endpoint, layer, pages)
+        entry = self._transfers.get(key)
+        if entry is not None:
+            transfer, skip = entry  # the decode worker holds the first ``skip`` blocks already
+            self.sender.send_pages(
+                transfer.transfer_id, transfer.endpoint, layer, pages[:, :, skip:]
+            )
 
     def stats(self) -> PoolStats:
         return self.engine.stats()

@@ -4,13 +4,13 @@ corrupted, truncated or forged frame is refused before anything reads its body."
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import struct
 import zlib
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kvtransfer import wire
 from kvtransfer.wire import (
@@ -153,8 +153,9 @@ def test_frame_layout() -> None:
 
 
 def test_tags() -> None:
-    """CRC32 of prefix + payload (little-endian, zero padded); HMAC-SHA256 cut to 16 bytes;
-    zeros when checksums are off. Flags say which."""
+    """CRC32 of prefix + payload (little-endian, zero padded); with a key a random nonce and
+    an AES-256-GMAC over prefix + GMAC(payload) under keys derived from the fleet key; zeros
+    when checksums are off. Flags say which."""
     header = page_header()
     payload = bytes(payload_for(header))
     for name, flags in [("crc", wire.FLAG_CRC32), ("plain", 0), ("hmac", wire.FLAG_MAC)]:
@@ -164,11 +165,17 @@ def test_tags() -> None:
         assert frame[7] == flags
         body, tag = frame[: -wire.TAG_BYTES], frame[-wire.TAG_BYTES :]
         if name == "crc":
-            assert tag == struct.pack("<I", zlib.crc32(body + payload)) + bytes(12)
+            assert tag == struct.pack("<I", zlib.crc32(body + payload)) + bytes(28)
         elif name == "hmac":
-            assert tag == hmac.new(KEY, body + payload, hashlib.sha256).digest()[:16]
+            nonce = tag[:12]
+            kp = AESGCM(hashlib.sha256(b"pdserve-kv-payload\0" + KEY).digest())
+            kh = AESGCM(hashlib.sha256(b"pdserve-kv-header\0" + KEY).digest())
+            inner = kp.encrypt(nonce, b"", payload)
+            assert tag[12:28] == kh.encrypt(nonce, b"", body + inner) and tag[28:] == bytes(4)
+            again = wire.encode(header, auth, memoryview(payload))
+            assert again[-wire.TAG_BYTES : -20] != nonce  # a fresh nonce per frame
         else:
-            assert tag == bytes(16)
+            assert tag == bytes(32)
 
 
 def test_long_texts_are_capped() -> None:
