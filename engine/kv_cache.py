@@ -58,6 +58,10 @@ class KVCache:
     def gather_pages(self, block_ids: Sequence[int], layers: slice = slice(None)) -> torch.Tensor:
         """Copy some blocks' K and V out: (L', 2, n, bs, KVH, D), contiguous, on the cache's
         device."""
+        runs = block_runs(block_ids)
+        if len(runs) == 1:  # one slice copy is twice as fast as a gather
+            _, first, count = runs[0]
+            return self.kv[layers, :, first : first + count].clone()
         index = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
         return self.kv[layers].index_select(2, index)
 
@@ -65,5 +69,27 @@ class KVCache:
         self, block_ids: Sequence[int], pages: torch.Tensor, layers: slice = slice(None)
     ) -> None:
         """Write pages (L', 2, n, bs, KVH, D) into the given blocks of the given layers."""
+        pages = pages.to(self.device, non_blocking=True)
+        runs = block_runs(block_ids)
+        if len(runs) <= _MAX_RUNS:  # consecutive ids: slice copies (2x a scatter's speed)
+            target = self.kv[layers]
+            for offset, first, count in runs:
+                target[:, :, first : first + count].copy_(pages[:, :, offset : offset + count])
+            return
         index = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
-        self.kv[layers].index_copy_(2, index, pages.to(self.device, non_blocking=True))
+        self.kv[layers].index_copy_(2, index, pages)
+
+
+_MAX_RUNS = 8
+
+
+def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(offset in block_ids, first block id, length)`` of each run of consecutive ids."""
+    runs: list[tuple[int, int, int]] = []
+    for offset, block_id in enumerate(block_ids):
+        if runs and runs[-1][1] + runs[-1][2] == block_id:
+            start, first, count = runs[-1]
+            runs[-1] = (start, first, count + 1)
+        else:
+            runs.append((offset, block_id, 1))
+    return runs
