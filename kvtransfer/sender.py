@@ -17,10 +17,12 @@ a slow decode worker slows its prefill workers instead of growing their memory w
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +41,7 @@ SentCallback = Callable[[str, bool, str], None]  # (request_id, ok, message)
 
 _SEND_TIMEOUT_MS = 10_000
 _SNDHWM = 64
+_IDLE_POLL_MS = 50  # deadline checks (acks, handshakes) run at least this often
 DEFAULT_MAX_QUEUED_BYTES = 512 << 20
 
 
@@ -96,6 +99,10 @@ class KVSender:
         self._transfers: dict[bytes, _Transfer] = {}  # owned by the sending thread
         self._peers: dict[str, _Peer] = {}
         self._poller = zmq.Poller()
+        self._wake_r, self._wake_w = os.pipe()  # closed with the sender, never before
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,6 +118,8 @@ class KVSender:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"\0")
             self._thread.join(timeout=5)
 
     # -- the owner's side (any thread) ------------------------------------------------------
@@ -122,7 +131,7 @@ class KVSender:
             if spec.transfer_id in self._specs:
                 raise ValueError("transfer id already open")
             self._specs[spec.transfer_id] = spec
-        self._commands.put(("open", spec.transfer_id, spec))
+        self._put(("open", spec.transfer_id, spec))
 
     def send_pages(
         self, transfer_id: bytes, endpoint: str, layer_start: int, pages: torch.Tensor
@@ -137,7 +146,7 @@ class KVSender:
         try:
             self._check_pages(transfer_id, layer_start, pages)
         except ValueError as exc:
-            self._commands.put(("abort", transfer_id, f"invalid pages: {exc}"))
+            self._put(("abort", transfer_id, f"invalid pages: {exc}"))
             raise
         nbytes = pages.numel() * pages.element_size()
         deadline = time.monotonic() + self._ack_timeout
@@ -145,11 +154,11 @@ class KVSender:
             while self._queued[endpoint] and self._queued[endpoint] + nbytes > self._max_queued:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stop.is_set():
-                    self._commands.put(("abort", transfer_id, "backpressure timeout"))
+                    self._put(("abort", transfer_id, "backpressure timeout"))
                     raise TransferBackpressureError(f"decode worker {endpoint} is not draining")
                 self._budget.wait(min(left, 0.5))
             self._queued[endpoint] += nbytes
-        self._commands.put(("pages", transfer_id, (layer_start, pages, nbytes, endpoint)))
+        self._put(("pages", transfer_id, (layer_start, pages, nbytes, endpoint)))
 
     def _check_pages(self, transfer_id: bytes, layer_start: int, pages: torch.Tensor) -> None:
         """Refuse pages this transfer cannot carry (ValueError), before they are queued."""
@@ -175,11 +184,11 @@ class KVSender:
 
     def finish(self, transfer_id: bytes, first_token_id: int) -> None:
         """All pages are queued: send DONE with the first token and await the ack."""
-        self._commands.put(("done", transfer_id, first_token_id))
+        self._put(("done", transfer_id, first_token_id))
 
     def abort(self, transfer_id: bytes, reason: str) -> None:
         """Drop the transfer; the receiver frees its reservation at once."""
-        self._commands.put(("abort", transfer_id, reason))
+        self._put(("abort", transfer_id, reason))
 
     def pending(self) -> int:
         """Transfers opened and not yet acknowledged or abandoned."""
@@ -188,11 +197,24 @@ class KVSender:
 
     # -- sending thread ---------------------------------------------------------------------
 
+    def _put(self, command: tuple[str, bytes, object]) -> None:
+        """Queue a command and wake the sending thread (any thread)."""
+        self._commands.put(command)
+        with contextlib.suppress(BlockingIOError):  # a full pipe wakes the thread anyway
+            os.write(self._wake_w, b"\0")
+
     def _loop(self) -> None:
+        """Sleeps in one poll over the peers' sockets and a wake-up pipe: replies and new
+        commands are handled as they come, with no busy polling while the engine computes."""
+        self._poller.register(self._wake_r, zmq.POLLIN)
         while not self._stop.is_set():
-            busy = bool(self._transfers) or any(p.backlog for p in self._peers.values())
+            events = dict(self._poller.poll(_IDLE_POLL_MS))
+            if self._wake_r in events:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 4096):
+                        pass
             try:
-                command = self._commands.get(timeout=0.002 if busy else 0.1)
+                command: tuple[str, bytes, object] | None = self._commands.get_nowait()
             except queue.Empty:
                 command = None
             while command is not None:
@@ -323,7 +345,9 @@ class KVSender:
         if not self._peers:
             return
         for sock, _ in self._poller.poll(0):
-            peer = next(p for p in self._peers.values() if p.sock is sock)
+            peer = next((p for p in self._peers.values() if p.sock is sock), None)
+            if peer is None:  # the wake-up pipe
+                continue
             while True:
                 try:
                     frame = sock.recv(zmq.NOBLOCK)
@@ -411,3 +435,9 @@ class KVSender:
         with self._budget:
             self._queued[endpoint] -= nbytes
             self._budget.notify_all()
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
