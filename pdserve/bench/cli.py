@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from engine.config import DEFAULT_MODEL
@@ -287,12 +289,13 @@ def _print_summary(args: argparse.Namespace, runs: list[RunResult], ratios: dict
 
     first = runs[0]
     n_in = sum(o.prompt_len for o in first.outcomes)
+    per_run = " per run (fresh prompts for each rate)" if len(runs) > 1 and not args.compare else ""
     print(
-        f"\n{first.metrics.num_requests} requests, {n_in} prompt tokens, seed {args.seed}; "
-        + "; ".join(dict.fromkeys(r.load.describe() for r in runs))
+        f"\n{first.metrics.num_requests} requests{per_run}, {n_in} prompt tokens in the first, "
+        f"seed {args.seed}; " + "; ".join(dict.fromkeys(r.load.describe() for r in runs))
     )
-    for r in runs:
-        print(f"  {r.label}: {r.description}")
+    for label, description in dict.fromkeys((r.label, r.description) for r in runs):
+        print(f"  {label}: {description}")
     print()
     print(format_table(runs))
     if ratios:
@@ -300,12 +303,18 @@ def _print_summary(args: argparse.Namespace, runs: list[RunResult], ratios: dict
         print(format_ratios(ratios))
     if args.request_rate_sweep and args.goodput:
         met = [r.load.request_rate for r in runs if (r.metrics.slo_attainment or 0) >= 0.9]
-        best = f"{max(met):g} req/s" if met else "none of the rates swept"
+        best = "none of the rates swept"
+        if met:
+            best = "inf (all at once)" if math.isinf(max(met)) else f"{max(met):g} req/s"
         print(f"\nhighest rate with >= 90% of requests within every SLO: {best}")
     for r in runs:
         errors = [o.error for o in r.outcomes if not o.success]
         if errors:
             print(f"\n{r.label}: {len(errors)} failed requests, e.g. {errors[0]}", file=sys.stderr)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -316,6 +325,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.smoke:
         _apply_smoke(args)
+    # SIGTERM unwinds like Ctrl-C, so the clusters --compare started are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         model_path = resolve_model_path(
             ModelConfig(model=args.model, cache_dir=args.cache_dir or default_cache_dir())
