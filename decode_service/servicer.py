@@ -1,16 +1,20 @@
-"""``pdserve.v1.Decode`` servicer: protos in, domain calls, protos out. Errors map here."""
+"""``pdserve.v1.Decode`` servicer: protos in, domain calls, protos out.
+
+Domain failures are raised, not caught: the server's :class:`~pdserve.interceptors.CallScope`
+maps them to a status with :data:`STATUS_CODES`, binds the request id, and admits each
+``Generate`` through the server's :class:`~pdserve.grpc_runtime.Lifecycle`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
 import grpc
-import structlog
 
 from decode_service.worker import DecodeWorker
-from engine.errors import EngineError
+from engine.errors import EngineStoppedError, InvalidRequestError
 from engine.sequence import FinishReason
-from pdserve.grpc_runtime import BASE_STATUS_CODES, status_for
+from pdserve.grpc_runtime import BASE_STATUS_CODES, Lifecycle
 from pdserve.metrics import WorkerMetrics
 from pdserve.proto_convert import (
     FINISH_TO_PROTO,
@@ -18,45 +22,51 @@ from pdserve.proto_convert import (
     status_to_proto,
     ticket_to_proto,
 )
+from pdserve.worker_runtime import load_updates
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 
-log = structlog.get_logger(__name__)
-
 STATUS_CODES = dict(BASE_STATUS_CODES)
+WORK_METHODS = ("/pdserve.v1.Decode/Generate",)
+
+
+class DecodeFailedError(EngineStoppedError):
+    """The sequence failed inside the worker (e.g. its KV transfer); maps to UNAVAILABLE."""
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeServicer):
     def __init__(
-        self, worker: DecodeWorker, model_name: str, metrics: WorkerMetrics | None = None
+        self,
+        worker: DecodeWorker,
+        model_name: str,
+        metrics: WorkerMetrics | None = None,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self.worker = worker
         self.model_name = model_name
         self.metrics = metrics
+        self.lifecycle = lifecycle or Lifecycle()
 
     async def Generate(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
-        structlog.contextvars.bind_contextvars(request_id=request.request_id)
         sampling = sampling_from_proto(request.sampling)
         prompt = list(request.prompt_token_ids)
         if not prompt:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty prompt_token_ids")
+            raise InvalidRequestError("empty prompt_token_ids")
+        local = request.mode != worker_pb2.PREFILL_MODE_REMOTE
+        if not local:
+            remaining = context.time_remaining()
+            lease = remaining if remaining is not None else float("inf")
+            handle, ticket = self.worker.reserve(request.request_id, prompt, sampling, lease)
+        else:
+            handle = self.worker.generate_local(request.request_id, prompt, sampling)
         try:
-            if request.mode == worker_pb2.PREFILL_MODE_REMOTE:
-                remaining = context.time_remaining()
-                lease = remaining if remaining is not None else float("inf")
-                handle, ticket = self.worker.reserve(request.request_id, prompt, sampling, lease)
+            if not local:
                 yield worker_pb2.DecodeResponse(ticket=ticket_to_proto(ticket))
-            else:
-                handle = self.worker.generate_local(request.request_id, prompt, sampling)
-        except EngineError as exc:
-            await context.abort(status_for(exc, STATUS_CODES), str(exc))
-        try:
             async for out in handle.outputs():
                 if out.finish_reason is FinishReason.ERROR:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, out.error or "decode failed")
+                    raise DecodeFailedError(out.error or "decode failed")
                 if out.timings is not None and self.metrics is not None:
-                    local = request.mode != worker_pb2.PREFILL_MODE_REMOTE
                     generated = out.num_completion_tokens - (0 if local else 1)
                     self.metrics.observe(out.timings, len(prompt) if local else 0, generated)
                 yield worker_pb2.DecodeResponse(
@@ -68,16 +78,33 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 )
         finally:
             self.worker.release(handle)
-            structlog.contextvars.unbind_contextvars("request_id")
 
-    async def GetStatus(
-        self, request: worker_pb2.StatusRequest, context: grpc.aio.ServicerContext
-    ) -> worker_pb2.WorkerStatus:
-        return status_to_proto(
+    def _status(self) -> worker_pb2.WorkerStatus:
+        stats = self.worker.stats()
+        msg = status_to_proto(
             "decode",
             self.model_name,
-            self.worker.stats(),
+            stats,
             self.worker.engine.engine.kv_cache.block_size,
             self.worker.pending_transfers(),
             kv_endpoint=self.worker.kv_endpoint,
         )
+        life = self.lifecycle
+        msg.serving = not life.draining
+        msg.awaiting_kv = stats.awaiting_kv
+        msg.in_flight = life.in_flight
+        msg.max_in_flight = life.max_in_flight
+        msg.requests_total = life.total
+        msg.max_num_seqs = self.worker.engine.engine.config.scheduler.max_num_seqs
+        return msg
+
+    async def GetStatus(
+        self, request: worker_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerStatus:
+        return self._status()
+
+    async def WatchLoad(
+        self, request: worker_pb2.WatchLoadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.WorkerStatus]:
+        async for msg in load_updates(self._status, request.interval_ms, self.lifecycle.stopped):
+            yield msg

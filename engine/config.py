@@ -102,3 +102,5 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     num_threads: int | None = None
     """torch intra-op threads for this process; torch's default when unset."""
+    cpus: tuple[int, ...] | None = None
+    """Pin this process to these CPU cores (a tier per core keeps prefill off decode's core)."""

@@ -1,4 +1,4 @@
-"""One request's life across the tiers, as domain events.
+"""One request's life across the tiers, as domain events, with failover.
 
 Disaggregated::
 
@@ -7,7 +7,19 @@ Disaggregated::
                                          pushes KV pages to the ticket's endpoint meanwhile
     gateway <--tokens 2..n-------------- decode worker: admits the sequence once pages arrive
 
-Colocated (no prefill worker): one ``Decode.Generate(LOCAL)`` call streams every token.
+Local prefill (colocated, or a "local_*" routing decision): one ``Decode.Generate(LOCAL)`` call
+streams every token.
+
+Failover: an attempt that fails in a way another worker may not (the worker died, drains, is
+full, or broke the transfer) is retried on another route, avoiding the workers that failed::
+
+    attempt 1:  prompt                  -> t1 t2 t3  x (decode worker died)
+    attempt 2:  prompt + [t1 t2 t3]     -> t4 t5 ... (prefilled again, on other workers)
+
+Tokens already received are never asked for again, so the stream has no duplicated and no
+missing tokens, and greedy output equals an undisturbed run. Before the first token this is a
+plain retry. After ``max_attempts`` the request fails with the last error (UNAVAILABLE with a
+message saying how far it got).
 
 Leaving the generator early (client cancel, deadline, stop string) cancels every open worker call,
 which aborts the work and frees its blocks on each tier.
@@ -16,24 +28,30 @@ which aborts the work and frees its blocks on each tier.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
+from typing import cast
 
 import grpc
 import structlog
 from transformers import PreTrainedTokenizerBase
 
+from engine.errors import InvalidRequestError
 from engine.sequence import FinishReason, SamplingParams
 from gateway.detokenizer import IncrementalDetokenizer
-from gateway.errors import UpstreamError
+from gateway.errors import NoWorkersError, UpstreamError
 from gateway.prompts import PromptInput, PromptTokenizer
-from gateway.router import RoundRobinRouter, Route
+from gateway.router import Route, Router
 from gateway.stop_strings import StopStringMatcher
 from gateway.validation import validate_sampling
-from gateway.worker_clients import TokenEvent
+from gateway.worker_clients import DecodeClient, PrefillClient, TokenEvent
 from pdserve.metrics import GatewayMetrics
 
 log = structlog.get_logger(__name__)
+
+RETRY_PAUSE_S = 0.05  # before attempt n+1: n x this (lets the registry see a death)
 
 
 @dataclass(frozen=True)
@@ -63,24 +81,40 @@ class Deadline:
         return left
 
 
+@dataclass(frozen=True)
+class FailoverConfig:
+    max_attempts: int = 4
+    """Routes tried per request, the first included (1: no failover)."""
+
+
 class GenerationCore:
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
         prompts: PromptTokenizer,
         max_model_len: int,
-        router: RoundRobinRouter,
+        router: Router,
         metrics: GatewayMetrics | None = None,
+        *,
+        max_prompt_tokens: int = 0,
+        failover: FailoverConfig | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.prompts = prompts
         self.max_model_len = max_model_len
         self.router = router
         self.metrics = metrics
+        self.max_prompt_tokens = max_prompt_tokens
+        self.failover = failover or FailoverConfig()
 
     def prepare(self, inp: PromptInput, sampling: SamplingParams) -> list[int]:
         """Tokenize and validate; raises InvalidRequestError before any worker is involved."""
         prompt = self.prompts.encode(inp)
+        if self.max_prompt_tokens and len(prompt) > self.max_prompt_tokens:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt)} tokens; this gateway accepts at most "
+                f"{self.max_prompt_tokens} (--max-prompt-tokens)"
+            )
         validate_sampling(sampling, len(prompt), self.max_model_len)
         return prompt
 
@@ -88,13 +122,10 @@ class GenerationCore:
         self, request_id: str, prompt: list[int], sampling: SamplingParams, timeout: float | None
     ) -> AsyncIterator[Delta]:
         deadline = Deadline(timeout)
-        route = self.router.route()
-        if self.metrics is not None:
-            self.metrics.routed("colocated" if route.prefill is None else "disaggregated")
         detok = IncrementalDetokenizer(self.tokenizer, prompt)
         stops = StopStringMatcher(sampling.stop)
         completion = 0
-        events = self._events(request_id, prompt, sampling, route, deadline)
+        events = self._events(request_id, prompt, sampling, deadline)
         try:
             async for event in events:
                 completion += len(event.token_ids)
@@ -117,6 +148,72 @@ class GenerationCore:
             await events.aclose()
 
     async def _events(
+        self, request_id: str, prompt: list[int], sampling: SamplingParams, deadline: Deadline
+    ) -> AsyncGenerator[TokenEvent, None]:
+        """Every token of the request, across as many attempts as failures need."""
+        generated: list[int] = []
+        avoid_decode: set[str] = set()
+        avoid_prefill: set[str] = set()
+        attempt = 0
+        while True:
+            attempt += 1
+            left = sampling.max_tokens - len(generated)
+            if left <= 0:  # every token arrived; only the finish was lost
+                yield TokenEvent((), FinishReason.LENGTH)
+                return
+            try:
+                route = self.router.route(prompt + generated, avoid_decode, avoid_prefill)
+            except NoWorkersError as exc:
+                if not generated:
+                    raise
+                raise UpstreamError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the stream failed after {len(generated)} tokens and could not be "
+                    f"resumed: {exc}",
+                ) from exc
+            self._log_route(route, attempt, len(generated))
+            attempt_events = self._attempt(
+                request_id,
+                prompt + generated,
+                dataclasses.replace(sampling, max_tokens=left),
+                route,
+                deadline,
+            )
+            try:
+                async with contextlib.aclosing(attempt_events):  # ends worker calls at once
+                    async for event in attempt_events:
+                        generated.extend(event.token_ids)
+                        yield event
+                        if event.finish_reason is not None:
+                            return
+            except UpstreamError as exc:
+                if not exc.retryable or attempt >= self.failover.max_attempts:
+                    raise _final_error(exc, len(generated), attempt) from exc
+                (avoid_decode if exc.tier == "decode" else avoid_prefill).add(exc.address)
+                log.warning(
+                    "request_retrying" if not generated else "stream_resuming",
+                    attempt=attempt,
+                    failed_tier=exc.tier,
+                    failed_worker=exc.address,
+                    code=exc.code.name,
+                    error=str(exc),
+                    tokens_so_far=len(generated),
+                )
+                await asyncio.sleep(RETRY_PAUSE_S * attempt)
+
+    def _log_route(self, route: Route, attempt: int, resumed_after: int) -> None:
+        if self.metrics is not None:
+            self.metrics.routed(route.decision)
+        log.info(
+            "request_routed",
+            decision=route.decision,
+            decode=route.decode.address,
+            prefill=route.prefill.address if route.prefill is not None else None,
+            attempt=attempt,
+            **({"resumed_after_tokens": resumed_after} if resumed_after else {}),
+        )
+
+    async def _attempt(
         self,
         request_id: str,
         prompt: list[int],
@@ -124,16 +221,24 @@ class GenerationCore:
         route: Route,
         deadline: Deadline,
     ) -> AsyncGenerator[TokenEvent, None]:
-        remote = route.prefill is not None
-        stream = route.decode.open(
-            request_id, prompt, sampling, remote_prefill=remote, timeout=deadline.remaining()
+        """One try on one route; raises UpstreamError naming the worker that failed."""
+        decode, prefill = route.decode, route.prefill
+        decode_client = cast(DecodeClient, decode.client)  # the decode tier holds DecodeClients
+        timeout = deadline.remaining()
+        decode.assign()
+        stream = decode_client.open(
+            request_id, prompt, sampling, remote_prefill=prefill is not None, timeout=timeout
         )
         try:
-            if route.prefill is not None:
+            if prefill is not None:
                 ticket = await stream.ticket()
-                first = await route.prefill.prefill(
-                    request_id, prompt, sampling, ticket, timeout=deadline.remaining()
-                )
+                prefill.assign()
+                try:
+                    first = await cast(PrefillClient, prefill.client).prefill(
+                        request_id, prompt, sampling, ticket, timeout=deadline.remaining()
+                    )
+                finally:
+                    await self.router.registry.prefill.release(prefill)
                 yield TokenEvent((first.first_token_id,), first.finish_reason)
                 if first.finish_reason is not None:
                     return
@@ -141,3 +246,26 @@ class GenerationCore:
                 yield event
         finally:
             stream.cancel()
+            await self.router.registry.decode.release(decode)
+
+
+def _final_error(exc: UpstreamError, tokens: int, attempts: int) -> UpstreamError:
+    """The error the client sees once failover gives up."""
+    if not exc.retryable:
+        return exc
+    if tokens:
+        message = (
+            f"the stream failed after {tokens} tokens and could not be resumed "
+            f"({attempts} attempts): {exc}"
+        )
+        code = grpc.StatusCode.UNAVAILABLE
+    else:
+        message = f"no worker could serve the request ({attempts} attempts): {exc}"
+        code = exc.code
+    return UpstreamError(
+        code,
+        message,
+        tier=exc.tier,
+        address=exc.address,
+        retry_after_s=exc.retry_after_s,
+    )

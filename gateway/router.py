@@ -1,35 +1,212 @@
-"""Which workers serve a request. Round-robin for now; load-aware routing comes later."""
+"""Which workers serve a request: pluggable policies per tier, and conditional disaggregation.
+
+``Router.route`` picks a decode worker, then decides where the prompt is computed::
+
+    no prefill tier configured                         -> "colocated"
+    prompt shorter than local_prefill_below            -> "local_short_prompt"
+    no prefill worker routable (all down or draining)  -> "local_no_prefill"
+    every prefill queue >= prefill_saturated_queue,
+      and the decode worker has headroom               -> "local_prefill_saturated"
+    otherwise a prefill worker (by policy)             -> "disaggregated"
+
+"local_*" decisions prefill on the decode worker itself. Policies (``--router``):
+
+- ``load-aware``: decode least loaded (KV block usage after this prompt + batch occupancy);
+  prefill shortest queue, preferring the worker that last computed the same prompt prefix (its
+  prefix cache holds it) unless that worker's queue is longer than the shortest by more than
+  ``AFFINITY_SLACK``;
+- ``round-robin``: in turn, ignoring load.
+
+Loads come from the workers' reports (:mod:`gateway.registry`) plus the calls this gateway
+routed since the last report. Ties rotate, so equal workers share the work.
+"""
 
 from __future__ import annotations
 
+import collections
 import itertools
+import math
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from gateway.errors import NoWorkersError
-from gateway.worker_clients import DecodeClient, PrefillClient
+from gateway.errors import NoWorkersError, OverloadedError
+from gateway.registry import Registry, WorkerEntry
+
+AFFINITY_SLACK = 2  # queued prompts an affine prefill worker may have beyond the shortest queue
+AFFINITY_ENTRIES = 4096  # prefixes remembered
+OVERLOADED_RETRY_S = 0.5
+HEADROOM_BATCH_FRACTION = 0.5  # a decode worker below this batch occupancy may prefill locally
 
 
 @dataclass(frozen=True)
 class Route:
-    decode: DecodeClient
-    prefill: PrefillClient | None  # None: the decode worker computes the prompt (colocated)
+    decode: WorkerEntry
+    prefill: WorkerEntry | None  # None: the decode worker computes the prompt
+    decision: str
 
 
-class RoundRobinRouter:
-    def __init__(self, prefill: list[PrefillClient], decode: list[DecodeClient]) -> None:
-        if not decode:
-            raise NoWorkersError("the gateway needs at least one decode worker")
-        self.prefill = prefill
-        self.decode = decode
-        self._next_prefill = itertools.cycle(prefill) if prefill else None
-        self._next_decode = itertools.cycle(decode)
+@dataclass(frozen=True)
+class RoutingConfig:
+    policy: str = "load-aware"
+    """``load-aware`` or ``round-robin`` (see :data:`POLICIES`)."""
+    local_prefill_below: int = 0
+    """Prompts with fewer tokens prefill on the decode worker (0: never)."""
+    prefill_saturated_queue: int = 0
+    """When every prefill worker has this many prompts queued or running, prompts prefill on a
+    decode worker with headroom (0: never)."""
+    affinity_tokens: int = 64
+    """Prompt tokens that identify a shared prefix for prefill affinity (0: no affinity)."""
 
-    def route(self) -> Route:
-        prefill = next(self._next_prefill) if self._next_prefill is not None else None
-        return Route(decode=next(self._next_decode), prefill=prefill)
 
-    async def close(self) -> None:
-        for prefill in self.prefill:
-            await prefill.close()
-        for decode in self.decode:
-            await decode.close()
+class Policy(Protocol):
+    def pick(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> WorkerEntry: ...
+
+
+def _batch(entry: WorkerEntry) -> int:
+    return entry.batch()
+
+
+def decode_score(entry: WorkerEntry, prompt_len: int) -> float:
+    """Block usage after admitting this prompt, plus batch occupancy (both in [0, 1]-ish)."""
+    load = entry.load
+    if load is None or load.total_blocks == 0:
+        return math.inf
+    needed = -(-(prompt_len + 1) // max(1, load.block_size))
+    usage = 1.0 - (load.free_blocks - needed) / load.total_blocks
+    batch = _batch(entry) / max(1, load.max_num_seqs or 64)
+    return usage + batch
+
+
+def prefill_queue(entry: WorkerEntry) -> int:
+    return _batch(entry)
+
+
+class _Rotation:
+    """Breaks ties between equal scores by rotating the starting point."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def order(self, candidates: Sequence[WorkerEntry]) -> list[WorkerEntry]:
+        ordered = sorted(candidates, key=lambda e: e.address)
+        start = next(self._counter) % len(ordered)
+        return ordered[start:] + ordered[:start]
+
+
+class RoundRobinPolicy:
+    def __init__(self) -> None:
+        self._rotation = _Rotation()
+
+    def pick(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> WorkerEntry:
+        return self._rotation.order(candidates)[0]
+
+
+class LeastLoadedDecodePolicy:
+    def __init__(self) -> None:
+        self._rotation = _Rotation()
+
+    def pick(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> WorkerEntry:
+        return min(self._rotation.order(candidates), key=lambda e: decode_score(e, len(prompt)))
+
+
+class ShortestQueuePrefillPolicy:
+    def __init__(self, affinity_tokens: int = 64) -> None:
+        self._rotation = _Rotation()
+        self._affinity_tokens = affinity_tokens
+        self._last: collections.OrderedDict[int, str] = collections.OrderedDict()
+
+    def pick(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> WorkerEntry:
+        best = min(self._rotation.order(candidates), key=prefill_queue)
+        key = self._prefix_key(prompt)
+        if key is None:
+            return best
+        affine = self._last.get(key)
+        chosen = best
+        for entry in candidates:
+            if entry.address == affine and prefill_queue(entry) <= prefill_queue(best) + (
+                AFFINITY_SLACK
+            ):
+                chosen = entry
+        self._last[key] = chosen.address
+        self._last.move_to_end(key)
+        while len(self._last) > AFFINITY_ENTRIES:
+            self._last.popitem(last=False)
+        return chosen
+
+    def _prefix_key(self, prompt: Sequence[int]) -> int | None:
+        n = self._affinity_tokens
+        if n <= 0 or len(prompt) < n:
+            return None
+        return hash(tuple(prompt[:n]))
+
+
+POLICIES = ("load-aware", "round-robin")
+
+
+def make_policies(config: RoutingConfig) -> tuple[Policy, Policy]:
+    """(decode policy, prefill policy) for ``config.policy``."""
+    if config.policy == "round-robin":
+        return RoundRobinPolicy(), RoundRobinPolicy()
+    if config.policy == "load-aware":
+        return LeastLoadedDecodePolicy(), ShortestQueuePrefillPolicy(config.affinity_tokens)
+    raise ValueError(f"unknown routing policy {config.policy!r}; choose one of {POLICIES}")
+
+
+class Router:
+    def __init__(self, registry: Registry, config: RoutingConfig | None = None) -> None:
+        self.registry = registry
+        self.config = config or RoutingConfig()
+        self.decode_policy, self.prefill_policy = make_policies(self.config)
+
+    def route(
+        self,
+        prompt: Sequence[int],
+        avoid_decode: Collection[str] = (),
+        avoid_prefill: Collection[str] = (),
+    ) -> Route:
+        """Raises :class:`NoWorkersError` when no decode worker is routable and
+        :class:`OverloadedError` when every routable one is at its limit. Workers in ``avoid_*``
+        (failed for this request) are used only when no other is routable."""
+        decode = self.decode_policy.pick(self._decode_candidates(avoid_decode), prompt)
+        if not self.registry.prefill.configured:
+            return Route(decode, None, "colocated")
+        if len(prompt) < self.config.local_prefill_below:
+            return Route(decode, None, "local_short_prompt")
+        prefill = _prefer_not(self.registry.prefill.routable(), avoid_prefill)
+        prefill = [e for e in prefill if e.load is None or not e.load.full] or prefill
+        if not prefill:
+            return Route(decode, None, "local_no_prefill")
+        saturated_at = self.config.prefill_saturated_queue
+        if (
+            saturated_at
+            and min(prefill_queue(e) for e in prefill) >= saturated_at
+            and _has_headroom(decode)
+        ):
+            return Route(decode, None, "local_prefill_saturated")
+        return Route(decode, self.prefill_policy.pick(prefill, prompt), "disaggregated")
+
+    def _decode_candidates(self, avoid: Collection[str]) -> list[WorkerEntry]:
+        tier = self.registry.decode
+        routable = _prefer_not(tier.routable(), avoid)
+        if not routable:
+            raise NoWorkersError(f"no decode worker is available ({tier.summary()})")
+        open_ = [e for e in routable if e.load is None or not e.load.full]
+        if not open_:
+            raise OverloadedError(
+                f"every decode worker is at capacity ({len(routable)} routable); retry later",
+                OVERLOADED_RETRY_S,
+            )
+        return open_
+
+
+def _prefer_not(entries: list[WorkerEntry], avoid: Collection[str]) -> list[WorkerEntry]:
+    preferred = [e for e in entries if e.address not in avoid]
+    return preferred or entries
+
+
+def _has_headroom(entry: WorkerEntry) -> bool:
+    load = entry.load
+    if load is None:
+        return False
+    return _batch(entry) < HEADROOM_BATCH_FRACTION * max(1, load.max_num_seqs or 64)

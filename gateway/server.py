@@ -11,14 +11,18 @@ from transformers import AutoTokenizer
 
 from engine.config import ModelConfig
 from engine.model_loader import describe_model, load_hf_config, resolve_model_path
-from gateway.generation import GenerationCore
+from gateway.errors import NoWorkersError
+from gateway.generation import FailoverConfig, GenerationCore
 from gateway.prompts import PromptTokenizer
-from gateway.router import RoundRobinRouter
-from gateway.servicer import GenerationServicer
+from gateway.registry import Registry, TierRegistry
+from gateway.router import Router, RoutingConfig
+from gateway.servicer import STATUS_CODES, WORK_METHODS, GenerationServicer
 from gateway.worker_clients import DecodeClient, PrefillClient
 from pdserve.gpu import register_gpu_metrics
-from pdserve.grpc_runtime import serve_until_signalled, start_server
+from pdserve.grpc_runtime import Lifecycle, serve_until_signalled, start_server
+from pdserve.interceptors import BearerAuth, CallScope
 from pdserve.metrics import GatewayMetrics, serve_metrics
+from pdserve.tls import TLSConfig
 from protos.pdserve.v1 import generation_pb2, generation_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -27,41 +31,120 @@ SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_nam
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """How the gateway finds and follows workers."""
+
+    load_interval_ms: int = 250
+    """How often each worker reports its load."""
+    stale_after_s: float = 1.5
+    """A worker whose last load report is older stops receiving work."""
+    resolve_interval_s: float = 5.0
+    """How often ``dns:///`` targets are resolved again."""
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    max_concurrent_requests: int = 256
+    """Requests streaming at once (0: no bound)."""
+    max_queued_requests: int = 256
+    """Requests waiting for a slot beyond that; past both, RESOURCE_EXHAUSTED with RetryInfo."""
+    max_prompt_tokens: int = 0
+    """Longer prompts are refused with INVALID_ARGUMENT (0: the model's context bounds them)."""
+    retry_after_s: float = 0.5
+    """The RetryInfo delay sent with RESOURCE_EXHAUSTED."""
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    tls: TLSConfig | None = None
+    """The public listener's TLS (``require_client_cert`` makes clients present one too)."""
+    upstream_tls: TLSConfig | None = None
+    """TLS towards workers: their CA, and this gateway's client certificate for mTLS."""
+    auth_tokens: tuple[str, ...] = ()
+    """Bearer tokens accepted on the public API; none: no authentication."""
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     listen: str = "127.0.0.1:50051"
     prefill: tuple[str, ...] = field(default_factory=tuple)
-    """Prefill worker addresses; none means every prompt is computed on a decode worker."""
+    """Prefill worker targets (``host:port`` or ``dns:///name:port``); none: colocated."""
     decode: tuple[str, ...] = field(default_factory=tuple)
     metrics_port: int = 9100
     """Prometheus /metrics port (0: off)."""
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    failover: FailoverConfig = field(default_factory=FailoverConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+
+
+def build_registry(config: GatewayConfig) -> Registry:
+    if not config.decode:
+        raise NoWorkersError("the gateway needs at least one decode worker target")
+    tls = config.security.upstream_tls
+    fleet = config.fleet
+
+    def tier(name: str, targets: tuple[str, ...], client: type) -> TierRegistry:
+        return TierRegistry(
+            name,
+            targets,
+            lambda address: client(address, tls),
+            load_interval_ms=fleet.load_interval_ms,
+            stale_after_s=fleet.stale_after_s,
+            resolve_interval_s=fleet.resolve_interval_s,
+        )
+
+    return Registry(
+        tier("prefill", config.prefill, PrefillClient), tier("decode", config.decode, DecodeClient)
+    )
 
 
 def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> GenerationCore:
-    """Tokenizer and model limits (no weights), plus clients for every configured worker."""
+    """Tokenizer and model limits (no weights), plus the router over the worker registry
+    (call :meth:`Registry.start` inside the event loop before serving)."""
     path = resolve_model_path(config.model)
     spec = describe_model(config.model.model, path, load_hf_config(path))
     max_len = min(spec.max_model_len, config.model.max_model_len or spec.max_model_len)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     vocab = min(len(tokenizer), spec.vocab_size)
-    router = RoundRobinRouter(
-        [PrefillClient(a) for a in config.prefill], [DecodeClient(a) for a in config.decode]
-    )
+    router = Router(build_registry(config), config.routing)
     prompts = PromptTokenizer(tokenizer, max_len, vocab)
-    return GenerationCore(tokenizer, prompts, max_len, router, metrics)
+    return GenerationCore(
+        tokenizer,
+        prompts,
+        max_len,
+        router,
+        metrics,
+        max_prompt_tokens=config.admission.max_prompt_tokens,
+        failover=config.failover,
+    )
 
 
 async def serve(config: GatewayConfig, grace_s: float = 5.0) -> None:
+    """Serve until SIGTERM; then drain: streams in flight have ``grace_s`` to finish."""
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     register_gpu_metrics(registry, "gateway")
     core = build_core(config, metrics)
     servicer = GenerationServicer(core, metrics)
     serve_metrics(config.metrics_port, registry)
+    admission = config.admission
+    lifecycle = Lifecycle(
+        admission.max_concurrent_requests, admission.max_queued_requests, admission.retry_after_s
+    )
+    interceptors = [CallScope(lifecycle, WORK_METHODS, STATUS_CODES)]
+    if config.security.auth_tokens:
+        interceptors.insert(0, BearerAuth(config.security.auth_tokens))
+    await core.router.registry.start()
     handle = await start_server(
         config.listen,
         [SERVICE_NAME],
         [functools.partial(generation_pb2_grpc.add_GenerationServicer_to_server, servicer)],
+        tls=config.security.tls,
+        lifecycle=lifecycle,
+        interceptors=interceptors,
     )
     log.info(
         "gateway_ready",
@@ -70,8 +153,14 @@ async def serve(config: GatewayConfig, grace_s: float = 5.0) -> None:
         prefill=list(config.prefill),
         decode=list(config.decode),
         mode="disaggregated" if config.prefill else "colocated",
+        policy=config.routing.policy,
+        tls=config.security.tls is not None,
+        upstream_tls=config.security.upstream_tls is not None,
+        auth=bool(config.security.auth_tokens),
     )
     try:
-        await serve_until_signalled(handle, [SERVICE_NAME], grace_s)
+        await serve_until_signalled(
+            handle, [SERVICE_NAME], grace_s, ready=core.router.registry.wait_ready()
+        )
     finally:
-        await core.router.close()
+        await core.router.registry.close()

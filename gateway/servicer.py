@@ -1,4 +1,9 @@
-"""``pdserve.v1.Generation`` servicer: protos in, domain calls, protos out. Errors map here."""
+"""``pdserve.v1.Generation`` servicer: protos in, domain calls, protos out.
+
+Failures are raised as domain errors; the server's :class:`~pdserve.interceptors.CallScope`
+maps them to a status (with :data:`STATUS_CODES`) once, binds the request id, and admits the
+call through the gateway's bounded :class:`~pdserve.grpc_runtime.Lifecycle`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import grpc
 import structlog
 
 from engine.errors import EngineError, InvalidRequestError
-from gateway.errors import NoWorkersError, UpstreamError
+from gateway.errors import NoWorkersError, OverloadedError
 from gateway.generation import GenerationCore
 from gateway.prompts import ChatMessage, ChatPrompt, PromptInput, TextPrompt, TokenPrompt
 from pdserve.grpc_runtime import BASE_STATUS_CODES, status_for
@@ -20,7 +25,12 @@ from protos.pdserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
-STATUS_CODES = {**BASE_STATUS_CODES, NoWorkersError: grpc.StatusCode.UNAVAILABLE}
+STATUS_CODES = {
+    **BASE_STATUS_CODES,
+    NoWorkersError: grpc.StatusCode.UNAVAILABLE,
+    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+WORK_METHODS = ("/pdserve.v1.Generation/Generate",)
 
 
 def prompt_from_proto(request: generation_pb2.GenerateRequest) -> PromptInput:
@@ -82,42 +92,38 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         request_id = request.request_id or uuid.uuid4().hex
         clock = _Clock(self.metrics)
         code = grpc.StatusCode.CANCELLED  # unless the stream ends otherwise
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
-            try:
-                sampling = sampling_from_proto(request.sampling)
-                prompt = self.core.prepare(prompt_from_proto(request), sampling)
-                log.info(
-                    "request_accepted", prompt_tokens=len(prompt), max_tokens=sampling.max_tokens
+        try:
+            sampling = sampling_from_proto(request.sampling)
+            prompt = self.core.prepare(prompt_from_proto(request), sampling)
+            log.info("request_accepted", prompt_tokens=len(prompt), max_tokens=sampling.max_tokens)
+            if self.metrics is not None:
+                self.metrics.prompt_tokens.inc(len(prompt))
+            stream = self.core.generate(request_id, prompt, sampling, context.time_remaining())
+            async for delta in stream:
+                clock.tokens(len(delta.token_ids))
+                usage = common_pb2.Usage(
+                    prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens
                 )
-                if self.metrics is not None:
-                    self.metrics.prompt_tokens.inc(len(prompt))
-                stream = self.core.generate(request_id, prompt, sampling, context.time_remaining())
-                async for delta in stream:
-                    clock.tokens(len(delta.token_ids))
-                    usage = common_pb2.Usage(
-                        prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens
+                yield generation_pb2.GenerateResponse(
+                    request_id=request_id,
+                    token_ids=delta.token_ids,
+                    text=delta.text,
+                    finish_reason=FINISH_TO_PROTO[delta.finish_reason],
+                    usage=usage,
+                )
+                if delta.finish_reason is not None:
+                    code = grpc.StatusCode.OK
+                    log.info(
+                        "request_finished",
+                        finish_reason=delta.finish_reason.value,
+                        completion_tokens=delta.completion_tokens,
                     )
-                    yield generation_pb2.GenerateResponse(
-                        request_id=request_id,
-                        token_ids=delta.token_ids,
-                        text=delta.text,
-                        finish_reason=FINISH_TO_PROTO[delta.finish_reason],
-                        usage=usage,
-                    )
-                    if delta.finish_reason is not None:
-                        code = grpc.StatusCode.OK
-                        log.info(
-                            "request_finished",
-                            finish_reason=delta.finish_reason.value,
-                            completion_tokens=delta.completion_tokens,
-                        )
-            except UpstreamError as exc:
-                code = exc.code
-                log.warning("request_failed", code=exc.code.name, error=str(exc))
-                await context.abort(exc.code, str(exc))
-            except EngineError as exc:
-                code = status_for(exc, STATUS_CODES)
+        except EngineError as exc:
+            code = status_for(exc, STATUS_CODES)
+            if code is grpc.StatusCode.INVALID_ARGUMENT:
                 log.info("request_rejected", code=code.name, error=str(exc))
-                await context.abort(code, str(exc))
-            finally:
-                clock.done(code)
+            else:
+                log.warning("request_failed", code=code.name, error=str(exc))
+            raise
+        finally:
+            clock.done(code)

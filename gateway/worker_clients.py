@@ -1,7 +1,9 @@
 """Calls from the gateway to the worker tiers: domain values in, domain values out.
 
 This is the gateway's proto boundary towards workers; RPC failures become :class:`UpstreamError`
-with the status code the client should see.
+naming the worker, with the status code the client should see and whether another worker may
+succeed. Every call carries the request id as ``x-request-id`` metadata and the caller's
+remaining deadline; channels use TLS (mutual, with a client certificate) when configured.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.sequence import FinishReason, SamplingParams
-from gateway.errors import UpstreamError
+from gateway.errors import RETRYABLE_CODES, UpstreamError
 from kvtransfer.ticket import TransferTicket
 from pdserve.proto_convert import (
     FINISH_FROM_PROTO,
@@ -20,6 +23,8 @@ from pdserve.proto_convert import (
     ticket_from_proto,
     ticket_to_proto,
 )
+from pdserve.rich_errors import retry_after_of
+from pdserve.tls import TLSConfig, secure_channel
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 # Codes a worker may return that the client should see as they are; anything else means the
@@ -31,11 +36,19 @@ _PASS_THROUGH = {
     grpc.StatusCode.CANCELLED,
 }
 
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+CHANNEL_OPTIONS: list[tuple[str, object]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 16 << 20),
+    # Reconnect fast once a worker (re)appears at a known address.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
+
+DECODE_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
+PREFILL_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,8 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class WorkerStatus:
+    """One worker's load, as its ``GetStatus``/``WatchLoad`` reports it."""
+
     tier: str
     total_blocks: int
     free_blocks: int
@@ -55,12 +70,35 @@ class WorkerStatus:
     waiting: int
     pending_transfers: int
     pool_ok: bool
+    serving: bool = True
+    block_size: int = 16
+    awaiting_kv: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    max_num_seqs: int = 0
+    requests_total: int = 0
+
+    @property
+    def full(self) -> bool:
+        """At its admission limit: a new call would be refused with RESOURCE_EXHAUSTED."""
+        return bool(self.max_in_flight) and self.in_flight >= self.max_in_flight
 
 
 def upstream_error(tier: str, address: str, exc: grpc.aio.AioRpcError) -> UpstreamError:
     code = exc.code()
     message = f"{tier} worker {address}: {exc.details()}"
-    return UpstreamError(code if code in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE, message)
+    return UpstreamError(
+        code if code in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE,
+        message,
+        tier=tier,
+        address=address,
+        retryable=code in RETRYABLE_CODES,
+        retry_after_s=retry_after_of(exc) if code is grpc.StatusCode.RESOURCE_EXHAUSTED else None,
+    )
+
+
+def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
+    return (("x-request-id", request_id),)
 
 
 class DecodeStream:
@@ -78,7 +116,11 @@ class DecodeStream:
             raise upstream_error("decode", self._address, exc) from exc
         if msg is grpc.aio.EOF or not msg.HasField("ticket"):
             raise UpstreamError(
-                grpc.StatusCode.UNAVAILABLE, f"decode worker {self._address} sent no ticket"
+                grpc.StatusCode.UNAVAILABLE,
+                f"decode worker {self._address} sent no ticket",
+                tier="decode",
+                address=self._address,
+                retryable=True,
             )
         return ticket_from_proto(msg.ticket)
 
@@ -90,6 +132,9 @@ class DecodeStream:
                     raise UpstreamError(
                         grpc.StatusCode.UNAVAILABLE,
                         f"decode worker {self._address} ended the stream before finishing",
+                        tier="decode",
+                        address=self._address,
+                        retryable=True,
                     )
                 chunk = msg.tokens
                 finish = FINISH_FROM_PROTO[chunk.finish_reason]
@@ -103,11 +148,78 @@ class DecodeStream:
         self._call.cancel()
 
 
-class DecodeClient:
-    def __init__(self, address: str) -> None:
+class _WorkerClient:
+    """A channel to one worker, with the calls both tiers serve (status, load, health)."""
+
+    tier = ""
+    service = ""
+
+    def __init__(self, address: str, tls: TLSConfig | None = None) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._stub = worker_pb2_grpc.DecodeStub(self._channel)
+        self._channel = secure_channel(address, tls, CHANNEL_OPTIONS)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def _stub(self) -> worker_pb2_grpc.DecodeStub | worker_pb2_grpc.PrefillStub:
+        raise NotImplementedError
+
+    async def status(self, timeout: float = 5.0) -> WorkerStatus:
+        try:
+            msg = await self._stub.GetStatus(worker_pb2.StatusRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise upstream_error(self.tier, self.address, exc) from exc
+        return status_from_proto(msg)
+
+    async def watch_load(self, interval_ms: int) -> AsyncIterator[WorkerStatus]:
+        """The worker's load every ``interval_ms`` until the stream breaks (raises
+        :class:`UpstreamError`) or the caller stops iterating."""
+        call = self._stub.WatchLoad(worker_pb2.WatchLoadRequest(interval_ms=interval_ms))
+        try:
+            async for msg in call:
+                yield status_from_proto(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise upstream_error(self.tier, self.address, exc) from exc
+        finally:
+            call.cancel()
+        raise _stream_ended(self.tier, self.address, "load")
+
+    async def watch_health(self) -> AsyncIterator[bool]:
+        """Whether the worker's service is SERVING, on every change (``grpc.health.v1`` Watch)."""
+        call = self._health.Watch(health_pb2.HealthCheckRequest(service=self.service))
+        try:
+            async for msg in call:
+                yield msg.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError as exc:
+            raise upstream_error(self.tier, self.address, exc) from exc
+        finally:
+            call.cancel()
+        raise _stream_ended(self.tier, self.address, "health")
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def _stream_ended(tier: str, address: str, what: str) -> UpstreamError:
+    return UpstreamError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"{tier} worker {address} ended its {what} stream",
+        tier=tier,
+        address=address,
+        retryable=True,
+    )
+
+
+class DecodeClient(_WorkerClient):
+    tier = "decode"
+    service = DECODE_SERVICE
+
+    def __init__(self, address: str, tls: TLSConfig | None = None) -> None:
+        super().__init__(address, tls)
+        self._decode = worker_pb2_grpc.DecodeStub(self._channel)
+
+    @property
+    def _stub(self) -> worker_pb2_grpc.DecodeStub:
+        return self._decode
 
     def open(
         self,
@@ -126,13 +238,8 @@ class DecodeClient:
             if remote_prefill
             else worker_pb2.PREFILL_MODE_LOCAL,
         )
-        return DecodeStream(self.address, self._stub.Generate(request, timeout=timeout))
-
-    async def status(self, timeout: float = 5.0) -> WorkerStatus:
-        return await _status(self._stub, "decode", self.address, timeout)
-
-    async def close(self) -> None:
-        await self._channel.close()
+        call = self._decode.Generate(request, timeout=timeout, metadata=_metadata(request_id))
+        return DecodeStream(self.address, call)
 
 
 @dataclass(frozen=True)
@@ -141,11 +248,17 @@ class PrefillOutcome:
     finish_reason: FinishReason | None
 
 
-class PrefillClient:
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._stub = worker_pb2_grpc.PrefillStub(self._channel)
+class PrefillClient(_WorkerClient):
+    tier = "prefill"
+    service = PREFILL_SERVICE
+
+    def __init__(self, address: str, tls: TLSConfig | None = None) -> None:
+        super().__init__(address, tls)
+        self._prefill = worker_pb2_grpc.PrefillStub(self._channel)
+
+    @property
+    def _stub(self) -> worker_pb2_grpc.PrefillStub:
+        return self._prefill
 
     async def prefill(
         self,
@@ -162,28 +275,18 @@ class PrefillClient:
             ticket=ticket_to_proto(ticket),
         )
         try:
-            reply = await self._stub.Prefill(request, timeout=timeout)
+            reply = await self._prefill.Prefill(
+                request, timeout=timeout, metadata=_metadata(request_id)
+            )
         except grpc.aio.AioRpcError as exc:
             raise upstream_error("prefill", self.address, exc) from exc
         return PrefillOutcome(reply.first_token_id, FINISH_FROM_PROTO[reply.finish_reason])
 
-    async def status(self, timeout: float = 5.0) -> WorkerStatus:
-        return await _status(self._stub, "prefill", self.address, timeout)
 
-    async def close(self) -> None:
-        await self._channel.close()
+WorkerClient = DecodeClient | PrefillClient
 
 
-async def _status(
-    stub: worker_pb2_grpc.DecodeStub | worker_pb2_grpc.PrefillStub,
-    tier: str,
-    address: str,
-    timeout: float,
-) -> WorkerStatus:
-    try:
-        msg = await stub.GetStatus(worker_pb2.StatusRequest(), timeout=timeout)
-    except grpc.aio.AioRpcError as exc:
-        raise upstream_error(tier, address, exc) from exc
+def status_from_proto(msg: worker_pb2.WorkerStatus) -> WorkerStatus:
     return WorkerStatus(
         tier=msg.tier,
         total_blocks=msg.total_blocks,
@@ -192,4 +295,11 @@ async def _status(
         waiting=msg.waiting,
         pending_transfers=msg.pending_transfers,
         pool_ok=msg.pool_ok,
+        serving=msg.serving,
+        block_size=msg.block_size or 16,
+        awaiting_kv=msg.awaiting_kv,
+        in_flight=msg.in_flight,
+        max_in_flight=msg.max_in_flight,
+        max_num_seqs=msg.max_num_seqs,
+        requests_total=msg.requests_total,
     )

@@ -99,6 +99,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "a fraction of the memory available at start (0.3)",
     )
     g.add_argument(
+        "--cpus",
+        default=_env("cpus", None),
+        help="pin this worker to these CPU cores, e.g. 0 or 2,3 (default: no pinning)",
+    )
+    g.add_argument(
         "--no-prefix-caching",
         action="store_true",
         help="do not reuse the KV of prompt prefixes computed before",
@@ -201,6 +206,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             enable_prefix_caching=not args.no_prefix_caching,
         ),
         num_threads=int(args.threads) if args.threads else None,
+        cpus=tuple(int(c) for c in str(args.cpus).split(",")) if args.cpus else None,
     )
 
 
@@ -266,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a worker that dies is reported and the rest keep serving (the gateway routes "
         "around it); without it the cluster stops",
+    )
+    up.add_argument(
+        "--pin-cpus",
+        action="store_true",
+        help="give each worker a CPU core of its own (round-robin over this process's cores), "
+        "so a prefill never competes with decode for a core",
     )
     up.add_argument(
         "--metrics-base-port",

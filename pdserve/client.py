@@ -1,20 +1,37 @@
 """Python client for the pdserve Generation API (sync and asyncio).
 
     from pdserve.client import Client
-    for chunk in Client("127.0.0.1:50051").generate("The capital of France is", max_tokens=8):
-        print(chunk.text, end="", flush=True)
+    with Client("127.0.0.1:50051") as client:
+        for chunk in client.generate("The capital of France is", max_tokens=8):
+            print(chunk.text, end="", flush=True)
+
+- **Deadlines**: ``timeout=`` (seconds) bounds the whole call, retries included; every tier
+  gets what is left of it.
+- **Cancellation**: leaving the loop (``break``, closing the generator, cancelling the asyncio
+  task) cancels the call, which stops the work and frees its KV blocks on every tier.
+- **TLS and auth**: ``tls=TLSConfig(ca=...)`` (``tls=True``: the system's roots; add
+  ``cert``/``key`` when the gateway wants a client certificate), ``token=`` sends
+  ``authorization: Bearer <token>``.
+- **Retries**: a call refused with RESOURCE_EXHAUSTED before its first message is retried after
+  the delay the server's ``google.rpc.RetryInfo`` gives (``RetryPolicy``), within the deadline.
+  Nothing is retried once a message arrived (the stream would repeat itself).
 
 Errors surface as ``grpc.RpcError`` with the server's status code and message.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypedDict, Unpack
 
 import grpc
 
+from pdserve.rich_errors import retry_after_of
+from pdserve.tls import TLSConfig
 from protos.pdserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 _FINISH_NAMES = {
@@ -35,6 +52,30 @@ class Chunk:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of calls refused before their first message."""
+
+    max_attempts: int = 4
+    """Calls in all, the first included (1: never retry)."""
+    default_delay_s: float = 0.5
+    """Delay before the first retry when the server sent no RetryInfo; doubles per retry."""
+    max_delay_s: float = 10.0
+    """No single wait is longer."""
+    codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+    def delay(self, attempt: int, exc: grpc.RpcError) -> float | None:
+        """Seconds to wait before attempt ``attempt + 1``; None: give up."""
+        if attempt >= self.max_attempts or exc.code() not in self.codes:
+            return None
+        hint = retry_after_of(exc)
+        base = hint if hint is not None else self.default_delay_s * 2 ** (attempt - 1)
+        return min(self.max_delay_s, base * random.uniform(1.0, 1.25))  # jitter spreads retries
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 class RequestOptions(TypedDict, total=False):
@@ -101,11 +142,52 @@ def chunk_from_proto(msg: generation_pb2.GenerateResponse) -> Chunk:
     )
 
 
-class Client:
-    """Blocking client; one channel, reused across calls."""
+def _tls(tls: TLSConfig | bool | None) -> TLSConfig | None:
+    if tls is True:
+        return TLSConfig()
+    return tls or None
 
-    def __init__(self, address: str = "127.0.0.1:50051") -> None:
-        self._channel = grpc.insecure_channel(address)
+
+class _Base:
+    def __init__(
+        self,
+        address: str,
+        tls: TLSConfig | bool | None,
+        token: str | None,
+        retry: RetryPolicy | None,
+    ) -> None:
+        self.address = address
+        self.tls = _tls(tls)
+        self.retry = retry or NO_RETRY
+        self._auth = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def _metadata(self, request: generation_pb2.GenerateRequest) -> tuple[tuple[str, str], ...]:
+        rid = (("x-request-id", request.request_id),) if request.request_id else ()
+        return (*self._auth, *rid)
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class Client(_Base):
+    """Blocking client; one channel, reused across calls (and threads)."""
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        tls: TLSConfig | bool | None = None,
+        token: str | None = None,
+        retry: RetryPolicy | None = RetryPolicy(),
+    ) -> None:
+        super().__init__(address, tls, token, retry)
+        if self.tls is None:
+            self._channel = grpc.insecure_channel(address)
+        else:
+            self._channel = grpc.secure_channel(
+                address, self.tls.channel_credentials(), options=self.tls.channel_options()
+            )
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     def generate(
@@ -115,12 +197,28 @@ class Client:
         timeout: float | None = None,
         **options: Unpack[RequestOptions],
     ) -> Iterator[Chunk]:
-        call = self._stub.Generate(build_request(prompt, **options), timeout=timeout)
-        try:
-            for msg in call:
-                yield chunk_from_proto(msg)
-        finally:
-            call.cancel()  # no-op after a normal end; stops the server's work if we left early
+        request = build_request(prompt, **options)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            call = self._stub.Generate(
+                request, timeout=_left(deadline), metadata=self._metadata(request)
+            )
+            received = False
+            try:
+                for msg in call:
+                    received = True
+                    yield chunk_from_proto(msg)
+                return
+            except grpc.RpcError as exc:
+                delay = None if received else self.retry.delay(attempt, exc)
+                left = _left(deadline)
+                if delay is None or (left is not None and delay >= left):
+                    raise
+            finally:
+                call.cancel()  # no-op after a normal end; stops the server's work if we left
+            time.sleep(delay)
 
     def close(self) -> None:
         self._channel.close()
@@ -132,11 +230,24 @@ class Client:
         self.close()
 
 
-class AsyncClient:
+class AsyncClient(_Base):
     """asyncio client; cancelling the consuming task cancels the request on every tier."""
 
-    def __init__(self, address: str = "127.0.0.1:50051") -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        tls: TLSConfig | bool | None = None,
+        token: str | None = None,
+        retry: RetryPolicy | None = RetryPolicy(),
+    ) -> None:
+        super().__init__(address, tls, token, retry)
+        if self.tls is None:
+            self._channel = grpc.aio.insecure_channel(address)
+        else:
+            self._channel = grpc.aio.secure_channel(
+                address, self.tls.channel_credentials(), options=self.tls.channel_options()
+            )
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     async def generate(
@@ -146,12 +257,28 @@ class AsyncClient:
         timeout: float | None = None,
         **options: Unpack[RequestOptions],
     ) -> AsyncIterator[Chunk]:
-        call = self._stub.Generate(build_request(prompt, **options), timeout=timeout)
-        try:
-            async for msg in call:
-                yield chunk_from_proto(msg)
-        finally:
-            call.cancel()
+        request = build_request(prompt, **options)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            call = self._stub.Generate(
+                request, timeout=_left(deadline), metadata=self._metadata(request)
+            )
+            received = False
+            try:
+                async for msg in call:
+                    received = True
+                    yield chunk_from_proto(msg)
+                return
+            except grpc.RpcError as exc:
+                delay = None if received else self.retry.delay(attempt, exc)
+                left = _left(deadline)
+                if delay is None or (left is not None and delay >= left):
+                    raise
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
 
     async def close(self) -> None:
         await self._channel.close()

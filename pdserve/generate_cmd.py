@@ -7,7 +7,8 @@ import sys
 
 import grpc
 
-from pdserve.client import Client, RequestOptions
+from pdserve.client import Client, RequestOptions, RetryPolicy
+from pdserve.tls import TLSConfig
 
 
 def stream_completion(
@@ -15,10 +16,15 @@ def stream_completion(
     prompt: str | None,
     options: RequestOptions,
     timeout: float | None = None,
+    *,
+    tls: TLSConfig | None = None,
+    token: str | None = None,
+    retries: int = 3,
 ) -> int:
     """Print the text as it streams, then the finish reason and usage; returns an exit code."""
     last = None
-    with Client(gateway) as client:
+    retry = RetryPolicy(max_attempts=1 + max(0, retries))
+    with Client(gateway, tls=tls, token=token, retry=retry) as client:
         try:
             for chunk in client.generate(prompt, timeout=timeout, **options):
                 sys.stdout.write(chunk.text)
@@ -48,4 +54,14 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.chat:
         options["messages"] = [("user", args.prompt)]
     prompt = None if args.chat else args.prompt
-    return stream_completion(args.gateway, prompt, options, args.timeout)
+    from pdserve.serving_flags import client_tls, client_token
+
+    return stream_completion(
+        args.gateway,
+        prompt,
+        options,
+        args.timeout,
+        tls=client_tls(args),
+        token=client_token(args),
+        retries=args.retries,
+    )

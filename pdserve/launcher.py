@@ -77,6 +77,7 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
     prefill_addrs = [f"{host}:{base + i}" for i in range(args.prefill)]
     decode_addrs = [f"{host}:{base + args.prefill + i}" for i in range(args.decode)]
     metrics = _metrics_ports(args)
+    cores = _pinned_cores(args)
     for i, addr in enumerate(prefill_addrs):
         argv = (
             *me,
@@ -88,6 +89,7 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
             *model_flags,
             *engine_flags,
             *worker_tls,
+            *next(cores),
         )
         specs.append(ProcessSpec(f"prefill-{i}", addr, argv))
     ipc_dir = tempfile.gettempdir()
@@ -108,6 +110,7 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
             *model_flags,
             *engine_flags,
             *worker_tls,
+            *next(cores),
         )
         specs.append(ProcessSpec(f"decode-{i}", addr, argv))
     gateway_addr = f"{host}:{args.port}"
@@ -150,6 +153,15 @@ def _passthrough(args: argparse.Namespace, log_level: str) -> list[str]:
     if args.max_model_len:
         flags += ["--max-model-len", str(args.max_model_len)]
     return flags
+
+
+def _pinned_cores(args: argparse.Namespace) -> Iterator[tuple[str, ...]]:
+    """``--cpus`` for each worker in turn: a core of its own (wrapping around) with
+    ``--pin-cpus``, else the shared ``--cpus`` or nothing."""
+    if args.pin_cpus:
+        cores = sorted(os.sched_getaffinity(0))
+        return (("--cpus", str(cores[i % len(cores)])) for i in itertools.count())
+    return itertools.repeat(("--cpus", args.cpus) if args.cpus else ())
 
 
 def _metrics_ports(args: argparse.Namespace) -> Iterator[int]:
@@ -287,8 +299,14 @@ def run_cluster(args: argparse.Namespace) -> int:
     if args.decode < 1 or args.prefill < 0:
         print("pdserve up: need --decode >= 1 and --prefill >= 0", file=sys.stderr)
         return 2
-    if (args.tls_cert is None) != (args.tls_key is None):
-        print("pdserve up: --tls-cert and --tls-key go together", file=sys.stderr)
+    if (args.tls_cert is None) != (args.tls_key is None) or (
+        args.tls_cert is not None and args.tls_ca is None
+    ):
+        print(
+            "pdserve up: TLS needs --tls-cert, --tls-key and --tls-ca (the CA that signed them; "
+            "the tiers authenticate each other with it)",
+            file=sys.stderr,
+        )
         return 2
     resolve_model_path(model_config(args))  # convert the default model once, before the workers
     quiet = args.generate is not None and args.log_level == "info"
@@ -317,7 +335,7 @@ def run_cluster(args: argparse.Namespace) -> int:
             "cluster_ready", gateway=gateway, prefill=args.prefill, decode=args.decode, mode=mode
         )
         if args.generate is not None:
-            return _generate_once(gateway, args.generate, args.max_tokens)
+            return _generate_once(gateway, args)
         print(f"pdserve is up ({mode}): gateway at {gateway}. Ctrl-C to stop.", file=sys.stderr)
         while not stop:
             if _report_dead(cluster, args.keep_going):
@@ -347,8 +365,16 @@ def _report_dead(cluster: Cluster, keep_going: bool) -> bool:
     return must_stop
 
 
-def _generate_once(gateway: str, prompt: str, max_tokens: int) -> int:
+def _generate_once(gateway: str, args: argparse.Namespace) -> int:
     from pdserve.client import RequestOptions
     from pdserve.generate_cmd import stream_completion
 
-    return stream_completion(gateway, prompt, RequestOptions(max_tokens=max_tokens, temperature=0))
+    tls = _cluster_tls(args)
+    tokens = serving_flags.auth_tokens(args.auth_token_file)
+    return stream_completion(
+        gateway,
+        args.generate,
+        RequestOptions(max_tokens=args.max_tokens, temperature=0),
+        tls=tls,
+        token=tokens[0] if tokens else None,
+    )

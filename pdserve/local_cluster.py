@@ -1,10 +1,13 @@
 """Start a real pdserve cluster (``pdserve up``) as a child process on loopback.
 
 Used by end-to-end tests and benchmarks: it picks free ports, waits until every tier is SERVING,
-and can check that every worker is idle (all KV blocks free, nothing pending)."""
+and can check that every worker is idle (all KV blocks free, nothing pending). ``up`` writes a
+state file of its children, so a test can find a worker's pid (to kill it) and its command line
+(to start it again, or a copy of it on new ports)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -12,12 +15,11 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from pdserve.launcher import serving
+from pdserve.tls import TLSConfig, sync_channel
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 READY_TIMEOUT_S = 240.0
@@ -42,6 +44,16 @@ def free_port_range(count: int) -> int:
     raise RuntimeError("no free port range")
 
 
+@dataclass(frozen=True)
+class Child:
+    """One process ``pdserve up`` started (from its state file)."""
+
+    name: str
+    pid: int
+    address: str
+    argv: tuple[str, ...]
+
+
 @dataclass
 class Cluster:
     gateway: str
@@ -49,16 +61,42 @@ class Cluster:
     decode: list[str]
     proc: subprocess.Popen[bytes]
     log_path: Path
+    state_path: Path | None = None
+    tls: TLSConfig | None = None
+    """How to reach the cluster's servers (CA, and a client certificate for the workers)."""
+    started: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    """Processes a test started beside the cluster (stopped with it)."""
+
+    def children(self) -> dict[str, Child]:
+        if self.state_path is None:
+            raise RuntimeError("start the cluster with a state file to see its children")
+        data = json.loads(self.state_path.read_text())
+        return {
+            c["name"]: Child(c["name"], int(c["pid"]), c["address"], tuple(c["argv"]))
+            for c in data["children"]
+        }
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
+        """Send ``sig`` to child ``name`` (SIGKILL by default); returns its pid."""
+        pid = self.children()[name].pid
+        os.kill(pid, sig)
+        return pid
+
+    def spawn(self, argv: list[str] | tuple[str, ...], log_name: str) -> subprocess.Popen[bytes]:
+        """Start a process beside the cluster (a worker, say), logging next to the cluster's."""
+        log_file = (self.log_path.parent / f"{self.log_path.stem}-{log_name}.log").open("ab")
+        proc = subprocess.Popen(list(argv), stdout=log_file, stderr=subprocess.STDOUT)
+        self.started.append(proc)
+        return proc
+
+    def status_of(self, address: str) -> worker_pb2.WorkerStatus:
+        with sync_channel(address, self.tls) as ch:
+            if address in self.prefill:
+                return worker_pb2_grpc.PrefillStub(ch).GetStatus(worker_pb2.StatusRequest())
+            return worker_pb2_grpc.DecodeStub(ch).GetStatus(worker_pb2.StatusRequest())
 
     def worker_status(self) -> list[worker_pb2.WorkerStatus]:
-        out = []
-        for addr in self.prefill:
-            with grpc.insecure_channel(addr) as ch:
-                out.append(worker_pb2_grpc.PrefillStub(ch).GetStatus(worker_pb2.StatusRequest()))
-        for addr in self.decode:
-            with grpc.insecure_channel(addr) as ch:
-                out.append(worker_pb2_grpc.DecodeStub(ch).GetStatus(worker_pb2.StatusRequest()))
-        return out
+        return [self.status_of(addr) for addr in [*self.prefill, *self.decode]]
 
     def wait_idle(self, timeout_s: float = 15.0) -> list[worker_pb2.WorkerStatus]:
         """Every pool back to all-free, nothing running or pending; returns the last status."""
@@ -69,10 +107,20 @@ class Cluster:
                 return statuses
             time.sleep(0.1)
 
+    def wait_serving(self, address: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not serving(address, self.tls):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{address} not serving after {timeout_s:.0f}s")
+            time.sleep(0.2)
+
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:]
 
     def stop(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
@@ -80,6 +128,12 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for proc in self.started:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _idle(s: worker_pb2.WorkerStatus) -> bool:
@@ -92,17 +146,6 @@ def _idle(s: worker_pb2.WorkerStatus) -> bool:
     )
 
 
-def _serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=1.0
-            )
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
 def start_cluster(
     model: str,
     *,
@@ -111,9 +154,14 @@ def start_cluster(
     log_dir: Path,
     cache_dir: Path | None = None,
     extra: tuple[str, ...] = (),
+    tls: TLSConfig | None = None,
+    env: dict[str, str] | None = None,
 ) -> Cluster:
+    """``pdserve up`` on free loopback ports. Pass ``tls`` (how to reach the servers) when
+    ``extra`` turns TLS on; ``env`` replaces the environment of ``up`` and its children."""
     gateway_port = free_port_range(1)
     base = free_port_range(prefill + 2 * decode)
+    state_path = log_dir / f"cluster-{gateway_port}.json"
     argv = [
         sys.executable,
         "-m",
@@ -133,23 +181,27 @@ def start_cluster(
         "json",
         "--threads",
         "1",
+        "--state-file",
+        str(state_path),
         *extra,
     ]
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir)]
     log_path = log_dir / f"cluster-{gateway_port}.log"
     log_file = log_path.open("wb")
-    proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     cluster = Cluster(
         gateway=f"127.0.0.1:{gateway_port}",
         prefill=[f"127.0.0.1:{base + i}" for i in range(prefill)],
         decode=[f"127.0.0.1:{base + prefill + i}" for i in range(decode)],
         proc=proc,
         log_path=log_path,
+        state_path=state_path,
+        tls=tls,
     )
     deadline = time.monotonic() + READY_TIMEOUT_S
     addresses = [cluster.gateway, *cluster.prefill, *cluster.decode]
-    while not all(_serving(a) for a in addresses):
+    while not all(serving(a, tls) for a in addresses):
         if proc.poll() is not None:
             raise RuntimeError(f"cluster exited with {proc.returncode}:\n{cluster.logs()}")
         if time.monotonic() > deadline:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import structlog
@@ -15,10 +19,49 @@ from engine.config import EngineConfig
 from engine.model_loader import load_model
 from kvtransfer.metrics import TransferStats
 from pdserve.gpu import register_gpu_metrics
-from pdserve.grpc_runtime import serve_until_signalled, start_server
+from pdserve.grpc_runtime import (
+    BASE_STATUS_CODES,
+    Lifecycle,
+    serve_until_signalled,
+    start_server,
+)
+from pdserve.interceptors import CallScope
 from pdserve.metrics import WorkerMetrics, serve_metrics
+from pdserve.tls import TLSConfig
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How a worker's gRPC server runs (the same for both tiers)."""
+
+    tls: TLSConfig | None = None
+    """Server TLS; with ``require_client_cert`` only holders of a CA-signed certificate (the
+    gateway) may call (mTLS between tiers)."""
+    max_queue: int = 256
+    """Work calls beyond the batch size (``max_num_seqs``) that may wait; past that a call is
+    refused with RESOURCE_EXHAUSTED and a retry hint (0: no bound)."""
+
+    def lifecycle(self, max_num_seqs: int) -> Lifecycle:
+        return Lifecycle(max_in_flight=max_num_seqs + self.max_queue if self.max_queue else 0)
+
+
+async def load_updates(
+    snapshot: Callable[[], T], interval_ms: int, stopped: asyncio.Event | None = None
+) -> AsyncIterator[T]:
+    """``snapshot()`` now and then every ``interval_ms`` (clamped to [50, 5000]; 0: 250), until
+    ``stopped`` is set (the server is about to stop)."""
+    interval = min(max(interval_ms or 250, 50), 5000) / 1000
+    while stopped is None or not stopped.is_set():
+        yield snapshot()
+        if stopped is None:
+            await asyncio.sleep(interval)
+            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopped.wait(), interval)
 
 
 class Worker(Protocol):
@@ -28,6 +71,9 @@ class Worker(Protocol):
 
 def build_engine(config: EngineConfig) -> AsyncEngine:
     """Load the model and wrap it in an engine (call inside the worker's event loop)."""
+    if config.cpus:
+        os.sched_setaffinity(0, config.cpus)
+        log.info("cpu_affinity", cpus=sorted(os.sched_getaffinity(0)))
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     model, spec = load_model(config.model)
@@ -54,16 +100,26 @@ async def serve_worker(
     add_servicer: Callable[[grpc.aio.Server], Any],
     grace_s: float,
     metrics: tuple[CollectorRegistry, int],
+    *,
+    lifecycle: Lifecycle | None = None,
+    tls: TLSConfig | None = None,
+    work_methods: Iterable[str] = (),
+    status_codes: dict[type[Exception], grpc.StatusCode] | None = None,
     **ready_fields: object,
 ) -> None:
     """Serve one worker's gRPC service (and its metrics port) until SIGTERM/SIGINT; the worker
-    runs meanwhile. ``ready_fields`` go on the ready log line (callables are read once the
+    runs meanwhile. On SIGTERM the server drains (see :mod:`pdserve.grpc_runtime`) before the
+    worker stops. ``ready_fields`` go on the ready log line (callables are read once the
     worker started)."""
-    handle = await start_server(listen, [service_name], [add_servicer])
+    lifecycle = lifecycle or Lifecycle()
+    scope = CallScope(lifecycle, work_methods, status_codes or BASE_STATUS_CODES)
+    handle = await start_server(
+        listen, [service_name], [add_servicer], tls=tls, lifecycle=lifecycle, interceptors=[scope]
+    )
     serve_metrics(metrics[1], metrics[0])
     worker.start()
     fields = {k: v() if callable(v) else v for k, v in ready_fields.items()}
-    log.info(f"{tier}_worker_ready", listen=listen, port=handle.port, **fields)
+    log.info(f"{tier}_worker_ready", listen=listen, port=handle.port, tls=tls is not None, **fields)
     try:
         await serve_until_signalled(handle, [service_name], grace_s)
     finally:

@@ -1,0 +1,307 @@
+"""The gateway's live view of each tier: which workers exist, which may take work, how loaded.
+
+Per tier, a :class:`TierRegistry` expands its targets (:mod:`gateway.discovery`) into worker
+addresses, re-resolving DNS names periodically, and follows every worker with two streams:
+``grpc.health.v1.Health/Watch`` (SERVING or not) and the worker's ``WatchLoad`` (queue, batch,
+free blocks, every ``load_interval_ms``)::
+
+    CONNECTING --both streams up, SERVING--> SERVING <--> DRAINING (NOT_SERVING)
+         ^                                      |
+         +--------- retry (0.05 s .. 1 s) <---- DOWN  (a stream broke: dead, restarted, gone)
+
+A worker is routable while SERVING with a load report younger than ``stale_after_s``; a worker
+killed outright breaks both streams at once (the kernel resets its connections), so it leaves
+the routable set within milliseconds; a hung one within ``stale_after_s``. An address that
+leaves DNS is retired: no new work, its calls in flight finish, then its channel closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+
+import structlog
+
+from gateway.discovery import Resolver, Target, addresses_of, resolve_with_getaddrinfo
+from gateway.worker_clients import WorkerClient, WorkerStatus
+
+log = structlog.get_logger(__name__)
+
+RETRY_MIN_S = 0.05
+RETRY_MAX_S = 1.0
+
+
+class WorkerState(enum.Enum):
+    CONNECTING = "connecting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    DOWN = "down"
+
+
+class WorkerEntry:
+    """One worker as the gateway sees it. ``active`` counts this gateway's calls on it;
+    ``assigned_since_load``/``released_since_load`` the calls routed to it and ended since its
+    last load report, so routing corrects a report that is up to one interval old (a burst does
+    not pile onto the worker that looked idle, nor avoid the one whose streams just ended)."""
+
+    def __init__(self, client: WorkerClient) -> None:
+        self.client = client
+        self.address = client.address
+        self.tier = client.tier
+        self.state = WorkerState.CONNECTING
+        self.load: WorkerStatus | None = None
+        self.load_at = 0.0
+        self.health_serving: bool | None = None  # None: not heard yet
+        self.active = 0
+        self.assigned_since_load = 0
+        self.released_since_load = 0
+        self.retired = False
+        self.state_since = time.monotonic()
+
+    def routable(self, now: float, stale_after_s: float) -> bool:
+        return (
+            self.state is WorkerState.SERVING
+            and not self.retired
+            and now - self.load_at <= stale_after_s
+        )
+
+    def on_load(self, load: WorkerStatus) -> None:
+        self.load = load
+        self.load_at = time.monotonic()
+        self.assigned_since_load = self.released_since_load = 0
+        self._settle()
+
+    def on_health(self, serving: bool) -> None:
+        self.health_serving = serving
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.load is None or self.health_serving is None:
+            return  # both streams must have spoken
+        serving = self.health_serving and self.load.serving
+        self._move(WorkerState.SERVING if serving else WorkerState.DRAINING, "")
+
+    def on_down(self, reason: str) -> None:
+        self.load = None
+        self.health_serving = None
+        self._move(WorkerState.DOWN, reason)
+
+    def _move(self, state: WorkerState, reason: str) -> None:
+        if state is self.state:
+            return
+        now = time.monotonic()
+        log.info(
+            f"worker_{state.value}",
+            tier=self.tier,
+            address=self.address,
+            previous=self.state.value,
+            after_s=round(now - self.state_since, 3),
+            **({"reason": reason} if reason else {}),
+        )
+        self.state, self.state_since = state, now
+
+    def assign(self) -> None:
+        self.active += 1
+        self.assigned_since_load += 1
+
+    def release(self) -> None:
+        self.active -= 1
+        self.released_since_load += 1
+
+    def batch(self) -> int:
+        """Sequences on the worker: the last report corrected by what this gateway started and
+        ended since; never fewer than this gateway's own calls."""
+        reported = 0
+        if self.load is not None:
+            reported = self.load.running + self.load.waiting + self.load.awaiting_kv
+        now = reported + self.assigned_since_load - self.released_since_load
+        return max(now, self.active, 0)
+
+
+class TierRegistry:
+    """The workers of one tier (see the module docstring)."""
+
+    def __init__(
+        self,
+        tier: str,
+        targets: Sequence[str],
+        make_client: Callable[[str], WorkerClient],
+        *,
+        load_interval_ms: int = 250,
+        stale_after_s: float = 1.5,
+        resolve_interval_s: float = 5.0,
+        resolve: Resolver = resolve_with_getaddrinfo,
+    ) -> None:
+        self.tier = tier
+        self.targets = [Target.parse(t) for t in targets]
+        self._make_client = make_client
+        self.load_interval_ms = load_interval_ms
+        self.stale_after_s = stale_after_s
+        self.resolve_interval_s = resolve_interval_s
+        self._resolve = resolve
+        self.entries: dict[str, WorkerEntry] = {}
+        self._retired: list[WorkerEntry] = []
+        self._by_target: dict[Target, set[str]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._resolver_task: asyncio.Task[None] | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.targets)
+
+    async def start(self) -> None:
+        await self.refresh()
+        if any(t.dns for t in self.targets):
+            self._resolver_task = asyncio.create_task(self._resolve_forever())
+
+    def add_entry(self, entry: WorkerEntry) -> None:
+        """Track a worker (tests hand in entries whose client is a fake)."""
+        self.entries[entry.address] = entry
+
+    async def refresh(self) -> None:
+        """Resolve every target again; follow new addresses, retire vanished ones."""
+        for target in self.targets:
+            found = await addresses_of(target, self._resolve)
+            if found is not None:
+                self._by_target[target] = found
+        wanted = set().union(*self._by_target.values()) if self._by_target else set()
+        for address in sorted(wanted - self.entries.keys()):
+            entry = WorkerEntry(self._make_client(address))
+            self.entries[address] = entry
+            self._tasks[address] = asyncio.create_task(self._follow(entry))
+            log.info("worker_discovered", tier=self.tier, address=address)
+        for address in sorted(self.entries.keys() - wanted):
+            await self._retire(self.entries.pop(address))
+
+    async def _retire(self, entry: WorkerEntry) -> None:
+        log.info("worker_retired", tier=self.tier, address=entry.address, active=entry.active)
+        entry.retired = True
+        task = self._tasks.pop(entry.address, None)
+        if task is not None:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+        self._retired.append(entry)
+        await self._close_idle_retired()
+
+    async def _close_idle_retired(self) -> None:
+        for entry in [e for e in self._retired if e.active == 0]:
+            self._retired.remove(entry)
+            await entry.client.close()
+
+    async def _resolve_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.resolve_interval_s)
+            try:
+                await self.refresh()
+            except Exception as exc:  # keep following what we have
+                log.warning("worker_refresh_failed", tier=self.tier, error=str(exc))
+
+    async def _follow(self, entry: WorkerEntry) -> None:
+        """Follow one worker's health and load until cancelled, reconnecting with backoff."""
+        backoff = RETRY_MIN_S
+        while True:
+            heard = asyncio.Event()
+            streams = [
+                asyncio.create_task(self._read_load(entry, heard)),
+                asyncio.create_task(self._read_health(entry)),
+            ]
+            try:
+                done, _ = await asyncio.wait(streams, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in streams:
+                    task.cancel()
+                await asyncio.gather(*streams, return_exceptions=True)
+            reason = "stream ended"
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    reason = str(task.exception())
+            entry.on_down(reason)
+            backoff = RETRY_MIN_S if heard.is_set() else min(backoff * 2, RETRY_MAX_S)
+            await self._close_idle_retired()
+            await asyncio.sleep(backoff)
+
+    async def _read_load(self, entry: WorkerEntry, heard: asyncio.Event) -> None:
+        async for load in entry.client.watch_load(self.load_interval_ms):
+            heard.set()
+            entry.on_load(load)
+
+    async def _read_health(self, entry: WorkerEntry) -> None:
+        async for serving in entry.client.watch_health():
+            entry.on_health(serving)
+
+    def routable(self) -> list[WorkerEntry]:
+        now = time.monotonic()
+        return [e for e in self.entries.values() if e.routable(now, self.stale_after_s)]
+
+    def summary(self) -> str:
+        """For error messages: e.g. "2 known: 1 down, 1 draining"."""
+        counts: dict[str, int] = {}
+        for entry in self.entries.values():
+            counts[entry.state.value] = counts.get(entry.state.value, 0) + 1
+        parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        return f"{len(self.entries)} known" + (f": {parts}" if parts else "")
+
+    async def release(self, entry: WorkerEntry) -> None:
+        entry.release()
+        if entry.retired and entry.active == 0:
+            await self._close_idle_retired()
+
+    async def close(self) -> None:
+        if self._resolver_task is not None:
+            self._resolver_task.cancel()
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(
+            *self._tasks.values(),
+            *([self._resolver_task] if self._resolver_task else []),
+            return_exceptions=True,
+        )
+        for entry in [*self.entries.values(), *self._retired]:
+            await entry.client.close()
+        self.entries.clear()
+        self._retired.clear()
+
+
+class Registry:
+    """Both tiers."""
+
+    def __init__(self, prefill: TierRegistry, decode: TierRegistry) -> None:
+        self.prefill = prefill
+        self.decode = decode
+
+    async def start(self) -> None:
+        await self.prefill.start()
+        await self.decode.start()
+
+    async def close(self) -> None:
+        await self.prefill.close()
+        await self.decode.close()
+
+    async def wait_ready(
+        self, prefill_wait_s: float = 60.0, settle_s: float = 3.0, poll_s: float = 0.05
+    ) -> None:
+        """Until a decode worker is routable, and a prefill worker too when the tier is
+        configured (for at most ``prefill_wait_s`` beyond the decode tier: without one, prompts
+        prefill on decode workers); then up to ``settle_s`` more for every known worker, so
+        that the first requests spread over the whole fleet."""
+        while not self.decode.routable():
+            await asyncio.sleep(poll_s)
+        deadline = time.monotonic() + prefill_wait_s
+        while (
+            self.prefill.configured and not self.prefill.routable() and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(poll_s)
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline and any(
+            len(tier.routable()) < len(tier.entries) for tier in (self.prefill, self.decode)
+        ):
+            await asyncio.sleep(poll_s)
+        log.info(
+            "fleet_ready",
+            decode=len(self.decode.routable()),
+            prefill=len(self.prefill.routable()),
+        )

@@ -1,0 +1,92 @@
+"""TLS for every gRPC hop: server credentials, channel credentials, and their flags' values.
+
+One :class:`TLSConfig` describes one side of a hop::
+
+    client --TLS--> gateway --mTLS--> prefill / decode workers
+
+- a server presents ``cert``/``key``; with ``require_client_cert`` it also demands a client
+  certificate signed by ``ca`` (mutual TLS: how workers admit only the gateway);
+- a client verifies the server against ``ca`` (the system roots when unset) and, with
+  ``cert``/``key``, presents its own certificate for mutual TLS.
+
+``server_name`` overrides the name checked against the server's certificate (when the address
+is an IP literal the certificate does not list, or a proxy sits in between).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+
+class TLSConfigError(ValueError):
+    """A certificate or key file is missing, unreadable, or given without its partner."""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: Path | None = None
+    """PEM certificate chain this side presents (a server's, or a client's for mTLS)."""
+    key: Path | None = None
+    """PEM private key of ``cert``."""
+    ca: Path | None = None
+    """PEM bundle of CAs that sign the peer's certificate."""
+    require_client_cert: bool = False
+    """Server side: refuse clients without a certificate signed by ``ca`` (mutual TLS)."""
+    server_name: str | None = None
+    """Client side: the name to check the server's certificate against."""
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise TLSConfigError("a TLS certificate and its key must be given together")
+        if self.require_client_cert and self.ca is None:
+            raise TLSConfigError("requiring client certificates needs a CA bundle to check them")
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        if self.cert is None or self.key is None:
+            raise TLSConfigError("a TLS server needs a certificate and a key")
+        return grpc.ssl_server_credentials(
+            [(_read(self.key), _read(self.cert))],
+            root_certificates=_read(self.ca) if self.ca is not None else None,
+            require_client_auth=self.require_client_cert,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca) if self.ca is not None else None,
+            private_key=_read(self.key) if self.key is not None else None,
+            certificate_chain=_read(self.cert) if self.cert is not None else None,
+        )
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        if self.server_name:
+            return [("grpc.ssl_target_name_override", self.server_name)]
+        return []
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise TLSConfigError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def secure_channel(
+    address: str, tls: TLSConfig | None, options: list[tuple[str, object]] | None = None
+) -> grpc.aio.Channel:
+    """An asyncio channel to ``address``: TLS when ``tls`` is given, plaintext otherwise."""
+    opts: list[tuple[str, object]] = list(options or [])
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=opts)
+    return grpc.aio.secure_channel(
+        address, tls.channel_credentials(), options=[*opts, *tls.channel_options()]
+    )
+
+
+def sync_channel(address: str, tls: TLSConfig | None) -> grpc.Channel:
+    """A blocking channel to ``address`` (readiness checks, tests)."""
+    if tls is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, tls.channel_credentials(), options=tls.channel_options())

@@ -1,0 +1,118 @@
+"""Failover in the gateway's request flow, over fake workers: failed prefills retried elsewhere,
+broken decode streams resumed elsewhere with no duplicated or missing tokens."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from engine.sequence import FinishReason, SamplingParams
+from gateway.errors import UpstreamError
+from gateway.generation import FailoverConfig, GenerationCore
+from gateway.prompts import PromptTokenizer
+from gateway.router import Router, RoutingConfig
+from tests.gateway.fakes import FakeDecode, FakePrefill, dead, entry, greedy, registry
+from tests.support.tokenizers import build_byte_level_tokenizer
+
+PROMPT = list(range(20, 60))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_byte_level_tokenizer(512)
+
+
+def _core(tokenizer, prefill: list, decode: list, attempts: int = 4) -> GenerationCore:
+    router = Router(registry(prefill, decode), RoutingConfig(affinity_tokens=0))
+    prompts = PromptTokenizer(tokenizer, 1024, 512)
+    return GenerationCore(
+        tokenizer, prompts, 1024, router, failover=FailoverConfig(max_attempts=attempts)
+    )
+
+
+async def _tokens(core: GenerationCore, max_tokens: int) -> tuple[list[int], FinishReason | None]:
+    tokens: list[int] = []
+    finish = None
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    async for delta in core.generate("r1", PROMPT, sampling, timeout=10):
+        tokens.extend(delta.token_ids)
+        finish = delta.finish_reason
+    return tokens, finish
+
+
+def test_decode_death_mid_stream_resumes_elsewhere_token_identically(tokenizer) -> None:
+    dying = FakeDecode("d0", die_after=5)
+    healthy = FakeDecode("d1")
+    d0, d1 = entry(dying), entry(healthy, running=3)  # d0 looks less loaded: it goes first
+    core = _core(tokenizer, [entry(FakePrefill("p0"))], [d0, d1])
+    tokens, finish = asyncio.run(_tokens(core, 20))
+    assert tokens == greedy(PROMPT, 20)  # no duplicated, no missing tokens
+    assert finish is FinishReason.LENGTH
+    [resumed] = healthy.calls
+    assert resumed.prompt == PROMPT + tokens[:6]  # first token (prefill) + 5 decoded
+    assert resumed.max_tokens == 14
+    assert all(s.cancelled for s in dying.streams)
+    assert d0.active == 0 and d1.active == 0
+
+
+def test_colocated_stream_resumes_too(tokenizer) -> None:
+    dying, healthy = FakeDecode("d0", die_after=3), FakeDecode("d1")
+    core = _core(tokenizer, [], [entry(dying), entry(healthy, running=3)])
+    tokens, _ = asyncio.run(_tokens(core, 12))
+    assert tokens == greedy(PROMPT, 12)
+    assert [c.remote for c in healthy.calls] == [False]
+
+
+def test_prefill_failure_before_the_first_token_is_retried_on_another_worker(tokenizer) -> None:
+    broken = FakePrefill("p0", fail=dead("prefill", "p0"))
+    good = FakePrefill("p1")
+    decode = FakeDecode("d0")
+    core = _core(tokenizer, [entry(broken), entry(good, waiting=2)], [entry(decode)])
+    tokens, _ = asyncio.run(_tokens(core, 8))
+    assert tokens == greedy(PROMPT, 8)
+    assert len(broken.calls) == 1 and len(good.calls) == 1
+    assert len(decode.streams) == 2 and decode.streams[0].cancelled  # reservation released
+
+
+def test_full_decode_worker_is_skipped(tokenizer) -> None:
+    full = FakeDecode(
+        "d0",
+        refuse=UpstreamError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "out of blocks",
+            tier="decode",
+            address="d0",
+            retryable=True,
+            retry_after_s=0.3,
+        ),
+    )
+    core = _core(
+        tokenizer, [entry(FakePrefill("p0"))], [entry(full), entry(FakeDecode("d1"), running=4)]
+    )
+    tokens, _ = asyncio.run(_tokens(core, 4))
+    assert tokens == greedy(PROMPT, 4)
+    core = _core(tokenizer, [entry(FakePrefill("p0"))], [entry(full)], attempts=2)
+    with pytest.raises(UpstreamError) as info:
+        asyncio.run(_tokens(core, 4))
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.retry_after_s == 0.3
+
+
+def test_no_worker_left_to_resume_ends_unavailable_with_a_message(tokenizer) -> None:
+    core = _core(tokenizer, [], [entry(FakeDecode("d0", die_after=4))], attempts=3)
+    with pytest.raises(UpstreamError) as info:
+        asyncio.run(_tokens(core, 12))
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "after 4 tokens" in str(info.value) and "could not be resumed" in str(info.value)
+
+
+def test_bad_requests_are_not_retried(tokenizer) -> None:
+    bad = UpstreamError(grpc.StatusCode.INVALID_ARGUMENT, "bad", tier="prefill", address="p0")
+    p0, p1 = FakePrefill("p0", fail=bad), FakePrefill("p1")
+    core = _core(tokenizer, [entry(p0), entry(p1, waiting=3)], [entry(FakeDecode("d0"))])
+    with pytest.raises(UpstreamError) as info:
+        asyncio.run(_tokens(core, 4))
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert not p1.calls
