@@ -269,8 +269,10 @@ def test_services_target_named_ports_that_exist(objects: list[Obj]) -> None:
 
 
 def _resolve(address: str, objects: list[Obj]) -> tuple[Obj, int]:
-    """A ``name.namespace.svc.cluster.local:port`` address -> (the Service, container port)."""
-    host, _, port_text = address.rpartition(":")
+    """A ``dns:///name.namespace.svc.cluster.local:port`` target (every pod behind the headless
+    Service is a worker) -> (the Service, container port)."""
+    assert address.startswith("dns:///"), f"{address}: use dns:/// so every pod is discovered"
+    host, _, port_text = address.removeprefix("dns:///").rpartition(":")
     name, namespace, *rest = host.split(".")
     assert rest == ["svc", "cluster", "local"], f"{address}: use the Service's full DNS name"
     assert namespace == _namespace(objects), f"{address}: not the manifests' namespace"
