@@ -8,206 +8,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from engine.config import (
-    DEFAULT_MODEL,
-    CacheConfig,
-    DType,
-    EngineConfig,
-    ModelConfig,
-    SchedulerConfig,
-)
-from kvtransfer.config import Streaming, TransferConfig
-from kvtransfer.datapath import Backend
 from pdserve import serving_flags as fleet
 from pdserve.bench.cli import add_bench_arguments
-
-ENV_PREFIX = "PDSERVE_"
-
-
-def _env(flag: str, default: Any) -> Any:
-    """``PDSERVE_<FLAG>`` or ``default``; argparse applies the flag's type to either."""
-    return os.environ.get(ENV_PREFIX + flag.upper().replace("-", "_"), default)
-
-
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        default=_env("model", DEFAULT_MODEL),
-        help=f"the default model ({DEFAULT_MODEL}), a local transformers folder (Llama, Qwen2, "
-        "Mistral, GPT-2), or a hub id already in the local Hugging Face cache",
-    )
-    g.add_argument("--dtype", choices=[d.value for d in DType], default=_env("dtype", "float32"))
-    g.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda, cuda:N")
-    g.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=_env("cache_dir", None),
-        help="where the default model is converted once (~/.cache/pdserve)",
-    )
-    g.add_argument(
-        "--max-model-len",
-        type=int,
-        default=_env("max_model_len", None),
-        help="cap on prompt + completion tokens (the model's context by default)",
-    )
-
-
-def _add_log_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", default=_env("log_level", "info"))
-    p.add_argument(
-        "--log-format",
-        choices=["auto", "json", "console"],
-        default=_env("log_format", "auto"),
-        help="json lines, console text, or auto (console on a terminal)",
-    )
-
-
-def _add_metrics_flag(p: argparse.ArgumentParser, default: int) -> None:
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=_env("metrics_port", default),
-        help="port of the Prometheus /metrics endpoint (0: off)",
-    )
-
-
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument(
-        "--block-size",
-        type=int,
-        default=_env("block_size", 16),
-        help="token slots per KV block",
-    )
-    g.add_argument(
-        "--num-blocks",
-        type=int,
-        default=_env("num_blocks", 2048),
-        help="KV blocks in this worker's pool",
-    )
-    g.add_argument(
-        "--kv-cache-memory",
-        default=_env("kv_cache_memory", None),
-        help="size the KV pool from memory instead of --num-blocks: bytes (4GiB, 512MiB) or "
-        "a fraction of the memory available at start (0.3)",
-    )
-    g.add_argument(
-        "--cpus",
-        default=_env("cpus", None),
-        help="pin this worker to these CPU cores, e.g. 0 or 2,3 (default: no pinning)",
-    )
-    g.add_argument(
-        "--no-prefix-caching",
-        action="store_true",
-        help="do not reuse the KV of prompt prefixes computed before",
-    )
-    g.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=_env("max_num_seqs", 64),
-        help="sequences in one batch at most",
-    )
-    g.add_argument(
-        "--max-batched-tokens",
-        type=int,
-        default=_env("max_batched_tokens", 2048),
-        help="tokens in one forward pass at most (longer prompts are chunked)",
-    )
-    g.add_argument(
-        "--threads", type=int, default=_env("threads", None), help="torch threads for this process"
-    )
-
-
-def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("KV transfer")
-    g.add_argument(
-        "--kv-backend",
-        choices=[b.value for b in Backend],
-        default=_env("kv_backend", "zmq"),
-        help="how page bytes move: zmq (tcp/ipc), gloo (torch.distributed, CPU), "
-        "nccl (torch.distributed, GPU); both tiers must agree",
-    )
-    g.add_argument(
-        "--kv-streaming",
-        choices=[s.value for s in Streaming],
-        default=_env("kv_streaming", "layerwise"),
-        help="push each layer's pages as it is computed, or all after the prefill",
-    )
-    g.add_argument(
-        "--kv-key-file",
-        type=Path,
-        default=_env("kv_key_file", None),
-        help="file holding the fleet's KV channel secret (or set PDSERVE_KV_KEY); "
-        "every frame is MACed with it",
-    )
-    g.add_argument(
-        "--kv-insecure",
-        action="store_true",
-        help="run the KV channel without a key (local development only)",
-    )
-    g.add_argument(
-        "--no-kv-checksum", action="store_true", help="without a key, skip the per-frame CRC32"
-    )
-    g.add_argument(
-        "--kv-max-queued-mb",
-        type=int,
-        default=_env("kv_max_queued_mb", 512),
-        help="pages queued per decode peer before the prefill worker waits",
-    )
-    g.add_argument(
-        "--kv-ack-timeout",
-        type=float,
-        default=_env("kv_ack_timeout", 30.0),
-        help="seconds a transfer may wait for its acknowledgement",
-    )
-
-
-def transfer_config(args: argparse.Namespace) -> TransferConfig:
-    key = os.environ.get(ENV_PREFIX + "KV_KEY")
-    if args.kv_key_file:
-        key = Path(args.kv_key_file).read_text().strip()
-    return TransferConfig(
-        backend=Backend(args.kv_backend),
-        key=key.encode() if key else None,
-        insecure=args.kv_insecure,
-        checksum=not args.no_kv_checksum,
-        streaming=Streaming(args.kv_streaming),
-        max_queued_bytes=int(args.kv_max_queued_mb) << 20,
-        ack_timeout_s=float(args.kv_ack_timeout),
-    )
-
-
-def model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(
-        model=args.model,
-        dtype=DType(args.dtype),
-        device=args.device,
-        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-        max_model_len=int(args.max_model_len) if args.max_model_len else None,
-    )
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=model_config(args),
-        cache=CacheConfig(
-            block_size=args.block_size, num_blocks=args.num_blocks, memory=args.kv_cache_memory
-        ),
-        scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_batched_tokens,
-            enable_prefix_caching=not args.no_prefix_caching,
-        ),
-        num_threads=int(args.threads) if args.threads else None,
-        cpus=tuple(int(c) for c in str(args.cpus).split(",")) if args.cpus else None,
-    )
+from pdserve.cli_flags import (
+    add_engine_flags,
+    add_log_flags,
+    add_metrics_flag,
+    add_model_flags,
+    add_transfer_flags,
+    engine_config,
+    env_default,
+    model_config,
+    transfer_config,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="stream one completion of PROMPT, then stop the cluster",
     )
     up.add_argument("--max-tokens", type=int, default=64, help="with --generate")
-    _add_model_flags(up)
-    _add_engine_flags(up)
-    _add_transfer_flags(up)
-    _add_log_flags(up)
+    add_model_flags(up)
+    add_engine_flags(up)
+    add_transfer_flags(up)
+    add_log_flags(up)
     fleet.add_gateway_flags(up)
     fleet.add_tls_flags(up)
     fleet.add_drain_flags(up)
@@ -292,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the public gRPC gateway",
         description="Serve pdserve.v1.Generation; route to the given workers.",
     )
-    gw.add_argument("--listen", default=_env("listen", "127.0.0.1:50051"))
+    gw.add_argument("--listen", default=env_default("listen", "127.0.0.1:50051"))
     gw.add_argument(
         "--prefill",
         action="append",
@@ -305,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="decode worker address (repeat, or comma-separate)",
     )
-    _add_model_flags(gw)
-    _add_log_flags(gw)
-    _add_metrics_flag(gw, 9100)
+    add_model_flags(gw)
+    add_log_flags(gw)
+    add_metrics_flag(gw, 9100)
     fleet.add_gateway_flags(gw)
     fleet.add_tls_flags(gw)
     fleet.add_drain_flags(gw)
@@ -318,12 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute prompts, return first tokens, push KV pages to the "
         "decode worker named in each request's ticket.",
     )
-    pf.add_argument("--listen", default=_env("listen", "127.0.0.1:50061"))
-    _add_transfer_flags(pf)
-    _add_model_flags(pf)
-    _add_engine_flags(pf)
-    _add_log_flags(pf)
-    _add_metrics_flag(pf, 9101)
+    pf.add_argument("--listen", default=env_default("listen", "127.0.0.1:50061"))
+    add_transfer_flags(pf)
+    add_model_flags(pf)
+    add_engine_flags(pf)
+    add_log_flags(pf)
+    add_metrics_flag(pf, 9101)
     fleet.add_tls_flags(pf)
     fleet.add_drain_flags(pf)
     fleet.add_worker_admission_flags(pf)
@@ -334,15 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Continuous batching over a paged KV pool; receives KV "
         "pages from prefill workers, or prefills locally (colocated).",
     )
-    dc.add_argument("--listen", default=_env("listen", "127.0.0.1:50071"))
+    dc.add_argument("--listen", default=env_default("listen", "127.0.0.1:50071"))
     dc.add_argument(
         "--kv-bind",
-        default=_env("kv_bind", "tcp://127.0.0.1:0"),
+        default=env_default("kv_bind", "tcp://127.0.0.1:0"),
         help="ZeroMQ endpoint for incoming KV pages (tcp://host:port, ipc:///path)",
     )
     dc.add_argument(
         "--kv-advertise",
-        default=_env("kv_advertise", None),
+        default=env_default("kv_advertise", None),
         help="endpoint prefill workers should connect to (default: the bound one)",
     )
     dc.add_argument(
@@ -351,11 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="free a reservation whose pages have not all arrived by then",
     )
-    _add_transfer_flags(dc)
-    _add_model_flags(dc)
-    _add_engine_flags(dc)
-    _add_log_flags(dc)
-    _add_metrics_flag(dc, 9102)
+    add_transfer_flags(dc)
+    add_model_flags(dc)
+    add_engine_flags(dc)
+    add_log_flags(dc)
+    add_metrics_flag(dc, 9102)
     fleet.add_tls_flags(dc)
     fleet.add_drain_flags(dc)
     fleet.add_worker_admission_flags(dc)
@@ -366,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send PROMPT to a gateway and print the text as it streams.",
     )
     gen.add_argument("prompt")
-    gen.add_argument("--gateway", default=_env("gateway", "127.0.0.1:50051"))
+    gen.add_argument("--gateway", default=env_default("gateway", "127.0.0.1:50051"))
     gen.add_argument("--chat", action="store_true", help="send PROMPT as a user chat message")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -384,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--auth-token-file",
         type=Path,
-        default=_env("auth_token_file", None),
+        default=env_default("auth_token_file", None),
         help="file whose first line is the bearer token (or set PDSERVE_AUTH_TOKEN)",
     )
     fleet.add_tls_flags(gen, server=False)

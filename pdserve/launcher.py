@@ -294,7 +294,7 @@ def _cluster_tls(args: argparse.Namespace) -> TLSConfig | None:
 
 
 def run_cluster(args: argparse.Namespace) -> int:
-    from pdserve.cli import model_config
+    from pdserve.cli_flags import model_config
 
     if args.decode < 1 or args.prefill < 0:
         print("pdserve up: need --decode >= 1 and --prefill >= 0", file=sys.stderr)
