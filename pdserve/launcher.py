@@ -42,6 +42,7 @@ class ProcessSpec:
     name: str
     address: str  # gRPC address, for the readiness check
     argv: tuple[str, ...]
+    cpus: tuple[int, ...] = ()  # pinned by the launcher after start (the gateway has no flag)
 
 
 def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
@@ -131,7 +132,10 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
         gw += ["--prefill", addr]
     for addr in [*decode_addrs, *args.also_decode]:
         gw += ["--decode", addr]
-    specs.append(ProcessSpec("gateway", gateway_addr, tuple(gw)))
+    # with --pin-cpus the gateway shares the first core (the first prefill worker's), so the
+    # decode workers' cores carry nothing but decode
+    gateway_cpus = (sorted(os.sched_getaffinity(0))[0],) if args.pin_cpus else ()
+    specs.append(ProcessSpec("gateway", gateway_addr, tuple(gw), gateway_cpus))
     return specs
 
 
@@ -221,6 +225,8 @@ class Cluster:
     def start(self) -> None:
         for spec in self.specs:
             self.procs[spec.name] = subprocess.Popen(spec.argv, env=self.env)
+            if spec.cpus:
+                os.sched_setaffinity(self.procs[spec.name].pid, spec.cpus)
             log.info(
                 "process_started",
                 name=spec.name,
