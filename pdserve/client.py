@@ -161,6 +161,17 @@ class _Base:
         self.retry = retry or NO_RETRY
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
 
+    def _retry_delay(
+        self, attempt: int, exc: grpc.RpcError, received: bool, deadline: float | None
+    ) -> float | None:
+        """Seconds to wait before trying again, or None to give up: only before the first
+        message (nothing was streamed yet), as the retry policy allows, and within the deadline."""
+        delay = None if received else self.retry.delay(attempt, exc)
+        left = _left(deadline)
+        if delay is None or (left is not None and delay >= left):
+            return None
+        return delay
+
     def _metadata(self, request: generation_pb2.GenerateRequest) -> tuple[tuple[str, str], ...]:
         rid = (("x-request-id", request.request_id),) if request.request_id else ()
         return (*self._auth, *rid)
@@ -212,9 +223,8 @@ class Client(_Base):
                     yield chunk_from_proto(msg)
                 return
             except grpc.RpcError as exc:
-                delay = None if received else self.retry.delay(attempt, exc)
-                left = _left(deadline)
-                if delay is None or (left is not None and delay >= left):
+                delay = self._retry_delay(attempt, exc, received, deadline)
+                if delay is None:
                     raise
             finally:
                 call.cancel()  # no-op after a normal end; stops the server's work if we left
@@ -272,9 +282,8 @@ class AsyncClient(_Base):
                     yield chunk_from_proto(msg)
                 return
             except grpc.RpcError as exc:
-                delay = None if received else self.retry.delay(attempt, exc)
-                left = _left(deadline)
-                if delay is None or (left is not None and delay >= left):
+                delay = self._retry_delay(attempt, exc, received, deadline)
+                if delay is None:
                     raise
             finally:
                 call.cancel()
