@@ -13,6 +13,7 @@ import grpc
 
 from decode_service.worker import DecodeWorker
 from engine.errors import EngineStoppedError, InvalidRequestError
+from engine.prefix_summary import PrefixSummary
 from engine.sequence import FinishReason
 from pdserve.grpc_runtime import BASE_STATUS_CODES, Lifecycle
 from pdserve.metrics import WorkerMetrics
@@ -45,6 +46,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         self.model_name = model_name
         self.metrics = metrics
         self.lifecycle = lifecycle or Lifecycle()
+        self.prefixes = PrefixSummary(worker.engine.engine.kv_cache.block_size)
 
     async def Generate(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
@@ -53,6 +55,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         prompt = list(request.prompt_token_ids)
         if not prompt:
             raise InvalidRequestError("empty prompt_token_ids")
+        self.prefixes.record(prompt)
         local = request.mode != worker_pb2.PREFILL_MODE_REMOTE
         if not local:
             remaining = context.time_remaining()
@@ -96,6 +99,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         msg.max_in_flight = life.max_in_flight
         msg.requests_total = life.total
         msg.max_num_seqs = self.worker.engine.engine.config.scheduler.max_num_seqs
+        msg.cached_prefix_hashes.extend(
+            self.prefixes.advertised(self.worker.engine.engine.held_prefix_blocks)
+        )
         return msg
 
     async def GetStatus(

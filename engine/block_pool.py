@@ -117,6 +117,16 @@ class BlockPool:
         """The block holding this prefix's KV (owned or cached), if any."""
         return self._block_of.get(block_hash)
 
+    def held_prefix(self, hashes: Iterable[bytes]) -> int:
+        """How many leading ``hashes`` (one prefix's chain) name blocks held here, owned or
+        cached: the blocks a prefix-cache lookup of that prompt would find. Read-only."""
+        count = 0
+        for block_hash in hashes:
+            if block_hash not in self._block_of:
+                break
+            count += 1
+        return count
+
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
 

@@ -198,6 +198,12 @@ class Engine:
                 prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
             )
 
+    def held_prefix_blocks(self, chains: list[list[bytes]]) -> list[int]:
+        """For each chain of prefix hashes, how many leading blocks the prefix cache holds
+        (read-only; feeds the worker's prefix-cache summary, see engine.prefix_summary)."""
+        with self._lock:
+            return [self.pool.held_prefix(chain) for chain in chains]
+
     # -- the loop ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

@@ -12,10 +12,23 @@
 "local_*" decisions prefill on the decode worker itself. Policies (``--router``):
 
 - ``load-aware``: decode least loaded (KV block usage after this prompt + batch occupancy);
-  prefill shortest queue, preferring the worker that last computed the same prompt prefix (its
-  prefix cache holds it) unless that worker's queue is longer than the shortest by more than
-  ``AFFINITY_SLACK``;
+  prefill by prefix-cache affinity, then queue (:class:`ShortestQueuePrefillPolicy`):
+
+  1. ``worker_prefix_cache``: the worker whose load report advertises the longest cached prefix
+     of the prompt (:mod:`engine.prefix_summary`: the same chained block hashes, with the
+     worker's block size), unless its queue is longer than the shortest by more than
+     ``AFFINITY_SLACK`` (then the next-longest match, ...);
+  2. ``recent_route``: else the worker this gateway last sent the same first
+     ``affinity_tokens`` to (a prefix routed since the last load report), with the same slack;
+  3. ``shortest_queue``: else the shortest queue.
 - ``round-robin``: in turn, ignoring load.
+
+Fallbacks (a first choice that could not be had) are reported on the route, for metrics:
+``decode_failed_worker_reused`` / ``prefill_failed_worker_reused`` (only workers that already
+failed this request were routable), ``prefill_all_full`` (every prefill worker is at its
+admission limit; one gets the call anyway and may refuse it), ``prefill_unavailable`` (a prefill
+tier is configured but no worker of it is routable: the decode worker prefills), and
+``prefix_affinity_overloaded`` (a worker holding the prefix was passed over for its queue).
 
 Loads come from the workers' reports (:mod:`gateway.registry`) plus the calls this gateway
 routed since the last report. Ties rotate, so equal workers share the work.
@@ -28,8 +41,9 @@ import itertools
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
+from engine.prefix_summary import matched_depth, prompt_anchors
 from gateway.errors import NoWorkersError, OverloadedError
 from gateway.registry import Registry, WorkerEntry
 
@@ -39,11 +53,30 @@ OVERLOADED_RETRY_S = 0.5
 HEADROOM_BATCH_FRACTION = 0.5  # a decode worker below this batch occupancy may prefill locally
 
 
+WORKER_PREFIX_CACHE = "worker_prefix_cache"
+RECENT_ROUTE = "recent_route"
+SHORTEST_QUEUE = "shortest_queue"
+LEAST_LOADED = "least_loaded"
+ROUND_ROBIN = "round_robin"
+
+
+class Pick(NamedTuple):
+    """A policy's choice, why it was made, and any fallback on the way."""
+
+    worker: WorkerEntry
+    reason: str
+    fallbacks: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class Route:
     decode: WorkerEntry
     prefill: WorkerEntry | None  # None: the decode worker computes the prompt
     decision: str
+    prefill_reason: str = ""
+    """Why this prefill worker (``worker_prefix_cache``, ``recent_route``, ...); "" if none."""
+    fallbacks: tuple[str, ...] = ()
+    """First choices that could not be had (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +93,7 @@ class RoutingConfig:
 
 
 class Policy(Protocol):
-    def pick(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> WorkerEntry: ...
+    def pick(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> Pick: ...
 
 
 def _batch(entry: WorkerEntry) -> int:
@@ -98,47 +131,76 @@ class RoundRobinPolicy:
     def __init__(self) -> None:
         self._rotation = _Rotation()
 
-    def pick(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> WorkerEntry:
-        return self._rotation.order(candidates)[0]
+    def pick(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> Pick:
+        return Pick(self._rotation.order(candidates)[0], ROUND_ROBIN)
 
 
 class LeastLoadedDecodePolicy:
     def __init__(self) -> None:
         self._rotation = _Rotation()
 
-    def pick(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> WorkerEntry:
-        return min(self._rotation.order(candidates), key=lambda e: decode_score(e, len(prompt)))
+    def pick(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> Pick:
+        ordered = self._rotation.order(candidates)
+        return Pick(min(ordered, key=lambda e: decode_score(e, len(prompt))), LEAST_LOADED)
 
 
 class ShortestQueuePrefillPolicy:
+    """Prefix-cache affinity first, then the shortest queue (see the module docstring)."""
+
     def __init__(self, affinity_tokens: int = 64) -> None:
         self._rotation = _Rotation()
         self._affinity_tokens = affinity_tokens
         self._last: collections.OrderedDict[int, str] = collections.OrderedDict()
 
-    def pick(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> WorkerEntry:
-        best = min(self._rotation.order(candidates), key=prefill_queue)
+    def pick(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> Pick:
+        ordered = self._rotation.order(candidates)
+        best = min(ordered, key=prefill_queue)
+        limit = prefill_queue(best) + AFFINITY_SLACK
+        chosen, reason = best, SHORTEST_QUEUE
+        fallbacks: tuple[str, ...] = ()
+        holders = _prefix_holders(ordered, prompt)
+        if holders:
+            within = [e for e in holders if prefill_queue(e) <= limit]
+            if within:
+                chosen, reason = within[0], WORKER_PREFIX_CACHE
+            else:
+                fallbacks = ("prefix_affinity_overloaded",)
         key = self._prefix_key(prompt)
         if key is None:
-            return best
-        affine = self._last.get(key)
-        chosen = best
-        for entry in candidates:
-            if entry.address == affine and prefill_queue(entry) <= prefill_queue(best) + (
-                AFFINITY_SLACK
-            ):
-                chosen = entry
+            return Pick(chosen, reason, fallbacks)
+        if reason == SHORTEST_QUEUE:
+            affine = self._last.get(key)
+            for entry in ordered:
+                if entry.address == affine and prefill_queue(entry) <= limit:
+                    chosen, reason = entry, RECENT_ROUTE
         self._last[key] = chosen.address
         self._last.move_to_end(key)
         while len(self._last) > AFFINITY_ENTRIES:
             self._last.popitem(last=False)
-        return chosen
+        return Pick(chosen, reason, fallbacks)
 
     def _prefix_key(self, prompt: Sequence[int]) -> int | None:
         n = self._affinity_tokens
         if n <= 0 or len(prompt) < n:
             return None
         return hash(tuple(prompt[:n]))
+
+
+def _prefix_holders(ordered: Sequence[WorkerEntry], prompt: Sequence[int]) -> list[WorkerEntry]:
+    """Workers whose last report advertises a cached prefix of ``prompt``, longest match first
+    (then shortest queue, then ``ordered``'s rotation)."""
+    anchors: dict[int, list[tuple[int, bytes]]] = {}  # per block size (one, in practice)
+    matched: list[tuple[int, int, int, WorkerEntry]] = []
+    for index, entry in enumerate(ordered):
+        load = entry.load
+        if load is None or not load.cached_prefixes:
+            continue
+        if load.block_size not in anchors:
+            anchors[load.block_size] = prompt_anchors(prompt, load.block_size)
+        depth = matched_depth(anchors[load.block_size], load.cached_prefixes) * load.block_size
+        if depth:
+            matched.append((-depth, prefill_queue(entry), index, entry))
+    return [entry for *_, entry in sorted(matched, key=lambda m: m[:3])]
 
 
 POLICIES = ("load-aware", "round-robin")
@@ -168,27 +230,36 @@ class Router:
         """Raises :class:`NoWorkersError` when no decode worker is routable and
         :class:`OverloadedError` when every routable one is at its limit. Workers in ``avoid_*``
         (failed for this request) are used only when no other is routable."""
-        decode = self.decode_policy.pick(self._decode_candidates(avoid_decode), prompt)
+        fallbacks: list[str] = []
+        decode_candidates = self._decode_candidates(avoid_decode, fallbacks)
+        decode = self.decode_policy.pick(decode_candidates, prompt).worker
         if not self.registry.prefill.configured:
-            return Route(decode, None, "colocated")
+            return Route(decode, None, "colocated", fallbacks=tuple(fallbacks))
         if len(prompt) < self.config.local_prefill_below:
-            return Route(decode, None, "local_short_prompt")
-        prefill = _prefer_not(self.registry.prefill.routable(), avoid_prefill)
-        prefill = [e for e in prefill if e.load is None or not e.load.full] or prefill
+            return Route(decode, None, "local_short_prompt", fallbacks=tuple(fallbacks))
+        prefill = _prefer_not(self.registry.prefill.routable(), avoid_prefill, fallbacks, "prefill")
         if not prefill:
-            return Route(decode, None, "local_no_prefill")
+            fallbacks.append("prefill_unavailable")
+            return Route(decode, None, "local_no_prefill", fallbacks=tuple(fallbacks))
+        open_ = [e for e in prefill if e.load is None or not e.load.full]
+        if not open_:
+            fallbacks.append("prefill_all_full")
+        prefill = open_ or prefill
         saturated_at = self.config.prefill_saturated_queue
         if (
             saturated_at
             and min(prefill_queue(e) for e in prefill) >= saturated_at
             and _has_headroom(decode)
         ):
-            return Route(decode, None, "local_prefill_saturated")
-        return Route(decode, self.prefill_policy.pick(prefill, prompt), "disaggregated")
+            return Route(decode, None, "local_prefill_saturated", fallbacks=tuple(fallbacks))
+        pick = self.prefill_policy.pick(prefill, prompt)
+        return Route(
+            decode, pick.worker, "disaggregated", pick.reason, (*fallbacks, *pick.fallbacks)
+        )
 
-    def _decode_candidates(self, avoid: Collection[str]) -> list[WorkerEntry]:
+    def _decode_candidates(self, avoid: Collection[str], fallbacks: list[str]) -> list[WorkerEntry]:
         tier = self.registry.decode
-        routable = _prefer_not(tier.routable(), avoid)
+        routable = _prefer_not(tier.routable(), avoid, fallbacks, "decode")
         if not routable:
             raise NoWorkersError(f"no decode worker is available ({tier.summary()})")
         open_ = [e for e in routable if e.load is None or not e.load.full]
@@ -200,8 +271,12 @@ class Router:
         return open_
 
 
-def _prefer_not(entries: list[WorkerEntry], avoid: Collection[str]) -> list[WorkerEntry]:
+def _prefer_not(
+    entries: list[WorkerEntry], avoid: Collection[str], fallbacks: list[str], tier: str
+) -> list[WorkerEntry]:
     preferred = [e for e in entries if e.address not in avoid]
+    if entries and not preferred:
+        fallbacks.append(f"{tier}_failed_worker_reused")
     return preferred or entries
 
 

@@ -77,6 +77,8 @@ class WorkerStatus:
     max_in_flight: int = 0
     max_num_seqs: int = 0
     requests_total: int = 0
+    cached_prefixes: frozenset[bytes] = frozenset()
+    """Anchor hashes of the prefixes the worker's prefix cache holds (engine.prefix_summary)."""
 
     @property
     def full(self) -> bool:
@@ -302,4 +304,5 @@ def status_from_proto(msg: worker_pb2.WorkerStatus) -> WorkerStatus:
         max_in_flight=msg.max_in_flight,
         max_num_seqs=msg.max_num_seqs,
         requests_total=msg.requests_total,
+        cached_prefixes=frozenset(msg.cached_prefix_hashes),
     )

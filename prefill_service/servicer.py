@@ -13,6 +13,7 @@ import grpc
 import structlog
 
 from engine.errors import EngineError, InvalidRequestError
+from engine.prefix_summary import PrefixSummary
 from kvtransfer.ticket import IncompatiblePeerError
 from pdserve.grpc_runtime import BASE_STATUS_CODES, Lifecycle
 from pdserve.proto_convert import (
@@ -39,6 +40,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         self.worker = worker
         self.model_name = model_name
         self.lifecycle = lifecycle or Lifecycle()
+        self.prefixes = PrefixSummary(worker.engine.engine.kv_cache.block_size)
 
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -47,10 +49,12 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             raise InvalidRequestError("empty prompt_token_ids")
         if not request.HasField("ticket") or len(request.ticket.transfer_id) != 16:
             raise InvalidRequestError("missing transfer ticket")
+        prompt = list(request.prompt_token_ids)
+        self.prefixes.record(prompt)
         try:
             result = await self.worker.prefill(
                 request.request_id,
-                list(request.prompt_token_ids),
+                prompt,
                 sampling_from_proto(request.sampling),
                 ticket_from_proto(request.ticket),
             )
@@ -79,6 +83,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         msg.max_in_flight = life.max_in_flight
         msg.requests_total = life.total
         msg.max_num_seqs = self.worker.engine.engine.config.scheduler.max_num_seqs
+        msg.cached_prefix_hashes.extend(
+            self.prefixes.advertised(self.worker.engine.engine.held_prefix_blocks)
+        )
         return msg
 
     async def GetStatus(

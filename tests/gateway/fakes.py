@@ -47,6 +47,7 @@ class Call:
     prompt: list[int]
     max_tokens: int
     remote: bool
+    seed: int | None = None
 
 
 @dataclass
@@ -102,7 +103,7 @@ class FakeDecode:
         remote_prefill: bool,
         timeout: float | None,
     ) -> FakeDecodeStream:
-        self.calls.append(Call(list(prompt), sampling.max_tokens, remote_prefill))
+        self.calls.append(Call(list(prompt), sampling.max_tokens, remote_prefill, sampling.seed))
         stream = FakeDecodeStream(self, list(prompt), sampling, remote_prefill)
         self.streams.append(stream)
         return stream
@@ -126,7 +127,7 @@ class FakePrefill:
         ticket: object,
         timeout: float | None,
     ) -> PrefillOutcome:
-        self.calls.append(Call(list(prompt), sampling.max_tokens, True))
+        self.calls.append(Call(list(prompt), sampling.max_tokens, True, sampling.seed))
         if self.fail is not None:
             raise self.fail
         finish = FinishReason.LENGTH if sampling.max_tokens == 1 else None
@@ -136,8 +137,8 @@ class FakePrefill:
         pass
 
 
-def load(**kw: int | bool) -> WorkerStatus:
-    fields: dict[str, int | bool] = {
+def load(**kw: object) -> WorkerStatus:
+    fields: dict[str, object] = {
         "total_blocks": 100,
         "free_blocks": 100,
         "running": 0,
@@ -150,7 +151,7 @@ def load(**kw: int | bool) -> WorkerStatus:
     return WorkerStatus(tier="", **fields)  # type: ignore[arg-type]
 
 
-def entry(client: object, **kw: int | bool) -> WorkerEntry:
+def entry(client: object, **kw: object) -> WorkerEntry:
     e = WorkerEntry(client)  # type: ignore[arg-type]
     e.on_health(True)
     e.on_load(load(**kw))
