@@ -17,9 +17,12 @@ full, or broke the transfer) is retried on another route, avoiding the workers t
     attempt 2:  prompt + [t1 t2 t3]     -> t4 t5 ... (prefilled again, on other workers)
 
 Tokens already received are never asked for again, so the stream has no duplicated and no
-missing tokens, and greedy output equals an undisturbed run. Before the first token this is a
-plain retry. After ``max_attempts`` the request fails with the last error (UNAVAILABLE with a
-message saying how far it got).
+missing tokens. Output equals an undisturbed run's: greedy output trivially; sampled output
+because the sampler draws position ``p`` of a seeded request from ``(seed, p)`` wherever it runs
+(engine/sampler.py), and the gateway gives every sampled request that came without a seed one
+of its own (:func:`with_seed`), sent on every hop, resumes included. Before the first token
+this is a plain retry. After ``max_attempts`` the request fails with the last error
+(UNAVAILABLE with a message saying how far it got).
 
 Leaving the generator early (client cancel, deadline, stop string) cancels every open worker call,
 which aborts the work and frees its blocks on each tier.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import cast
@@ -52,6 +56,16 @@ from pdserve.metrics import GatewayMetrics
 log = structlog.get_logger(__name__)
 
 RETRY_PAUSE_S = 0.05  # before attempt n+1: n x this (lets the registry see a death)
+SEED_BITS = 63  # assigned seeds fit the proto's uint64 and a signed 64-bit int alike
+
+
+def with_seed(sampling: SamplingParams) -> SamplingParams:
+    """``sampling`` with a random seed when it samples (temperature > 0) without one, so every
+    worker that samples part of the request (prefill, decode, a resume elsewhere) draws from
+    the same seeded stream; greedy and already-seeded requests are returned as they are."""
+    if sampling.greedy or sampling.seed is not None:
+        return sampling
+    return dataclasses.replace(sampling, seed=secrets.randbits(SEED_BITS))
 
 
 @dataclass(frozen=True)
@@ -122,6 +136,9 @@ class GenerationCore:
         self, request_id: str, prompt: list[int], sampling: SamplingParams, timeout: float | None
     ) -> AsyncIterator[Delta]:
         deadline = Deadline(timeout)
+        if sampling.seed is None and not sampling.greedy:
+            sampling = with_seed(sampling)
+            log.info("seed_assigned", seed=sampling.seed)
         detok = IncrementalDetokenizer(self.tokenizer, prompt)
         stops = StopStringMatcher(sampling.stop)
         completion = 0
@@ -155,10 +172,12 @@ class GenerationCore:
         avoid_decode: set[str] = set()
         avoid_prefill: set[str] = set()
         attempt = 0
+        resuming = False  # a stream broke after its first token; no new token arrived since
         while True:
             attempt += 1
             left = sampling.max_tokens - len(generated)
             if left <= 0:  # every token arrived; only the finish was lost
+                self._resumed(resuming)
                 yield TokenEvent((), FinishReason.LENGTH)
                 return
             try:
@@ -166,6 +185,7 @@ class GenerationCore:
             except NoWorkersError as exc:
                 if not generated:
                     raise
+                self._resume_failed()
                 raise UpstreamError(
                     grpc.StatusCode.UNAVAILABLE,
                     f"the stream failed after {len(generated)} tokens and could not be "
@@ -182,14 +202,21 @@ class GenerationCore:
             try:
                 async with contextlib.aclosing(attempt_events):  # ends worker calls at once
                     async for event in attempt_events:
+                        resuming = self._resumed(resuming)
                         generated.extend(event.token_ids)
                         yield event
                         if event.finish_reason is not None:
                             return
             except UpstreamError as exc:
                 if not exc.retryable or attempt >= self.failover.max_attempts:
+                    if exc.retryable and generated:
+                        self._resume_failed()
                     raise _final_error(exc, len(generated), attempt) from exc
                 (avoid_decode if exc.tier == "decode" else avoid_prefill).add(exc.address)
+                if generated:
+                    resuming = True
+                elif self.metrics is not None:
+                    self.metrics.prefill_retry(exc.tier, exc.code.name)
                 log.warning(
                     "request_retrying" if not generated else "stream_resuming",
                     attempt=attempt,
@@ -201,15 +228,27 @@ class GenerationCore:
                 )
                 await asyncio.sleep(RETRY_PAUSE_S * attempt)
 
+    def _resumed(self, resuming: bool) -> bool:
+        """Count a broken stream that continued (once); returns the new ``resuming``."""
+        if resuming and self.metrics is not None:
+            self.metrics.decode_resume("resumed")
+        return False
+
+    def _resume_failed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.decode_resume("failed")
+
     def _log_route(self, route: Route, attempt: int, resumed_after: int) -> None:
         if self.metrics is not None:
-            self.metrics.routed(route.decision)
+            self.metrics.routed(route.decision, route.prefill_reason, route.fallbacks)
         log.info(
             "request_routed",
             decision=route.decision,
             decode=route.decode.address,
             prefill=route.prefill.address if route.prefill is not None else None,
             attempt=attempt,
+            **({"prefill_reason": route.prefill_reason} if route.prefill_reason else {}),
+            **({"fallbacks": list(route.fallbacks)} if route.fallbacks else {}),
             **({"resumed_after_tokens": resumed_after} if resumed_after else {}),
         )
 

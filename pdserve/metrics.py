@@ -9,7 +9,7 @@ decode time); pool and transfer state is read at scrape time by collectors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -116,12 +116,51 @@ class GatewayMetrics:
             ["tier", "decision"],
             registry=registry,
         )
+        self._prefill_picks = Counter(
+            "pdserve_router_prefill_picks",
+            "Prefill workers chosen, by reason (worker_prefix_cache, recent_route, ...).",
+            ["tier", "reason"],
+            registry=registry,
+        )
+        self._fallbacks = Counter(
+            "pdserve_router_fallbacks",
+            "Routes that could not take the first choice, by reason.",
+            ["tier", "reason"],
+            registry=registry,
+        )
+        self._retries = Counter(
+            "pdserve_prefill_retries",
+            "Attempts retried on another route before the first token, by the failed tier "
+            "and its status code.",
+            ["tier", "failed_tier", "reason"],
+            registry=registry,
+        )
+        self._resumes = Counter(
+            "pdserve_decode_resumes",
+            "Streams broken after their first token: resumed elsewhere, or failed (UNAVAILABLE).",
+            ["tier", "outcome"],
+            registry=registry,
+        )
 
     def request_done(self, code: str) -> None:
         self._requests.labels("gateway", code).inc()
 
-    def routed(self, decision: str) -> None:
+    def routed(
+        self, decision: str, prefill_reason: str = "", fallbacks: Iterable[str] = ()
+    ) -> None:
         self._decisions.labels("gateway", decision).inc()
+        if prefill_reason:
+            self._prefill_picks.labels("gateway", prefill_reason).inc()
+        for reason in fallbacks:
+            self._fallbacks.labels("gateway", reason).inc()
+
+    def prefill_retry(self, failed_tier: str, code: str) -> None:
+        """An attempt failed before the first token and is retried on another route."""
+        self._retries.labels("gateway", failed_tier or "gateway", code.lower()).inc()
+
+    def decode_resume(self, outcome: str) -> None:
+        """``resumed``: a broken stream continued on another route; ``failed``: it could not."""
+        self._resumes.labels("gateway", outcome).inc()
 
 
 class WorkerMetrics:

@@ -4,15 +4,18 @@ broken decode streams resumed elsewhere with no duplicated or missing tokens."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
 from engine.sequence import FinishReason, SamplingParams
 from gateway.errors import UpstreamError
 from gateway.generation import FailoverConfig, GenerationCore
 from gateway.prompts import PromptTokenizer
 from gateway.router import Router, RoutingConfig
+from pdserve.metrics import GatewayMetrics
 from tests.gateway.fakes import FakeDecode, FakePrefill, dead, entry, greedy, registry
 from tests.support.tokenizers import build_byte_level_tokenizer
 
@@ -24,18 +27,22 @@ def tokenizer():
     return build_byte_level_tokenizer(512)
 
 
-def _core(tokenizer, prefill: list, decode: list, attempts: int = 4) -> GenerationCore:
+def _core(
+    tokenizer, prefill: list, decode: list, attempts: int = 4, metrics: GatewayMetrics | None = None
+) -> GenerationCore:
     router = Router(registry(prefill, decode), RoutingConfig(affinity_tokens=0))
     prompts = PromptTokenizer(tokenizer, 1024, 512)
     return GenerationCore(
-        tokenizer, prompts, 1024, router, failover=FailoverConfig(max_attempts=attempts)
+        tokenizer, prompts, 1024, router, metrics, failover=FailoverConfig(max_attempts=attempts)
     )
 
 
-async def _tokens(core: GenerationCore, max_tokens: int) -> tuple[list[int], FinishReason | None]:
+async def _tokens(
+    core: GenerationCore, max_tokens: int, temperature: float = 0.0, seed: int | None = None
+) -> tuple[list[int], FinishReason | None]:
     tokens: list[int] = []
     finish = None
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     async for delta in core.generate("r1", PROMPT, sampling, timeout=10):
         tokens.extend(delta.token_ids)
         finish = delta.finish_reason
@@ -116,3 +123,57 @@ def test_bad_requests_are_not_retried(tokenizer) -> None:
         asyncio.run(_tokens(core, 4))
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert not p1.calls
+
+
+def _count(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, {"tier": "gateway", **labels}) or 0.0
+
+
+def test_a_sampled_request_without_a_seed_gets_one_on_every_hop_resumes_included(
+    tokenizer,
+) -> None:
+    prefill, dying, healthy = FakePrefill("p0"), FakeDecode("d0", die_after=3), FakeDecode("d1")
+    core = _core(tokenizer, [entry(prefill)], [entry(dying), entry(healthy, running=3)])
+    tokens, _ = asyncio.run(_tokens(core, 10, temperature=0.8))
+    assert len(tokens) == 10
+    seeds = {c.seed for c in [*prefill.calls, *dying.calls, *healthy.calls]}
+    assert len(healthy.calls) == 1 and len(seeds) == 1 and None not in seeds
+    assert len(prefill.calls) == 2  # the resume prefilled prompt + tokens again, same seed
+
+    again = FakeDecode("d2")
+    core = _core(tokenizer, [], [entry(again)])
+    asyncio.run(_tokens(core, 4, temperature=0.8))
+    assert again.calls[0].seed not in (None, *seeds)  # a fresh seed per request
+    asyncio.run(_tokens(core, 4, temperature=0.8, seed=1234))
+    asyncio.run(_tokens(core, 4))
+    assert [c.seed for c in again.calls[1:]] == [1234, None]  # given seeds kept; greedy: none
+
+
+def test_retries_resumes_and_fallbacks_are_counted(tokenizer) -> None:
+    metrics_registry = CollectorRegistry()
+    metrics = GatewayMetrics(metrics_registry)
+    broken = FakePrefill("p0", fail=dead("prefill", "p0"))
+    good = FakePrefill("p1")
+    dying, healthy = FakeDecode("d0", die_after=5), FakeDecode("d1")
+    core = _core(
+        tokenizer,
+        [entry(broken), entry(good, waiting=2)],
+        [entry(dying), entry(healthy, running=3)],
+        metrics=metrics,
+    )
+    tokens, _ = asyncio.run(_tokens(core, 20))
+    assert tokens == greedy(PROMPT, 20)
+    count = functools.partial(_count, metrics_registry)
+    retries = "pdserve_prefill_retries_total"
+    assert count(retries, failed_tier="prefill", reason="unavailable") == 1
+    assert count("pdserve_decode_resumes_total", outcome="resumed") == 1
+    assert count("pdserve_decode_resumes_total", outcome="failed") == 0
+    picks = "pdserve_router_prefill_picks_total"
+    assert count(picks, reason="shortest_queue") == 3  # first try, retry, resume
+
+    core = _core(tokenizer, [], [entry(FakeDecode("d0", die_after=4))], 3, metrics)
+    with pytest.raises(UpstreamError):
+        asyncio.run(_tokens(core, 12))
+    assert count("pdserve_decode_resumes_total", outcome="failed") == 1
+    fallbacks = "pdserve_router_fallbacks_total"
+    assert count(fallbacks, reason="decode_failed_worker_reused") == 2  # attempts 2 and 3
