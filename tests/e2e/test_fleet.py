@@ -1,6 +1,8 @@
 """The fleet end to end: two prefill and two decode workers (tiny model) behind one gateway, real
 processes on loopback. Workers are added, drained and killed (-9) while requests run; every
-request must complete elsewhere with the output an undisturbed run gives, or end UNAVAILABLE.
+request must complete elsewhere with the output an undisturbed run gives (greedy, or sampled
+with a seed), or end UNAVAILABLE; the gateway's /metrics count the retries, resumes and
+routing fallbacks.
 After each test every live pool is back to idle.
 
 Tests run in file order on one cluster; the destructive ones come last."""
@@ -23,6 +25,7 @@ import pytest
 from pdserve.client import NO_RETRY, AsyncClient, RetryPolicy
 from pdserve.local_cluster import Cluster, free_port_range, start_cluster
 from pdserve.rich_errors import retry_after_of
+from tests.e2e.prometheus import Samples, sample, scrape
 from tests.support.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.e2e
@@ -37,6 +40,8 @@ class Fleet:
     model: Path
     spare_decode: str
     spare_kv_port: int
+    metrics_port: int
+    """The gateway's; prefill-i's is this + 1 + i."""
     dead: set[str] = field(default_factory=set)
 
     def live(self) -> None:
@@ -54,6 +59,9 @@ class Fleet:
     def requests_on(self, address: str) -> int:
         return self.cluster.status_of(address).requests_total
 
+    def gateway_metrics(self) -> Samples:
+        return scrape(self.metrics_port)
+
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, cluster_logs: Path) -> Iterator[Fleet]:
@@ -62,6 +70,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, cluster_logs: Path) -> Itera
     key = root / "kv.key"
     key.write_text("fleet-test-key-0123456789abcdef")
     spare = free_port_range(2)
+    metrics = free_port_range(5)
     cluster = start_cluster(
         str(model),
         prefill=2,
@@ -81,10 +90,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, cluster_logs: Path) -> Itera
             str(MAX_PROMPT_TOKENS),
             "--shutdown-grace",
             "30",
+            "--metrics-base-port",
+            str(metrics),
         ),
     )
     try:
-        yield Fleet(cluster, model, f"127.0.0.1:{spare}", spare + 1)
+        yield Fleet(cluster, model, f"127.0.0.1:{spare}", spare + 1, metrics)
     finally:
         cluster.stop()
 
@@ -108,13 +119,16 @@ async def _stream(
     max_tokens: int,
     progress: list[int] | None = None,
     timeout: float = 120,
+    temperature: float = 0.0,
+    seed: int | None = None,
 ) -> Outcome:
     out = Outcome([])
     try:
         async for chunk in client.generate(
             prompt_token_ids=prompt,
             max_tokens=max_tokens,
-            temperature=0.0,
+            temperature=temperature,
+            seed=seed,
             ignore_eos=True,
             timeout=timeout,
         ):
@@ -166,6 +180,39 @@ def test_requests_spread_over_every_worker(fleet: Fleet) -> None:
     for address, count in before.items():
         assert fleet.requests_on(address) > count, f"{address} got no work"
     fleet.assert_idle()
+
+
+def test_a_shared_prefix_goes_to_the_prefill_worker_that_cached_it(fleet: Fleet) -> None:
+    cluster = fleet.cluster
+    prefix = _prompt(50, 512)  # 32 blocks of 16 tokens
+    picks = ("pdserve_router_prefill_picks_total", "worker_prefix_cache")
+    before = {a: fleet.requests_on(a) for a in cluster.prefill}
+    first = asyncio.run(_run_all(cluster.gateway, [[*prefix, *_prompt(51, 20)]], 4))
+    assert first[0].error is None, first
+    [holder] = [a for a in cluster.prefill if fleet.requests_on(a) > before[a]]
+    other = next(a for a in cluster.prefill if a != holder)
+    # the holder's next load report advertises the prefix (the gateway hears it within 250 ms)
+    asyncio.run(_wait_for(lambda: len(cluster.status_of(holder).cached_prefix_hashes) > 0))
+    time.sleep(0.5)
+    hits = _prefill_prefix_hits(fleet)
+    counted = sample(fleet.gateway_metrics(), picks[0], reason=picks[1])
+    on_other = fleet.requests_on(other)
+    for i in range(4):  # one at a time: equal queues, so only the prefix can decide
+        result = asyncio.run(_run_all(cluster.gateway, [[*prefix, *_prompt(60 + i, 30)]], 4))
+        assert result[0].error is None, result
+    assert sample(fleet.gateway_metrics(), picks[0], reason=picks[1]) == counted + 4
+    assert fleet.requests_on(other) == on_other, "a prompt with a cached prefix went elsewhere"
+    gained = {a: _prefill_prefix_hits(fleet)[a] - hits[a] for a in cluster.prefill}
+    assert gained[holder] >= 4 * (len(prefix) - 16) and gained[other] == 0, gained
+    print(f"\nprefix affinity: 4/4 prompts went to {holder}, prefix-cache hits +{gained[holder]}")
+    fleet.assert_idle()
+
+
+def _prefill_prefix_hits(fleet: Fleet) -> dict[str, float]:
+    return {
+        a: sample(scrape(fleet.metrics_port + 1 + i), "pdserve_prefix_cache_hits_total")
+        for i, a in enumerate(fleet.cluster.prefill)
+    }
 
 
 def test_long_prompt_refused_with_a_clear_message(fleet: Fleet) -> None:
@@ -308,59 +355,161 @@ def test_kill_prefill_with_requests_queued(fleet: Fleet) -> None:
             cluster.kill(name)
             return list(await asyncio.gather(*tasks))
 
+    retries_before = _total(fleet.gateway_metrics(), "pdserve_prefill_retries_total")
+    logged_before = _log_count(cluster, "request_retrying", victim)
     results = asyncio.run(run())
     fleet.dead.add(victim)
     for got, want in zip(results, expected, strict=True):
         assert got.error is None, got
         assert got.tokens == want.tokens
+    metrics = fleet.gateway_metrics()
+    retries = _total(metrics, "pdserve_prefill_retries_total") - retries_before
+    logged = _log_count(cluster, "request_retrying", victim) - logged_before
+    assert retries == logged >= 1, (retries, logged)
+    assert _total(metrics, "pdserve_prefill_retries_total", failed_tier="prefill") >= 1
+    assert sample(metrics, "pdserve_decode_resumes_total", outcome="failed") == 0
     after = _noticed_after(cluster, victim, killed_at[0])
     print(f"\nprefill kill: gateway routed around the dead worker {after:.3f} s after the kill")
     fleet.assert_idle()
 
 
+def _log_count(cluster: Cluster, event: str, address: str) -> int:
+    return sum(
+        1
+        for line in cluster.log_path.read_text(errors="replace").splitlines()
+        if f'"{event}"' in line and address in line
+    )
+
+
+def _total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of ``name``'s samples whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    prompt: list[int]
+    temperature: float = 0.0
+    seed: int | None = None
+
+
+def _decode_kill_specs() -> list[StreamSpec]:
+    """Greedy streams, sampled ones with a seed (comparable with an undisturbed run), and
+    sampled ones without (the gateway seeds them: they must survive, with every token)."""
+    specs = []
+    for i in range(16):
+        prompt = _prompt(500 + i, 60)
+        kind = i % 3
+        specs.append(
+            StreamSpec(prompt)
+            if kind == 0
+            else StreamSpec(prompt, 0.9, 1000 + i if kind == 1 else None)
+        )
+    return specs
+
+
 def test_kill_decode_with_streams_running(fleet: Fleet) -> None:
     cluster = fleet.cluster
-    prompts = [_prompt(500 + i, 60) for i in range(16)]
+    specs = _decode_kill_specs()
     max_tokens = 400
-    expected = asyncio.run(_run_all(cluster.gateway, prompts, max_tokens))
+
+    async def undisturbed() -> list[Outcome]:
+        async with AsyncClient(cluster.gateway) as client:
+            streams = [
+                _stream(client, s.prompt, max_tokens, temperature=s.temperature, seed=s.seed)
+                for s in specs
+            ]
+            return list(await asyncio.gather(*streams))
+
+    seeded_before = _log_count(cluster, "seed_assigned", "seed")
+    expected = asyncio.run(undisturbed())
     assert all(r.error is None for r in expected), expected
+    unseeded = sum(1 for s in specs if s.temperature > 0 and s.seed is None)
+    assert _log_count(cluster, "seed_assigned", "seed") - seeded_before == unseeded
     victim = cluster.decode[0]
     time.sleep(1.0)  # fresh load reports: the streams spread over both workers
+    resumes_before = fleet.gateway_metrics()
 
     killed_at = [0.0]
 
     async def run() -> list[Outcome]:
-        progress: list[list[int]] = [[] for _ in prompts]
+        progress: list[list[int]] = [[] for _ in specs]
         async with AsyncClient(cluster.gateway) as client:
             tasks = [
-                asyncio.create_task(_stream(client, p, max_tokens, progress[i]))
-                for i, p in enumerate(prompts)
+                asyncio.create_task(
+                    _stream(
+                        client,
+                        s.prompt,
+                        max_tokens,
+                        progress[i],
+                        temperature=s.temperature,
+                        seed=s.seed,
+                    )
+                )
+                for i, s in enumerate(specs)
             ]
             await _wait_for(lambda: all(sum(p) >= 4 for p in progress), poll_s=0.005)
             killed_at[0] = time.time()
             cluster.kill("decode-0")
             return list(await asyncio.gather(*tasks))
 
+    resumed_before = _log_count(cluster, "stream_resuming", victim)
     results = asyncio.run(run())
     fleet.dead.add(victim)
     survived = 0
-    for got, want in zip(results, expected, strict=True):
+    for spec, got, want in zip(specs, results, expected, strict=True):
+        comparable = spec.temperature == 0 or spec.seed is not None
         if got.error is None:
-            assert got.tokens == want.tokens  # resumed: no duplicated, no missing tokens
+            assert len(got.tokens) == max_tokens, got
+            if comparable:  # resumed: no duplicated, no missing, no different tokens
+                assert got.tokens == want.tokens, spec
             survived += 1
         else:
             assert got.error == grpc.StatusCode.UNAVAILABLE, got
-            assert got.tokens == want.tokens[: len(got.tokens)]
-    resumed = sum(
-        1
-        for line in cluster.log_path.read_text(errors="replace").splitlines()
-        if '"stream_resuming"' in line and victim in line
-    )
+            if comparable:
+                assert got.tokens == want.tokens[: len(got.tokens)]
+    resumed = _log_count(cluster, "stream_resuming", victim) - resumed_before
     assert resumed > 0, "no stream ran on the killed worker"
+    metrics = fleet.gateway_metrics()
+    name = "pdserve_decode_resumes_total"
+    counted = sample(metrics, name, outcome="resumed") - sample(
+        resumes_before, name, outcome="resumed"
+    )
+    assert counted == resumed, (counted, resumed)
+    assert sample(metrics, name, outcome="failed") == sample(resumes_before, name, outcome="failed")
     print(
-        f"\ndecode kill: {survived}/{len(prompts)} streams survived ({resumed} were resumed from "
-        f"the dead worker); gateway routed around it "
+        f"\ndecode kill: {survived}/{len(specs)} streams survived ({resumed} were resumed from "
+        f"the dead worker; greedy and seeded-sampled streams all equal an undisturbed run); "
+        f"gateway routed around it "
         f"{_noticed_after(cluster, victim, killed_at[0]):.3f} s after the kill"
     )
-    assert survived == len(prompts)  # the other decode worker can take every stream
+    assert survived == len(specs)  # the other decode worker can take every stream
+    fleet.assert_idle()
+
+
+def test_without_prefill_workers_decode_workers_prefill_and_the_fallback_is_counted(
+    fleet: Fleet,
+) -> None:
+    cluster = fleet.cluster
+    fleet.live()
+    prompts = [_prompt(700 + i, 100) for i in range(3)]
+    expected = asyncio.run(_run_all(cluster.gateway, prompts, 8))
+    assert all(r.error is None for r in expected), expected
+    before = sample(
+        fleet.gateway_metrics(), "pdserve_router_fallbacks_total", reason="prefill_unavailable"
+    )
+    for name, child in cluster.children().items():
+        if name.startswith("prefill-") and child.address in cluster.prefill:
+            killed_at = time.time()
+            cluster.kill(name)
+            fleet.dead.add(child.address)
+            _noticed_after(cluster, child.address, killed_at)
+    results = asyncio.run(_run_all(cluster.gateway, prompts, 8))
+    for got, want in zip(results, expected, strict=True):
+        assert got.error is None and got.tokens == want.tokens, got
+    metrics = fleet.gateway_metrics()
+    fallbacks = sample(metrics, "pdserve_router_fallbacks_total", reason="prefill_unavailable")
+    assert fallbacks - before == len(prompts)
+    assert sample(metrics, "pdserve_router_decisions_total", decision="local_no_prefill") >= 3
     fleet.assert_idle()

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.client import AsyncClient, Chunk
 from pdserve.local_cluster import Cluster, free_port_range, start_cluster
+from tests.e2e.prometheus import scrape
 from tests.support.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.e2e
@@ -38,16 +37,6 @@ def metered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster,
         cluster.stop()
 
 
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "tier"))
-            values[(sample.name, labels)] = sample.value
-    return values
-
-
 def test_counts_match_the_client(metered: tuple[Cluster, dict[str, int]], tmp_path: Path):
     cluster, ports = metered
 
@@ -70,7 +59,7 @@ def test_counts_match_the_client(metered: tuple[Cluster, dict[str, int]], tmp_pa
     completion = sum(c[-1].completion_tokens for c in streams)
     prompt = sum(len(p) for p in PROMPTS)
     assert completion == sum(MAX_TOKENS)
-    gw, pf, dc = (_scrape(ports[t]) for t in ("gateway", "prefill", "decode"))
+    gw, pf, dc = (scrape(ports[t]) for t in ("gateway", "prefill", "decode"))
 
     assert gw[("pdserve_requests_total", (("code", "OK"),))] == len(PROMPTS)
     assert gw[("pdserve_requests_total", (("code", "INVALID_ARGUMENT"),))] == 1
