@@ -3,6 +3,11 @@
     pdserve bench --gateway 127.0.0.1:50051 --num-prompts 64 --request-rate 2
     pdserve bench --request-rate-sweep 1,2,4 --goodput ttft:500 tpot:100 --plot-dir plots/
     pdserve bench --compare --num-prompts 24 --output-json compare.json
+    pdserve bench --gateway gw:443 --tls-ca ca.pem --auth-token-file token --retries 5
+
+The client is the SDK's (pdserve.client): ``--tls*`` and ``--auth-token-file`` (or
+``PDSERVE_AUTH_TOKEN``) as ``pdserve generate`` takes them, and ``--retries`` of requests
+refused with RESOURCE_EXHAUSTED after the server's RetryInfo delay.
 
 This module imports only the standard library at import time (the ``pdserve`` parser is built
 on every command); the benchmark's own modules are imported when it runs.
@@ -25,6 +30,7 @@ from engine.config import DEFAULT_MODEL
 if TYPE_CHECKING:
     from pdserve.bench.datasets import BenchRequest
     from pdserve.bench.report import RunResult
+    from pdserve.bench.runner import ClientOptions
 
 DATASETS = ("random", "shared-prefix", "sharegpt")
 SMOKE_NUM_PROMPTS = 4
@@ -60,6 +66,22 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     target.add_argument("--cache-dir", type=Path, default=None, help="pdserve's model cache")
     target.add_argument("--request-timeout", type=float, default=None, help="seconds per request")
     target.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    target.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="retries of a request refused with RESOURCE_EXHAUSTED before its first token, "
+        "after the server's RetryInfo delay (its TTFT includes the wait)",
+    )
+    target.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=os.environ.get("PDSERVE_AUTH_TOKEN_FILE"),
+        help="file whose first line is the gateway's bearer token (or set PDSERVE_AUTH_TOKEN)",
+    )
+    from pdserve.serving_flags import add_tls_flags
+
+    add_tls_flags(p, server=False)  # --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name
 
     data = p.add_argument_group("dataset")
     data.add_argument(
@@ -243,6 +265,7 @@ def _run(args: argparse.Namespace, model_path: Path) -> tuple[list[RunResult], d
     from pdserve.bench.metrics import parse_goodput
     from pdserve.bench.runner import RunSettings, bench_gateway
 
+    client = _client_options(args)
     settings = RunSettings(
         slos_ms=parse_goodput(args.goodput),
         percentiles=tuple(float(p) for p in args.percentiles.split(",") if p.strip()),
@@ -258,10 +281,19 @@ def _run(args: argparse.Namespace, model_path: Path) -> tuple[list[RunResult], d
         # cache must not serve a later rate from an earlier one.
         return [
             bench_gateway(
-                args.gateway, _build_requests(args, model_path, args.seed + i), load, settings
+                args.gateway,
+                _build_requests(args, model_path, args.seed + i),
+                load,
+                settings,
+                client_options=client,
             )
             for i, load in enumerate(loads)
         ], {}
+    if client.tls is not None or client.token is not None:
+        raise ValueError(
+            "--compare benchmarks plaintext clusters it starts itself: TLS and token options "
+            "apply to --gateway runs"
+        )
     requests = _build_requests(args, model_path, args.seed)
     if len(loads) != 1:
         raise ValueError("--compare runs one load: give --request-rate, not a sweep")
@@ -282,6 +314,21 @@ def _run(args: argparse.Namespace, model_path: Path) -> tuple[list[RunResult], d
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
         runs = run_compare(requests, loads[0], settings, cfg)
     return runs, throughput_ratios(runs)
+
+
+def _client_options(args: argparse.Namespace) -> ClientOptions:
+    """TLS, token and retries for the benchmark's client, as ``pdserve generate`` builds them."""
+    from pdserve.bench.runner import ClientOptions
+    from pdserve.client import RetryPolicy
+    from pdserve.serving_flags import client_tls, client_token
+
+    if args.retries < 0:
+        raise ValueError(f"--retries must be >= 0, got {args.retries}")
+    return ClientOptions(
+        tls=client_tls(args),
+        token=client_token(args),
+        retry=RetryPolicy(max_attempts=1 + args.retries),
+    )
 
 
 def _print_summary(args: argparse.Namespace, runs: list[RunResult], ratios: dict[str, Any]) -> None:

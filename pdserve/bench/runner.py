@@ -1,17 +1,24 @@
-"""Benchmark one gateway at one load: warm up, send the schedule, compute the metrics."""
+"""Benchmark one gateway at one load: warm up, send the schedule, compute the metrics.
+
+The requests go through the client SDK (:class:`pdserve.client.AsyncClient`) with the caller's
+:class:`ClientOptions`: TLS, bearer token, and retries of calls refused with
+RESOURCE_EXHAUSTED after the server's RetryInfo delay. A retried request's TTFT and latency
+include its waits, as a client of the service would experience them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.bench.datasets import BenchRequest
 from pdserve.bench.load import LoadSpec, run_load
 from pdserve.bench.metrics import DEFAULT_PERCENTILES, RequestOutcome, compute_metrics
 from pdserve.bench.report import RunResult
 from pdserve.bench.stream import send_to_gateway
-from pdserve.client import AsyncClient
+from pdserve.client import AsyncClient, RetryPolicy
+from pdserve.tls import TLSConfig
 
 WARMUP_OUTPUT_TOKENS = 4
 
@@ -28,6 +35,18 @@ class RunSettings:
     disable_progress: bool = False
 
 
+@dataclass(frozen=True)
+class ClientOptions:
+    """How the benchmark's client reaches the gateway (the SDK's own options)."""
+
+    tls: TLSConfig | None = None
+    """The gateway's CA (and a client certificate when it wants one); None: plaintext."""
+    token: str | None = None
+    """Sent as ``authorization: Bearer <token>``."""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """Retries of calls refused before their first message (RESOURCE_EXHAUSTED)."""
+
+
 def warmup_request(requests: Sequence[BenchRequest]) -> BenchRequest:
     """A short request shaped like the first one but with its prompt reversed, so it does not
     warm a prefix cache for the measured requests."""
@@ -35,10 +54,17 @@ def warmup_request(requests: Sequence[BenchRequest]) -> BenchRequest:
     return BenchRequest(first.prompt_token_ids[::-1], min(WARMUP_OUTPUT_TOKENS, first.output_len))
 
 
-async def _bench(
-    address: str, requests: Sequence[BenchRequest], load: LoadSpec, settings: RunSettings, desc: str
+async def bench_gateway_async(
+    address: str,
+    requests: Sequence[BenchRequest],
+    load: LoadSpec,
+    settings: RunSettings,
+    client_options: ClientOptions | None = None,
+    desc: str = "pdserve",
 ) -> tuple[list[RequestOutcome], float]:
-    async with AsyncClient(address) as client:
+    """Warm up, then send ``requests`` on ``load``'s schedule: (outcomes, duration in s)."""
+    opts = client_options or ClientOptions()
+    async with AsyncClient(address, tls=opts.tls, token=opts.token, retry=opts.retry) as client:
 
         async def send(request: BenchRequest, origin: float) -> RequestOutcome:
             return await send_to_gateway(
@@ -67,8 +93,11 @@ def bench_gateway(
     *,
     label: str = "pdserve",
     description: str = "",
+    client_options: ClientOptions | None = None,
 ) -> RunResult:
     """Run ``requests`` against the gateway at ``address`` on ``load``'s schedule."""
-    outcomes, duration = asyncio.run(_bench(address, requests, load, settings, label))
+    outcomes, duration = asyncio.run(
+        bench_gateway_async(address, requests, load, settings, client_options, label)
+    )
     metrics = compute_metrics(outcomes, duration, settings.slos_ms, settings.percentiles)
     return RunResult(label, description or f"gateway {address}", load, metrics, outcomes)
