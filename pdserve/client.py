@@ -31,7 +31,7 @@ from typing import TypedDict, Unpack
 import grpc
 
 from pdserve.rich_errors import retry_after_of
-from pdserve.tls import TLSConfig
+from pdserve.tls import TLSConfig, secure_channel, sync_channel
 from protos.pdserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 _FINISH_NAMES = {
@@ -161,20 +161,40 @@ class _Base:
         self.retry = retry or NO_RETRY
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
 
-    def _retry_delay(
-        self, attempt: int, exc: grpc.RpcError, received: bool, deadline: float | None
-    ) -> float | None:
+    def _attempts(
+        self, prompt: str | None, timeout: float | None, options: RequestOptions
+    ) -> _Attempts:
+        return _Attempts(self, build_request(prompt, **options), timeout)
+
+
+class _Attempts:
+    """One ``generate`` call across its attempts: the request, the deadline every attempt
+    shares, and the retry decision (the same for the blocking and asyncio clients)."""
+
+    def __init__(
+        self, client: _Base, request: generation_pb2.GenerateRequest, timeout: float | None
+    ) -> None:
+        self.request = request
+        self._retry = client.retry
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        rid = (("x-request-id", request.request_id),) if request.request_id else ()
+        self._metadata = (*client._auth, *rid)
+        self._attempt = 0
+
+    def next(self) -> dict[str, object]:
+        """Keyword arguments of the next attempt's ``Generate`` call (what is left of the
+        deadline, auth and request-id metadata)."""
+        self._attempt += 1
+        return {"timeout": _left(self._deadline), "metadata": self._metadata}
+
+    def retry_delay(self, exc: grpc.RpcError, received: bool) -> float | None:
         """Seconds to wait before trying again, or None to give up: only before the first
         message (nothing was streamed yet), as the retry policy allows, and within the deadline."""
-        delay = None if received else self.retry.delay(attempt, exc)
-        left = _left(deadline)
+        delay = None if received else self._retry.delay(self._attempt, exc)
+        left = _left(self._deadline)
         if delay is None or (left is not None and delay >= left):
             return None
         return delay
-
-    def _metadata(self, request: generation_pb2.GenerateRequest) -> tuple[tuple[str, str], ...]:
-        rid = (("x-request-id", request.request_id),) if request.request_id else ()
-        return (*self._auth, *rid)
 
 
 def _left(deadline: float | None) -> float | None:
@@ -193,12 +213,7 @@ class Client(_Base):
         retry: RetryPolicy | None = RetryPolicy(),
     ) -> None:
         super().__init__(address, tls, token, retry)
-        if self.tls is None:
-            self._channel = grpc.insecure_channel(address)
-        else:
-            self._channel = grpc.secure_channel(
-                address, self.tls.channel_credentials(), options=self.tls.channel_options()
-            )
+        self._channel = sync_channel(address, self.tls)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     def generate(
@@ -208,14 +223,9 @@ class Client(_Base):
         timeout: float | None = None,
         **options: Unpack[RequestOptions],
     ) -> Iterator[Chunk]:
-        request = build_request(prompt, **options)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
+        attempts = self._attempts(prompt, timeout, options)
         while True:
-            attempt += 1
-            call = self._stub.Generate(
-                request, timeout=_left(deadline), metadata=self._metadata(request)
-            )
+            call = self._stub.Generate(attempts.request, **attempts.next())
             received = False
             try:
                 for msg in call:
@@ -223,7 +233,7 @@ class Client(_Base):
                     yield chunk_from_proto(msg)
                 return
             except grpc.RpcError as exc:
-                delay = self._retry_delay(attempt, exc, received, deadline)
+                delay = attempts.retry_delay(exc, received)
                 if delay is None:
                     raise
             finally:
@@ -252,12 +262,7 @@ class AsyncClient(_Base):
         retry: RetryPolicy | None = RetryPolicy(),
     ) -> None:
         super().__init__(address, tls, token, retry)
-        if self.tls is None:
-            self._channel = grpc.aio.insecure_channel(address)
-        else:
-            self._channel = grpc.aio.secure_channel(
-                address, self.tls.channel_credentials(), options=self.tls.channel_options()
-            )
+        self._channel = secure_channel(address, self.tls)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     async def generate(
@@ -267,14 +272,9 @@ class AsyncClient(_Base):
         timeout: float | None = None,
         **options: Unpack[RequestOptions],
     ) -> AsyncIterator[Chunk]:
-        request = build_request(prompt, **options)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
+        attempts = self._attempts(prompt, timeout, options)
         while True:
-            attempt += 1
-            call = self._stub.Generate(
-                request, timeout=_left(deadline), metadata=self._metadata(request)
-            )
+            call = self._stub.Generate(attempts.request, **attempts.next())
             received = False
             try:
                 async for msg in call:
@@ -282,7 +282,7 @@ class AsyncClient(_Base):
                     yield chunk_from_proto(msg)
                 return
             except grpc.RpcError as exc:
-                delay = self._retry_delay(attempt, exc, received, deadline)
+                delay = attempts.retry_delay(exc, received)
                 if delay is None:
                     raise
             finally:
