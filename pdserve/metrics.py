@@ -72,95 +72,123 @@ def serve_metrics(port: int, registry: CollectorRegistry, host: str = "0.0.0.0")
         log.info("metrics_listening", port=port)
 
 
+def _histogram(
+    registry: CollectorRegistry, tier: str, name: str, doc: str, buckets: tuple[float, ...]
+) -> Histogram:
+    """A histogram labelled ``tier``, as the child for this process's tier."""
+    return Histogram(name, doc, ["tier"], buckets=buckets, registry=registry).labels(tier)
+
+
+def _counter(registry: CollectorRegistry, tier: str, name: str, doc: str) -> Counter:
+    """A counter labelled ``tier``, as the child for this process's tier."""
+    return Counter(name, doc, ["tier"], registry=registry).labels(tier)
+
+
+class _TierCounter:
+    """A counter with labels beyond ``tier``; this process's tier is filled in."""
+
+    def __init__(
+        self, registry: CollectorRegistry, tier: str, name: str, doc: str, *labels: str
+    ) -> None:
+        self._counter = Counter(name, doc, ["tier", *labels], registry=registry)
+        self._tier = tier
+
+    def inc(self, *values: str) -> None:
+        self._counter.labels(self._tier, *values).inc()
+
+
 class GatewayMetrics:
     """What clients observe, measured at the gateway."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        t = ["tier"]
-        self.ttft = Histogram(
+        g = "gateway"
+        self.ttft = _histogram(
+            registry,
+            g,
             "pdserve_time_to_first_token_seconds",
             "Time from request arrival to the first token sent.",
-            t,
-            buckets=TTFT_BUCKETS,
-            registry=registry,
-        ).labels("gateway")
-        self.itl = Histogram(
+            TTFT_BUCKETS,
+        )
+        self.itl = _histogram(
+            registry,
+            g,
             "pdserve_inter_token_latency_seconds",
             "Gap between consecutive token messages, per token.",
-            t,
-            buckets=ITL_BUCKETS,
-            registry=registry,
-        ).labels("gateway")
-        self.e2e = Histogram(
+            ITL_BUCKETS,
+        )
+        self.e2e = _histogram(
+            registry,
+            g,
             "pdserve_e2e_request_latency_seconds",
             "Time from request arrival to its last message.",
-            t,
-            buckets=REQUEST_BUCKETS,
-            registry=registry,
-        ).labels("gateway")
-        self.prompt_tokens = Counter(
-            "pdserve_prompt_tokens", "Prompt tokens of accepted requests.", t, registry=registry
-        ).labels("gateway")
-        self.generation_tokens = Counter(
-            "pdserve_generation_tokens", "Tokens streamed back.", t, registry=registry
-        ).labels("gateway")
-        self._requests = Counter(
-            "pdserve_requests",
-            "Finished requests by gRPC status code.",
-            ["tier", "code"],
-            registry=registry,
+            REQUEST_BUCKETS,
         )
-        self._decisions = Counter(
+        self.prompt_tokens = _counter(
+            registry, g, "pdserve_prompt_tokens", "Prompt tokens of accepted requests."
+        )
+        self.generation_tokens = _counter(
+            registry, g, "pdserve_generation_tokens", "Tokens streamed back."
+        )
+        self._requests = _TierCounter(
+            registry, g, "pdserve_requests", "Finished requests by gRPC status code.", "code"
+        )
+        self._decisions = _TierCounter(
+            registry,
+            g,
             "pdserve_router_decisions",
             "Routing decisions (disaggregated or colocated).",
-            ["tier", "decision"],
-            registry=registry,
+            "decision",
         )
-        self._prefill_picks = Counter(
+        self._prefill_picks = _TierCounter(
+            registry,
+            g,
             "pdserve_router_prefill_picks",
             "Prefill workers chosen, by reason (worker_prefix_cache, recent_route, ...).",
-            ["tier", "reason"],
-            registry=registry,
+            "reason",
         )
-        self._fallbacks = Counter(
+        self._fallbacks = _TierCounter(
+            registry,
+            g,
             "pdserve_router_fallbacks",
             "Routes that could not take the first choice, by reason.",
-            ["tier", "reason"],
-            registry=registry,
+            "reason",
         )
-        self._retries = Counter(
+        self._retries = _TierCounter(
+            registry,
+            g,
             "pdserve_prefill_retries",
             "Attempts retried on another route before the first token, by the failed tier "
             "and its status code.",
-            ["tier", "failed_tier", "reason"],
-            registry=registry,
+            "failed_tier",
+            "reason",
         )
-        self._resumes = Counter(
+        self._resumes = _TierCounter(
+            registry,
+            g,
             "pdserve_decode_resumes",
             "Streams broken after their first token: resumed elsewhere, or failed (UNAVAILABLE).",
-            ["tier", "outcome"],
-            registry=registry,
+            "outcome",
         )
 
     def request_done(self, code: str) -> None:
-        self._requests.labels("gateway", code).inc()
+        self._requests.inc(code)
 
     def routed(
         self, decision: str, prefill_reason: str = "", fallbacks: Iterable[str] = ()
     ) -> None:
-        self._decisions.labels("gateway", decision).inc()
+        self._decisions.inc(decision)
         if prefill_reason:
-            self._prefill_picks.labels("gateway", prefill_reason).inc()
+            self._prefill_picks.inc(prefill_reason)
         for reason in fallbacks:
-            self._fallbacks.labels("gateway", reason).inc()
+            self._fallbacks.inc(reason)
 
     def prefill_retry(self, failed_tier: str, code: str) -> None:
         """An attempt failed before the first token and is retried on another route."""
-        self._retries.labels("gateway", failed_tier or "gateway", code.lower()).inc()
+        self._retries.inc(failed_tier or "gateway", code.lower())
 
     def decode_resume(self, outcome: str) -> None:
         """``resumed``: a broken stream continued on another route; ``failed``: it could not."""
-        self._resumes.labels("gateway", outcome).inc()
+        self._resumes.inc(outcome)
 
 
 class WorkerMetrics:
@@ -173,34 +201,33 @@ class WorkerMetrics:
         pool: Callable[[], PoolStats],
         transfers: Callable[[], list[TransferStats]],
     ) -> None:
-        t = ["tier"]
-        self.queue_time = Histogram(
+        self.queue_time = _histogram(
+            registry,
+            tier,
             "pdserve_request_queue_time_seconds",
             "Arrival to first scheduled, on this worker.",
-            t,
-            buckets=REQUEST_BUCKETS,
-            registry=registry,
-        ).labels(tier)
-        self.prefill_time = Histogram(
+            REQUEST_BUCKETS,
+        )
+        self.prefill_time = _histogram(
+            registry,
+            tier,
             "pdserve_request_prefill_time_seconds",
             "First scheduled to first token, on this worker.",
-            t,
-            buckets=REQUEST_BUCKETS,
-            registry=registry,
-        ).labels(tier)
-        self.decode_time = Histogram(
+            REQUEST_BUCKETS,
+        )
+        self.decode_time = _histogram(
+            registry,
+            tier,
             "pdserve_request_decode_time_seconds",
             "First token to finish, on this worker.",
-            t,
-            buckets=REQUEST_BUCKETS,
-            registry=registry,
-        ).labels(tier)
-        self.prompt_tokens = Counter(
-            "pdserve_prompt_tokens", "Prompt tokens computed here.", t, registry=registry
-        ).labels(tier)
-        self.generation_tokens = Counter(
-            "pdserve_generation_tokens", "Tokens sampled here.", t, registry=registry
-        ).labels(tier)
+            REQUEST_BUCKETS,
+        )
+        self.prompt_tokens = _counter(
+            registry, tier, "pdserve_prompt_tokens", "Prompt tokens computed here."
+        )
+        self.generation_tokens = _counter(
+            registry, tier, "pdserve_generation_tokens", "Tokens sampled here."
+        )
         registry.register(_StateCollector(tier, pool, transfers))
 
     def observe(self, timings: RequestTimings, prompt_tokens: int, generated: int) -> None:
