@@ -27,10 +27,10 @@ import torch
 CTX = multiprocessing.get_context("spawn")  # no fork after torch and zmq threads exist
 FLEET_KEY = b"pdserve-kv-benchmark-fleet-key-0123456789"  # >= 16 bytes, as FrameAuth requires
 AUTH_MODES: dict[str, tuple[bytes | None, bool]] = {
-    # name -> (key, checksum). With a key every frame carries an HMAC over header + payload and
-    # the checksum switch has no effect, so "key, checksum off" is the same path as "hmac".
-    "hmac": (FLEET_KEY, True),
-    "crc32": (None, True),
+    # name -> (key, checksum). With a key every frame carries an AES-GMAC over header + payload
+    # and the checksum switch has no effect, so "key, checksum off" is the same path as "gmac".
+    "gmac": (FLEET_KEY, True),
+    "xxh3": (None, True),
     "none": (None, False),
 }
 
@@ -81,7 +81,7 @@ class Geometry:
         return asdict(self)
 
 
-INTEGRITY = {"hmac": "hmac-sha256", "crc32": "crc32", "none": "none"}
+INTEGRITY = {"gmac": "aes-256-gmac", "xxh3": "xxh3-64", "none": "none"}
 
 
 def fingerprint_fields(model: str, geometry: Geometry, backend: str, auth: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from kv_common import (
 
 MODES = ("layerwise", "after-prefill")
 TRANSPORT = "tcp"  # the default: `pdserve up` without --kv-transport
-AUTH = "hmac"  # the default: `pdserve up` makes a fleet key unless --kv-insecure
+AUTH = "gmac"  # the default: `pdserve up` makes a fleet key unless --kv-insecure
 
 
 def sender_main(

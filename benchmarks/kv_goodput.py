@@ -41,9 +41,18 @@ _T = TypeVar("_T")
 BACKENDS: dict[str, tuple[str, str]] = {  # name -> (kvtransfer backend, transport)
     "zmq-tcp": ("zmq", "tcp"),
     "zmq-ipc": ("zmq", "ipc"),
+    # headers over ZeroMQ, pages over a direct stream socket read straight into the pool
+    "stream-tcp": ("stream", "tcp"),
+    "stream-ipc": ("stream", "ipc"),  # a unix socket beside the ipc endpoint
     "gloo": ("gloo", "tcp"),  # pages over a gloo pair group, headers over ZeroMQ tcp
 }
-RAW_FOR_BACKEND = {"zmq-tcp": "raw-tcp", "zmq-ipc": "raw-ipc", "gloo": "raw-tcp"}
+RAW_FOR_BACKEND = {
+    "zmq-tcp": "raw-tcp",
+    "zmq-ipc": "raw-ipc",
+    "stream-tcp": "raw-tcp",
+    "stream-ipc": "raw-ipc",
+    "gloo": "raw-tcp",
+}
 WARMUP_TRANSFERS = 2
 MAX_REPS = 5000
 

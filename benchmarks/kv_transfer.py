@@ -5,11 +5,12 @@ time-to-second-token, side by side in one run on this machine (issue 3's benchma
     .venv/bin/python benchmarks/kv_transfer.py --quick                          # ~3 min
     .venv/bin/python benchmarks/kv_transfer.py --smoke --json /tmp/kv.json      # tiny sizes
 
-1. Goodput (GB/s of KV payload delivered and acknowledged) of ZeroMQ tcp, ZeroMQ ipc and gloo,
-   with the fleet key (HMAC), without it with CRC32, and with neither, for the default model's KV
-   at 128, 512 and 2048 tokens; sender and receiver in two processes, the receiver writing into
-   a real KVCache. As ratios to raw pyzmq zero-copy PUSH/PULL of the same bytes (same frames of
-   one layer each) and to a one-thread memcpy. See ``kv_goodput``.
+1. Goodput (GB/s of KV payload delivered and acknowledged) of ZeroMQ tcp and ipc, the stream
+   backend (tcp, ipc) and gloo, with the fleet key (AES-GMAC), without it with an XXH3-64
+   checksum, and with neither, for the default model's KV at 128, 512 and 2048 tokens; sender
+   and receiver in two processes, the receiver writing into a real KVCache. As ratios to raw
+   pyzmq zero-copy PUSH/PULL of the same bytes (same frames of one layer each) and to a
+   one-thread memcpy. See ``kv_goodput``.
 2. Exposed transfer time (end of prefill compute -> sequence ready on the decode side), with the
    real engine and model, layer-wise vs send-after-prefill. See ``kv_exposed``.
 3. TTFT and time-to-second-token through real clusters, disaggregated vs colocated, one request

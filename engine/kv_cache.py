@@ -79,6 +79,19 @@ class KVCache:
         index = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
         self.kv[layers].index_copy_(2, index, pages)
 
+    def page_regions(self, block_ids: Sequence[int], layers: slice) -> list[torch.Tensor]:
+        """The pool memory a page for these blocks and layers is written into, as contiguous
+        views in the page's byte order ``(L', 2, n, ...)``: one per layer, K/V and run of
+        consecutive block ids. A payload read into them in turn lands where
+        :meth:`scatter_pages` would copy it."""
+        runs = block_runs(block_ids)
+        return [
+            self.kv[layer, kv_index, first : first + count]
+            for layer in range(*layers.indices(self.num_layers))
+            for kv_index in (0, 1)
+            for _, first, count in runs
+        ]
+
 
 _MAX_RUNS = 8
 

@@ -23,7 +23,7 @@ class TransferConfig:
     key: bytes | None = None
     """Shared secret of the fleet: every frame is MACed with it. None only with ``insecure``."""
     insecure: bool = False
-    """Run without a key (local development only); frames then carry a CRC32 at most."""
+    """Run without a key (local development only); frames then carry an XXH3-64 checksum at most."""
     checksum: bool = True
     streaming: Streaming = Streaming.LAYERWISE
     max_queued_bytes: int = 512 << 20
@@ -43,9 +43,7 @@ class TransferConfig:
     @property
     def integrity(self) -> str:
         """How frames are protected; both ends must agree (it is part of the fingerprint)."""
-        if self.key is not None:
-            return "hmac-sha256"
-        return "crc32" if self.checksum else "none"
+        return self.auth().integrity
 
 
 def fingerprint_for(spec: ModelSpec, kv: KVCache, transfer: TransferConfig) -> Fingerprint:

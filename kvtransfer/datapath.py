@@ -1,17 +1,34 @@
 """How page bytes move once the control channel has said which pages go where.
 
-- ``zmq``: the payload is the second frame of the PAGE message (zero-copy on both ends).
+- ``zmq``: the payload is the second frame of the PAGE message (zero-copy on both ends; the
+  receiver copies it from ZeroMQ's message into the reserved blocks).
+- ``stream``: the payload follows its PAGE header on a plain stream socket (tcp, or a unix
+  socket when the control endpoint is ipc) made for this one pair of workers at the handshake,
+  and the receiver reads it straight into the reserved blocks of the KV pool: the kernel's copy
+  is the only one on the receiving side (with ZeroMQ, libzmq owns the receive buffer and a
+  second copy into the pool cannot be avoided).
 - ``gloo`` / ``nccl``: the payload goes out of band over a torch.distributed process group
   made for this one pair of workers on demand: the decode worker hosts a ``TCPStore`` and names a
   fresh key prefix in its WELCOME, both ends build a two-rank group on it. No global world, no
   fixed world size: workers join and leave without restarting the fleet.
+
+Every out-of-band backend is a :class:`PairLink` per (prefill, decode) pair, made by the decode
+side's :class:`PairHost` (``offer`` goes into WELCOME, ``accept`` blocks until the peer joins)
+and the sender's :func:`join_pair`.
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import datetime
 import enum
+import hmac
 import os
+import socket
+import threading
+import time
+from concurrent.futures import Future
 from typing import Any, TypeAlias
 
 import torch
@@ -20,6 +37,7 @@ import torch.distributed as dist
 
 class Backend(enum.Enum):
     ZMQ = "zmq"
+    STREAM = "stream"  # ZeroMQ control, payloads over a direct socket into the pool
     GLOO = "gloo"  # CPU tensors
     NCCL = "nccl"  # CUDA tensors; untested without a GPU pair
 
@@ -32,10 +50,136 @@ class Backend(enum.Enum):
 # ProcessGroupNCCL (typed Any: torch's stubs for them lack send/recv).
 PairGroup: TypeAlias = Any
 PAYLOAD_TAG = 0  # pages of one pair arrive in order; gloo/nccl match sends and recvs per tag
+TOKEN_BYTES = 16
+STREAM_BUFFER_BYTES = 4 << 20  # socket buffers: a layer's pages in one or two reads
+_RECV_SLICE_S = 0.2  # a direct read wakes this often (so a cancel never waits longer)
 
 
-class PairGroupHost:
-    """Decode side: the store that pairs rendezvous on, and the groups made on it."""
+class PairLinkError(ConnectionError):
+    """The pair's payload stream broke (peer gone, stalled past its timeout): the peer must
+    handshake again."""
+
+
+class PairLink(abc.ABC):
+    """One (prefill, decode) pair's payload channel; payloads arrive in the order sent."""
+
+    @abc.abstractmethod
+    def send(self, tensor: torch.Tensor) -> None:
+        """Sender: push one payload (blocks until handed to the transport)."""
+
+    @abc.abstractmethod
+    def receive(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Any:
+        """Receiver: the next payload, as a new tensor of this shape."""
+
+    def discard(self, nbytes: int) -> None:
+        """Receiver: take the next payload off the channel and drop it."""
+        self.receive((nbytes,), torch.uint8, torch.device("cpu"))
+
+    def close(self) -> None:  # noqa: B027 - a group needs no closing
+        """Release the channel (idempotent)."""
+
+
+class GroupLink(PairLink):
+    def __init__(self, group: PairGroup, peer_rank: int) -> None:
+        self.group = group
+        self.peer_rank = peer_rank
+
+    def send(self, tensor: torch.Tensor) -> None:
+        self.group.send([tensor.contiguous()], self.peer_rank, PAYLOAD_TAG).wait()
+
+    def receive(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        self.group.recv([buffer], self.peer_rank, PAYLOAD_TAG).wait()
+        return buffer
+
+
+class StreamLink(PairLink):
+    """A connected stream socket. Reads wake every ``_RECV_SLICE_S`` so the receiver can
+    notice a cancel between reads; a read that makes no progress for ``timeout_s`` fails."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+        self.sock = sock
+        self.timeout_s = timeout_s
+        self._scratch = bytearray(1 << 20)
+
+    def send(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()  # host staging
+        try:
+            self.sock.sendall(tensor_bytes(tensor))
+        except OSError as exc:  # incl. timeouts: a receiver that stopped reading
+            raise PairLinkError(f"payload stream: {exc}") from exc
+
+    def receive(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        buffer = torch.empty(shape, dtype=dtype)
+        self.read_into(tensor_bytes(buffer))
+        return buffer.to(device)
+
+    def read_some(self, view: memoryview) -> int:
+        """Read what is there into ``view`` (at most one wake-up slice); 0 when nothing came."""
+        try:
+            count = self.sock.recv_into(view)
+        except TimeoutError:
+            return 0
+        except OSError as exc:
+            raise PairLinkError(f"payload stream: {exc}") from exc
+        if count == 0:
+            raise PairLinkError("payload stream: closed by the peer")
+        return count
+
+    def read_into(self, view: memoryview) -> None:
+        """Fill ``view`` completely; :class:`PairLinkError` if the stream breaks or stalls."""
+        filled, last = 0, time.monotonic()
+        while filled < len(view):
+            count = self.read_some(view[filled:])
+            filled += count
+            now = time.monotonic()
+            if count:
+                last = now
+            elif now - last > self.timeout_s:
+                raise PairLinkError(f"payload stream: no data for {self.timeout_s:.0f}s")
+
+    def discard(self, nbytes: int) -> None:
+        scratch = memoryview(self._scratch)
+        while nbytes > 0:
+            chunk = scratch[: min(nbytes, len(scratch))]
+            self.read_into(chunk)
+            nbytes -= len(chunk)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class PairHost(abc.ABC):
+    """Decode side: offers rendezvous details to each new peer and accepts its link."""
+
+    @abc.abstractmethod
+    def offer(self) -> dict[str, object]:
+        """Rendezvous details for one new peer (goes into WELCOME)."""
+
+    @abc.abstractmethod
+    def accept(self, offer: dict[str, object]) -> PairLink:
+        """This side of the pair's link; blocks until the peer joins (or raises)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop offering; links already made stay usable."""
+
+
+def make_host(backend: Backend, host: str, timeout_s: float, unix_path: str | None) -> PairHost:
+    """The decode side's host for an out-of-band backend. ``unix_path``: where the stream
+    backend listens when the control channel is ipc (None: tcp on ``host``)."""
+    if backend is Backend.STREAM:
+        return StreamHost(host, timeout_s, unix_path)
+    return GroupHost(backend, host, timeout_s)
+
+
+class GroupHost(PairHost):
+    """The store that pairs rendezvous on, and the groups made on it."""
 
     def __init__(self, backend: Backend, host: str, timeout_s: float) -> None:
         self.backend = backend
@@ -47,7 +191,6 @@ class PairGroupHost:
         self._store = None  # the TCPStore's server stops when the last reference goes
 
     def offer(self) -> dict[str, object]:
-        """Rendezvous details for one new peer (goes into WELCOME)."""
         if self._store is None:
             self._store = dist.TCPStore(
                 self.host, 0, is_master=True, wait_for_workers=False, timeout=self.timeout
@@ -58,21 +201,156 @@ class PairGroupHost:
             "prefix": os.urandom(8).hex(),
         }
 
-    def accept(self, offer: dict[str, object]) -> PairGroup:
-        """Build this side (rank 0) of the pair group; blocks until the peer joins."""
+    def accept(self, offer: dict[str, object]) -> PairLink:
         assert self._store is not None
-        return make_group(
-            self.backend, dist.PrefixStore(f"{offer['prefix']}/", self._store), 0, self.timeout
+        store = dist.PrefixStore(f"{offer['prefix']}/", self._store)
+        return GroupLink(make_group(self.backend, store, 0, self.timeout), 1)
+
+
+class StreamHost(PairHost):
+    """A listening socket. Each offer carries a fresh random token; a connection is given to
+    the peer whose token it presents first, and closed if it presents none in time. The token
+    travels only inside the (MACed, on a keyed channel) WELCOME, so only a handshaken peer can
+    claim the link; each payload is authenticated with its header as well."""
+
+    def __init__(self, host: str, timeout_s: float, unix_path: str | None) -> None:
+        self.host = host
+        self.timeout_s = timeout_s
+        self.unix_path = unix_path
+        self._listener: socket.socket | None = None
+        self._address: dict[str, object] = {}
+        self._waiting: dict[bytes, Future[socket.socket]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def offer(self) -> dict[str, object]:
+        with self._lock:
+            if self._listener is None:
+                self._listen()
+            token = os.urandom(TOKEN_BYTES)
+            self._waiting[token] = Future()
+        return {**self._address, "token": token.hex()}
+
+    def accept(self, offer: dict[str, object]) -> PairLink:
+        token = bytes.fromhex(str(offer["token"]))
+        with self._lock:
+            future = self._waiting[token]
+        try:
+            sock = future.result(timeout=self.timeout_s)
+        except TimeoutError:
+            raise PairLinkError("payload stream: the peer never connected") from None
+        finally:
+            with self._lock:
+                self._waiting.pop(token, None)
+        sock.settimeout(_RECV_SLICE_S)
+        return StreamLink(sock, self.timeout_s)
+
+    def close(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if self.unix_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.unix_path)
+
+    def _listen(self) -> None:
+        if self.unix_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.unix_path)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(self.unix_path)
+            self._address = {"stream_path": self.unix_path}
+        else:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.host, 0))
+            self._address = {"stream_host": self.host, "stream_port": listener.getsockname()[1]}
+        listener.listen(64)
+        listener.settimeout(0.5)  # so close() is noticed
+        self._listener = listener
+        self._thread = threading.Thread(
+            target=self._accept_loop, args=(listener,), name="kv-stream-accept", daemon=True
         )
+        self._thread.start()
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                sock, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            try:
+                sock.settimeout(2.0)  # a connection that says nothing is dropped
+                token = _read_exactly(sock, TOKEN_BYTES)
+            except OSError:
+                sock.close()
+                continue
+            with self._lock:
+                future = next(
+                    (f for t, f in self._waiting.items() if hmac.compare_digest(t, token)), None
+                )
+            if future is None or future.done():
+                sock.close()  # unknown or already used token
+                continue
+            _tune(sock)
+            future.set_result(sock)
 
 
-def join_pair(backend: Backend, offer: dict[str, object], timeout_s: float) -> PairGroup:
-    """Sender side (rank 1): connect to the decode worker's store and build the pair group."""
+def join_pair(backend: Backend, offer: dict[str, object], timeout_s: float) -> PairLink:
+    """Sender side: join the pair the decode worker offered in its WELCOME."""
+    if backend is Backend.STREAM:
+        return _join_stream(offer, timeout_s)
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(
         str(offer["store_host"]), int(str(offer["store_port"])), is_master=False, timeout=timeout
     )
-    return make_group(backend, dist.PrefixStore(f"{offer['prefix']}/", store), 1, timeout)
+    group = make_group(backend, dist.PrefixStore(f"{offer['prefix']}/", store), 1, timeout)
+    return GroupLink(group, 0)
+
+
+def _join_stream(offer: dict[str, object], timeout_s: float) -> StreamLink:
+    token = bytes.fromhex(str(offer["token"]))
+    if len(token) != TOKEN_BYTES:
+        raise ValueError("stream offer carries a malformed token")
+    if "stream_path" in offer:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address: Any = str(offer["stream_path"])
+    else:
+        host = str(offer["stream_host"])
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        address = (host, int(str(offer["stream_port"])))
+    sock.settimeout(timeout_s)
+    try:
+        sock.connect(address)
+        _tune(sock)
+        sock.sendall(token)
+    except OSError as exc:
+        sock.close()
+        raise PairLinkError(f"payload stream: cannot connect: {exc}") from exc
+    return StreamLink(sock, timeout_s)
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER_BYTES)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STREAM_BUFFER_BYTES)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _read_exactly(sock: socket.socket, nbytes: int) -> bytes:
+    data = bytearray()
+    while len(data) < nbytes:
+        chunk = sock.recv(nbytes - len(data))
+        if not chunk:
+            raise ConnectionError("closed before the token")
+        data += chunk
+    return bytes(data)
 
 
 def make_group(
@@ -87,23 +365,8 @@ def make_group(
     raise ValueError(f"{backend.value} has no process group")
 
 
-def send_tensor(group: PairGroup, tensor: torch.Tensor, peer_rank: int) -> None:
-    group.send([tensor.contiguous()], peer_rank, PAYLOAD_TAG).wait()
-
-
-def recv_tensor(
-    group: PairGroup,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    device: torch.device,
-    peer_rank: int,
-) -> torch.Tensor:
-    buffer = torch.empty(shape, dtype=dtype, device=device)
-    group.recv([buffer], peer_rank, PAYLOAD_TAG).wait()
-    return buffer
-
-
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """A CPU tensor's bytes without a copy (for tags and in-band frames)."""
+    """A CPU tensor's bytes without a copy (for tags, in-band frames and direct reads; a
+    non-contiguous tensor is copied first)."""
     raw = tensor.contiguous().view(torch.uint8).numpy()
     return memoryview(raw).cast("B")  # type: ignore[arg-type]

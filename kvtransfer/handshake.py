@@ -30,7 +30,7 @@ class Fingerprint:
     num_kv_heads: int
     head_dim: int
     backend: str
-    integrity: str = "crc32"  # "hmac-sha256" with the fleet key, "crc32", or "none"
+    integrity: str = "xxh3-64"  # "aes-256-gmac" with the fleet key, "xxh3-64", or "none"
     layout: str = LAYOUT
     protocol_version: int = wire.PROTOCOL_VERSION
 

@@ -6,6 +6,13 @@ frame, abort, lease expired, cancelled). Only handshaken peers may write, and on
 of a transfer this worker currently expects: :meth:`KVReceiver.cancel` removes the expectation
 under the lock the writer holds, so once it returns no frame can touch those blocks again; late
 or duplicate frames for finished transfers are dropped and counted.
+
+With the stream backend a page's payload is read from the pair's socket straight into the
+reserved blocks, outside the lock (a page read must not hold up :meth:`expect` or other
+transfers' cancels): the reader re-checks under the lock before every read that the transfer
+is still expected, and :meth:`KVReceiver.cancel` waits for a read already into its blocks to
+return (at most one short read slice). A page whose tag then fails to verify has written its own
+transfer's blocks only, and fails that transfer: its bytes never reach attention.
 """
 
 from __future__ import annotations
@@ -23,7 +30,14 @@ import zmq
 
 from engine.kv_cache import KVCache
 from kvtransfer import wire
-from kvtransfer.datapath import Backend, PairGroup, PairGroupHost, recv_tensor, tensor_bytes
+from kvtransfer.datapath import (
+    Backend,
+    PairLink,
+    PairLinkError,
+    StreamLink,
+    make_host,
+    tensor_bytes,
+)
 from kvtransfer.handshake import Fingerprint, IncompatiblePeerError, check_match
 from kvtransfer.metrics import TransferStats
 
@@ -52,8 +66,8 @@ class _Expected:
 @dataclass
 class _Peer:
     fingerprint: Fingerprint
-    group: PairGroup | None = None  # out-of-band backends only
-    pending_group: Future[PairGroup] | None = None  # while the rendezvous runs
+    link: PairLink | None = None  # out-of-band backends only
+    pending_link: Future[PairLink] | None = None  # while the rendezvous runs
 
 
 class KVReceiver:
@@ -76,11 +90,19 @@ class KVReceiver:
         self._on_ready = on_ready
         self._on_failed = on_failed
         self.backend = Backend(fingerprint.backend)
-        self._pairs = PairGroupHost(self.backend, pair_host, group_timeout_s)
+        unix_path = None
+        if bind_endpoint.startswith("ipc://"):  # the payload stream sits beside the endpoint
+            unix_path = bind_endpoint[len("ipc://") :] + ".pages"
+        self._group_timeout_s = group_timeout_s
+        self._pairs = make_host(self.backend, pair_host, group_timeout_s, unix_path)
+        self.writes_in_place = self.backend is Backend.STREAM and kv_cache.device.type == "cpu"
+        """Payloads are read straight into reserved blocks (which a refused page may then
+        have scribbled on: reserved blocks count only once a verified page marks them)."""
         self._rendezvous = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-rendezvous")
         self._expected: dict[bytes, _Expected] = {}
         self._peers: dict[bytes, _Peer] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._writing: bytes | None = None  # transfer whose blocks a direct read is filling
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock: zmq.Socket[bytes] | None = None
         self._stop = threading.Event()
@@ -111,6 +133,9 @@ class KVReceiver:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._rendezvous.shutdown(wait=False, cancel_futures=True)
+        for peer in self._peers.values():
+            if peer.link is not None:
+                peer.link.close()
         self._peers.clear()
         self._pairs.close()
 
@@ -126,7 +151,10 @@ class KVReceiver:
     def cancel(self, transfer_id: bytes) -> bool:
         """Stop accepting pages for a transfer. After this returns no frame writes its blocks."""
         with self._lock:
-            return self._expected.pop(transfer_id, None) is not None
+            found = self._expected.pop(transfer_id, None) is not None
+            while self._writing == transfer_id:  # a direct read into its blocks: one slice
+                self._lock.wait()
+            return found
 
     def pending(self) -> int:
         with self._lock:
@@ -180,6 +208,8 @@ class KVReceiver:
             self.stats.drop("malformed")  # the payload is not where this backend carries it
             return
         if isinstance(header, wire.PageHeader) and header.out_of_band:
+            if self.writes_in_place and self._receive_direct(known, header, frames[0].buffer):
+                return
             data = self._receive_out_of_band(known, header, frames[0].buffer)
             if data is None:
                 return
@@ -192,12 +222,17 @@ class KVReceiver:
             if isinstance(header, wire.DoneHeader):  # tell the sender now, not at its timeout
                 self._ack(peer, tid, wire.AckStatus.FAILED, "unknown, finished or expired transfer")
             return
-        if outcome is None:
-            return
+        if outcome is not None:
+            self._conclude(peer, tid, expected, outcome)
+
+    def _conclude(
+        self, peer: bytes, tid: bytes, expected: _Expected, outcome: tuple[str, bool, str]
+    ) -> None:
+        """Report a transfer that just ended (already removed from the expected ones):
+        ``outcome`` is ``(request_id, ok, first token id or failure reason)``."""
         request_id, ok, message = outcome
         if ok:
-            assert expected.started is not None
-            self.stats.completed(time.monotonic() - expected.started)
+            self.stats.completed(time.monotonic() - (expected.started or time.monotonic()))
             self._ack(peer, tid, wire.AckStatus.OK, "")
             self._on_ready(request_id, int(message))
         else:
@@ -217,28 +252,33 @@ class KVReceiver:
         if known is None or not self.backend.out_of_band or not wire.is_out_of_band_page(frame):
             return
         nbytes = wire.out_of_band_payload_size(frame)
-        group = self._group_of(known)
-        if nbytes is None or group is None:
+        link = self._link_of(known)
+        if nbytes is None or link is None:
             # the payload's size is unknowable: the pair stream cannot be resynchronised, so
             # forget the peer; its pending send fails and it must handshake again
-            self._forget(known)
+            self._forget(known, "unreadable out-of-band page header")
             return
-        recv_tensor(group, (nbytes,), torch.uint8, self._kv.device, 1)
+        try:
+            link.discard(nbytes)
+        except PairLinkError as exc:
+            self._forget(known, str(exc))
 
-    def _forget(self, state: _Peer) -> None:
+    def _forget(self, state: _Peer, reason: str) -> None:
         for identity, peer in list(self._peers.items()):
             if peer is state:
                 del self._peers[identity]
-        log.warning("kv_peer_reset", reason="unreadable out-of-band page header")
+        if state.link is not None:
+            state.link.close()
+        log.warning("kv_peer_reset", reason=reason)
 
-    def _group_of(self, peer: _Peer) -> PairGroup | None:
-        if peer.group is None and peer.pending_group is not None:
+    def _link_of(self, peer: _Peer) -> PairLink | None:
+        if peer.link is None and peer.pending_link is not None:
             try:
-                peer.group = peer.pending_group.result(timeout=self._pairs.timeout.total_seconds())
+                peer.link = peer.pending_link.result(timeout=self._group_timeout_s)
             except Exception as exc:  # rendezvous failed: this peer must handshake again
-                log.warning("kv_pair_group_failed", error=str(exc))
-            peer.pending_group = None
-        return peer.group
+                log.warning("kv_pair_link_failed", error=str(exc))
+            peer.pending_link = None
+        return peer.link
 
     def _handshake(self, peer: bytes, hello: wire.HandshakeHeader) -> None:
         if hello.kind is not wire.FrameKind.HELLO:
@@ -264,9 +304,97 @@ class KVReceiver:
         self._send(peer, wire.HandshakeHeader(hello.transfer_id, wire.FrameKind.WELCOME, fields))
         state = _Peer(theirs)
         if offer is not None:  # joined off this thread: a peer that never joins stalls nobody
-            state.pending_group = self._rendezvous.submit(self._pairs.accept, offer)
+            state.pending_link = self._rendezvous.submit(self._pairs.accept, offer)
         self._peers[peer] = state
         log.info("kv_peer_accepted", backend=self.backend.value)
+
+    def _receive_direct(self, known: _Peer, header: wire.PageHeader, frame: memoryview) -> bool:
+        """Stream backend: read the payload that follows this header straight into its
+        transfer's reserved blocks, then verify it together with the header. A page that does
+        not verify is dropped and its blocks are marked unwritten again (the transfer cannot
+        finish unless a good copy follows). Returns False, having read nothing, when the page
+        cannot land (unknown transfer, a page outside its reservation): the general path then
+        takes it, verifies it and reports it."""
+        link = self._link_of(known)
+        if not isinstance(link, StreamLink):
+            return False
+        tid = header.transfer_id
+        with self._lock:
+            expected = self._expected.get(tid)
+            if expected is None:
+                return False
+            try:
+                self._check_page(expected, header)
+            except wire.MalformedFrameError:
+                return False
+            if expected.started is None:
+                expected.started = time.monotonic()
+        regions = self._kv.page_regions(header.block_ids, header.layers)
+        try:
+            landed = self._read_direct(link, tid, expected, regions, header.payload_nbytes)
+        except PairLinkError as exc:  # part of a page may lie in its blocks, unmarked
+            self._forget(known, str(exc))
+            return True
+        if not landed:
+            self.stats.drop("unknown_transfer")  # cancelled or expired while reading
+            return True
+        try:
+            wire.verify_out_of_band(frame, self._auth, [tensor_bytes(r) for r in regions])
+            verified = True
+        except wire.MalformedFrameError as exc:
+            unauthenticated = isinstance(exc, wire.UnauthenticatedFrameError)
+            self.stats.drop("unauthenticated" if unauthenticated else "malformed")
+            verified = False
+        with self._lock:
+            if self._expected.get(tid) is not expected:
+                self.stats.drop("unknown_transfer")
+            elif verified:
+                self._mark_written(expected, header)
+            else:
+                for layer in range(header.layer_start, header.layer_end):
+                    expected.written.get(layer, set()).difference_update(header.block_ids)
+        return True
+
+    def _read_direct(
+        self,
+        link: StreamLink,
+        tid: bytes,
+        expected: _Expected | None,
+        regions: list[torch.Tensor],
+        nbytes: int,
+    ) -> bool:
+        """Fill ``regions`` (pool memory of ``expected``'s blocks) from the link, one read
+        slice at a time, checking before each read that the transfer still owns them; once it
+        does not (cancelled, expired), the rest of the payload is discarded. Without regions
+        the whole payload is discarded. Returns whether every byte landed."""
+        left = nbytes
+        for region in regions:
+            view = tensor_bytes(region)
+            filled, last = 0, time.monotonic()
+            while filled < len(view):
+                with self._lock:
+                    owned = self._expected.get(tid) is expected
+                    if owned:
+                        self._writing = tid
+                if not owned:
+                    link.discard(left)
+                    return False
+                try:
+                    count = link.read_some(view[filled:])
+                finally:
+                    with self._lock:
+                        self._writing = None
+                        self._lock.notify_all()
+                filled += count
+                left -= count
+                now = time.monotonic()
+                if count:
+                    last = now
+                elif now - last > link.timeout_s:
+                    raise PairLinkError(f"payload stream: no data for {link.timeout_s:.0f}s")
+        if left:
+            link.discard(left)
+        return left == 0 and bool(regions)
 
     def _receive_out_of_band(
         self, peer: _Peer, header: wire.PageHeader, frame: memoryview
@@ -274,11 +402,15 @@ class KVReceiver:
         """Take the payload that follows an out-of-band PAGE header (always, to stay in step
         with the sender), then authenticate it together with the header. A payload received
         on a GPU is authenticated by its header alone: hashing it would cost a device copy."""
-        group = self._group_of(peer)
-        if group is None:
+        link = self._link_of(peer)
+        if link is None:
             self.stats.drop("no_pair_group")
             return None
-        pages = recv_tensor(group, header.shape, header.dtype, self._kv.device, 1)
+        try:
+            pages = link.receive(header.shape, header.dtype, self._kv.device)
+        except PairLinkError as exc:
+            self._forget(peer, str(exc))
+            return None
         data = tensor_bytes(pages) if pages.device.type == "cpu" else None
         try:
             wire.verify_out_of_band(frame, self._auth, data)
@@ -323,9 +455,8 @@ class KVReceiver:
             del self._expected[tid]
             return (expected.request_id, False, str(exc))
 
-    def _write_page(
-        self, expected: _Expected, header: wire.PageHeader, payload: torch.Tensor | memoryview
-    ) -> None:
+    def _check_page(self, expected: _Expected, header: wire.PageHeader) -> None:
+        """Raise unless the page fits this receiver and lands inside the reservation."""
         kv = self._kv
         geometry = (header.block_size, header.num_kv_heads, header.head_dim, header.dtype)
         mine = (kv.block_size, kv.num_kv_heads, kv.head_dim, kv.dtype)
@@ -335,6 +466,18 @@ class KVReceiver:
             raise wire.MalformedFrameError(f"layers: {header.layer_end - 1} >= {kv.num_layers}")
         if not expected.block_ids.issuperset(header.block_ids):
             raise wire.MalformedFrameError("blocks: page targets blocks outside the reservation")
+
+    def _mark_written(self, expected: _Expected, header: wire.PageHeader) -> None:
+        for layer in range(header.layer_start, header.layer_end):
+            expected.written.setdefault(layer, set()).update(header.block_ids)
+        self.stats.pages += 1
+        self.stats.bytes += header.payload_nbytes
+
+    def _write_page(
+        self, expected: _Expected, header: wire.PageHeader, payload: torch.Tensor | memoryview
+    ) -> None:
+        kv = self._kv
+        self._check_page(expected, header)
         if isinstance(payload, torch.Tensor):  # out of band: already shaped
             pages = payload
         else:
@@ -344,10 +487,7 @@ class KVReceiver:
                 flat = torch.frombuffer(payload, dtype=torch.uint8)
             pages = flat.view(header.dtype).view(header.shape)
         kv.scatter_pages(header.block_ids, pages, slice(header.layer_start, header.layer_end))
-        for layer in range(header.layer_start, header.layer_end):
-            expected.written.setdefault(layer, set()).update(header.block_ids)
-        self.stats.pages += 1
-        self.stats.bytes += header.payload_nbytes
+        self._mark_written(expected, header)
 
     def _ack(self, peer: bytes, tid: bytes, status: wire.AckStatus, message: str) -> None:
         self._send(peer, wire.AckHeader(tid, status, message))

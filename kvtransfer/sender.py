@@ -31,7 +31,7 @@ import torch
 import zmq
 
 from kvtransfer import wire
-from kvtransfer.datapath import Backend, PairGroup, join_pair, send_tensor, tensor_bytes
+from kvtransfer.datapath import Backend, PairLink, join_pair, tensor_bytes
 from kvtransfer.handshake import Fingerprint, IncompatiblePeerError, check_match
 from kvtransfer.metrics import TransferStats
 
@@ -73,7 +73,7 @@ class _Peer:
     hello_id: bytes = b""
     hello_deadline: float = 0.0
     refusal: str = ""
-    group: PairGroup | None = None
+    link: PairLink | None = None  # out-of-band backends: the pair's payload channel
     backlog: collections.deque[tuple[str, bytes, object]] = field(default_factory=collections.deque)
 
 
@@ -232,6 +232,8 @@ class KVSender:
             self._expire()
         for peer in self._peers.values():
             peer.sock.close(linger=0)
+            if peer.link is not None:
+                peer.link.close()
 
     def _route(self, command: tuple[str, bytes, object]) -> None:
         kind, tid, arg = command
@@ -275,7 +277,7 @@ class KVSender:
             kind, tid, arg = peer.backlog.popleft()
             try:
                 self._execute(peer, kind, tid, arg)
-            except (zmq.ZMQError, RuntimeError) as exc:  # RuntimeError: torch.distributed
+            except (zmq.ZMQError, RuntimeError, OSError) as exc:  # torch.distributed, sockets
                 self._fail(tid, f"send_error: {peer.endpoint}: {exc}")
                 self._reset(peer)
             except Exception as exc:  # bad input fails its transfer, never this thread
@@ -305,8 +307,9 @@ class KVSender:
         self, peer: _Peer, transfer: _Transfer, layer_start: int, pages: torch.Tensor
     ) -> None:
         out_of_band = self.backend.out_of_band
-        if not out_of_band and pages.device.type != "cpu":
-            pages = pages.cpu()  # host staging for the ZeroMQ backend
+        if self.backend in (Backend.ZMQ, Backend.STREAM) and pages.device.type != "cpu":
+            pages = pages.cpu()  # host staging for the socket backends
+        pages = pages.contiguous()  # one copy at most (a slice of a prefix-sharing page)
         num_layers, _, _, block_size, kv_heads, head_dim = pages.shape
         header = wire.PageHeader(
             transfer_id=transfer.spec.transfer_id,
@@ -323,9 +326,9 @@ class KVSender:
         payload = tensor_bytes(pages) if pages.device.type == "cpu" else None
         frame = wire.encode(header, self._auth, payload)
         if out_of_band:
-            assert peer.group is not None
+            assert peer.link is not None
             peer.sock.send(frame)
-            send_tensor(peer.group, pages, 0)
+            peer.link.send(pages)
         else:
             assert payload is not None
             peer.sock.send_multipart([frame, payload], copy=False)
@@ -378,10 +381,10 @@ class KVSender:
             theirs = Fingerprint.from_fields(reply.fields.get("fingerprint", {}))
             check_match(self.fingerprint, theirs, "decode worker")
             if self.backend.out_of_band:
-                peer.group = join_pair(
+                peer.link = join_pair(
                     self.backend, reply.fields["rendezvous"], self._handshake_timeout
                 )
-        except (IncompatiblePeerError, KeyError, RuntimeError, ValueError) as exc:
+        except (IncompatiblePeerError, KeyError, RuntimeError, ValueError, OSError) as exc:
             peer.state, peer.refusal = "refused", str(exc)
             return
         peer.state = "ready"
@@ -411,7 +414,9 @@ class KVSender:
 
     def _reset(self, peer: _Peer) -> None:
         """Forget a peer's handshake (its process may have restarted); keep its socket."""
-        peer.state, peer.group = "new", None
+        if peer.link is not None:
+            peer.link.close()
+        peer.state, peer.link = "new", None
 
     def _fail(self, tid: bytes, reason: str) -> None:
         transfer = self._transfers.pop(tid, None)

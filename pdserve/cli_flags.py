@@ -133,8 +133,9 @@ def add_transfer_flags(p: argparse.ArgumentParser) -> None:
         "--kv-backend",
         choices=[b.value for b in Backend],
         default=env_default("kv_backend", "zmq"),
-        help="how page bytes move: zmq (tcp/ipc), gloo (torch.distributed, CPU), "
-        "nccl (torch.distributed, GPU); both tiers must agree",
+        help="how page bytes move: zmq (in ZeroMQ frames, tcp/ipc), stream (ZeroMQ control, "
+        "pages over a direct socket read straight into the KV pool: fastest on CPU), gloo "
+        "(torch.distributed, CPU), nccl (torch.distributed, GPU); both tiers must agree",
     )
     g.add_argument(
         "--kv-streaming",
@@ -155,7 +156,9 @@ def add_transfer_flags(p: argparse.ArgumentParser) -> None:
         help="run the KV channel without a key (local development only)",
     )
     g.add_argument(
-        "--no-kv-checksum", action="store_true", help="without a key, skip the per-frame CRC32"
+        "--no-kv-checksum",
+        action="store_true",
+        help="without a key, skip the per-frame XXH3-64 checksum",
     )
     g.add_argument(
         "--kv-max-queued-mb",

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "kv_transfer.py"
-BACKENDS = ("zmq-tcp", "zmq-ipc", "gloo")
-AUTH_MODES = ("hmac", "crc32", "none")
+BACKENDS = ("zmq-tcp", "zmq-ipc", "stream-tcp", "stream-ipc", "gloo")
+AUTH_MODES = ("gmac", "xxh3", "none")
 
 
 def _positive(value: Any) -> bool:

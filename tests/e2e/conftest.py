@@ -69,6 +69,8 @@ def tiny_cluster(
 TRANSFER_VARIANTS = {
     "gloo": ("--kv-backend", "gloo"),
     "ipc": ("--kv-transport", "ipc"),
+    "stream": ("--kv-backend", "stream"),
+    "stream-ipc": ("--kv-backend", "stream", "--kv-transport", "ipc"),
     "after-prefill-insecure": ("--kv-streaming", "after-prefill", "--kv-insecure"),
 }
 

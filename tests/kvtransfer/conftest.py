@@ -12,14 +12,16 @@ from kvtransfer.datapath import Backend
 from tests.kvtransfer.dying_sender import DyingSenders
 from tests.kvtransfer.harness import Channel, Transport
 
-TRANSPORTS = ("tcp", "ipc", "inproc", "gloo")
+TRANSPORTS = ("tcp", "ipc", "inproc", "stream", "stream-ipc", "gloo")
 
 
 @pytest.fixture(params=TRANSPORTS)
 def transport(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Transport:
-    backend = Backend.GLOO if request.param == "gloo" else Backend.ZMQ
+    backend = {"gloo": Backend.GLOO, "stream": Backend.STREAM, "stream-ipc": Backend.STREAM}.get(
+        request.param, Backend.ZMQ
+    )
     return Transport(request.param, backend, tmp_path_factory.mktemp("kv"))
 
 

@@ -1,6 +1,7 @@
 """Shared pieces of the KV transfer contract suite.
 
-- :class:`Transport`: one way of running the channel (ZeroMQ over tcp, ipc or inproc; gloo).
+- :class:`Transport`: one way of running the channel (ZeroMQ over tcp, ipc or inproc; the
+  stream backend with tcp or ipc control; gloo).
 - geometry helpers: fingerprints and KV caches that agree with them, random pages.
 - :class:`Recorder`: every callback of a receiver and a sender, waitable.
 - :class:`Channel`: a started :class:`KVReceiver` and :class:`KVSender` pair.
@@ -27,7 +28,7 @@ import zmq
 
 from engine.kv_cache import KVCache
 from kvtransfer import wire
-from kvtransfer.datapath import Backend, PairGroup, join_pair, send_tensor
+from kvtransfer.datapath import Backend, PairLink, join_pair
 from kvtransfer.handshake import Fingerprint
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender, TransferSpec
@@ -37,7 +38,7 @@ MODEL = "tiny-llama@sha256:0123abcd"
 KEY = b"fleet-key-for-the-kv-contract-suite"
 OTHER_KEY = b"not-the-fleet-key-but-long-enough"
 TIMEOUT_S = 20.0  # generous: the suite shares two cores with other work
-GROUP_TIMEOUT_S = 5.0  # gloo rendezvous and payload waits; keeps a stuck pair from hanging
+GROUP_TIMEOUT_S = 5.0  # pair rendezvous and payload waits; keeps a stuck pair from hanging
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 CRC = wire.FrameAuth(None)
 NOBODY = b"\xff" * 16  # a transfer id no test uses
@@ -57,13 +58,13 @@ MISMATCHES = [
 
 @dataclass(frozen=True)
 class Transport:
-    name: str  # tcp | ipc | inproc | gloo (its control frames over tcp)
+    name: str  # tcp | ipc | inproc | stream | stream-ipc | gloo (control over tcp)
     backend: Backend
     scratch: Path  # where ipc sockets go
 
     def bind(self) -> str:
         """A fresh endpoint to bind a receiver (or a stand-in) to."""
-        if self.name == "ipc":
+        if self.name in ("ipc", "stream-ipc"):
             path = self.scratch / f"{uuid.uuid4().hex[:8]}.sock"
             assert len(str(path)) < 100, "ipc path too long for a unix socket"
             return f"ipc://{path}"
@@ -88,7 +89,7 @@ def fingerprint(
 
 
 def other_backend(backend: Backend) -> Backend:
-    return Backend.ZMQ if backend is Backend.GLOO else Backend.GLOO
+    return Backend.GLOO if backend is Backend.ZMQ else Backend.ZMQ
 
 
 def mismatched(fp: Fingerprint, field: str, value: Any) -> Fingerprint:
@@ -306,13 +307,14 @@ class Channel:
 
 class RawPeer:
     """A sender driven by hand. After :meth:`handshake` the receiver accepts its frames; its
-    PAGEs go in band, or (gloo) as a header here and the payload over its pair group."""
+    PAGEs go in band, or (out-of-band backends) as a header here and the payload over its
+    pair link."""
 
     def __init__(self, endpoint: str, fp: Fingerprint, auth: wire.FrameAuth) -> None:
         self.fp = fp
         self.auth = auth
         self.backend = Backend(fp.backend)
-        self.group: PairGroup | None = None
+        self.link: PairLink | None = None
         self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVTIMEO, int(TIMEOUT_S * 1000))
@@ -330,7 +332,7 @@ class RawPeer:
         assert isinstance(reply, wire.HandshakeHeader), reply
         assert reply.kind is wire.FrameKind.WELCOME, reply
         if self.backend.out_of_band:
-            self.group = join_pair(self.backend, reply.fields["rendezvous"], GROUP_TIMEOUT_S)
+            self.link = join_pair(self.backend, reply.fields["rendezvous"], GROUP_TIMEOUT_S)
         return reply
 
     def page(
@@ -359,15 +361,15 @@ class RawPeer:
 
     def send_page(self, header: bytes, payload: bytes) -> None:
         """Send a (possibly tampered) PAGE the way the receiver will read it: the payload goes
-        over the pair group exactly when the receiver will parse the header as an out-of-band
+        over the pair link exactly when the receiver will parse the header as an out-of-band
         PAGE from a handshaken peer, and so post a receive for it; otherwise it goes in band."""
         size = wire.out_of_band_payload_size(header)
-        if size is not None and self.group is not None:
+        if size is not None and self.link is not None:
             # the receiver takes a payload of the size the header declares, even off a header it
             # refuses (so the pair stream stays in step)
-            assert len(payload) == size, "gloo payloads have the header's size"
+            assert len(payload) == size, "out-of-band payloads have the header's size"
             self.sock.send(header)
-            send_tensor(self.group, torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0)
+            self.link.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
         else:
             self.sock.send_multipart([header, payload])
 
@@ -407,3 +409,5 @@ class RawPeer:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        if self.link is not None:
+            self.link.close()

@@ -251,3 +251,38 @@ def test_lease_expiry_is_not_held_up_by_a_stalled_rendezvous(
     assert ghost.recv().kind is wire.FrameKind.WELCOME  # type: ignore[union-attr]
     ch.receiver.expect(tid(1), "req", [1], 0.05)
     ch.rec.wait(lambda: "req" in ch.rec.failed, "the lease to expire", timeout=1.0)
+
+
+def test_cancel_during_an_in_place_read_waits_for_it_then_nothing_lands(
+    channel: Channel,
+) -> None:
+    """Stream backend: a page is read straight into its blocks outside the receiver's lock.
+    A cancel that arrives mid-page returns within one read slice, and the rest of the payload
+    (sent after the cancel returned) is discarded, never written into the freed blocks."""
+    ch = channel
+    if not ch.receiver.writes_in_place:
+        pytest.skip("only a receiver that reads payloads in place has reads to wait for")
+    peer = ch.raw_peer()
+    peer.handshake()
+    assert peer.link is not None
+    pages = random_pages(ch.receiver_fp, 2, seed=8)
+    ch.receiver.expect(tid(1), "req", [6, 7], 60.0)
+    header, payload = peer.page(tid(1), pages[:1], [6, 7])
+    half = len(payload) // 2
+    peer.sock.send(header)
+    peer.link.send(torch.frombuffer(bytearray(payload[:half]), dtype=torch.uint8))
+    wait_until(lambda: ch.dst.kv[0, 0, 6].flatten()[0] == pages[0, 0, 0].flatten()[0], "a read")
+    assert ch.receiver.cancel(tid(1)) is True
+    landed = ch.dst.kv.clone()
+    peer.link.send(torch.frombuffer(bytearray(payload[half:]), dtype=torch.uint8))
+    peer.sync()
+    assert same_bits(ch.dst.kv, landed), "bytes landed after cancel() returned"
+    assert ch.receiver.stats.pages == 0 and ch.receiver.pending() == 0
+    assert ch.receiver.stats.dropped_frames["unknown_transfer"] == 2  # the page and the sync
+    assert not ch.rec.ready and not ch.rec.failed
+    # the pair stream stayed in step: a new transfer on the same link goes through
+    ch.receiver.expect(tid(2), "req2", [6, 7], 60.0)
+    peer.send_pages(tid(2), pages, [6, 7])
+    peer.done(tid(2), first_token_id=4)
+    assert peer.recv_ack().status is wire.AckStatus.OK
+    assert same_bits(ch.dst.kv[:, :, [6, 7]], pages)

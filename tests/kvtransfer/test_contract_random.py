@@ -35,7 +35,14 @@ from tests.kvtransfer.harness import (
     tid,
 )
 
-TRANSFERS = {"tcp": 1000, "ipc": 1000, "inproc": 1000, "gloo": 200}
+TRANSFERS = {
+    "tcp": 1000,
+    "ipc": 1000,
+    "inproc": 1000,
+    "stream": 1000,
+    "stream-ipc": 1000,
+    "gloo": 200,
+}
 KINDS = {"ok": 50, "cancel": 10, "expire": 10, "abort": 10, "corrupt": 10}
 POOL_BLOCKS = 48
 EXPIRING_LEASE_S = 0.05
@@ -98,7 +105,7 @@ def corrupt(peer: RawPeer, plan: Plan, rng: random.Random) -> None:
             # on an out-of-band backend a header cut short resets the peer instead (its payload
             # size is unknowable; see test_unreadable_out_of_band_header_resets_the_peer)
             how = rng.choice(
-                ["payload", "tag"] if peer.group is not None else ["payload", "tag", "cut"]
+                ["payload", "tag"] if peer.link is not None else ["payload", "tag", "cut"]
             )
             if how == "payload":
                 flipped = bytearray(payload)
