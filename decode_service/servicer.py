@@ -13,28 +13,32 @@ import grpc
 
 from decode_service.worker import DecodeWorker
 from engine.errors import EngineStoppedError, InvalidRequestError
-from engine.prefix_summary import PrefixSummary
 from engine.sequence import FinishReason
 from pdserve.grpc_runtime import BASE_STATUS_CODES, Lifecycle
 from pdserve.metrics import WorkerMetrics
-from pdserve.proto_convert import (
-    FINISH_TO_PROTO,
-    sampling_from_proto,
-    status_to_proto,
-    ticket_to_proto,
-)
-from pdserve.worker_runtime import load_updates
+from pdserve.proto_convert import FINISH_TO_PROTO, sampling_from_proto, ticket_to_proto
+from pdserve.worker_runtime import Tier
+from pdserve.worker_servicer import LoadReporting
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 STATUS_CODES = dict(BASE_STATUS_CODES)
 WORK_METHODS = ("/pdserve.v1.Decode/Generate",)
+TIER = Tier(
+    "decode",
+    worker_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
+    worker_pb2_grpc.add_DecodeServicer_to_server,
+    WORK_METHODS,
+    STATUS_CODES,
+)
 
 
 class DecodeFailedError(EngineStoppedError):
     """The sequence failed inside the worker (e.g. its KV transfer); maps to UNAVAILABLE."""
 
 
-class DecodeServicer(worker_pb2_grpc.DecodeServicer):
+class DecodeServicer(LoadReporting, worker_pb2_grpc.DecodeServicer):
+    tier = TIER.name
+
     def __init__(
         self,
         worker: DecodeWorker,
@@ -42,11 +46,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         metrics: WorkerMetrics | None = None,
         lifecycle: Lifecycle | None = None,
     ) -> None:
-        self.worker = worker
-        self.model_name = model_name
+        super().__init__(worker, model_name, lifecycle)
+        self.worker: DecodeWorker = worker
         self.metrics = metrics
-        self.lifecycle = lifecycle or Lifecycle()
-        self.prefixes = PrefixSummary(worker.engine.engine.kv_cache.block_size)
 
     async def Generate(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
@@ -55,7 +57,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         prompt = list(request.prompt_token_ids)
         if not prompt:
             raise InvalidRequestError("empty prompt_token_ids")
-        self.prefixes.record(prompt)
+        self.record_prompt(prompt)
         local = request.mode != worker_pb2.PREFILL_MODE_REMOTE
         if not local:
             remaining = context.time_remaining()
@@ -82,35 +84,5 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         finally:
             self.worker.release(handle)
 
-    def _status(self) -> worker_pb2.WorkerStatus:
-        stats = self.worker.stats()
-        msg = status_to_proto(
-            "decode",
-            self.model_name,
-            stats,
-            self.worker.engine.engine.kv_cache.block_size,
-            self.worker.pending_transfers(),
-            kv_endpoint=self.worker.kv_endpoint,
-        )
-        life = self.lifecycle
-        msg.serving = not life.draining
-        msg.awaiting_kv = stats.awaiting_kv
-        msg.in_flight = life.in_flight
-        msg.max_in_flight = life.max_in_flight
-        msg.requests_total = life.total
-        msg.max_num_seqs = self.worker.engine.engine.config.scheduler.max_num_seqs
-        msg.cached_prefix_hashes.extend(
-            self.prefixes.advertised(self.worker.engine.engine.held_prefix_blocks)
-        )
-        return msg
-
-    async def GetStatus(
-        self, request: worker_pb2.StatusRequest, context: grpc.aio.ServicerContext
-    ) -> worker_pb2.WorkerStatus:
-        return self._status()
-
-    async def WatchLoad(
-        self, request: worker_pb2.WatchLoadRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[worker_pb2.WorkerStatus]:
-        async for msg in load_updates(self._status, request.interval_ms, self.lifecycle.stopped):
-            yield msg
+    def kv_endpoint(self) -> str:
+        return self.worker.kv_endpoint

@@ -1,9 +1,12 @@
-"""Start-up shared by the prefill and decode entry points."""
+"""Start-up shared by the prefill and decode entry points: :func:`serve_tier` builds a worker's
+metrics and admission lifecycle, makes its servicer, and serves it until SIGTERM; the tiers
+hand in only what differs (:class:`Tier`, the worker, its transfer stats, its servicer)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -69,6 +72,25 @@ class Worker(Protocol):
     def stop(self) -> None: ...
 
 
+class EngineWorker(Worker, Protocol):
+    engine: AsyncEngine
+
+
+@dataclass(frozen=True)
+class Tier:
+    """What differs between the two worker entry points, besides the worker itself."""
+
+    name: str
+    """``prefill`` or ``decode``: the ``tier`` of metrics and log lines."""
+    service_name: str
+    add_servicer: Callable[[Any, grpc.aio.Server], None]
+    """The generated ``add_<Service>Servicer_to_server``."""
+    work_methods: tuple[str, ...]
+    """Methods admitted through the server's bounded lifecycle (the work calls)."""
+    status_codes: dict[type[Exception], grpc.StatusCode]
+    """Domain exceptions to gRPC status codes, for the server's call scope."""
+
+
 def build_engine(config: EngineConfig) -> AsyncEngine:
     """Load the model and wrap it in an engine (call inside the worker's event loop)."""
     if config.cpus:
@@ -124,3 +146,39 @@ async def serve_worker(
         await serve_until_signalled(handle, [service_name], grace_s)
     finally:
         worker.stop()
+
+
+async def serve_tier(
+    tier: Tier,
+    listen: str,
+    worker: EngineWorker,
+    transfers: Callable[[], list[TransferStats]],
+    make_servicer: Callable[[WorkerMetrics, Lifecycle], object],
+    *,
+    metrics_port: int,
+    grace_s: float,
+    options: ServeOptions | None = None,
+    **ready_fields: object,
+) -> None:
+    """Serve ``worker`` as ``tier`` until SIGTERM (then drain, see :func:`serve_worker`):
+    its metrics registry (``transfers`` read at scrape time) on ``metrics_port``, an admission
+    lifecycle sized by its batch and ``options.max_queue``, and the servicer ``make_servicer``
+    builds from both."""
+    options = options or ServeOptions()
+    registry, metrics = worker_metrics(tier.name, worker.engine, transfers)
+    lifecycle = options.lifecycle(worker.engine.engine.config.scheduler.max_num_seqs)
+    servicer = make_servicer(metrics, lifecycle)
+    await serve_worker(
+        tier.name,
+        listen,
+        tier.service_name,
+        worker,
+        functools.partial(tier.add_servicer, servicer),
+        grace_s,
+        (registry, metrics_port),
+        lifecycle=lifecycle,
+        tls=options.tls,
+        work_methods=tier.work_methods,
+        status_codes=tier.status_codes,
+        **ready_fields,
+    )

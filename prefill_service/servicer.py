@@ -7,22 +7,15 @@ maps them to a status with :data:`STATUS_CODES`, binds the request id, and admit
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import grpc
 import structlog
 
 from engine.errors import EngineError, InvalidRequestError
-from engine.prefix_summary import PrefixSummary
 from kvtransfer.ticket import IncompatiblePeerError
 from pdserve.grpc_runtime import BASE_STATUS_CODES, Lifecycle
-from pdserve.proto_convert import (
-    FINISH_TO_PROTO,
-    sampling_from_proto,
-    status_to_proto,
-    ticket_from_proto,
-)
-from pdserve.worker_runtime import load_updates
+from pdserve.proto_convert import FINISH_TO_PROTO, sampling_from_proto, ticket_from_proto
+from pdserve.worker_runtime import Tier
+from pdserve.worker_servicer import LoadReporting
 from prefill_service.worker import PrefillWorker
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 
@@ -31,16 +24,23 @@ log = structlog.get_logger(__name__)
 STATUS_CODES = {**BASE_STATUS_CODES, IncompatiblePeerError: grpc.StatusCode.FAILED_PRECONDITION}
 # (IncompatiblePeerError is an EngineError: the most specific entry wins in status_for)
 WORK_METHODS = ("/pdserve.v1.Prefill/Prefill",)
+TIER = Tier(
+    "prefill",
+    worker_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name,
+    worker_pb2_grpc.add_PrefillServicer_to_server,
+    WORK_METHODS,
+    STATUS_CODES,
+)
 
 
-class PrefillServicer(worker_pb2_grpc.PrefillServicer):
+class PrefillServicer(LoadReporting, worker_pb2_grpc.PrefillServicer):
+    tier = TIER.name
+
     def __init__(
         self, worker: PrefillWorker, model_name: str, lifecycle: Lifecycle | None = None
     ) -> None:
-        self.worker = worker
-        self.model_name = model_name
-        self.lifecycle = lifecycle or Lifecycle()
-        self.prefixes = PrefixSummary(worker.engine.engine.kv_cache.block_size)
+        super().__init__(worker, model_name, lifecycle)
+        self.worker: PrefillWorker = worker
 
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -50,7 +50,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         if not request.HasField("ticket") or len(request.ticket.transfer_id) != 16:
             raise InvalidRequestError("missing transfer ticket")
         prompt = list(request.prompt_token_ids)
-        self.prefixes.record(prompt)
+        self.record_prompt(prompt)
         try:
             result = await self.worker.prefill(
                 request.request_id,
@@ -66,35 +66,3 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             finish_reason=FINISH_TO_PROTO[result.finish_reason],
             prefill_ns=result.prefill_ns,
         )
-
-    def _status(self) -> worker_pb2.WorkerStatus:
-        stats = self.worker.stats()
-        msg = status_to_proto(
-            "prefill",
-            self.model_name,
-            stats,
-            self.worker.engine.engine.kv_cache.block_size,
-            self.worker.pending_transfers(),
-        )
-        life = self.lifecycle
-        msg.serving = not life.draining
-        msg.awaiting_kv = stats.awaiting_kv
-        msg.in_flight = life.in_flight
-        msg.max_in_flight = life.max_in_flight
-        msg.requests_total = life.total
-        msg.max_num_seqs = self.worker.engine.engine.config.scheduler.max_num_seqs
-        msg.cached_prefix_hashes.extend(
-            self.prefixes.advertised(self.worker.engine.engine.held_prefix_blocks)
-        )
-        return msg
-
-    async def GetStatus(
-        self, request: worker_pb2.StatusRequest, context: grpc.aio.ServicerContext
-    ) -> worker_pb2.WorkerStatus:
-        return self._status()
-
-    async def WatchLoad(
-        self, request: worker_pb2.WatchLoadRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[worker_pb2.WorkerStatus]:
-        async for msg in load_updates(self._status, request.interval_ms, self.lifecycle.stopped):
-            yield msg
