@@ -1,15 +1,25 @@
 """Attention over the paged KV cache, plugged into transformers' attention interface.
 
 The model runs on a *packed* batch: all new tokens of all scheduled sequences side by side as one
-row ``(1, N)``, with explicit ``position_ids``. For each layer, this module
+row ``(1, N)``, with explicit ``position_ids``. The runner packs the sequences with one new token
+(decode) first and those with several (prefill chunks) after them::
 
-1. writes the new tokens' K and V into their cache slots (``slot_mapping``), then
-2. gathers each sequence's whole context from its blocks (``context_slots``), padded to the
-   longest context, and runs one batched scaled-dot-product attention with a mask that is causal
-   within the new tokens and hides padding.
+    packed tokens   [ d0 d1 d2 ... | p0 p0 p0 p0 p1 p1 p1 ... ]
+                      decode group   prefill group (starts at Bd)
+
+For each layer, this module
+
+1. writes the new tokens' K and V into their cache slots (``slot_mapping``);
+2. decode group: gathers the sequences' *whole blocks* (one ``index_select`` over the layer viewed
+   as ``(2, NB, bs * KVH * D)``, into a workspace every layer reuses), padded to the longest
+   context, and runs one scaled-dot-product attention with one query per sequence and a
+   key-padding mask;
+3. prefill group: a lone prompt that starts at position 0 attends its own new tokens (causal, no
+   gather); otherwise as decode, with queries padded to the longest chunk and a causal mask.
 
 So sequences of different lengths, and prefill chunks next to decode tokens, share one forward
-pass without padding the *model* inputs; only attention pads, and only up to the longest context.
+pass without padding the *model* inputs; attention pads only within each group, so a long prompt
+arriving does not pad every running sequence's single query to the prompt's length.
 """
 
 from __future__ import annotations
@@ -26,18 +36,46 @@ ATTENTION_NAME = "pdserve_paged"
 
 
 @dataclass(frozen=True)
-class AttentionBatch:
-    """Per-step attention metadata, built once by the model runner and shared by every layer.
+class ContextGather:
+    """Which blocks hold the contexts of B sequences, each padded to MB blocks.
 
-    B sequences, N new tokens in all, Q = most new tokens of one sequence, C = longest context.
+    Q = most new tokens of one sequence in the group, C = MB * bs.
     """
+
+    block_ids: torch.Tensor  # (B * MB,) block of each (sequence, block index); padding -> 0
+    num_seqs: int  # B
+    blocks_per_seq: int  # MB
+    mask: torch.Tensor | None  # (B, 1, Q, C) additive: 0 where a query may attend, -inf where
+    # not; None when every query sees every slot
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Sequences with one new token each: packed tokens ``[0, num_seqs)``, in order."""
+
+    num_seqs: int
+    context: ContextGather
+
+
+@dataclass(frozen=True)
+class PrefillGroup:
+    """Sequences with several new tokens: packed tokens ``[start, N)``, sequence by sequence."""
+
+    start: int
+    context: ContextGather | None  # None: one sequence from position 0, its context is its tokens
+    query_index: torch.Tensor | None  # (B, Q) index into the group's tokens; None when B == 1
+    output_index: torch.Tensor | None  # (T,) index into the flattened (B * Q) outputs
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Per-step attention metadata, built once by the model runner and shared by every layer."""
 
     kv_cache: KVCache
     slot_mapping: torch.Tensor  # (N,) flat cache slot of each new token
-    context_slots: torch.Tensor  # (B, C) flat slot of each context position; padding -> 0
-    mask: torch.Tensor  # (B, 1, Q, C) True where a query may attend
-    query_index: torch.Tensor | None  # (B, Q) index into the N new tokens; None when Q == 1
-    output_index: torch.Tensor | None  # (N,) index into the flattened (B * Q) outputs
+    decode: DecodeGroup | None
+    prefill: PrefillGroup | None
+    workspace: torch.Tensor  # (>= 2 * max(B * MB) * bs * KVH * D,) scratch for gathered K and V
 
 
 def paged_attention(
@@ -53,27 +91,76 @@ def paged_attention(
     """transformers attention function; returns ``(1, N, H, D)``."""
     batch: AttentionBatch = kwargs["pdserve_batch"]
     layer_idx: int = module.layer_idx  # type: ignore[assignment]  # set by every HF attention
-    slots = batch.kv_cache.layer_slots(layer_idx)  # (2, NB * bs, KVH, D)
-    k_new = key[0].transpose(0, 1)  # (N, KVH, D)
-    v_new = value[0].transpose(0, 1)
-    slots[0].index_copy_(0, batch.slot_mapping, k_new)
-    slots[1].index_copy_(0, batch.slot_mapping, v_new)
+    cache = batch.kv_cache
+    layer_kv = cache.kv[layer_idx]  # (2, NB, bs, KVH, D)
+    slots = layer_kv.view(2, -1, cache.num_kv_heads, cache.head_dim)  # (2, NB * bs, KVH, D)
+    slots[0].index_copy_(0, batch.slot_mapping, key[0].transpose(0, 1))  # (N, KVH, D) each
+    slots[1].index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1))
 
-    k_ctx = slots[0][batch.context_slots].transpose(1, 2)  # (B, KVH, C, D)
-    v_ctx = slots[1][batch.context_slots].transpose(1, 2)
-    q = query[0].transpose(0, 1)  # (N, H, D)
-    if batch.query_index is None:  # noqa: SIM108 - decode only: one query per sequence
-        q_padded = q.unsqueeze(2)  # (B=N, H, 1, D)
+    q = query[0]  # (H, N, D)
+    outputs = []  # (n, H, D) per group, in packed order
+    if batch.decode is not None:
+        group = batch.decode
+        k_ctx, v_ctx = _gather(layer_kv, group.context, batch.workspace)  # (B, KVH, C, D)
+        q_dec = q[:, : group.num_seqs].transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
+        out = F.scaled_dot_product_attention(
+            q_dec, k_ctx, v_ctx, attn_mask=group.context.mask, scale=scaling, enable_gqa=True
+        )  # (B, H, 1, D)
+        outputs.append(out.squeeze(2))
+    if batch.prefill is not None:
+        outputs.append(
+            _prefill(batch.prefill, layer_kv, q, key[0], value[0], batch.workspace, scaling)
+        )
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # (N, H, D)
+    return out.unsqueeze(0), None
+
+
+def _prefill(
+    group: PrefillGroup,
+    layer_kv: torch.Tensor,  # (2, NB, bs, KVH, D)
+    query: torch.Tensor,  # (H, N, D)
+    key: torch.Tensor,  # (KVH, N, D)
+    value: torch.Tensor,  # (KVH, N, D)
+    workspace: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Attention of the prefill group's T tokens: ``(T, H, D)``."""
+    q = query[:, group.start :]  # (H, T, D)
+    if group.context is None:  # one prompt from position 0: plain causal self-attention
+        k, v = key[None, :, group.start :], value[None, :, group.start :]  # (1, KVH, T, D)
+        out = F.scaled_dot_product_attention(
+            q[None], k, v, is_causal=True, scale=scaling, enable_gqa=True
+        )  # (1, H, T, D)
+        return out[0].transpose(0, 1)
+    k_ctx, v_ctx = _gather(layer_kv, group.context, workspace)  # (B, KVH, C, D)
+    if group.query_index is None:
+        q_padded = q[None]  # (1, H, Q=T, D)
     else:
-        q_padded = q[batch.query_index].transpose(1, 2)  # (B, H, Q, D)
+        q_padded = q.transpose(0, 1)[group.query_index].transpose(1, 2)  # (B, H, Q, D)
     out = F.scaled_dot_product_attention(
-        q_padded, k_ctx, v_ctx, attn_mask=batch.mask, scale=scaling, enable_gqa=True
-    )  # (B, H, Q, D)
-    out = out.transpose(1, 2)  # (B, Q, H, D)
-    if batch.output_index is None:
-        return out.reshape(1, -1, out.shape[2], out.shape[3]), None  # (1, N, H, D)
-    flat = out.reshape(-1, out.shape[2], out.shape[3])  # (B * Q, H, D)
-    return flat[batch.output_index].unsqueeze(0), None
+        q_padded, k_ctx, v_ctx, attn_mask=group.context.mask, scale=scaling, enable_gqa=True
+    ).transpose(1, 2)  # (B, Q, H, D)
+    if group.output_index is None:
+        return out[0]
+    return out.reshape(-1, out.shape[2], out.shape[3])[group.output_index]  # (T, H, D)
+
+
+def _gather(
+    layer_kv: torch.Tensor,  # (2, NB, bs, KVH, D)
+    context: ContextGather,
+    workspace: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy the group's blocks of one layer into the workspace: K and V ``(B, KVH, C, D)``.
+
+    Whole blocks are contiguous runs of ``bs * KVH * D`` elements, so this is one ``memcpy`` per
+    block; K and V come back as transposed views (SDPA reads them strided)."""
+    _, num_blocks, bs, kvh, d = layer_kv.shape
+    row = bs * kvh * d
+    count = context.block_ids.numel()
+    out = workspace[: 2 * count * row].view(2, count, row)
+    torch.index_select(layer_kv.view(2, num_blocks, row), 1, context.block_ids, out=out)
+    ctx = out.view(2, context.num_seqs, context.blocks_per_seq * bs, kvh, d)  # (2, B, C, KVH, D)
+    return ctx[0].transpose(1, 2), ctx[1].transpose(1, 2)
 
 
 def register_paged_attention() -> str:

@@ -1,20 +1,21 @@
 """Turns a :class:`ScheduledBatch` into tensors, runs one forward pass, and samples.
 
-The batch is packed: the new tokens of all sequences form one row ``(1, N)``; attention finds each
-sequence's context through its block table (see :mod:`engine.attention`).
+The batch is packed: the new tokens of all sequences form one row ``(1, N)``, decode tokens (one
+per sequence) first, then prefill chunks; attention finds each sequence's context through its
+block table (see :mod:`engine.attention`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 
-from engine.attention import AttentionBatch
+from engine.attention import AttentionBatch, ContextGather, DecodeGroup, PrefillGroup
 from engine.kv_cache import KVCache
 from engine.sampler import Sampler, SampleRequest
-from engine.scheduler import ScheduledBatch
+from engine.scheduler import ScheduledBatch, ScheduledSeq
 
 
 class ModelInputs(NamedTuple):
@@ -23,6 +24,7 @@ class ModelInputs(NamedTuple):
     attention: AttentionBatch
     logits_index: torch.Tensor  # (S,) packed index of each sampled sequence's last new token
     sample_requests: list[SampleRequest]
+    sample_items: list[int]  # (S,) index in ``batch.items`` of each sampled row
 
 
 LayerListener = Callable[[int], None]
@@ -37,6 +39,7 @@ class ModelRunner:
         self.layer_listener: LayerListener | None = None
         """Called with a layer index as soon as that layer's KV is in the cache (during
         :meth:`execute`); the engine sets it for steps that stream KV out layer by layer."""
+        self._workspace = torch.empty(0, dtype=kv_cache.dtype, device=self.device)
 
     def install_layer_hooks(self) -> None:
         """Hook every attention module so :attr:`layer_listener` hears each finished layer."""
@@ -66,66 +69,123 @@ class ModelRunner:
         logits = out.logits[0]  # (S, V)
         tokens = self.sampler.sample(logits, inputs.sample_requests) if len(logits) else []
         result = [0] * len(batch.items)
-        sampled_rows = (i for i, item in enumerate(batch.items) if item.sample)
-        for row, token in zip(sampled_rows, tokens, strict=True):
+        for row, token in zip(inputs.sample_items, tokens, strict=True):
             result[row] = token
         return result
 
     def prepare(self, batch: ScheduledBatch) -> ModelInputs:
         bs = self.kv_cache.block_size
-        starts = [item.seq.num_computed_tokens for item in batch.items]
-        lengths = [item.num_new_tokens for item in batch.items]
+        order = [i for i, item in enumerate(batch.items) if item.num_new_tokens == 1]
+        num_decode = len(order)
+        order += [i for i, item in enumerate(batch.items) if item.num_new_tokens > 1]
+        items = [batch.items[i] for i in order]  # packed order: decode, then prefill
         input_ids: list[int] = []
-        for item, start in zip(batch.items, starts, strict=True):
-            input_ids.extend(item.seq.token_ids[start : start + item.num_new_tokens])
-        num_seqs = len(batch.items)
-        max_q = max(lengths)
-        max_ctx = max(s + n for s, n in zip(starts, lengths, strict=True))
-        max_blocks = -(-max_ctx // bs)
-        table = torch.zeros((num_seqs, max_blocks), dtype=torch.long)  # (B, MB)
-        for row, item in enumerate(batch.items):
-            blocks = item.seq.block_table[:max_blocks]
-            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        start_t = torch.tensor(starts, dtype=torch.long)  # (B,)
-        length_t = torch.tensor(lengths, dtype=torch.long)  # (B,)
-        ctx_pos = torch.arange(max_ctx)  # (C,)
-        context_slots = table[:, ctx_pos // bs] * bs + ctx_pos % bs  # (B, C)
-        q_off = torch.arange(max_q)  # (Q,)
-        q_valid = q_off[None, :] < length_t[:, None]  # (B, Q)
-        q_pos = start_t[:, None] + q_off[None, :]  # (B, Q) absolute position of each query
-        mask = ctx_pos[None, None, :] <= q_pos[:, :, None]  # (B, Q, C) causal over the context
-        mask &= q_valid[:, :, None]
-        mask[:, :, 0] |= ~q_valid  # padded query rows attend one slot: no all-masked rows
-        slot_mapping = context_slots.gather(1, q_pos.clamp(max=max_ctx - 1))[q_valid]  # (N,)
-        positions = q_pos[q_valid]  # (N,) in packed order: sequence by sequence
-        offsets = torch.cumsum(length_t, 0) - length_t  # (B,) packed index of each first token
-        if max_q == 1:
-            query_index = output_index = None
-        else:
-            query_index = (offsets[:, None] + q_off[None, :]).masked_fill(~q_valid, 0)  # (B, Q)
-            output_index = (torch.arange(num_seqs)[:, None] * max_q + q_off[None, :])[q_valid]
-        sample_rows = [i for i, item in enumerate(batch.items) if item.sample]
-        logits_index = (offsets + length_t - 1)[sample_rows]  # (S,)
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        last_index: list[int] = []  # packed index of each item's last new token
+        for item in items:
+            seq, start, count = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+            table = seq.block_table
+            input_ids.extend(seq.token_ids[start : start + count])
+            positions.extend(range(start, start + count))
+            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + count))
+            last_index.append(len(positions) - 1)
+        decode = prefill = None
+        if num_decode:
+            context = self._context(items[:num_decode], query_len=1)
+            decode = DecodeGroup(num_decode, context)
+        if num_decode < len(items):
+            prefill = self._prefill_group(items[num_decode:], start=num_decode)
+        sampled = [k for k, item in enumerate(items) if item.sample]
         dev = self.device
         attention = AttentionBatch(
             kv_cache=self.kv_cache,
-            slot_mapping=slot_mapping.to(dev),
-            context_slots=context_slots.to(dev),
-            mask=mask.unsqueeze(1).to(dev),  # (B, 1, Q, C)
-            query_index=None if query_index is None else query_index.to(dev),
-            output_index=None if output_index is None else output_index.to(dev),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
+            decode=decode,
+            prefill=prefill,
+            workspace=self._workspace_for(decode, prefill),
         )
-        requests = [
-            SampleRequest(batch.items[i].seq.sampling, batch.items[i].seq.num_tokens)
-            for i in sample_rows
-        ]
         return ModelInputs(
             input_ids=torch.tensor([input_ids], dtype=torch.long, device=dev),
-            position_ids=positions.unsqueeze(0).to(dev),
+            position_ids=torch.tensor([positions], dtype=torch.long, device=dev),
             attention=attention,
-            logits_index=logits_index.to(dev),
-            sample_requests=requests,
+            logits_index=torch.tensor(
+                [last_index[k] for k in sampled], dtype=torch.long, device=dev
+            ),
+            sample_requests=[
+                SampleRequest(items[k].seq.sampling, items[k].seq.num_tokens) for k in sampled
+            ],
+            sample_items=[order[k] for k in sampled],
         )
+
+    def _prefill_group(self, items: Sequence[ScheduledSeq], start: int) -> PrefillGroup:
+        """Sequences with several new tokens, packed from ``start`` on."""
+        if len(items) == 1 and items[0].seq.num_computed_tokens == 0:
+            return PrefillGroup(start, None, None, None)  # attends its own tokens only
+        lengths = [item.num_new_tokens for item in items]
+        max_q = max(lengths)
+        context = self._context(items, query_len=max_q)
+        if len(items) == 1:
+            return PrefillGroup(start, context, None, None)
+        length_t = torch.tensor(lengths)  # (B,)
+        q_off = torch.arange(max_q)  # (Q,)
+        q_valid = q_off[None, :] < length_t[:, None]  # (B, Q)
+        offsets = torch.cumsum(length_t, 0) - length_t  # (B,) group index of each first token
+        query_index = (offsets[:, None] + q_off[None, :]).masked_fill(~q_valid, 0)  # (B, Q)
+        output_index = (torch.arange(len(items))[:, None] * max_q + q_off[None, :])[q_valid]
+        dev = self.device
+        return PrefillGroup(start, context, query_index.to(dev), output_index.to(dev))
+
+    def _context(self, items: Sequence[ScheduledSeq], query_len: int) -> ContextGather:
+        """Block ids and mask for items whose queries are padded to ``query_len``."""
+        bs = self.kv_cache.block_size
+        starts = [item.seq.num_computed_tokens for item in items]
+        ends = [s + item.num_new_tokens for s, item in zip(starts, items, strict=True)]
+        max_blocks = -(-max(ends) // bs)
+        block_ids: list[int] = []
+        for item in items:
+            table = item.seq.block_table[:max_blocks]
+            block_ids.extend(table)
+            block_ids.extend([0] * (max_blocks - len(table)))
+        dev = self.device
+        context_len = max_blocks * bs
+        mask = None
+        if query_len > 1 or min(ends) < context_len:
+            mask = self._mask(starts, ends, query_len, context_len)
+        return ContextGather(
+            block_ids=torch.tensor(block_ids, dtype=torch.long, device=dev),
+            num_seqs=len(items),
+            blocks_per_seq=max_blocks,
+            mask=mask,
+        )
+
+    def _mask(
+        self, starts: list[int], ends: list[int], query_len: int, context_len: int
+    ) -> torch.Tensor:
+        """``(B, 1, Q, C)`` additive mask: causal over each context, padding hidden."""
+        start_t = torch.tensor(starts)  # (B,)
+        end_t = torch.tensor(ends)  # (B,)
+        ctx_pos = torch.arange(context_len)  # (C,)
+        q_pos = start_t[:, None] + torch.arange(query_len)[None, :]  # (B, Q) absolute positions
+        q_valid = q_pos < end_t[:, None]  # (B, Q)
+        allowed = ctx_pos[None, None, :] <= q_pos[:, :, None]  # (B, Q, C)
+        allowed &= q_valid[:, :, None]
+        allowed[:, :, 0] |= ~q_valid  # padded query rows attend one slot: no all-masked rows
+        mask = torch.zeros(allowed.shape, dtype=self.kv_cache.dtype)
+        mask.masked_fill_(~allowed, float("-inf"))
+        return mask.unsqueeze(1).to(self.device)
+
+    def _workspace_for(
+        self, decode: DecodeGroup | None, prefill: PrefillGroup | None
+    ) -> torch.Tensor:
+        """A scratch tensor large enough for either group's gathered K and V, kept across
+        steps so that it is allocated (and its pages faulted in) only when it grows."""
+        counts = [g.context.block_ids.numel() for g in (decode, prefill) if g and g.context]
+        cache = self.kv_cache
+        needed = 2 * max(counts, default=0) * cache.block_size * cache.num_kv_heads * cache.head_dim
+        if self._workspace.numel() < needed:
+            self._workspace = torch.empty(needed, dtype=cache.dtype, device=self.device)
+        return self._workspace
 
 
 def _is_attention(module: torch.nn.Module) -> bool:

@@ -2,7 +2,8 @@
 
 ``prepare`` never calls the model, so a placeholder stands in for it. The last test feeds the
 metadata to :func:`engine.attention.paged_attention` and compares with plain causal attention
-computed per sequence, which checks that the pieces fit together.
+computed per sequence, which checks that the pieces fit together (``test_attention.py`` does the
+same over many random batches).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def slot(table: list[int], pos: int) -> int:
 # A: a prefill chunk (positions 3..7 of 10, no sample); B: a decode token (position 5);
 # C: a whole short prompt (positions 0..2).
 TABLE_A, TABLE_B, TABLE_C = [7, 2, 9], [4, 11], [5]
+PACKED_ORDER = (1, 0, 2)  # decode tokens first: b, then a and c
 
 
 def mixed_batch() -> ScheduledBatch:
@@ -63,48 +65,64 @@ def prepared() -> tuple[ScheduledBatch, ModelInputs]:
     return batch, make_runner(make_cache()).prepare(batch)
 
 
-def test_input_ids_and_positions(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
+def test_decode_tokens_are_packed_first(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
     batch, inputs = prepared
     a, b, c = (item.seq for item in batch.items)
-    expected = a.token_ids[3:8] + b.token_ids[5:6] + c.token_ids[0:3]
+    expected = b.token_ids[5:6] + a.token_ids[3:8] + c.token_ids[0:3]
     assert inputs.input_ids.tolist() == [expected]
-    assert inputs.position_ids.tolist() == [[3, 4, 5, 6, 7, 5, 0, 1, 2]]
+    assert inputs.position_ids.tolist() == [[5, 3, 4, 5, 6, 7, 0, 1, 2]]
     assert inputs.input_ids.dtype == inputs.position_ids.dtype == torch.long
 
 
 def test_slot_mapping(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
     _, inputs = prepared
-    expected = [slot(TABLE_A, p) for p in range(3, 8)]
-    expected += [slot(TABLE_B, 5)] + [slot(TABLE_C, p) for p in range(3)]
-    assert expected == [31, 8, 9, 10, 11, 45, 20, 21, 22]
+    expected = [slot(TABLE_B, 5)] + [slot(TABLE_A, p) for p in range(3, 8)]
+    expected += [slot(TABLE_C, p) for p in range(3)]
+    assert expected == [45, 31, 8, 9, 10, 11, 20, 21, 22]
     assert inputs.attention.slot_mapping.tolist() == expected
 
 
-def test_context_slots(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
+def test_decode_group(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
     _, inputs = prepared
-    ctx = inputs.attention.context_slots
-    assert ctx.shape == (3, 8)  # B sequences, C = longest context (a: 8 positions)
-    for row, (table, length) in enumerate([(TABLE_A, 8), (TABLE_B, 6), (TABLE_C, 3)]):
-        assert ctx[row, :length].tolist() == [slot(table, p) for p in range(length)]
-    assert int(ctx.max()) < 16 * BS  # padding stays inside the cache
+    decode = inputs.attention.decode
+    assert decode is not None and decode.num_seqs == 1
+    context = decode.context
+    assert (context.num_seqs, context.blocks_per_seq) == (1, 2)  # b: 6 positions in 2 blocks
+    assert context.block_ids.tolist() == TABLE_B
+    assert context.mask is not None and context.mask.shape == (1, 1, 1, 8)
+    assert context.mask[0, 0, 0].tolist() == [0.0] * 6 + [float("-inf")] * 2
 
 
-def test_mask_is_causal_over_each_context(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
+def test_prefill_group_blocks(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
     _, inputs = prepared
-    mask = inputs.attention.mask
-    assert mask.shape == (3, 1, 5, 8) and mask.dtype == torch.bool
-    for row, (start, length) in enumerate([(3, 5), (5, 1), (0, 3)]):
+    prefill = inputs.attention.prefill
+    assert prefill is not None and prefill.start == 1 and prefill.context is not None
+    context = prefill.context
+    assert (context.num_seqs, context.blocks_per_seq) == (2, 2)  # a: 8 positions in 2 blocks
+    assert context.block_ids.tolist() == TABLE_A[:2] + TABLE_C + [0]  # padding -> block 0
+
+
+def test_prefill_mask_is_causal_over_each_context(
+    prepared: tuple[ScheduledBatch, ModelInputs],
+) -> None:
+    _, inputs = prepared
+    assert inputs.attention.prefill is not None and inputs.attention.prefill.context is not None
+    mask = inputs.attention.prefill.context.mask
+    assert mask is not None and mask.shape == (2, 1, 5, 8) and mask.dtype == torch.float32
+    for row, (start, length) in enumerate([(3, 5), (0, 3)]):
         for q in range(5):
-            attended = mask[row, 0, q].nonzero().flatten().tolist()
+            attended = (mask[row, 0, q] == 0).nonzero().flatten().tolist()
             if q < length:
                 assert attended == list(range(start + q + 1)), (row, q)
             else:
                 assert attended == [0], (row, q)  # padding row: one slot, never all-masked
+    assert set(mask.unique().tolist()) == {0.0, float("-inf")}
 
 
 def test_logits_index_and_sample_requests(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
     batch, inputs = prepared
-    assert inputs.logits_index.tolist() == [5, 8]  # b's only token, c's last token
+    assert inputs.logits_index.tolist() == [0, 8]  # b's only token, c's last token
+    assert inputs.sample_items == [1, 2]  # rows of logits -> items of the batch
     _, b, c = (item.seq for item in batch.items)
     assert [(r.params, r.position) for r in inputs.sample_requests] == [
         (b.sampling, 6),
@@ -114,38 +132,61 @@ def test_logits_index_and_sample_requests(prepared: tuple[ScheduledBatch, ModelI
 
 def test_query_and_output_index_round_trip(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
     _, inputs = prepared
-    query_index, output_index = inputs.attention.query_index, inputs.attention.output_index
+    prefill = inputs.attention.prefill
+    assert prefill is not None
+    query_index, output_index = prefill.query_index, prefill.output_index
     assert query_index is not None and output_index is not None
-    assert query_index.shape == (3, 5)
+    assert query_index.shape == (2, 5)
     assert query_index[0].tolist() == [0, 1, 2, 3, 4]
-    assert query_index[1, 0].item() == 5
-    assert query_index[2, :3].tolist() == [6, 7, 8]
-    packed = torch.arange(100, 109)  # (N,)
+    assert query_index[1, :3].tolist() == [5, 6, 7]
+    packed = torch.arange(100, 108)  # (T,) the prefill group's tokens
     padded = packed[query_index]  # (B, Q)
     assert padded.flatten()[output_index].tolist() == packed.tolist()
 
 
-def test_decode_only_batch_needs_no_query_index() -> None:
+def test_decode_only_batch() -> None:
     cache = make_cache()
     seqs = [make_seq("a", 6, 5, [3, 8], 1), make_seq("b", 9, 8, [1, 0, 6], 2)]
     batch = ScheduledBatch(tuple(ScheduledSeq(s, 1, True) for s in seqs))
     inputs = make_runner(cache).prepare(batch)
-    assert inputs.attention.query_index is None and inputs.attention.output_index is None
+    assert inputs.attention.prefill is None
+    decode = inputs.attention.decode
+    assert decode is not None and decode.num_seqs == 2
     assert inputs.position_ids.tolist() == [[5, 8]]
     assert inputs.attention.slot_mapping.tolist() == [8 * BS + 1, 6 * BS + 0]
-    assert inputs.attention.mask.shape == (2, 1, 1, 9)
-    assert inputs.attention.mask[0, 0, 0].tolist() == [True] * 6 + [False] * 3
-    assert inputs.attention.mask[1, 0, 0].all()
+    assert decode.context.block_ids.tolist() == [3, 8, 0, 1, 0, 6]
+    mask = decode.context.mask
+    assert mask is not None and mask.shape == (2, 1, 1, 12)
+    assert (mask[0, 0, 0] == 0).tolist() == [True] * 6 + [False] * 6
+    assert (mask[1, 0, 0] == 0).tolist() == [True] * 9 + [False] * 3
     assert inputs.logits_index.tolist() == [0, 1]
 
 
-def test_single_prefill_sequence() -> None:
+def test_full_blocks_need_no_decode_mask() -> None:
+    seqs = [make_seq("a", 8, 7, [3, 8], 1), make_seq("b", 8, 7, [1, 0], 2)]
+    batch = ScheduledBatch(tuple(ScheduledSeq(s, 1, True) for s in seqs))
+    decode = make_runner(make_cache()).prepare(batch).attention.decode
+    assert decode is not None and decode.context.mask is None
+
+
+def test_single_prefill_sequence_attends_itself() -> None:
     seq = make_seq("a", 5, 0, [2, 3], 1)
     inputs = make_runner(make_cache()).prepare(ScheduledBatch((ScheduledSeq(seq, 5, True),)))
     assert inputs.attention.slot_mapping.tolist() == [8, 9, 10, 11, 12]
     assert inputs.logits_index.tolist() == [4]
-    mask = inputs.attention.mask[0, 0]
-    assert torch.equal(mask, torch.ones(5, 5, dtype=torch.bool).tril())
+    assert inputs.attention.decode is None
+    prefill = inputs.attention.prefill
+    assert prefill is not None and prefill.start == 0
+    assert prefill.context is None and prefill.query_index is None  # no gather, no padding
+
+
+def test_workspace_is_reused_across_steps() -> None:
+    runner = make_runner(make_cache())
+    seqs = [make_seq(f"s{i}", 9, 8, [i, i + 4, i + 8], i) for i in range(3)]
+    big = runner.prepare(ScheduledBatch(tuple(ScheduledSeq(s, 1, True) for s in seqs)))
+    small = runner.prepare(ScheduledBatch((ScheduledSeq(seqs[0], 1, True),)))
+    assert big.attention.workspace.numel() >= 2 * 9 * BS * KVH * D
+    assert small.attention.workspace.data_ptr() == big.attention.workspace.data_ptr()
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int):
@@ -166,9 +207,10 @@ def test_metadata_drives_paged_attention_like_plain_attention() -> None:
     cache = make_cache()
     batch = mixed_batch()
     runner = make_runner(cache)
+    packed = [batch.items[i] for i in PACKED_ORDER]
     # Context already computed: positions [0, num_computed) of each sequence, in its blocks.
     contexts_k, contexts_v = [], []
-    for item in batch.items:
+    for item in packed:
         seq = item.seq
         total = seq.num_computed_tokens + item.num_new_tokens
         k = torch.randn((total, KVH, D), generator=gen)
@@ -181,10 +223,10 @@ def test_metadata_drives_paged_attention_like_plain_attention() -> None:
         contexts_v.append(v)
     inputs = runner.prepare(batch)
     new_k = torch.cat(
-        [k[item.seq.num_computed_tokens :] for k, item in zip(contexts_k, batch.items, strict=True)]
+        [k[item.seq.num_computed_tokens :] for k, item in zip(contexts_k, packed, strict=True)]
     )
     new_v = torch.cat(
-        [v[item.seq.num_computed_tokens :] for v, item in zip(contexts_v, batch.items, strict=True)]
+        [v[item.seq.num_computed_tokens :] for v, item in zip(contexts_v, packed, strict=True)]
     )
     n = new_k.shape[0]
     query = torch.randn((n, H, D), generator=gen)
@@ -200,7 +242,7 @@ def test_metadata_drives_paged_attention_like_plain_attention() -> None:
     )
     assert out.shape == (1, n, H, D)
     offset = 0
-    for item, k, v in zip(batch.items, contexts_k, contexts_v, strict=True):
+    for item, k, v in zip(packed, contexts_k, contexts_v, strict=True):
         start, count = item.seq.num_computed_tokens, item.num_new_tokens
         expected = reference_attention(query[offset : offset + count], k, v, start)
         torch.testing.assert_close(out[0, offset : offset + count], expected)
