@@ -38,7 +38,7 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, requests: Sequence[SampleRequest]) -> list[int]:
         logits = logits.float()
-        tokens = torch.argmax(logits, dim=-1)  # (S,) greedy for every row; random rows overwrite
+        tokens = logits.max(dim=-1).indices  # (S,) greedy for every row; random rows overwrite
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if random_rows:
             out = tokens.tolist()
