@@ -5,10 +5,13 @@
 
 For every (B, C) it gives B sequences a C-token context already in the KV cache (random K and V
 in shuffled blocks, as a long-running pool scatters them), then times the same decode step (one
-new token per sequence) ``--steps`` times and reports the median step, output tokens/s, and where
-the step's time goes: ``prepare`` (batch -> tensors), ``attention`` (the paged attention
-function, all layers), ``model`` (the rest of the forward pass: linear layers, norms, RoPE,
-logits) and ``sample``. ``--profile`` also prints torch.profiler's top operators for one shape.
+new token per sequence) ``--steps`` times and reports the median step (wall time, and the
+process's CPU time, which moves less on a shared machine), output tokens/s, and where the step's
+time goes, as mean ms per step: ``prepare`` (batch -> tensors), ``attention`` (the paged
+attention function, all layers), ``model`` (the rest of the forward pass: linear layers, norms,
+RoPE, logits) and ``sample``. ``--profile`` also prints torch.profiler's top operators.
+``--prompt-len 1024`` adds a new 1,024-token prompt to every step: what decoding streams' ITL
+costs while a long prompt arrives (colocated serving).
 """
 
 from __future__ import annotations
@@ -80,17 +83,26 @@ def instrument(runner: ModelRunner, timers: Timers) -> None:
     AttentionInterface.register(attention.ATTENTION_NAME, timed_attention)
 
 
-def decode_batch(num_seqs: int, context: int, cache: KVCache, seed: int) -> ScheduledBatch:
-    """B sequences whose first ``context`` tokens are computed, each about to decode one more."""
+def decode_batch(
+    num_seqs: int, context: int, cache: KVCache, seed: int, prompt_len: int = 0
+) -> ScheduledBatch:
+    """B sequences whose first ``context`` tokens are computed, each about to decode one more;
+    with ``prompt_len``, also a new prompt of that many tokens computed whole in the same step."""
     blocks_each = -(-(context + 1) // BLOCK_SIZE)
     order = torch.randperm(cache.num_blocks, generator=torch.Generator().manual_seed(seed))
+    greedy = SamplingParams(max_tokens=10**6, temperature=0)
     items = []
     for i in range(num_seqs):
         tokens = [(i * 7919 + p) % 40000 + 3 for p in range(context + 1)]
-        seq = Sequence(f"s{i}", tokens, context, SamplingParams(max_tokens=10**6, temperature=0))
+        seq = Sequence(f"s{i}", tokens, context, greedy)
         seq.block_table = order[i * blocks_each : (i + 1) * blocks_each].tolist()
         seq.num_computed_tokens = context
         items.append(ScheduledSeq(seq, 1, True))
+    if prompt_len:
+        prompt = Sequence("prompt", [(p * 31) % 40000 + 3 for p in range(prompt_len)], 0, greedy)
+        first = num_seqs * blocks_each
+        prompt.block_table = order[first : first + -(-prompt_len // BLOCK_SIZE)].tolist()
+        items.append(ScheduledSeq(prompt, prompt_len, True))
     return ScheduledBatch(tuple(items))
 
 
@@ -100,19 +112,21 @@ def measure(
     for _ in range(warmup):
         runner.execute(batch)
     timers.reset()
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with timers.part("step"):
             runner.execute(batch)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     parts = {name: 1000 * total / steps for name, total in timers.total.items()}
     step_ms = 1000 * statistics.median(times)
-    num_seqs = len(batch.items)
+    num_seqs = sum(1 for item in batch.items if item.num_new_tokens == 1)  # decoding sequences
     return {
         "batch": num_seqs,
         "context": batch.items[0].seq.num_computed_tokens,
         "step_ms": step_ms,
+        "cpu_ms": 1000 * statistics.median(cpu_times),
         "tok_s": num_seqs / (step_ms / 1000),
         "prepare_ms": parts.get("prepare", 0.0),
         "attention_ms": parts.get("attention", 0.0),
@@ -139,6 +153,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--prompt-len",
+        type=int,
+        default=0,
+        help="also compute a new prompt of this many tokens in every step (a long prompt "
+        "arriving while B sequences decode)",
+    )
     parser.add_argument("--model", default=ModelConfig().model)
     parser.add_argument("--dtype", choices=[d.value for d in DType], default="float32")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table per shape")
@@ -150,7 +171,7 @@ def main() -> None:
     model.set_attn_implementation(register_paged_attention())  # type: ignore[operator]
     weights = next(model.parameters())
     longest = max(args.context) + 1
-    num_blocks = max(args.batch) * -(-longest // BLOCK_SIZE) + 1
+    num_blocks = max(args.batch) * -(-longest // BLOCK_SIZE) + -(-args.prompt_len // BLOCK_SIZE)
     cache = KVCache(
         spec.num_layers,
         num_blocks,
@@ -166,16 +187,22 @@ def main() -> None:
     instrument(runner, timers)
 
     rows = []
-    header = f"{'B':>3} {'C':>5} {'step ms':>8} {'tok/s':>7} {'prepare':>8} {'attn':>7}"
+    header = (
+        f"{'B':>3} {'C':>5} {'step ms':>8} {'cpu ms':>7} {'tok/s':>7} {'prepare':>8} {'attn':>7}"
+    )
     header += f" {'model':>7} {'sample':>7}"
-    print(f"threads={args.threads} dtype={args.dtype} steps={args.steps} (ms per step)")
+    print(
+        f"threads={args.threads} dtype={args.dtype} steps={args.steps} "
+        f"prompt_len={args.prompt_len} (ms per step)"
+    )
     print(header)
     for context, num_seqs in itertools.product(args.context, args.batch):
-        batch = decode_batch(num_seqs, context, cache, seed=context)
+        batch = decode_batch(num_seqs, context, cache, seed=context, prompt_len=args.prompt_len)
         row = measure(runner, timers, batch, args.steps, args.warmup)
         rows.append(row)
         print(
-            f"{num_seqs:>3} {context:>5} {row['step_ms']:>8.1f} {row['tok_s']:>7.1f}"
+            f"{num_seqs:>3} {context:>5} {row['step_ms']:>8.1f} {row['cpu_ms']:>7.1f}"
+            f" {row['tok_s']:>7.1f}"
             f" {row['prepare_ms']:>8.2f} {row['attention_ms']:>7.1f} {row['model_ms']:>7.1f}"
             f" {row['sample_ms']:>7.2f}",
             flush=True,
