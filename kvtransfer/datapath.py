@@ -2,11 +2,14 @@
 
 - ``zmq``: the payload is the second frame of the PAGE message (zero-copy on both ends; the
   receiver copies it from ZeroMQ's message into the reserved blocks).
-- ``stream``: the payload follows its PAGE header on a plain stream socket (tcp, or a unix
-  socket when the control endpoint is ipc) made for this one pair of workers at the handshake,
-  and the receiver reads it straight into the reserved blocks of the KV pool: the kernel's copy
-  is the only one on the receiving side (with ZeroMQ, libzmq owns the receive buffer and a
-  second copy into the pool cannot be avoided).
+- ``stream``: after the handshake (on ZeroMQ), a transfer's frames (PAGE with its payload,
+  DONE, ABORT) go as records on a plain stream socket (tcp, or a unix socket when the control
+  endpoint is ipc) made for this one pair of workers, and the receiver reads each payload
+  straight into the reserved blocks of the KV pool: the kernel's copy is the only one on the
+  receiving side (with ZeroMQ, libzmq owns the receive buffer and a second copy into the pool
+  cannot be avoided), and no ZeroMQ I/O thread hand-off is paid per page. Acks return on
+  ZeroMQ. A record is ``header_len u32 | 0 u32 | payload_len u64 | header frame | payload``:
+  self-delimiting, so a refused frame is skipped without losing step.
 - ``gloo`` / ``nccl``: the payload goes out of band over a torch.distributed process group
   made for this one pair of workers on demand: the decode worker hosts a ``TCPStore`` and names a
   fresh key prefix in its WELCOME, both ends build a two-rank group on it. No global world, no
@@ -25,7 +28,9 @@ import datetime
 import enum
 import hmac
 import os
+import select
 import socket
+import struct
 import threading
 import time
 from concurrent.futures import Future
@@ -51,7 +56,10 @@ class Backend(enum.Enum):
 PairGroup: TypeAlias = Any
 PAYLOAD_TAG = 0  # pages of one pair arrive in order; gloo/nccl match sends and recvs per tag
 TOKEN_BYTES = 16
-STREAM_BUFFER_BYTES = 4 << 20  # socket buffers: a layer's pages in one or two reads
+RECORD = struct.Struct("<IIQ")  # header bytes, reserved (0), payload bytes
+MAX_RECORD_HEADER_BYTES = 1 << 24  # far above any PAGE header (4 bytes per block id)
+MAX_RECORD_PAYLOAD_BYTES = 1 << 36
+STREAM_BUFFER_BYTES = 4 << 20  # unix socket buffers (capped by net.core.[rw]mem_max)
 _RECV_SLICE_S = 0.2  # a direct read wakes this often (so a cancel never waits longer)
 
 
@@ -96,13 +104,18 @@ class GroupLink(PairLink):
 
 
 class StreamLink(PairLink):
-    """A connected stream socket. Reads wake every ``_RECV_SLICE_S`` so the receiver can
-    notice a cancel between reads; a read that makes no progress for ``timeout_s`` fails."""
+    """A connected stream socket in blocking mode with kernel timeouts: a read waits for its
+    whole buffer (``MSG_WAITALL``: one system call per region of pool memory) but returns
+    after ``_RECV_SLICE_S`` with what it has, so the receiver can notice a cancel between
+    reads; a read that makes no progress for ``timeout_s`` fails, and so does a send."""
 
     def __init__(self, sock: socket.socket, timeout_s: float) -> None:
         self.sock = sock
         self.timeout_s = timeout_s
         self._scratch = bytearray(1 << 20)
+        sock.settimeout(None)  # blocking: Python's own timeouts poll before every call
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(_RECV_SLICE_S))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout_s))
 
     def send(self, tensor: torch.Tensor) -> None:
         if tensor.device.type != "cpu":
@@ -111,6 +124,49 @@ class StreamLink(PairLink):
             self.sock.sendall(tensor_bytes(tensor))
         except OSError as exc:  # incl. timeouts: a receiver that stopped reading
             raise PairLinkError(f"payload stream: {exc}") from exc
+
+    def send_record(self, header: bytes, payload: memoryview | None = None) -> None:
+        """One record (a frame and its payload) in one ``sendmsg`` where the kernel takes it."""
+        size = 0 if payload is None else payload.nbytes
+        parts = [memoryview(RECORD.pack(len(header), 0, size) + header)]
+        if payload is not None and size:
+            parts.append(payload.cast("B") if payload.format != "B" else payload)
+        try:
+            while parts:
+                sent = self.sock.sendmsg(parts)
+                while sent:
+                    if sent >= len(parts[0]):
+                        sent -= len(parts.pop(0))
+                    else:
+                        parts[0], sent = parts[0][sent:], 0
+        except OSError as exc:  # incl. timeouts: a receiver that stopped reading
+            raise PairLinkError(f"payload stream: {exc}") from exc
+
+    def read_record(self) -> tuple[bytes, int]:
+        """The next record's header frame and its payload size (the payload is still to be
+        read). :class:`PairLinkError` if the stream breaks or the record is unreadable."""
+        prefix = bytearray(RECORD.size)
+        self.read_into(memoryview(prefix))
+        header_len, reserved, payload_len = RECORD.unpack(prefix)
+        if (
+            reserved
+            or header_len > MAX_RECORD_HEADER_BYTES
+            or payload_len > MAX_RECORD_PAYLOAD_BYTES
+        ):
+            raise PairLinkError("payload stream: unreadable record (lost step with the sender)")
+        header = bytearray(header_len)
+        self.read_into(memoryview(header))
+        return bytes(header), payload_len
+
+    def readable(self) -> bool:
+        """Whether a read would find data now (or the end of the stream)."""
+        ready, _, _ = select.select([self.sock], [], [], 0)
+        return bool(ready)
+
+    def read_bytes(self, nbytes: int) -> memoryview:
+        buffer = bytearray(nbytes)
+        self.read_into(memoryview(buffer))
+        return memoryview(buffer)
 
     def receive(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -122,8 +178,8 @@ class StreamLink(PairLink):
     def read_some(self, view: memoryview) -> int:
         """Read what is there into ``view`` (at most one wake-up slice); 0 when nothing came."""
         try:
-            count = self.sock.recv_into(view)
-        except TimeoutError:
+            count = self.sock.recv_into(view, 0, socket.MSG_WAITALL)
+        except (BlockingIOError, TimeoutError):  # the slice ran out with nothing read
             return 0
         except OSError as exc:
             raise PairLinkError(f"payload stream: {exc}") from exc
@@ -242,7 +298,6 @@ class StreamHost(PairHost):
         finally:
             with self._lock:
                 self._waiting.pop(token, None)
-        sock.settimeout(_RECV_SLICE_S)
         return StreamLink(sock, self.timeout_s)
 
     def close(self) -> None:
@@ -337,10 +392,16 @@ def _join_stream(offer: dict[str, object], timeout_s: float) -> StreamLink:
 
 
 def _tune(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER_BYTES)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STREAM_BUFFER_BYTES)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
+    if sock.family in (socket.AF_INET, socket.AF_INET6):  # TCP autotunes its buffers
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    else:  # a unix socket keeps the default (~200 KB) unless told
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER_BYTES)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STREAM_BUFFER_BYTES)
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
 def _read_exactly(sock: socket.socket, nbytes: int) -> bytes:

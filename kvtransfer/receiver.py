@@ -1,28 +1,27 @@
-"""Decode side of the KV channel: a ZeroMQ ROUTER that writes pages into reserved blocks.
+"""Decode side of the KV channel: a ZeroMQ ROUTER (and, for the stream backend, one stream
+socket per peer) whose frames write pages into reserved blocks.
 
 Per peer: ``unknown -> handshaken`` (a HELLO whose fingerprint matches and, with a key, whose
 MAC verifies). Per transfer: ``expected (lease running) -> receiving -> ready | failed`` (bad
 frame, abort, lease expired, cancelled). Only handshaken peers may write, and only into blocks
 of a transfer this worker currently expects: :meth:`KVReceiver.cancel` removes the expectation
-under the lock the writer holds, so once it returns no frame can touch those blocks again; late
-or duplicate frames for finished transfers are dropped and counted.
+under the lock writers hold (or wait on, see ``kvtransfer.reservations``), so once it returns no
+frame can touch those blocks again; late or duplicate frames for finished transfers are dropped
+and counted. What each frame does to the pool is ``kvtransfer.page_writer``'s business.
 
-With the stream backend a page's payload is read from the pair's socket straight into the
-reserved blocks, outside the lock (a page read must not hold up :meth:`expect` or other
-transfers' cancels): the reader re-checks under the lock before every read that the transfer
-is still expected, and :meth:`KVReceiver.cancel` waits for a read already into its blocks to
-return (at most one short read slice). A page whose tag then fails to verify has written its own
-transfer's blocks only, and fails that transfer: its bytes never reach attention.
+Where frames arrive, by backend: ``zmq``, every frame (payload in the PAGE message) on the
+ROUTER; ``gloo``/``nccl``, frames on the ROUTER and page payloads on the pair group; ``stream``,
+the handshake on the ROUTER, then the transfer's frames as records on the pair's stream socket,
+payloads read in place. Acks always go back on the ROUTER.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 import torch
@@ -40,6 +39,8 @@ from kvtransfer.datapath import (
 )
 from kvtransfer.handshake import Fingerprint, IncompatiblePeerError, check_match
 from kvtransfer.metrics import TransferStats
+from kvtransfer.page_writer import Outcome, PageWriter, UnknownTransferError
+from kvtransfer.reservations import Reservations
 
 log = structlog.get_logger(__name__)
 
@@ -47,24 +48,14 @@ ReadyCallback = Callable[[str, int], None]  # (request_id, first_token_id)
 FailedCallback = Callable[[str, str], None]  # (request_id, reason)
 
 _POLL_MS = 50
+_ADOPT_POLL_MS = 2  # while a peer's stream is being accepted: pick it up quickly
 _RCVHWM = 64  # messages queued per peer before senders block: bounds bytes in flight
+_RECORDS_PER_WAKE = 64  # records read from one stream before looking at the others again
 
 
-@dataclass
-class _Expected:
-    request_id: str
-    block_ids: frozenset[int]
-    deadline: float
-    started: float | None = None
-    written: dict[int, set[int]] = field(default_factory=dict)  # layer -> blocks written
-
-    def complete(self, num_layers: int) -> bool:
-        """Every reserved block has been written for every layer."""
-        return all(self.written.get(layer, set()) >= self.block_ids for layer in range(num_layers))
-
-
-@dataclass
+@dataclass(eq=False)
 class _Peer:
+    identity: bytes  # its ZeroMQ routing id: where acks go
     fingerprint: Fingerprint
     link: PairLink | None = None  # out-of-band backends only
     pending_link: Future[PairLink] | None = None  # while the rendezvous runs
@@ -99,16 +90,17 @@ class KVReceiver:
         """Payloads are read straight into reserved blocks (which a refused page may then
         have scribbled on: reserved blocks count only once a verified page marks them)."""
         self._rendezvous = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-rendezvous")
-        self._expected: dict[bytes, _Expected] = {}
-        self._peers: dict[bytes, _Peer] = {}
-        self._lock = threading.Condition()
-        self._writing: bytes | None = None  # transfer whose blocks a direct read is filling
+        self._reservations = Reservations()
+        self.stats = TransferStats(self.backend.value)
+        self._writer = PageWriter(kv_cache, self._reservations, auth, self.stats)
+        self._peers: dict[bytes, _Peer] = {}  # by ZeroMQ identity
+        self._streams: dict[int, _Peer] = {}  # by stream socket fd (stream backend)
+        self._poller = zmq.Poller()
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock: zmq.Socket[bytes] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.endpoint = bind_endpoint
-        self.stats = TransferStats(self.backend.value)
 
     def start(self) -> str:
         """Bind and start the receiving thread; returns the bound endpoint (port resolved)."""
@@ -137,63 +129,67 @@ class KVReceiver:
             if peer.link is not None:
                 peer.link.close()
         self._peers.clear()
+        self._streams.clear()
         self._pairs.close()
 
     def expect(
         self, transfer_id: bytes, request_id: str, block_ids: list[int], lease_s: float
     ) -> None:
         """Accept pages for ``transfer_id`` into ``block_ids`` until the lease runs out."""
-        with self._lock:
-            self._expected[transfer_id] = _Expected(
-                request_id, frozenset(block_ids), time.monotonic() + lease_s
-            )
+        self._reservations.expect(transfer_id, request_id, block_ids, lease_s)
 
     def cancel(self, transfer_id: bytes) -> bool:
         """Stop accepting pages for a transfer. After this returns no frame writes its blocks."""
-        with self._lock:
-            found = self._expected.pop(transfer_id, None) is not None
-            while self._writing == transfer_id:  # a direct read into its blocks: one slice
-                self._lock.wait()
-            return found
+        return self._reservations.cancel(transfer_id)
 
     def pending(self) -> int:
-        with self._lock:
-            return len(self._expected)
+        return self._reservations.pending()
 
     # -- receiving thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
         assert self._sock is not None
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._sock, zmq.POLLIN)
         while not self._stop.is_set():
-            if poller.poll(_POLL_MS):
-                for _ in range(256):  # drain a burst, then check leases
-                    try:
-                        frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    try:
-                        self._handle(frames[0].bytes, frames[1:])
-                    except Exception:  # one bad peer must not stop the channel
-                        log.exception("kv_frame_error")
-                        self.stats.drop("internal_error")
+            adopting = self._adopt_streams()
+            events = self._poller.poll(_ADOPT_POLL_MS if adopting else _POLL_MS)
+            for source, _ in events:
+                if source is self._sock:
+                    self._drain_router()
+                else:
+                    peer = self._streams.get(int(source))
+                    if peer is not None:
+                        self._drain_stream(peer)
             self._expire_leases()
         self._sock.close(linger=0)
 
-    def _handle(self, peer: bytes, frames: list[zmq.Frame]) -> None:
+    def _drain_router(self) -> None:
+        assert self._sock is not None
+        for _ in range(256):  # drain a burst, then look at the streams and leases
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._handle(frames[0].bytes, frames[1:])
+            except Exception:  # one bad peer must not stop the channel
+                log.exception("kv_frame_error")
+                self.stats.drop("internal_error")
+
+    def _handle(self, identity: bytes, frames: list[zmq.Frame]) -> None:
+        """A message on the ROUTER."""
         if not frames:
             self.stats.drop("empty")
             return
         payload = frames[1].buffer if len(frames) == 2 else None
-        known = self._peers.get(peer)
+        known = self._peers.get(identity)
         try:
             header = wire.decode(frames[0].buffer, self._auth, payload)
         except wire.MalformedFrameError as exc:
             self._drop_bad_frame(known, frames[0].buffer, exc)
             return
         if isinstance(header, wire.HandshakeHeader):
-            self._handshake(peer, header)
+            self._handshake(identity, header)
             return
         if known is None:
             # an out-of-band header cannot be authenticated without its payload: from a
@@ -201,55 +197,142 @@ class KVReceiver:
             oob = isinstance(header, wire.PageHeader) and header.out_of_band
             self.stats.drop("unauthenticated" if oob and self._auth.key else "no_handshake")
             if isinstance(header, wire.DoneHeader):
-                self._ack(peer, header.transfer_id, wire.AckStatus.FAILED, "handshake required")
+                self._ack(identity, header.transfer_id, wire.AckStatus.FAILED, "handshake required")
             return
         data: torch.Tensor | memoryview | None = payload
-        if isinstance(header, wire.PageHeader) and header.out_of_band != self.backend.out_of_band:
-            self.stats.drop("malformed")  # the payload is not where this backend carries it
-            return
-        if isinstance(header, wire.PageHeader) and header.out_of_band:
-            if self.writes_in_place and self._receive_direct(known, header, frames[0].buffer):
+        if isinstance(header, wire.PageHeader):
+            if header.out_of_band != self.backend.out_of_band or self.backend is Backend.STREAM:
+                self.stats.drop("malformed")  # the payload is not where this backend carries it
                 return
-            data = self._receive_out_of_band(known, header, frames[0].buffer)
-            if data is None:
-                return
-        tid = header.transfer_id
-        with self._lock:
-            expected = self._expected.get(tid)
-            outcome = None if expected is None else self._apply(tid, expected, header, data)
-        if expected is None:
+            if header.out_of_band:
+                data = self._receive_from_group(known, header, frames[0].buffer)
+                if data is None:
+                    return
+        self._apply(known, header, data)
+
+    def _apply(
+        self, peer: _Peer, header: wire.Header, payload: torch.Tensor | memoryview | None
+    ) -> None:
+        """Apply an authenticated frame from a handshaken peer and report what it ended."""
+        try:
+            outcome = self._writer.apply(header, payload)
+        except UnknownTransferError:
             self.stats.drop("unknown_transfer")  # late, duplicate, expired or cancelled
             if isinstance(header, wire.DoneHeader):  # tell the sender now, not at its timeout
-                self._ack(peer, tid, wire.AckStatus.FAILED, "unknown, finished or expired transfer")
+                self._ack(
+                    peer.identity,
+                    header.transfer_id,
+                    wire.AckStatus.FAILED,
+                    "unknown, finished or expired transfer",
+                )
             return
         if outcome is not None:
-            self._conclude(peer, tid, expected, outcome)
+            self._conclude(peer.identity, header.transfer_id, outcome)
 
-    def _conclude(
-        self, peer: bytes, tid: bytes, expected: _Expected, outcome: tuple[str, bool, str]
-    ) -> None:
-        """Report a transfer that just ended (already removed from the expected ones):
-        ``outcome`` is ``(request_id, ok, first token id or failure reason)``."""
-        request_id, ok, message = outcome
-        if ok:
-            self.stats.completed(time.monotonic() - (expected.started or time.monotonic()))
-            self._ack(peer, tid, wire.AckStatus.OK, "")
-            self._on_ready(request_id, int(message))
+    def _conclude(self, identity: bytes, tid: bytes, outcome: Outcome) -> None:
+        """Report a transfer that just ended (it is no longer expected)."""
+        reservation = outcome.reservation
+        if outcome.ok:
+            self.stats.completed(time.monotonic() - (reservation.started or time.monotonic()))
+            self._ack(identity, tid, wire.AckStatus.OK, "")
+            self._on_ready(reservation.request_id, int(outcome.message))
         else:
-            self.stats.fail(failure_label(message))
-            log.warning("kv_transfer_failed", request_id=request_id, reason=message)
-            self._ack(peer, tid, wire.AckStatus.FAILED, message)
-            self._on_failed(request_id, f"KV transfer failed: {message}")
+            self.stats.fail(failure_label(outcome.message))
+            log.warning(
+                "kv_transfer_failed", request_id=reservation.request_id, reason=outcome.message
+            )
+            self._ack(identity, tid, wire.AckStatus.FAILED, outcome.message)
+            self._on_failed(reservation.request_id, f"KV transfer failed: {outcome.message}")
+
+    # -- the stream backend: records on each peer's stream socket ---------------------------
+
+    def _adopt_streams(self) -> bool:
+        """Start polling the streams whose peers have connected; True while one is awaited."""
+        if self.backend is not Backend.STREAM:
+            return False
+        waiting = False
+        for peer in list(self._peers.values()):
+            future = peer.pending_link
+            if future is None:
+                continue
+            if not future.done():
+                waiting = True
+                continue
+            link = self._link_of(peer)
+            if isinstance(link, StreamLink):
+                self._streams[link.sock.fileno()] = peer
+                self._poller.register(link.sock.fileno(), zmq.POLLIN)
+        return waiting
+
+    def _drain_stream(self, peer: _Peer) -> None:
+        link = peer.link
+        assert isinstance(link, StreamLink)
+        for _ in range(_RECORDS_PER_WAKE):
+            try:
+                self._read_record(peer, link)
+            except PairLinkError as exc:
+                self._forget(peer, str(exc))
+                return
+            except Exception:  # one bad peer must not stop the channel
+                log.exception("kv_frame_error")
+                self.stats.drop("internal_error")
+                self._forget(peer, "internal error while reading its stream")
+                return
+            if not link.readable():
+                return
+
+    def _read_record(self, peer: _Peer, link: StreamLink) -> None:
+        frame, payload_len = link.read_record()
+        try:
+            header = wire.decode(frame, self._auth)  # a PAGE's tag is checked with its payload
+        except wire.MalformedFrameError as exc:
+            self._count_bad_frame(exc)
+            link.discard(payload_len)
+            return
+        if isinstance(header, wire.HandshakeHeader):
+            self.stats.drop("unexpected_handshake")
+            link.discard(payload_len)
+            return
+        if not isinstance(header, wire.PageHeader):
+            if payload_len:
+                self.stats.drop("malformed")  # DONE, ABORT, ACK carry no payload
+                link.discard(payload_len)
+                return
+            self._apply(peer, header, None)
+            return
+        if not header.out_of_band:
+            self.stats.drop("malformed")  # pages on a stream say so
+            link.discard(payload_len)
+            return
+        if self._writer.write_in_place(link, header, frame, payload_len):
+            return
+        payload = link.read_bytes(payload_len)  # cannot land in place: read aside, then judge
+        try:
+            wire.verify_out_of_band(frame, self._auth, payload)
+        except wire.MalformedFrameError as exc:
+            self._count_bad_frame(exc)
+            return
+        self._apply(peer, header, payload)
+
+    # -- peers ------------------------------------------------------------------------------
+
+    def _count_bad_frame(self, exc: wire.MalformedFrameError) -> None:
+        unauthenticated = isinstance(exc, wire.UnauthenticatedFrameError)
+        self.stats.drop("unauthenticated" if unauthenticated else "malformed")
+        log.warning("kv_frame_dropped", reason=str(exc))
 
     def _drop_bad_frame(
         self, known: _Peer | None, frame: memoryview, exc: wire.MalformedFrameError
     ) -> None:
-        """Count a frame that failed decoding; for an out-of-band PAGE from a handshaken peer,
-        still take its payload off the pair group so the sender is not left blocked."""
-        unauthenticated = isinstance(exc, wire.UnauthenticatedFrameError)
-        self.stats.drop("unauthenticated" if unauthenticated else "malformed")
-        log.warning("kv_frame_dropped", reason=str(exc))
-        if known is None or not self.backend.out_of_band or not wire.is_out_of_band_page(frame):
+        """Count a ROUTER frame that failed decoding; for an out-of-band PAGE from a
+        handshaken peer of a pair-group backend, still take its payload off the group so the
+        sender is not left blocked."""
+        self._count_bad_frame(exc)
+        if (
+            known is None
+            or self.backend not in (Backend.GLOO, Backend.NCCL)
+            or not wire.is_out_of_band_page(frame)
+        ):
             return
         nbytes = wire.out_of_band_payload_size(frame)
         link = self._link_of(known)
@@ -264,10 +347,13 @@ class KVReceiver:
             self._forget(known, str(exc))
 
     def _forget(self, state: _Peer, reason: str) -> None:
-        for identity, peer in list(self._peers.items()):
-            if peer is state:
-                del self._peers[identity]
+        if self._peers.get(state.identity) is state:
+            del self._peers[state.identity]
         if state.link is not None:
+            if isinstance(state.link, StreamLink):
+                fd = state.link.sock.fileno()
+                if self._streams.pop(fd, None) is not None:
+                    self._poller.unregister(fd)
             state.link.close()
         log.warning("kv_peer_reset", reason=reason)
 
@@ -280,7 +366,7 @@ class KVReceiver:
             peer.pending_link = None
         return peer.link
 
-    def _handshake(self, peer: bytes, hello: wire.HandshakeHeader) -> None:
+    def _handshake(self, identity: bytes, hello: wire.HandshakeHeader) -> None:
         if hello.kind is not wire.FrameKind.HELLO:
             self.stats.drop("unexpected_handshake")
             return
@@ -290,118 +376,34 @@ class KVReceiver:
         except IncompatiblePeerError as exc:
             log.warning("kv_peer_refused", reason=str(exc))
             self.stats.fail("incompatible_peer")
-            self._send(
-                peer,
-                wire.HandshakeHeader(
-                    hello.transfer_id, wire.FrameKind.REFUSE, {"reason": str(exc)}
-                ),
+            refuse = wire.HandshakeHeader(
+                hello.transfer_id, wire.FrameKind.REFUSE, {"reason": str(exc)}
             )
+            self._send(identity, refuse)
             return
+        previous = self._peers.get(identity)
+        if previous is not None:  # a re-handshake replaces the old pair link
+            self._forget(previous, "handshake again")
         fields: dict[str, object] = {"fingerprint": self.fingerprint.to_fields()}
         offer = self._pairs.offer() if self.backend.out_of_band else None
         if offer is not None:
             fields["rendezvous"] = offer
-        self._send(peer, wire.HandshakeHeader(hello.transfer_id, wire.FrameKind.WELCOME, fields))
-        state = _Peer(theirs)
+        self._send(
+            identity, wire.HandshakeHeader(hello.transfer_id, wire.FrameKind.WELCOME, fields)
+        )
+        state = _Peer(identity, theirs)
         if offer is not None:  # joined off this thread: a peer that never joins stalls nobody
             state.pending_link = self._rendezvous.submit(self._pairs.accept, offer)
-        self._peers[peer] = state
+        self._peers[identity] = state
         log.info("kv_peer_accepted", backend=self.backend.value)
 
-    def _receive_direct(self, known: _Peer, header: wire.PageHeader, frame: memoryview) -> bool:
-        """Stream backend: read the payload that follows this header straight into its
-        transfer's reserved blocks, then verify it together with the header. A page that does
-        not verify is dropped and its blocks are marked unwritten again (the transfer cannot
-        finish unless a good copy follows). Returns False, having read nothing, when the page
-        cannot land (unknown transfer, a page outside its reservation): the general path then
-        takes it, verifies it and reports it."""
-        link = self._link_of(known)
-        if not isinstance(link, StreamLink):
-            return False
-        tid = header.transfer_id
-        with self._lock:
-            expected = self._expected.get(tid)
-            if expected is None:
-                return False
-            try:
-                self._check_page(expected, header)
-            except wire.MalformedFrameError:
-                return False
-            if expected.started is None:
-                expected.started = time.monotonic()
-        regions = self._kv.page_regions(header.block_ids, header.layers)
-        try:
-            landed = self._read_direct(link, tid, expected, regions, header.payload_nbytes)
-        except PairLinkError as exc:  # part of a page may lie in its blocks, unmarked
-            self._forget(known, str(exc))
-            return True
-        if not landed:
-            self.stats.drop("unknown_transfer")  # cancelled or expired while reading
-            return True
-        try:
-            wire.verify_out_of_band(frame, self._auth, [tensor_bytes(r) for r in regions])
-            verified = True
-        except wire.MalformedFrameError as exc:
-            unauthenticated = isinstance(exc, wire.UnauthenticatedFrameError)
-            self.stats.drop("unauthenticated" if unauthenticated else "malformed")
-            verified = False
-        with self._lock:
-            if self._expected.get(tid) is not expected:
-                self.stats.drop("unknown_transfer")
-            elif verified:
-                self._mark_written(expected, header)
-            else:
-                for layer in range(header.layer_start, header.layer_end):
-                    expected.written.get(layer, set()).difference_update(header.block_ids)
-        return True
-
-    def _read_direct(
-        self,
-        link: StreamLink,
-        tid: bytes,
-        expected: _Expected | None,
-        regions: list[torch.Tensor],
-        nbytes: int,
-    ) -> bool:
-        """Fill ``regions`` (pool memory of ``expected``'s blocks) from the link, one read
-        slice at a time, checking before each read that the transfer still owns them; once it
-        does not (cancelled, expired), the rest of the payload is discarded. Without regions
-        the whole payload is discarded. Returns whether every byte landed."""
-        left = nbytes
-        for region in regions:
-            view = tensor_bytes(region)
-            filled, last = 0, time.monotonic()
-            while filled < len(view):
-                with self._lock:
-                    owned = self._expected.get(tid) is expected
-                    if owned:
-                        self._writing = tid
-                if not owned:
-                    link.discard(left)
-                    return False
-                try:
-                    count = link.read_some(view[filled:])
-                finally:
-                    with self._lock:
-                        self._writing = None
-                        self._lock.notify_all()
-                filled += count
-                left -= count
-                now = time.monotonic()
-                if count:
-                    last = now
-                elif now - last > link.timeout_s:
-                    raise PairLinkError(f"payload stream: no data for {link.timeout_s:.0f}s")
-        if left:
-            link.discard(left)
-        return left == 0 and bool(regions)
-
-    def _receive_out_of_band(
+    def _receive_from_group(
         self, peer: _Peer, header: wire.PageHeader, frame: memoryview
     ) -> torch.Tensor | None:
-        """Take the payload that follows an out-of-band PAGE header (always, to stay in step
-        with the sender), then authenticate it together with the header. A payload received
-        on a GPU is authenticated by its header alone: hashing it would cost a device copy."""
+        """Take the payload that follows an out-of-band PAGE header off the pair group
+        (always, to stay in step with the sender), then authenticate it together with the
+        header. A payload received on a GPU is authenticated by its header alone: hashing it
+        would cost a device copy."""
         link = self._link_of(peer)
         if link is None:
             self.stats.drop("no_pair_group")
@@ -415,100 +417,27 @@ class KVReceiver:
         try:
             wire.verify_out_of_band(frame, self._auth, data)
         except wire.MalformedFrameError as exc:
-            unauthenticated = isinstance(exc, wire.UnauthenticatedFrameError)
-            self.stats.drop("unauthenticated" if unauthenticated else "malformed")
+            self._count_bad_frame(exc)
             return None
         return pages
 
-    def _apply(
-        self,
-        tid: bytes,
-        expected: _Expected,
-        header: wire.Header,
-        payload: torch.Tensor | memoryview | None,
-    ) -> tuple[str, bool, str] | None:
-        """Apply one frame of an expected transfer (lock held); returns its outcome when it
-        ends the transfer: ``(request_id, ok, first token id or failure reason)``."""
-        if expected.started is None:
-            expected.started = time.monotonic()
-        try:
-            if isinstance(header, wire.PageHeader):
-                if payload is None:
-                    raise wire.MalformedFrameError("size: PAGE without its payload")
-                self._write_page(expected, header, payload)
-                return None
-            if isinstance(header, wire.DoneHeader):
-                if header.num_layers != self._kv.num_layers:
-                    raise wire.MalformedFrameError(
-                        f"layers: DONE for {header.num_layers}, receiver has {self._kv.num_layers}"
-                    )
-                if not expected.complete(self._kv.num_layers):
-                    raise wire.MalformedFrameError(
-                        "incomplete: DONE with layers missing (a reserved block has not arrived)"
-                    )
-                del self._expected[tid]
-                return (expected.request_id, True, str(header.first_token_id))
-            if isinstance(header, wire.AbortHeader):
-                raise wire.MalformedFrameError(f"aborted: sender aborted: {header.reason}")
-            raise wire.MalformedFrameError("unexpected: ACK on the receiving side")
-        except wire.MalformedFrameError as exc:
-            del self._expected[tid]
-            return (expected.request_id, False, str(exc))
+    def _ack(self, identity: bytes, tid: bytes, status: wire.AckStatus, message: str) -> None:
+        self._send(identity, wire.AckHeader(tid, status, message))
 
-    def _check_page(self, expected: _Expected, header: wire.PageHeader) -> None:
-        """Raise unless the page fits this receiver and lands inside the reservation."""
-        kv = self._kv
-        geometry = (header.block_size, header.num_kv_heads, header.head_dim, header.dtype)
-        mine = (kv.block_size, kv.num_kv_heads, kv.head_dim, kv.dtype)
-        if geometry != mine:
-            raise wire.MalformedFrameError(f"geometry: page {geometry} != receiver's {mine}")
-        if header.layer_end > kv.num_layers:
-            raise wire.MalformedFrameError(f"layers: {header.layer_end - 1} >= {kv.num_layers}")
-        if not expected.block_ids.issuperset(header.block_ids):
-            raise wire.MalformedFrameError("blocks: page targets blocks outside the reservation")
-
-    def _mark_written(self, expected: _Expected, header: wire.PageHeader) -> None:
-        for layer in range(header.layer_start, header.layer_end):
-            expected.written.setdefault(layer, set()).update(header.block_ids)
-        self.stats.pages += 1
-        self.stats.bytes += header.payload_nbytes
-
-    def _write_page(
-        self, expected: _Expected, header: wire.PageHeader, payload: torch.Tensor | memoryview
-    ) -> None:
-        kv = self._kv
-        self._check_page(expected, header)
-        if isinstance(payload, torch.Tensor):  # out of band: already shaped
-            pages = payload
-        else:
-            wire.check_payload_size(header, payload)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
-                flat = torch.frombuffer(payload, dtype=torch.uint8)
-            pages = flat.view(header.dtype).view(header.shape)
-        kv.scatter_pages(header.block_ids, pages, slice(header.layer_start, header.layer_end))
-        self._mark_written(expected, header)
-
-    def _ack(self, peer: bytes, tid: bytes, status: wire.AckStatus, message: str) -> None:
-        self._send(peer, wire.AckHeader(tid, status, message))
-
-    def _send(self, peer: bytes, header: wire.Header) -> None:
+    def _send(self, identity: bytes, header: wire.Header) -> None:
         assert self._sock is not None
         try:
-            self._sock.send_multipart([peer, wire.encode(header, self._auth)], zmq.NOBLOCK)
+            self._sock.send_multipart([identity, wire.encode(header, self._auth)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("kv_reply_failed", reason=str(exc))
 
     def _expire_leases(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            expired = [(tid, e) for tid, e in self._expected.items() if e.deadline <= now]
-            for tid, _ in expired:
-                del self._expected[tid]
-        for _, e in expired:
+        for reservation in self._reservations.pop_expired(time.monotonic()):
             self.stats.fail("lease_expired")
-            log.warning("kv_lease_expired", request_id=e.request_id)
-            self._on_failed(e.request_id, "KV transfer lease expired before all pages arrived")
+            log.warning("kv_lease_expired", request_id=reservation.request_id)
+            self._on_failed(
+                reservation.request_id, "KV transfer lease expired before all pages arrived"
+            )
 
 
 def failure_label(message: str) -> str:

@@ -31,7 +31,7 @@ import torch
 import zmq
 
 from kvtransfer import wire
-from kvtransfer.datapath import Backend, PairLink, join_pair, tensor_bytes
+from kvtransfer.datapath import Backend, PairLink, StreamLink, join_pair, tensor_bytes
 from kvtransfer.handshake import Fingerprint, IncompatiblePeerError, check_match
 from kvtransfer.metrics import TransferStats
 
@@ -297,11 +297,21 @@ class KVSender:
         elif kind == "done":
             assert isinstance(arg, int)
             done = wire.DoneHeader(tid, arg, self.fingerprint.num_layers)
-            peer.sock.send(wire.encode(done, self._auth))
+            self._send_frame(peer, wire.encode(done, self._auth))
             transfer.deadline = time.monotonic() + self._ack_timeout
         elif kind == "abort":
-            peer.sock.send(wire.encode(wire.AbortHeader(tid, str(arg)), self._auth))
-            self._fail(tid, f"aborted: {arg}")
+            try:
+                self._send_frame(peer, wire.encode(wire.AbortHeader(tid, str(arg)), self._auth))
+            finally:
+                self._fail(tid, f"aborted: {arg}")
+
+    def _send_frame(self, peer: _Peer, frame: bytes) -> None:
+        """A transfer's control frame, in order with its pages: on the pair's stream for the
+        stream backend, else on the ZeroMQ socket."""
+        if isinstance(peer.link, StreamLink):
+            peer.link.send_record(frame)
+        else:
+            peer.sock.send(frame)
 
     def _send_page(
         self, peer: _Peer, transfer: _Transfer, layer_start: int, pages: torch.Tensor
@@ -325,7 +335,10 @@ class KVSender:
         )
         payload = tensor_bytes(pages) if pages.device.type == "cpu" else None
         frame = wire.encode(header, self._auth, payload)
-        if out_of_band:
+        if isinstance(peer.link, StreamLink):
+            assert payload is not None
+            peer.link.send_record(frame, payload)
+        elif out_of_band:
             assert peer.link is not None
             peer.sock.send(frame)
             peer.link.send(pages)

@@ -111,7 +111,7 @@ class PageHeader:
         count = 1
         for dim in self.shape:
             count *= dim
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return count * self.dtype.itemsize
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import zmq
 
 from engine.kv_cache import KVCache
 from kvtransfer import wire
-from kvtransfer.datapath import Backend, PairLink, join_pair
+from kvtransfer.datapath import Backend, PairLink, StreamLink, join_pair
 from kvtransfer.handshake import Fingerprint
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender, TransferSpec
@@ -363,6 +363,9 @@ class RawPeer:
         """Send a (possibly tampered) PAGE the way the receiver will read it: the payload goes
         over the pair link exactly when the receiver will parse the header as an out-of-band
         PAGE from a handshaken peer, and so post a receive for it; otherwise it goes in band."""
+        if isinstance(self.link, StreamLink):  # records say their sizes: anything goes
+            self.link.send_record(header, memoryview(payload))
+            return
         size = wire.out_of_band_payload_size(header)
         if size is not None and self.link is not None:
             # the receiver takes a payload of the size the header declares, even off a header it
@@ -387,7 +390,13 @@ class RawPeer:
             )
 
     def send(self, header: wire.Header, auth: wire.FrameAuth | None = None) -> None:
-        self.sock.send(wire.encode(header, auth or self.auth))
+        """A control frame where a correct sender puts it: with the stream backend on the
+        pair's stream (in order with the pages), else on the ZeroMQ socket."""
+        frame = wire.encode(header, auth or self.auth)
+        if isinstance(self.link, StreamLink):
+            self.link.send_record(frame)
+        else:
+            self.sock.send(frame)
 
     def done(self, transfer_id: bytes, first_token_id: int = 7, num_layers: int = LAYERS) -> None:
         self.send(wire.DoneHeader(transfer_id, first_token_id, num_layers))

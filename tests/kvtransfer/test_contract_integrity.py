@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kvtransfer import wire
+from kvtransfer.datapath import Backend
 from tests.kvtransfer.harness import (
     KEY,
     LAYERS,
@@ -92,7 +93,7 @@ def _resets_peer(ch: Channel, frame: bytes) -> bool:
     """An out-of-band header whose payload size cannot be trusted: the receiver cannot stay in
     step with the pair group, so it forgets the peer instead of dropping just the frame."""
     return (
-        ch.receiver.backend.out_of_band
+        ch.receiver.backend in (Backend.GLOO, Backend.NCCL)
         and wire.is_out_of_band_page(frame)
         and wire.out_of_band_payload_size(frame) is None
     )
@@ -116,8 +117,8 @@ def test_every_flipped_header_byte_is_refused(channel: Channel) -> None:
 def test_unreadable_out_of_band_header_resets_the_peer(channel: Channel) -> None:
     """On an out-of-band backend a header whose payload size is garbled cannot be skipped
     safely: the peer is forgotten (nothing written) and must handshake again to continue."""
-    if not channel.receiver.backend.out_of_band:
-        pytest.skip("in-band payloads travel with their header: nothing to resynchronise")
+    if channel.receiver.backend not in (Backend.GLOO, Backend.NCCL):
+        pytest.skip("payloads travel with their header or in sized records: nothing to lose")
     peer, pages, before = armed(channel)
     header, payload = peer.page(tid(1), pages[:1], BLOCKS)
     index = next(i for i in range(len(header)) if _resets_peer(channel, _flipped(header, i)))
@@ -168,13 +169,13 @@ def test_header_cut_short_is_refused(channel: Channel, cut: int) -> None:
 
 def test_payload_cut_in_transit_is_refused(channel: Channel, transport: Transport) -> None:
     """Shorter than declared and than what the tag covers: the checksum catches it."""
-    if transport.backend.out_of_band:
-        pytest.skip("out-of-band payloads are read by the size their header declares")
+    if transport.backend in (Backend.GLOO, Backend.NCCL):
+        pytest.skip("pair-group payloads are read by the size their header declares")
     peer, pages, before = armed(channel)
     header, payload = peer.page(tid(1), pages[:1], BLOCKS)
     for cut in (1, 4, len(payload) - 1):
         peer.send_page(header, payload[:-cut])
-    peer.sock.send(header)  # no payload frame at all
+    peer.send_page(header, b"")  # no payload at all
     peer.sock.send_multipart([header, payload, b"extra"])
     assert_untouched(channel, peer, before, malformed=5)
     complete(channel, peer, pages)
@@ -185,8 +186,8 @@ def test_payload_shorter_than_declared_fails_the_transfer(
 ) -> None:
     """A sender that seals a short payload (its tag verifies) is refused by the size check:
     the transfer fails at once, nothing is written."""
-    if transport.backend.out_of_band:
-        pytest.skip("out-of-band payloads are read by the size their header declares")
+    if transport.backend in (Backend.GLOO, Backend.NCCL):
+        pytest.skip("pair-group payloads are read by the size their header declares")
     peer, pages, before = armed(channel)
     header, payload = peer.page(tid(1), pages[:1], BLOCKS)
     decoded = wire.decode(header, peer.auth, memoryview(payload))

@@ -13,7 +13,7 @@ import torch
 
 from engine.block_pool import BlockPool
 from kvtransfer import wire
-from kvtransfer.datapath import Backend
+from kvtransfer.datapath import RECORD, Backend, StreamLink
 from kvtransfer.sender import KVSender, TransferSpec
 from tests.kvtransfer.dying_sender import DyingSenders, tell
 from tests.kvtransfer.harness import (
@@ -264,17 +264,17 @@ def test_cancel_during_an_in_place_read_waits_for_it_then_nothing_lands(
         pytest.skip("only a receiver that reads payloads in place has reads to wait for")
     peer = ch.raw_peer()
     peer.handshake()
-    assert peer.link is not None
+    assert isinstance(peer.link, StreamLink)
     pages = random_pages(ch.receiver_fp, 2, seed=8)
     ch.receiver.expect(tid(1), "req", [6, 7], 60.0)
     header, payload = peer.page(tid(1), pages[:1], [6, 7])
-    half = len(payload) // 2
-    peer.sock.send(header)
-    peer.link.send(torch.frombuffer(bytearray(payload[:half]), dtype=torch.uint8))
+    record = RECORD.pack(len(header), 0, len(payload)) + header + payload
+    cut = len(record) - len(payload) // 2
+    peer.link.sock.sendall(record[:cut])  # the record up to half its payload
     wait_until(lambda: ch.dst.kv[0, 0, 6].flatten()[0] == pages[0, 0, 0].flatten()[0], "a read")
     assert ch.receiver.cancel(tid(1)) is True
     landed = ch.dst.kv.clone()
-    peer.link.send(torch.frombuffer(bytearray(payload[half:]), dtype=torch.uint8))
+    peer.link.sock.sendall(record[cut:])
     peer.sync()
     assert same_bits(ch.dst.kv, landed), "bytes landed after cancel() returned"
     assert ch.receiver.stats.pages == 0 and ch.receiver.pending() == 0

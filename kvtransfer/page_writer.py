@@ -1,0 +1,156 @@
+"""What a decoded frame does to the decode worker's KV pool and its reservations.
+
+The receiver (``kvtransfer.receiver``) owns sockets and peers; this module owns the rules: a
+page lands only inside the reservation of a transfer currently expected, with the receiver's
+geometry, and counts (is marked written) only once its tag has verified; DONE completes a
+transfer only when every reserved block of every layer has been written.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from engine.kv_cache import KVCache
+from kvtransfer import wire
+from kvtransfer.datapath import StreamLink
+from kvtransfer.metrics import TransferStats
+from kvtransfer.reservations import Reservation, Reservations
+
+
+class Outcome(NamedTuple):
+    """How a transfer ended (it is no longer expected)."""
+
+    reservation: Reservation
+    ok: bool
+    message: str  # the first token id when ok, else the failure reason
+
+
+class PageWriter:
+    def __init__(
+        self, kv: KVCache, reservations: Reservations, auth: wire.FrameAuth, stats: TransferStats
+    ) -> None:
+        self.kv = kv
+        self.reservations = reservations
+        self.auth = auth
+        self.stats = stats
+
+    def apply(
+        self, header: wire.Header, payload: torch.Tensor | memoryview | None
+    ) -> Outcome | None:
+        """Apply one authenticated frame of a transfer. Returns how the transfer ended, if
+        this frame ended it; raises :class:`UnknownTransferError` when no such transfer is
+        expected (late, duplicate, expired or cancelled)."""
+        tid = header.transfer_id
+        with self.reservations.lock:
+            reservation = self.reservations.by_id.get(tid)
+            if reservation is None:
+                raise UnknownTransferError(tid)
+            if reservation.started is None:
+                reservation.started = time.monotonic()
+            try:
+                if isinstance(header, wire.PageHeader):
+                    if payload is None:
+                        raise wire.MalformedFrameError("size: PAGE without its payload")
+                    self._write(reservation, header, payload)
+                    return None
+                if isinstance(header, wire.DoneHeader):
+                    if header.num_layers != self.kv.num_layers:
+                        raise wire.MalformedFrameError(
+                            f"layers: DONE for {header.num_layers}, receiver has "
+                            f"{self.kv.num_layers}"
+                        )
+                    if not reservation.complete(self.kv.num_layers):
+                        raise wire.MalformedFrameError(
+                            "incomplete: DONE with layers missing (a reserved block has not "
+                            "arrived)"
+                        )
+                    del self.reservations.by_id[tid]
+                    return Outcome(reservation, True, str(header.first_token_id))
+                if isinstance(header, wire.AbortHeader):
+                    raise wire.MalformedFrameError(f"aborted: sender aborted: {header.reason}")
+                raise wire.MalformedFrameError("unexpected: ACK on the receiving side")
+            except wire.MalformedFrameError as exc:
+                del self.reservations.by_id[tid]
+                return Outcome(reservation, False, str(exc))
+
+    def write_in_place(
+        self, link: StreamLink, header: wire.PageHeader, frame: bytes, payload_len: int
+    ) -> bool:
+        """Read the payload that follows this header on ``link`` straight into its transfer's
+        reserved blocks, then verify it with the header. A page that does not verify is
+        dropped and its blocks are marked unwritten again (the transfer cannot finish unless
+        a good copy follows). Returns False, having read nothing, when the page cannot land
+        so (unknown transfer, a page that does not fit its reservation, a payload size other
+        than the header's): the caller then reads it aside and :meth:`apply` reports it."""
+        if payload_len != header.payload_nbytes or self.kv.device.type != "cpu":
+            return False
+        tid = header.transfer_id
+        with self.reservations.lock:
+            reservation = self.reservations.by_id.get(tid)
+            if reservation is None:
+                return False
+            try:
+                self.check(reservation, header)
+            except wire.MalformedFrameError:
+                return False
+            if reservation.started is None:
+                reservation.started = time.monotonic()
+        views = self.kv.page_views(header.block_ids, header.layers)
+        if not self.reservations.fill(link, tid, reservation, views, payload_len):
+            self.stats.drop("unknown_transfer")  # cancelled or expired while reading
+            return True
+        try:
+            wire.verify_out_of_band(frame, self.auth, views)
+            verified = True
+        except wire.MalformedFrameError as exc:
+            unauthenticated = isinstance(exc, wire.UnauthenticatedFrameError)
+            self.stats.drop("unauthenticated" if unauthenticated else "malformed")
+            verified = False
+        with self.reservations.lock:
+            if self.reservations.by_id.get(tid) is not reservation:
+                self.stats.drop("unknown_transfer")
+            elif verified:
+                self._count(reservation, header)
+            else:
+                reservation.unmark(header)
+        return True
+
+    def check(self, reservation: Reservation, header: wire.PageHeader) -> None:
+        """Raise unless the page fits this pool and lands inside the reservation."""
+        kv = self.kv
+        geometry = (header.block_size, header.num_kv_heads, header.head_dim, header.dtype)
+        mine = (kv.block_size, kv.num_kv_heads, kv.head_dim, kv.dtype)
+        if geometry != mine:
+            raise wire.MalformedFrameError(f"geometry: page {geometry} != receiver's {mine}")
+        if header.layer_end > kv.num_layers:
+            raise wire.MalformedFrameError(f"layers: {header.layer_end - 1} >= {kv.num_layers}")
+        if not reservation.block_ids.issuperset(header.block_ids):
+            raise wire.MalformedFrameError("blocks: page targets blocks outside the reservation")
+
+    def _write(
+        self, reservation: Reservation, header: wire.PageHeader, payload: torch.Tensor | memoryview
+    ) -> None:
+        self.check(reservation, header)
+        if isinstance(payload, torch.Tensor):  # from a pair group: already shaped
+            pages = payload
+        else:
+            wire.check_payload_size(header, payload)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
+                flat = torch.frombuffer(payload, dtype=torch.uint8)
+            pages = flat.view(header.dtype).view(header.shape)
+        self.kv.scatter_pages(header.block_ids, pages, header.layers)
+        self._count(reservation, header)
+
+    def _count(self, reservation: Reservation, header: wire.PageHeader) -> None:
+        reservation.mark(header)
+        self.stats.pages += 1
+        self.stats.bytes += header.payload_nbytes
+
+
+class UnknownTransferError(LookupError):
+    """A frame for a transfer this worker does not expect (any more)."""

@@ -1,0 +1,111 @@
+"""The decode side's leases: which reserved blocks each expected transfer may write, until when.
+
+One lock guards them. Pages are written under it, except the stream backend's in-place reads,
+which must not hold it while a socket read runs: :meth:`Reservations.fill` marks the transfer as
+being written for one short read at a time and re-checks before each read that the transfer is
+still expected, and :meth:`Reservations.cancel` waits out a read already into the transfer's
+blocks. So once ``cancel`` returns, no byte of that transfer lands in its blocks again, and the
+caller may free them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from kvtransfer import wire
+from kvtransfer.datapath import PairLinkError, StreamLink
+
+
+@dataclass
+class Reservation:
+    request_id: str
+    block_ids: frozenset[int]
+    deadline: float
+    started: float | None = None  # first frame seen
+    written: dict[int, set[int]] = field(default_factory=dict)  # layer -> blocks written
+
+    def complete(self, num_layers: int) -> bool:
+        """Every reserved block has been written for every layer."""
+        return all(self.written.get(layer, set()) >= self.block_ids for layer in range(num_layers))
+
+    def mark(self, header: wire.PageHeader) -> None:
+        for layer in range(header.layer_start, header.layer_end):
+            self.written.setdefault(layer, set()).update(header.block_ids)
+
+    def unmark(self, header: wire.PageHeader) -> None:
+        """The page's blocks hold bytes that did not verify: they count as not written."""
+        for layer in range(header.layer_start, header.layer_end):
+            self.written.get(layer, set()).difference_update(header.block_ids)
+
+
+class Reservations:
+    def __init__(self) -> None:
+        self.lock = threading.Condition()
+        self.by_id: dict[bytes, Reservation] = {}  # read and changed under ``lock`` only
+        self._writing: bytes | None = None  # transfer whose blocks an in-place read is filling
+
+    def expect(
+        self, transfer_id: bytes, request_id: str, block_ids: list[int], lease_s: float
+    ) -> None:
+        with self.lock:
+            self.by_id[transfer_id] = Reservation(
+                request_id, frozenset(block_ids), time.monotonic() + lease_s
+            )
+
+    def cancel(self, transfer_id: bytes) -> bool:
+        """Forget a transfer; returns once no read can write its blocks any more."""
+        with self.lock:
+            found = self.by_id.pop(transfer_id, None) is not None
+            while self._writing == transfer_id:  # an in-place read: one read slice at most
+                self.lock.wait()
+            return found
+
+    def pending(self) -> int:
+        with self.lock:
+            return len(self.by_id)
+
+    def pop_expired(self, now: float) -> list[Reservation]:
+        with self.lock:
+            expired = [tid for tid, r in self.by_id.items() if r.deadline <= now]
+            return [self.by_id.pop(tid) for tid in expired]
+
+    def fill(
+        self,
+        link: StreamLink,
+        transfer_id: bytes,
+        reservation: Reservation,
+        views: list[memoryview],
+        nbytes: int,
+    ) -> bool:
+        """Read a ``nbytes`` payload from ``link`` into ``views`` (pool memory of the
+        reservation's blocks), one read slice at a time, while the transfer still owns them;
+        once it does not (cancelled, expired), the rest of the payload is read and dropped.
+        Returns whether every byte landed. Raises :class:`PairLinkError` if the link breaks or
+        stalls."""
+        left = nbytes
+        for view in views:
+            filled, last = 0, time.monotonic()
+            while filled < len(view):
+                with self.lock:
+                    owned = self.by_id.get(transfer_id) is reservation
+                    if owned:
+                        self._writing = transfer_id
+                if not owned:
+                    link.discard(left)
+                    return False
+                try:
+                    count = link.read_some(view[filled:])
+                finally:
+                    with self.lock:
+                        self._writing = None
+                        self.lock.notify_all()
+                filled += count
+                left -= count
+                now = time.monotonic()
+                if count:
+                    last = now
+                elif now - last > link.timeout_s:
+                    raise PairLinkError(f"payload stream: no data for {link.timeout_s:.0f}s")
+        return left == 0
