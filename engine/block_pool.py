@@ -90,8 +90,13 @@ class BlockPool:
             self._ref_counts[block_id] += 1
 
     def free(self, block_ids: Iterable[int]) -> None:
-        """Drop one owner from each block; unowned blocks become cached (if hashed) or free."""
-        for block_id in block_ids:
+        """Drop one owner from each block; unowned blocks become cached (if hashed) or free.
+
+        Give a sequence's blocks in its order: they are released last to first, so its
+        first blocks become the most recently used and eviction takes a prefix's tail before
+        its head (evicting block 0 first would leave every later cached block unreachable,
+        since prefix hashes chain from the start)."""
+        for block_id in reversed(list(block_ids)):
             self._check_id(block_id)
             if self._ref_counts[block_id] <= 0:
                 raise BlockPoolCorruptedError(f"block {block_id} is not owned (double free?)")

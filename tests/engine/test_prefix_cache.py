@@ -138,3 +138,18 @@ def test_prefix_hits_keep_greedy_output_identical(tiny):  # noqa: F811
         assert _generated(outputs, f"p{i}") == want
     cached.pool.check_integrity()
     assert cached.pool.num_free == cached.pool.num_blocks
+
+
+def test_eviction_takes_a_freed_prefix_tail_first():
+    """A finished sequence's blocks are released last to first: under pressure the pool
+    evicts the tail of its prefix and keeps the head, which later prompts can still hit
+    (evicting block 0 first would strand every later block: hashes chain from the start)."""
+    pool = BlockPool(3)
+    blocks = pool.allocate(3)
+    hashes = prefix_hashes(list(range(3 * BS)), BS)
+    for block_id, block_hash_ in zip(blocks, hashes, strict=True):
+        pool.register(block_id, block_hash_)
+    pool.free(blocks)  # in sequence order, as the scheduler frees a block table
+    (taken,) = pool.allocate(1)
+    assert taken == blocks[2]
+    assert pool.held_prefix(hashes) == 2  # the first two blocks still hit
