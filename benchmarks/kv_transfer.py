@@ -231,7 +231,9 @@ def targets(results: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if "goodput" in results:
         for cell in results["goodput"]["cells"]:
-            if cell["backend"].startswith("zmq") and cell["tokens"] in _target_sizes(
+            # the ZeroMQ-controlled backends: pages in ZeroMQ frames (zmq-*), or as records on
+            # a direct stream read in place (stream-*); gloo is compared for information only
+            if cell["backend"].startswith(("zmq", "stream")) and cell["tokens"] in _target_sizes(
                 sizes, (512, 2048)
             ):
                 out.append(
