@@ -60,6 +60,7 @@ RECORD = struct.Struct("<IIQ")  # header bytes, reserved (0), payload bytes
 MAX_RECORD_HEADER_BYTES = 1 << 24  # far above any PAGE header (4 bytes per block id)
 MAX_RECORD_PAYLOAD_BYTES = 1 << 36
 STREAM_BUFFER_BYTES = 4 << 20  # unix socket buffers (capped by net.core.[rw]mem_max)
+STREAM_STALL_S = 5.0  # receiving side: a record that makes no progress this long breaks the link
 _RECV_SLICE_S = 0.2  # a direct read wakes this often (so a cancel never waits longer)
 
 
@@ -298,7 +299,9 @@ class StreamHost(PairHost):
         finally:
             with self._lock:
                 self._waiting.pop(token, None)
-        return StreamLink(sock, self.timeout_s)
+        # a healthy sender never pauses inside a record (one sendmsg each): a stall this long
+        # means a hung peer, and the receiving thread must get back to the other peers
+        return StreamLink(sock, min(self.timeout_s, STREAM_STALL_S))
 
     def close(self) -> None:
         with self._lock:

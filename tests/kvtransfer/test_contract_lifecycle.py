@@ -286,3 +286,28 @@ def test_cancel_during_an_in_place_read_waits_for_it_then_nothing_lands(
     peer.done(tid(2), first_token_id=4)
     assert peer.recv_ack().status is wire.AckStatus.OK
     assert same_bits(ch.dst.kv[:, :, [6, 7]], pages)
+
+
+def test_a_peer_stalled_inside_a_record_is_dropped_and_others_go_on(
+    make_channel: Callable[..., Channel],
+) -> None:
+    """Stream backend: a peer that stops in the middle of a record (hung, not dead: its
+    socket stays open) holds the receiving thread for the stall limit at most; then it is
+    forgotten and a healthy sender's transfer completes."""
+    ch = make_channel(group_timeout_s=1.0)
+    if not ch.receiver.writes_in_place:
+        pytest.skip("only the stream backend reads records off a socket")
+    stalled = ch.raw_peer()
+    stalled.handshake()
+    assert isinstance(stalled.link, StreamLink)
+    pages = random_pages(ch.receiver_fp, 2, seed=9)
+    ch.receiver.expect(tid(1), "stalled", [6, 7], 60.0)
+    header, payload = stalled.page(tid(1), pages[:1], [6, 7])
+    record = RECORD.pack(len(header), 0, len(payload)) + header + payload
+    stalled.link.sock.sendall(record[: len(record) // 2])  # and then nothing more
+    ch.receiver.expect(tid(2), "req", [8, 9], 60.0)
+    ch.send("snd", tid(2), [8, 9], pages)
+    assert ch.rec.wait_ready("req") == 7
+    assert same_bits(ch.dst.kv[:, :, [8, 9]], pages)
+    assert ch.receiver.pending() == 1 and ch.receiver.stats.pages == LAYERS  # tid 1 unmarked
+    assert ch.receiver.cancel(tid(1)) is True
