@@ -105,6 +105,51 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
         ),
     ),
     (
+        "Routing and failover",
+        (
+            Panel(
+                "Prefill picks / s by reason",
+                "short",
+                (
+                    Target(
+                        f"sum by (reason) ({rate('pdserve_router_prefill_picks_total')})",
+                        "{{reason}}",
+                    ),
+                ),
+                "Why each prefill worker was chosen: its reported prefix cache holds the prompt, "
+                "a recent route took the same prompt start, or the shortest queue.",
+            ),
+            Panel(
+                "Router fallbacks / s",
+                "short",
+                (
+                    Target(
+                        f"sum by (reason) ({rate('pdserve_router_fallbacks_total')})",
+                        "{{reason}}",
+                    ),
+                ),
+                "Routes that could not take the first choice (affinity worker overloaded, every "
+                "prefill worker full or gone, a failed worker reused).",
+            ),
+            Panel(
+                "Retries and resumes / s",
+                "short",
+                (
+                    Target(
+                        f"sum by (failed_tier, reason) ({rate('pdserve_prefill_retries_total')})",
+                        "retry after {{failed_tier}} {{reason}}",
+                    ),
+                    Target(
+                        f"sum by (outcome) ({rate('pdserve_decode_resumes_total')})",
+                        "decode stream {{outcome}}",
+                    ),
+                ),
+                "Attempts retried before the first token, and streams broken after it: resumed "
+                "on another decode worker or ended with UNAVAILABLE.",
+            ),
+        ),
+    ),
+    (
         "Latency by tier",
         (
             Panel(

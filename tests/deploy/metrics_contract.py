@@ -46,6 +46,10 @@ METRICS: dict[str, MetricType] = {
     "pdserve_kv_transfer_failures_total": MetricType.COUNTER,
     "pdserve_kv_transfer_dropped_frames_total": MetricType.COUNTER,
     "pdserve_router_decisions_total": MetricType.COUNTER,
+    "pdserve_router_prefill_picks_total": MetricType.COUNTER,
+    "pdserve_router_fallbacks_total": MetricType.COUNTER,
+    "pdserve_prefill_retries_total": MetricType.COUNTER,
+    "pdserve_decode_resumes_total": MetricType.COUNTER,
     "pdserve_requests_total": MetricType.COUNTER,
 }
 
@@ -80,6 +84,10 @@ GATEWAY_ONLY = frozenset(
         "pdserve_e2e_request_latency_seconds",
         "pdserve_requests_total",
         "pdserve_router_decisions_total",
+        "pdserve_router_prefill_picks_total",
+        "pdserve_router_fallbacks_total",
+        "pdserve_prefill_retries_total",
+        "pdserve_decode_resumes_total",
     }
 )
 

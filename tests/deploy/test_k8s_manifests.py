@@ -20,8 +20,10 @@ import pytest
 import yaml
 
 from decode_service import server as decode_server
+from decode_service.servicer import TIER as DECODE_TIER
 from gateway import server as gateway_server
 from prefill_service import server as prefill_server
+from prefill_service.servicer import TIER as PREFILL_TIER
 from tests.deploy import kustomize_lite
 from tests.deploy.manifests import (
     EXAMPLE_SECRETS,
@@ -54,8 +56,8 @@ SHUTDOWN_MARGIN_S = 5
 
 HEALTH_SERVICE = {
     "gateway": gateway_server.SERVICE_NAME,
-    "prefill": prefill_server.SERVICE_NAME,
-    "decode": decode_server.SERVICE_NAME,
+    "prefill": PREFILL_TIER.service_name,
+    "decode": DECODE_TIER.service_name,
 }
 SERVE = {
     "gateway": gateway_server.serve,
