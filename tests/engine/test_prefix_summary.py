@@ -58,12 +58,19 @@ def test_a_partly_evicted_prefix_is_advertised_as_deep_as_its_leading_blocks() -
     pool = BlockPool(9)
     summary = PrefixSummary(BS)
     prompt = list(range(200, 237))
+    hashes = prefix_hashes(prompt, BS)
     summary.record(prompt)
     _cache(pool, prompt)  # 9 blocks: the pool is full of cached blocks
-    pool.allocate(1)  # evicts the least recently freed: block 0 of the prompt
-    assert pool.lookup(prefix_hashes(prompt, BS)[0]) is None
-    assert pool.held_prefix(prefix_hashes(prompt, BS)) == 0
-    assert summary.advertised(_held(pool)) == []  # no leading block left: nothing reusable
+    pool.allocate(1)  # evicts the least recently freed: the prompt's last block
+    assert pool.held_prefix(hashes) == 8
+    assert matched_depth(prompt_anchors(prompt, BS), set(summary.advertised(_held(pool)))) == 8
+    pool.allocate(5)  # and the five before it: three leading blocks are left
+    assert pool.held_prefix(hashes) == 3
+    advertised = set(summary.advertised(_held(pool)))
+    assert len(advertised) == 2  # depths 1 and 2
+    assert matched_depth(prompt_anchors(prompt, BS), advertised) == 2
+    pool.allocate(3)
+    assert summary.advertised(_held(pool)) == []  # nothing left: forgotten
 
 
 def test_the_summary_is_bounded_and_keeps_the_most_recent_prompts() -> None:
