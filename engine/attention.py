@@ -14,8 +14,10 @@ For each layer, this module
    as ``(2, NB, bs * KVH * D)``, into a workspace every layer reuses), padded to the longest
    context, and runs one scaled-dot-product attention with one query per sequence and a
    key-padding mask;
-3. prefill group: a lone prompt that starts at position 0 attends its own new tokens (causal, no
-   gather); otherwise as decode, with queries padded to the longest chunk and a causal mask.
+3. prefill group: when every sequence in it starts at position 0 (fresh prompts), its context is
+   its own new tokens: they are padded to the longest prompt (no padding for a lone prompt) and
+   attend causally, no gather and no mask; otherwise as decode, with queries padded to the
+   longest chunk and a causal mask over the gathered context.
 
 So sequences of different lengths, and prefill chunks next to decode tokens, share one forward
 pass without padding the *model* inputs; attention pads only within each group, so a long prompt
@@ -62,7 +64,8 @@ class PrefillGroup:
     """Sequences with several new tokens: packed tokens ``[start, N)``, sequence by sequence."""
 
     start: int
-    context: ContextGather | None  # None: one sequence from position 0, its context is its tokens
+    context: ContextGather | None  # None: every sequence starts at position 0, so its context is
+    # its own new tokens (right-padded, causal attention is exact for the real ones)
     query_index: torch.Tensor | None  # (B, Q) index into the group's tokens; None when B == 1
     output_index: torch.Tensor | None  # (T,) index into the flattened (B * Q) outputs
 
@@ -125,24 +128,39 @@ def _prefill(
     scaling: float | None,
 ) -> torch.Tensor:
     """Attention of the prefill group's T tokens: ``(T, H, D)``."""
-    q = query[:, group.start :]  # (H, T, D)
-    if group.context is None:  # one prompt from position 0: plain causal self-attention
-        k, v = key[None, :, group.start :], value[None, :, group.start :]  # (1, KVH, T, D)
+    q = query[:, group.start :].transpose(0, 1)  # (T, H, D)
+    if group.context is None:  # fresh prompts: each attends its own new tokens, causally
+        k = key[:, group.start :].transpose(0, 1)  # (T, KVH, D)
+        v = value[:, group.start :].transpose(0, 1)
         out = F.scaled_dot_product_attention(
-            q[None], k, v, is_causal=True, scale=scaling, enable_gqa=True
-        )  # (1, H, T, D)
-        return out[0].transpose(0, 1)
-    k_ctx, v_ctx = _gather(layer_kv, group.context, workspace)  # (B, KVH, C, D)
-    if group.query_index is None:
-        q_padded = q[None]  # (1, H, Q=T, D)
+            _pad(q, group.query_index),
+            _pad(k, group.query_index),
+            _pad(v, group.query_index),
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=True,
+        )  # (B, H, Q, D)
     else:
-        q_padded = q.transpose(0, 1)[group.query_index].transpose(1, 2)  # (B, H, Q, D)
-    out = F.scaled_dot_product_attention(
-        q_padded, k_ctx, v_ctx, attn_mask=group.context.mask, scale=scaling, enable_gqa=True
-    ).transpose(1, 2)  # (B, Q, H, D)
+        k_ctx, v_ctx = _gather(layer_kv, group.context, workspace)  # (B, KVH, C, D)
+        out = F.scaled_dot_product_attention(
+            _pad(q, group.query_index),
+            k_ctx,
+            v_ctx,
+            attn_mask=group.context.mask,
+            scale=scaling,
+            enable_gqa=True,
+        )  # (B, H, Q, D)
+    out = out.transpose(1, 2)  # (B, Q, H, D)
     if group.output_index is None:
         return out[0]
     return out.reshape(-1, out.shape[2], out.shape[3])[group.output_index]  # (T, H, D)
+
+
+def _pad(tokens: torch.Tensor, query_index: torch.Tensor | None) -> torch.Tensor:
+    """``(T, heads, D)`` packed tokens of B sequences -> ``(B, heads, Q, D)``, right-padded."""
+    if query_index is None:
+        return tokens.transpose(0, 1)[None]  # (1, heads, T, D)
+    return tokens[query_index].transpose(1, 2)  # (B, heads, Q, D)
 
 
 def _gather(

@@ -125,11 +125,10 @@ class ModelRunner:
 
     def _prefill_group(self, items: Sequence[ScheduledSeq], start: int) -> PrefillGroup:
         """Sequences with several new tokens, packed from ``start`` on."""
-        if len(items) == 1 and items[0].seq.num_computed_tokens == 0:
-            return PrefillGroup(start, None, None, None)  # attends its own tokens only
+        fresh = all(item.seq.num_computed_tokens == 0 for item in items)
         lengths = [item.num_new_tokens for item in items]
         max_q = max(lengths)
-        context = self._context(items, query_len=max_q)
+        context = None if fresh else self._context(items, query_len=max_q)
         if len(items) == 1:
             return PrefillGroup(start, context, None, None)
         length_t = torch.tensor(lengths)  # (B,)

@@ -180,6 +180,17 @@ def test_single_prefill_sequence_attends_itself() -> None:
     assert prefill.context is None and prefill.query_index is None  # no gather, no padding
 
 
+def test_fresh_prompts_attend_themselves_padded() -> None:
+    seqs = [make_seq("a", 5, 0, [2, 3], 1), make_seq("b", 2, 0, [4], 2)]
+    batch = ScheduledBatch(tuple(ScheduledSeq(s, s.num_tokens, True) for s in seqs))
+    prefill = make_runner(make_cache()).prepare(batch).attention.prefill
+    assert prefill is not None and prefill.context is None  # no gather: no blocks, no mask
+    assert prefill.query_index is not None and prefill.query_index.tolist() == [
+        [0, 1, 2, 3, 4],
+        [5, 6, 0, 0, 0],
+    ]
+
+
 def test_workspace_is_reused_across_steps() -> None:
     runner = make_runner(make_cache())
     seqs = [make_seq(f"s{i}", 9, 8, [i, i + 4, i + 8], i) for i in range(3)]
