@@ -22,6 +22,7 @@ from tests.kvtransfer.harness import (
     NUM_BLOCKS,
     TIMEOUT_S,
     Channel,
+    RawPeer,
     Transport,
     random_pages,
     same_bits,
@@ -253,6 +254,24 @@ def test_lease_expiry_is_not_held_up_by_a_stalled_rendezvous(
     ch.rec.wait(lambda: "req" in ch.rec.failed, "the lease to expire", timeout=1.0)
 
 
+def _half_sent_page(ch: Channel, seed: int) -> tuple[RawPeer, torch.Tensor, bytes, int]:
+    """Stream backend: a handshaken raw peer, transfer 1 expected into blocks 6 and 7, its
+    pages, and the record of its first layer, of which the first ``cut`` bytes (up to half the
+    payload) have been sent."""
+    if not ch.receiver.writes_in_place:
+        pytest.skip("only the stream backend reads records off a socket, in place")
+    peer = ch.raw_peer()
+    peer.handshake()
+    assert isinstance(peer.link, StreamLink)
+    pages = random_pages(ch.receiver_fp, 2, seed=seed)
+    ch.receiver.expect(tid(1), "req1", [6, 7], 60.0)
+    header, payload = peer.page(tid(1), pages[:1], [6, 7])
+    record = RECORD.pack(len(header), 0, len(payload)) + header + payload
+    cut = len(record) - len(payload) // 2
+    peer.link.sock.sendall(record[:cut])
+    return peer, pages, record, cut
+
+
 def test_cancel_during_an_in_place_read_waits_for_it_then_nothing_lands(
     channel: Channel,
 ) -> None:
@@ -260,17 +279,8 @@ def test_cancel_during_an_in_place_read_waits_for_it_then_nothing_lands(
     A cancel that arrives mid-page returns within one read slice, and the rest of the payload
     (sent after the cancel returned) is discarded, never written into the freed blocks."""
     ch = channel
-    if not ch.receiver.writes_in_place:
-        pytest.skip("only a receiver that reads payloads in place has reads to wait for")
-    peer = ch.raw_peer()
-    peer.handshake()
+    peer, pages, record, cut = _half_sent_page(ch, seed=8)
     assert isinstance(peer.link, StreamLink)
-    pages = random_pages(ch.receiver_fp, 2, seed=8)
-    ch.receiver.expect(tid(1), "req", [6, 7], 60.0)
-    header, payload = peer.page(tid(1), pages[:1], [6, 7])
-    record = RECORD.pack(len(header), 0, len(payload)) + header + payload
-    cut = len(record) - len(payload) // 2
-    peer.link.sock.sendall(record[:cut])  # the record up to half its payload
     wait_until(lambda: ch.dst.kv[0, 0, 6].flatten()[0] == pages[0, 0, 0].flatten()[0], "a read")
     assert ch.receiver.cancel(tid(1)) is True
     landed = ch.dst.kv.clone()
@@ -295,16 +305,7 @@ def test_a_peer_stalled_inside_a_record_is_dropped_and_others_go_on(
     socket stays open) holds the receiving thread for the stall limit at most; then it is
     forgotten and a healthy sender's transfer completes."""
     ch = make_channel(group_timeout_s=1.0)
-    if not ch.receiver.writes_in_place:
-        pytest.skip("only the stream backend reads records off a socket")
-    stalled = ch.raw_peer()
-    stalled.handshake()
-    assert isinstance(stalled.link, StreamLink)
-    pages = random_pages(ch.receiver_fp, 2, seed=9)
-    ch.receiver.expect(tid(1), "stalled", [6, 7], 60.0)
-    header, payload = stalled.page(tid(1), pages[:1], [6, 7])
-    record = RECORD.pack(len(header), 0, len(payload)) + header + payload
-    stalled.link.sock.sendall(record[: len(record) // 2])  # and then nothing more
+    _, pages, _, _ = _half_sent_page(ch, seed=9)  # and then nothing more
     ch.receiver.expect(tid(2), "req", [8, 9], 60.0)
     ch.send("snd", tid(2), [8, 9], pages)
     assert ch.rec.wait_ready("req") == 7
