@@ -2,18 +2,19 @@
 
 The model runs on a *packed* batch: all new tokens of all scheduled sequences side by side as one
 row ``(1, N)``, with explicit ``position_ids``. The runner packs the sequences with one new token
-(decode) first and those with several (prefill chunks) after them::
+(decode) first, shortest context first, and those with several (prefill chunks) after them::
 
-    packed tokens   [ d0 d1 d2 ... | p0 p0 p0 p0 p1 p1 p1 ... ]
-                      decode group   prefill group (starts at Bd)
+    packed tokens   [ d0 d1 d2 | d3 d4 ... | p0 p0 p0 p0 p1 p1 p1 ... ]
+                      decode groups          prefill group (starts at Bd)
 
 For each layer, this module
 
 1. writes the new tokens' K and V into their cache slots (``slot_mapping``);
-2. decode group: gathers the sequences' *whole blocks* (one ``index_select`` over the layer viewed
-   as ``(2, NB, bs * KVH * D)``, into a workspace every layer reuses), padded to the longest
-   context, and runs one scaled-dot-product attention with one query per sequence and a
-   key-padding mask;
+2. each decode group (sequences of similar context length, so that padding stays small; a few
+   groups at most): gathers the sequences' *whole blocks* (one ``index_select`` over the layer
+   viewed as ``(2, NB, bs * KVH * D)``, into a workspace every layer reuses), padded to the
+   group's longest context, and runs one scaled-dot-product attention with one query per
+   sequence and a key-padding mask;
 3. prefill group: when every sequence in it starts at position 0 (fresh prompts), its context is
    its own new tokens: they are padded to the longest prompt (no padding for a lone prompt) and
    attend causally, no gather and no mask; otherwise as decode, with queries padded to the
@@ -53,8 +54,9 @@ class ContextGather:
 
 @dataclass(frozen=True)
 class DecodeGroup:
-    """Sequences with one new token each: packed tokens ``[0, num_seqs)``, in order."""
+    """Sequences with one new token each: packed tokens ``[start, start + num_seqs)``."""
 
+    start: int
     num_seqs: int
     context: ContextGather
 
@@ -76,7 +78,7 @@ class AttentionBatch:
 
     kv_cache: KVCache
     slot_mapping: torch.Tensor  # (N,) flat cache slot of each new token
-    decode: DecodeGroup | None
+    decode: tuple[DecodeGroup, ...]  # in packed order, back to back from token 0
     prefill: PrefillGroup | None
     workspace: torch.Tensor  # (>= 2 * max(B * MB) * bs * KVH * D,) scratch for gathered K and V
 
@@ -102,10 +104,10 @@ def paged_attention(
 
     q = query[0]  # (H, N, D)
     outputs = []  # (n, H, D) per group, in packed order
-    if batch.decode is not None:
-        group = batch.decode
+    for group in batch.decode:
         k_ctx, v_ctx = _gather(layer_kv, group.context, batch.workspace)  # (B, KVH, C, D)
-        q_dec = q[:, : group.num_seqs].transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
+        tokens = q[:, group.start : group.start + group.num_seqs]  # (H, B, D)
+        q_dec = tokens.transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
         out = F.scaled_dot_product_attention(
             q_dec, k_ctx, v_ctx, attn_mask=group.context.mask, scale=scaling, enable_gqa=True
         )  # (B, H, 1, D)

@@ -81,9 +81,10 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> ModelInputs:
         bs = self.kv_cache.block_size
         order = [i for i, item in enumerate(batch.items) if item.num_new_tokens == 1]
+        order.sort(key=lambda i: batch.items[i].seq.num_computed_tokens)  # stable
         num_decode = len(order)
         order += [i for i, item in enumerate(batch.items) if item.num_new_tokens > 1]
-        items = [batch.items[i] for i in order]  # packed order: decode, then prefill
+        items = [batch.items[i] for i in order]  # packed order: decode by context, then prefill
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -95,10 +96,13 @@ class ModelRunner:
             positions.extend(range(start, start + count))
             slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + count))
             last_index.append(len(positions) - 1)
-        decode = prefill = None
-        if num_decode:
-            context = self._context(items[:num_decode], query_len=1)
-            decode = DecodeGroup(num_decode, context)
+        decode = tuple(
+            DecodeGroup(start, end - start, self._context(items[start:end], query_len=1))
+            for start, end in split_by_length(
+                [-(-(item.seq.num_computed_tokens + 1) // bs) for item in items[:num_decode]]
+            )
+        )
+        prefill = None
         if num_decode < len(items):
             prefill = self._prefill_group(items[num_decode:], start=num_decode)
         sampled = [k for k, item in enumerate(items) if item.sample]
@@ -180,16 +184,56 @@ class ModelRunner:
         return mask.unsqueeze(1).to(self.device)
 
     def _workspace_for(
-        self, decode: DecodeGroup | None, prefill: PrefillGroup | None
+        self, decode: tuple[DecodeGroup, ...], prefill: PrefillGroup | None
     ) -> torch.Tensor:
-        """A scratch tensor large enough for either group's gathered K and V, kept across
-        steps so that it is allocated (and its pages faulted in) only when it grows."""
-        counts = [g.context.block_ids.numel() for g in (decode, prefill) if g and g.context]
+        """A scratch tensor large enough for any group's gathered K and V, kept across steps so
+        that it is allocated (and its pages faulted in) only when it grows."""
+        contexts = [g.context for g in (*decode, prefill) if g is not None]
+        counts = [c.block_ids.numel() for c in contexts if c is not None]
         cache = self.kv_cache
         needed = 2 * max(counts, default=0) * cache.block_size * cache.num_kv_heads * cache.head_dim
         if self._workspace.numel() < needed:
             self._workspace = torch.empty(needed, dtype=cache.dtype, device=self.device)
         return self._workspace
+
+
+GROUP_COST_BLOCKS = 8
+"""What one more decode group costs per layer (a few op launches, ~20 us), in gathered blocks."""
+MAX_DECODE_GROUPS = 4
+
+
+def split_by_length(blocks: Sequence[int]) -> list[tuple[int, int]]:
+    """Split sequences sorted by context length into groups ``[start, end)``, each padded to its
+    longest member, minimizing padded blocks plus :data:`GROUP_COST_BLOCKS` per group.
+
+    ``blocks``: each sequence's context in blocks, ascending. Exact dynamic programme over the
+    distinct lengths (a cut between equal lengths never helps), at most
+    :data:`MAX_DECODE_GROUPS` groups: a few hundred steps of Python."""
+    if not blocks:
+        return []
+    ends = [i + 1 for i in range(len(blocks)) if i + 1 == len(blocks) or blocks[i + 1] != blocks[i]]
+    m = len(ends)  # distinct lengths; ends[j]: sequences with length <= the j-th one
+    inf = float("inf")
+    # best[g][j]: least cost of the first j distinct lengths in g groups; cut[g][j]: where the
+    # last of those groups starts (an index into the distinct lengths)
+    best = [[inf] * (m + 1) for _ in range(MAX_DECODE_GROUPS + 1)]
+    cut = [[0] * (m + 1) for _ in range(MAX_DECODE_GROUPS + 1)]
+    best[0][0] = 0.0
+    for g in range(1, MAX_DECODE_GROUPS + 1):
+        for j in range(g, m + 1):
+            longest = blocks[ends[j - 1] - 1]
+            for i in range(g - 1, j):
+                count = ends[j - 1] - (ends[i - 1] if i else 0)
+                cost = best[g - 1][i] + count * longest + GROUP_COST_BLOCKS
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i
+    groups = min(range(1, MAX_DECODE_GROUPS + 1), key=lambda g: best[g][m])
+    bounds, j = [], m
+    for g in range(groups, 0, -1):
+        i = cut[g][j]
+        bounds.append((ends[i - 1] if i else 0, ends[j - 1]))
+        j = i
+    return bounds[::-1]
 
 
 class PackedLinear(torch.nn.Module):

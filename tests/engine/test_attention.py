@@ -105,6 +105,10 @@ def run_case(cases: list[Case], seed: int, layer: int = 1) -> None:
         pytest.param([Case(3, 1), Case(12, 1), Case(7, 1)], id="decode-ragged"),
         pytest.param([Case(4, 1), Case(8, 1)], id="decode-full-blocks"),
         pytest.param([Case(0, 5), Case(0, 9)], id="two-prompts"),
+        pytest.param(
+            [Case(60, 1), Case(1, 1), Case(58, 1), Case(2, 1), Case(0, 1), Case(3, 6)],
+            id="decode-in-length-groups",
+        ),
         pytest.param([Case(6, 1), Case(0, 10), Case(2, 1)], id="decode-around-a-prompt"),
         pytest.param(
             [Case(0, 3), Case(11, 1), Case(5, 7), Case(20, 1), Case(0, 1)],

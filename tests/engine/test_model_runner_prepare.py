@@ -8,6 +8,8 @@ same over many random batches).
 
 from __future__ import annotations
 
+import itertools
+import random
 import types
 
 import pytest
@@ -15,7 +17,13 @@ import torch
 
 from engine.attention import paged_attention
 from engine.kv_cache import KVCache
-from engine.model_runner import ModelInputs, ModelRunner
+from engine.model_runner import (
+    GROUP_COST_BLOCKS,
+    MAX_DECODE_GROUPS,
+    ModelInputs,
+    ModelRunner,
+    split_by_length,
+)
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, ScheduledSeq
 from engine.sequence import SamplingParams, Sequence
@@ -84,8 +92,8 @@ def test_slot_mapping(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
 
 def test_decode_group(prepared: tuple[ScheduledBatch, ModelInputs]) -> None:
     _, inputs = prepared
-    decode = inputs.attention.decode
-    assert decode is not None and decode.num_seqs == 1
+    (decode,) = inputs.attention.decode
+    assert (decode.start, decode.num_seqs) == (0, 1)
     context = decode.context
     assert (context.num_seqs, context.blocks_per_seq) == (1, 2)  # b: 6 positions in 2 blocks
     assert context.block_ids.tolist() == TABLE_B
@@ -150,8 +158,8 @@ def test_decode_only_batch() -> None:
     batch = ScheduledBatch(tuple(ScheduledSeq(s, 1, True) for s in seqs))
     inputs = make_runner(cache).prepare(batch)
     assert inputs.attention.prefill is None
-    decode = inputs.attention.decode
-    assert decode is not None and decode.num_seqs == 2
+    (decode,) = inputs.attention.decode  # close lengths: one group, padded to 3 blocks
+    assert (decode.start, decode.num_seqs) == (0, 2)
     assert inputs.position_ids.tolist() == [[5, 8]]
     assert inputs.attention.slot_mapping.tolist() == [8 * BS + 1, 6 * BS + 0]
     assert decode.context.block_ids.tolist() == [3, 8, 0, 1, 0, 6]
@@ -165,8 +173,8 @@ def test_decode_only_batch() -> None:
 def test_full_blocks_need_no_decode_mask() -> None:
     seqs = [make_seq("a", 8, 7, [3, 8], 1), make_seq("b", 8, 7, [1, 0], 2)]
     batch = ScheduledBatch(tuple(ScheduledSeq(s, 1, True) for s in seqs))
-    decode = make_runner(make_cache()).prepare(batch).attention.decode
-    assert decode is not None and decode.context.mask is None
+    (decode,) = make_runner(make_cache()).prepare(batch).attention.decode
+    assert decode.context.mask is None
 
 
 def test_single_prefill_sequence_attends_itself() -> None:
@@ -174,7 +182,7 @@ def test_single_prefill_sequence_attends_itself() -> None:
     inputs = make_runner(make_cache()).prepare(ScheduledBatch((ScheduledSeq(seq, 5, True),)))
     assert inputs.attention.slot_mapping.tolist() == [8, 9, 10, 11, 12]
     assert inputs.logits_index.tolist() == [4]
-    assert inputs.attention.decode is None
+    assert inputs.attention.decode == ()
     prefill = inputs.attention.prefill
     assert prefill is not None and prefill.start == 0
     assert prefill.context is None and prefill.query_index is None  # no gather, no padding
@@ -189,6 +197,57 @@ def test_fresh_prompts_attend_themselves_padded() -> None:
         [0, 1, 2, 3, 4],
         [5, 6, 0, 0, 0],
     ]
+
+
+def test_decode_groups_split_by_context_length() -> None:
+    cache = make_cache(num_blocks=256)
+    lengths = [40, 3, 41, 2, 39, 4, 1, 42]  # tokens computed: two clusters, 1-4 and 39-42
+    seqs = []
+    for i, n in enumerate(lengths):
+        table = list(range(i * 12, i * 12 + -(-(n + 1) // BS)))
+        seqs.append(make_seq(f"s{i}", n + 1, n, table, i))
+    batch = ScheduledBatch(tuple(ScheduledSeq(s, 1, True) for s in seqs))
+    inputs = make_runner(cache).prepare(batch)
+    groups = inputs.attention.decode
+    assert [(g.start, g.num_seqs, g.context.blocks_per_seq) for g in groups] == [
+        (0, 4, 2),  # contexts of 2-5 tokens: 1-2 blocks
+        (4, 4, 11),  # contexts of 40-43 tokens: 10-11 blocks
+    ]
+    assert inputs.position_ids.tolist() == [sorted(lengths)]  # shortest context first
+    assert inputs.sample_items == [6, 3, 1, 5, 4, 0, 2, 7]
+
+
+def brute_force_cost(blocks: list[int]) -> int:
+    """Least padded blocks + GROUP_COST_BLOCKS per group over every split into contiguous
+    groups of at most MAX_DECODE_GROUPS."""
+    n, best = len(blocks), None
+    for k in range(min(MAX_DECODE_GROUPS, n)):
+        for cuts in itertools.combinations(range(1, n), k):
+            bounds = [0, *cuts, n]
+            cost = sum(
+                (end - start) * blocks[end - 1] + GROUP_COST_BLOCKS
+                for start, end in itertools.pairwise(bounds)
+            )
+            best = cost if best is None else min(best, cost)
+    assert best is not None
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_split_by_length_is_optimal(seed: int) -> None:
+    rng = random.Random(seed)
+    blocks = sorted(rng.randint(1, 40) for _ in range(rng.randint(1, 9)))
+    groups = split_by_length(blocks)
+    assert groups[0][0] == 0 and groups[-1][1] == len(blocks) and len(groups) <= 4
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in itertools.pairwise(groups))
+    cost = sum((end - start) * blocks[end - 1] + GROUP_COST_BLOCKS for start, end in groups)
+    assert cost == brute_force_cost(blocks)
+
+
+def test_split_by_length_keeps_equal_lengths_together() -> None:
+    assert split_by_length([]) == []
+    assert split_by_length([9] * 16) == [(0, 16)]
+    assert split_by_length([1] * 8 + [30] * 8) == [(0, 8), (8, 16)]
 
 
 def test_workspace_is_reused_across_steps() -> None:
