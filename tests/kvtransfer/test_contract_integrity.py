@@ -176,8 +176,11 @@ def test_payload_cut_in_transit_is_refused(channel: Channel, transport: Transpor
     for cut in (1, 4, len(payload) - 1):
         peer.send_page(header, payload[:-cut])
     peer.send_page(header, b"")  # no payload at all
-    peer.sock.send_multipart([header, payload, b"extra"])
-    assert_untouched(channel, peer, before, malformed=5)
+    refused = 4
+    if transport.backend is not Backend.STREAM:  # a stream's frames do not come on ZeroMQ
+        peer.sock.send_multipart([header, payload, b"extra"])  # (and would race the sync)
+        refused += 1
+    assert_untouched(channel, peer, before, malformed=refused)
     complete(channel, peer, pages)
 
 
