@@ -32,8 +32,9 @@ from transformers import AttentionInterface
 from engine import attention
 from engine.attention import register_paged_attention
 from engine.config import DType, ModelConfig
+from engine.kernels import load_paged_attention
 from engine.kv_cache import KVCache
-from engine.model_loader import load_model
+from engine.model_loader import default_cache_dir, load_model
 from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, ScheduledSeq
@@ -162,6 +163,13 @@ def main() -> None:
     )
     parser.add_argument("--model", default=ModelConfig().model)
     parser.add_argument("--dtype", choices=[d.value for d in DType], default="float32")
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        choices=["torch", "native"],
+        default=["torch", "native"],
+        help="decode attention paths to time side by side (engine.kernels for native)",
+    )
     parser.add_argument("--profile", action="store_true", help="torch.profiler table per shape")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args()
@@ -182,14 +190,18 @@ def main() -> None:
         weights.device,
     )
     cache.kv.normal_(generator=torch.Generator().manual_seed(0))
-    runner = ModelRunner(model, cache, Sampler(seed=0))
+    kernel = load_paged_attention(default_cache_dir()) if "native" in args.attention else None
+    runners = {
+        name: ModelRunner(model, cache, Sampler(seed=0), kernel if name == "native" else None)
+        for name in args.attention
+    }
     timers = Timers()
-    instrument(runner, timers)
+    for runner in runners.values():
+        instrument(runner, timers)
 
     rows = []
-    header = (
-        f"{'B':>3} {'C':>5} {'step ms':>8} {'cpu ms':>7} {'tok/s':>7} {'prepare':>8} {'attn':>7}"
-    )
+    header = f"{'attention':>9} {'B':>3} {'C':>5} {'step ms':>8} {'cpu ms':>7} {'tok/s':>7}"
+    header += f" {'prepare':>8} {'attn':>7}"
     header += f" {'model':>7} {'sample':>7}"
     print(
         f"threads={args.threads} dtype={args.dtype} steps={args.steps} "
@@ -198,17 +210,18 @@ def main() -> None:
     print(header)
     for context, num_seqs in itertools.product(args.context, args.batch):
         batch = decode_batch(num_seqs, context, cache, seed=context, prompt_len=args.prompt_len)
-        row = measure(runner, timers, batch, args.steps, args.warmup)
-        rows.append(row)
-        print(
-            f"{num_seqs:>3} {context:>5} {row['step_ms']:>8.1f} {row['cpu_ms']:>7.1f}"
-            f" {row['tok_s']:>7.1f}"
-            f" {row['prepare_ms']:>8.2f} {row['attention_ms']:>7.1f} {row['model_ms']:>7.1f}"
-            f" {row['sample_ms']:>7.2f}",
-            flush=True,
-        )
-        if args.profile:
-            profile(runner, batch, min(args.steps, 3))
+        for name, runner in runners.items():
+            row = {"attention": name, **measure(runner, timers, batch, args.steps, args.warmup)}
+            rows.append(row)
+            print(
+                f"{name:>9} {num_seqs:>3} {context:>5} {row['step_ms']:>8.1f} {row['cpu_ms']:>7.1f}"
+                f" {row['tok_s']:>7.1f}"
+                f" {row['prepare_ms']:>8.2f} {row['attention_ms']:>7.1f} {row['model_ms']:>7.1f}"
+                f" {row['sample_ms']:>7.2f}",
+                flush=True,
+            )
+            if args.profile:
+                profile(runner, batch, min(args.steps, 3))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2))
 

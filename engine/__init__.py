@@ -7,6 +7,8 @@ Map of modules (one idea each):
 - ``block_pool``: ref-counted KV block allocator, pure Python.
 - ``kv_cache``: the paged KV tensor and page gather/scatter.
 - ``attention``: attention over pages, plugged into transformers' attention interface.
+- ``kernels``: native CPU kernels (paged decode attention in C), built on this machine at first
+  use and called through ctypes.
 - ``sequence``: per-request state (:class:`Sequence`) with its status enum, sampling parameters.
 - ``sampler``: batched greedy / temperature / top-k / top-p sampling with per-request seeds.
 - ``scheduler``: waiting and running queues, token budget, block reservation.

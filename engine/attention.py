@@ -10,11 +10,12 @@ row ``(1, N)``, with explicit ``position_ids``. The runner packs the sequences w
 For each layer, this module
 
 1. writes the new tokens' K and V into their cache slots (``slot_mapping``);
-2. each decode group (sequences of similar context length, so that padding stays small; a few
-   groups at most): gathers the sequences' *whole blocks* (one ``index_select`` over the layer
-   viewed as ``(2, NB, bs * KVH * D)``, into a workspace every layer reuses), padded to the
-   group's longest context, and runs one scaled-dot-product attention with one query per
-   sequence and a key-padding mask;
+2. decode tokens: with the native kernel (:mod:`engine.kernels`, CPU), all of them at once, each
+   reading its context's blocks in place. Otherwise each decode group (sequences of similar
+   context length, so that padding stays small; a few groups at most) gathers the sequences'
+   *whole blocks* (one ``index_select`` over the layer viewed as ``(2, NB, bs * KVH * D)``,
+   into a workspace every layer reuses), padded to the group's longest context, and runs one
+   scaled-dot-product attention with one query per sequence and a key-padding mask;
 3. prefill group: when every sequence in it starts at position 0 (fresh prompts), its context is
    its own new tokens: they are padded to the longest prompt (no padding for a lone prompt) and
    attend causally, no gather and no mask; otherwise as decode, with queries padded to the
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import PagedAttentionKernel
 from engine.kv_cache import KVCache
 
 ATTENTION_NAME = "pdserve_paged"
@@ -62,6 +64,17 @@ class DecodeGroup:
 
 
 @dataclass(frozen=True)
+class NativeDecode:
+    """Decode tokens ``[0, B)`` read their contexts in place with the native kernel: no gather,
+    no padding, so no length groups either."""
+
+    kernel: PagedAttentionKernel
+    block_table: torch.Tensor  # (B, MB) int64, rows padded with block 0
+    seq_row: torch.Tensor  # (B,) int64: 0 .. B - 1
+    context_len: torch.Tensor  # (B,) int64: each sequence's context, its new token included
+
+
+@dataclass(frozen=True)
 class PrefillGroup:
     """Sequences with several new tokens: packed tokens ``[start, N)``, sequence by sequence."""
 
@@ -80,6 +93,7 @@ class AttentionBatch:
     slot_mapping: torch.Tensor  # (N,) flat cache slot of each new token
     decode: tuple[DecodeGroup, ...]  # in packed order, back to back from token 0
     prefill: PrefillGroup | None
+    native: NativeDecode | None  # instead of ``decode`` groups: every decode token, from 0
     workspace: torch.Tensor  # (>= 2 * max(B * MB) * bs * KVH * D,) scratch for gathered K and V
 
 
@@ -103,20 +117,35 @@ def paged_attention(
     slots[1].index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1))
 
     q = query[0]  # (H, N, D)
-    outputs = []  # (n, H, D) per group, in packed order
+    if batch.native is None and not batch.decode and batch.prefill is not None:
+        out = _prefill(batch.prefill, layer_kv, q, key[0], value[0], batch.workspace, scaling)
+        return out.unsqueeze(0), None  # (a prefill-only step: no copy into a shared output)
+    num_heads, num_tokens, head_dim = q.shape
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if batch.native is not None:
+        native = batch.native
+        count = native.seq_row.numel()
+        native.kernel(
+            q[:, :count].transpose(0, 1),
+            out[:count],
+            layer_kv,
+            native.block_table,
+            native.seq_row,
+            native.context_len,
+            scaling if scaling is not None else head_dim**-0.5,
+        )
     for group in batch.decode:
         k_ctx, v_ctx = _gather(layer_kv, group.context, batch.workspace)  # (B, KVH, C, D)
         tokens = q[:, group.start : group.start + group.num_seqs]  # (H, B, D)
         q_dec = tokens.transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
-        out = F.scaled_dot_product_attention(
+        group_out = F.scaled_dot_product_attention(
             q_dec, k_ctx, v_ctx, attn_mask=group.context.mask, scale=scaling, enable_gqa=True
         )  # (B, H, 1, D)
-        outputs.append(out.squeeze(2))
+        out[group.start : group.start + group.num_seqs] = group_out.squeeze(2)
     if batch.prefill is not None:
-        outputs.append(
-            _prefill(batch.prefill, layer_kv, q, key[0], value[0], batch.workspace, scaling)
+        out[batch.prefill.start :] = _prefill(
+            batch.prefill, layer_kv, q, key[0], value[0], batch.workspace, scaling
         )
-    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # (N, H, D)
     return out.unsqueeze(0), None
 
 

@@ -95,6 +95,18 @@ class SchedulerConfig:
     """Reuse the KV of full blocks whose token prefix was computed before (chained hashes)."""
 
 
+class AttentionKernel(enum.Enum):
+    """How decode tokens read their context from the paged pool."""
+
+    AUTO = "auto"
+    """``native`` where it applies (CPU, float32 or bfloat16) and builds; else ``torch``."""
+    NATIVE = "native"
+    """The C kernel of :mod:`engine.kernels`: reads each block in place; an error if it cannot
+    be built here."""
+    TORCH = "torch"
+    """Gather the blocks per layer, then torch's scaled-dot-product attention (any device)."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -104,3 +116,4 @@ class EngineConfig:
     """torch intra-op threads for this process; torch's default when unset."""
     cpus: tuple[int, ...] | None = None
     """Pin this process to these CPU cores (a tier per core keeps prefill off decode's core)."""
+    attention_kernel: AttentionKernel = AttentionKernel.AUTO

@@ -13,7 +13,14 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionBatch, ContextGather, DecodeGroup, PrefillGroup
+from engine.attention import (
+    AttentionBatch,
+    ContextGather,
+    DecodeGroup,
+    NativeDecode,
+    PrefillGroup,
+)
+from engine.kernels import PagedAttentionKernel
 from engine.kv_cache import KVCache
 from engine.sampler import Sampler, SampleRequest
 from engine.scheduler import ScheduledBatch, ScheduledSeq
@@ -32,10 +39,18 @@ LayerListener = Callable[[int], None]
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, sampler: Sampler) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCache,
+        sampler: Sampler,
+        kernel: PagedAttentionKernel | None = None,
+    ) -> None:
         """Takes the model over: on CPU its linear layers are repacked for oneDNN (same math,
-        about 1.5x faster at small batches), see :func:`pack_linear_layers`."""
+        about 1.5x faster at small batches), see :func:`pack_linear_layers`. With ``kernel``,
+        decode tokens attend through it (see :mod:`engine.kernels`)."""
         self.model = model
+        self.kernel = kernel
         self.kv_cache = kv_cache
         self.sampler = sampler
         self.device = kv_cache.device
@@ -96,12 +111,17 @@ class ModelRunner:
             positions.extend(range(start, start + count))
             slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + count))
             last_index.append(len(positions) - 1)
-        decode = tuple(
-            DecodeGroup(start, end - start, self._context(items[start:end], query_len=1))
-            for start, end in split_by_length(
-                [-(-(item.seq.num_computed_tokens + 1) // bs) for item in items[:num_decode]]
+        native = None
+        decode: tuple[DecodeGroup, ...] = ()
+        if self.kernel is not None and num_decode:
+            native = self._native_decode(self.kernel, items[:num_decode])
+        else:
+            decode = tuple(
+                DecodeGroup(start, end - start, self._context(items[start:end], query_len=1))
+                for start, end in split_by_length(
+                    [-(-(item.seq.num_computed_tokens + 1) // bs) for item in items[:num_decode]]
+                )
             )
-        )
         prefill = None
         if num_decode < len(items):
             prefill = self._prefill_group(items[num_decode:], start=num_decode)
@@ -112,6 +132,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
             decode=decode,
             prefill=prefill,
+            native=native,
             workspace=self._workspace_for(decode, prefill),
         )
         return ModelInputs(
@@ -125,6 +146,25 @@ class ModelRunner:
                 SampleRequest(items[k].seq.sampling, items[k].seq.num_tokens) for k in sampled
             ],
             sample_items=[order[k] for k in sampled],
+        )
+
+    def _native_decode(
+        self, kernel: PagedAttentionKernel, items: Sequence[ScheduledSeq]
+    ) -> NativeDecode:
+        bs = self.kv_cache.block_size
+        lengths = [item.seq.num_computed_tokens + 1 for item in items]
+        max_blocks = -(-max(lengths) // bs)
+        table: list[int] = []
+        for item in items:
+            row = item.seq.block_table[:max_blocks]
+            table.extend(row)
+            table.extend([0] * (max_blocks - len(row)))
+        dev = self.device
+        return NativeDecode(
+            kernel=kernel,
+            block_table=torch.tensor(table, dtype=torch.long, device=dev).view(len(items), -1),
+            seq_row=torch.arange(len(items), device=dev),
+            context_len=torch.tensor(lengths, dtype=torch.long, device=dev),
         )
 
     def _prefill_group(self, items: Sequence[ScheduledSeq], start: int) -> PrefillGroup:

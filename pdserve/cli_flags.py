@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.config import (
     DEFAULT_MODEL,
+    AttentionKernel,
     CacheConfig,
     DType,
     EngineConfig,
@@ -125,6 +126,14 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=env_default("threads", None),
         help="torch threads for this process",
     )
+    g.add_argument(
+        "--attention-kernel",
+        choices=[k.value for k in AttentionKernel],
+        default=env_default("attention_kernel", "auto"),
+        help="decode attention: native (a C kernel built here at first start, reads KV blocks "
+        "in place; CPU), torch (gather + scaled-dot-product attention), auto (native where it "
+        "applies and builds)",
+    )
 
 
 def add_transfer_flags(p: argparse.ArgumentParser) -> None:
@@ -212,4 +221,5 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         ),
         num_threads=int(args.threads) if args.threads else None,
         cpus=tuple(int(c) for c in str(args.cpus).split(",")) if args.cpus else None,
+        attention_kernel=AttentionKernel(args.attention_kernel),
     )

@@ -4,6 +4,9 @@ Each case builds sequences with random contexts already in shuffled cache blocks
 :meth:`ModelRunner.prepare` build the metadata, runs :func:`paged_attention` on random new
 queries/keys/values, and compares every token's output with causal attention computed one
 sequence at a time over its whole context. Grouped-query attention throughout (H = 3 * KVH).
+Every case runs twice: decode tokens through torch (gather + SDPA, in length groups) and through
+the native kernel (reading blocks in place), which also runs in bfloat16 and at the head sizes it
+has specialized code for.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import pytest
 import torch
 
 from engine.attention import paged_attention
+from engine.kernels import KernelBuildError, PagedAttentionKernel, load_paged_attention
 from engine.kv_cache import KVCache
 from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
@@ -40,16 +44,38 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> 
         kv_head = h // GROUP  # transformers' grouping: consecutive query heads share a KV head
         for i in range(q.shape[0]):
             visible = start + i + 1
-            scores = k[:visible, kv_head] @ q[i, h] / D**0.5  # (visible,)
+            scores = k[:visible, kv_head] @ q[i, h] / q.shape[-1] ** 0.5  # (visible,)
             out[i, h] = scores.softmax(0) @ v[:visible, kv_head]
     return out
 
 
-def run_case(cases: list[Case], seed: int, layer: int = 1) -> None:
+@pytest.fixture(scope="module")
+def native(tmp_path_factory: pytest.TempPathFactory) -> PagedAttentionKernel:
+    try:
+        return load_paged_attention(tmp_path_factory.mktemp("kernels"))
+    except KernelBuildError as exc:  # the engine falls back to torch there too
+        pytest.skip(f"no native kernel on this machine: {exc}")
+
+
+@pytest.fixture(params=["torch", "native"])
+def kernel(request: pytest.FixtureRequest) -> PagedAttentionKernel | None:
+    if request.param == "torch":
+        return None
+    return request.getfixturevalue("native")  # type: ignore[no-any-return]
+
+
+def run_case(
+    cases: list[Case],
+    seed: int,
+    kernel: PagedAttentionKernel | None,
+    layer: int = 1,
+    head_dim: int = D,
+    dtype: torch.dtype = torch.float32,
+) -> None:
     gen = torch.Generator().manual_seed(seed)
-    cache = KVCache(LAYERS, NUM_BLOCKS, BS, KVH, D, torch.float32, torch.device("cpu"))
-    cache.kv.normal_(generator=gen)  # stale data everywhere: padding must never leak in
-    runner = ModelRunner(object(), cache, Sampler(seed=0))  # type: ignore[arg-type]
+    cache = KVCache(LAYERS, NUM_BLOCKS, BS, KVH, head_dim, dtype, torch.device("cpu"))
+    cache.kv.copy_(torch.randn(cache.kv.shape, generator=gen))  # stale data: padding must not leak
+    runner = ModelRunner(object(), cache, Sampler(seed=0), kernel)  # type: ignore[arg-type]
     free = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
     items, keys, values = [], [], []
     for i, case in enumerate(cases):
@@ -57,8 +83,8 @@ def run_case(cases: list[Case], seed: int, layer: int = 1) -> None:
         seq = Sequence(f"s{i}", list(range(total)), total, SamplingParams())
         seq.block_table = [free.pop() for _ in range(-(-total // BS))]
         seq.num_computed_tokens = case.computed
-        k = torch.randn((total, KVH, D), generator=gen)
-        v = torch.randn((total, KVH, D), generator=gen)
+        k = torch.randn((total, KVH, head_dim), generator=gen).to(dtype)
+        v = torch.randn((total, KVH, head_dim), generator=gen).to(dtype)
         for p in range(case.computed):
             block, offset = seq.block_table[p // BS], p % BS
             cache.kv[layer, 0, block, offset] = k[p]
@@ -71,22 +97,32 @@ def run_case(cases: list[Case], seed: int, layer: int = 1) -> None:
     assert sorted(order) == list(range(len(cases)))
     new_k = torch.cat([keys[i][cases[i].computed :] for i in order])  # (N, KVH, D) packed
     new_v = torch.cat([values[i][cases[i].computed :] for i in order])
-    query = torch.randn((new_k.shape[0], H, D), generator=gen)  # (N, H, D)
+    query = torch.randn((new_k.shape[0], H, head_dim), generator=gen).to(dtype)  # (N, H, D)
     out, _ = paged_attention(
         types.SimpleNamespace(layer_idx=layer),  # type: ignore[arg-type]
         query.transpose(0, 1)[None],  # (1, H, N, D)
         new_k.transpose(0, 1)[None],  # (1, KVH, N, D)
         new_v.transpose(0, 1)[None],
         None,
-        scaling=D**-0.5,
+        scaling=head_dim**-0.5,
         pdserve_batch=inputs.attention,
     )
-    assert out.shape == (1, new_k.shape[0], H, D)
+    assert out.shape == (1, new_k.shape[0], H, head_dim)
+    decoding = any(case.new == 1 for case in cases)
+    assert (inputs.attention.native is not None) == (kernel is not None and decoding)
     offset = 0
     for i in order:
         case = cases[i]
-        expected = reference(query[offset : offset + case.new], keys[i], values[i], case.computed)
-        torch.testing.assert_close(out[0, offset : offset + case.new], expected, msg=f"seq {i}")
+        expected = reference(
+            query[offset : offset + case.new].float(),
+            keys[i].float(),
+            values[i].float(),
+            case.computed,
+        ).to(dtype)
+        tolerance = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(
+            out[0, offset : offset + case.new], expected, msg=f"seq {i}", **tolerance
+        )
         offset += case.new
     for i, item in enumerate(items):  # every position's K and V is now in the cache
         table = item.seq.block_table
@@ -116,12 +152,14 @@ def run_case(cases: list[Case], seed: int, layer: int = 1) -> None:
         ),
     ],
 )
-def test_paged_attention_matches_reference(cases: list[Case]) -> None:
-    run_case(cases, seed=len(cases))
+def test_paged_attention_matches_reference(
+    cases: list[Case], kernel: PagedAttentionKernel | None
+) -> None:
+    run_case(cases, seed=len(cases), kernel=kernel)
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_random_batches(seed: int) -> None:
+def test_random_batches(seed: int, kernel: PagedAttentionKernel | None) -> None:
     gen = torch.Generator().manual_seed(100 + seed)
     count = int(torch.randint(1, 7, (1,), generator=gen))
     cases = []
@@ -130,8 +168,33 @@ def test_random_batches(seed: int) -> None:
         prefill = bool(torch.rand(1, generator=gen) < 0.4)
         new = int(torch.randint(2, 9, (1,), generator=gen)) if prefill else 1
         cases.append(Case(computed, new))
-    run_case(cases, seed=seed, layer=seed % LAYERS)
+    run_case(cases, seed=seed, kernel=kernel, layer=seed % LAYERS)
 
 
-def test_layers_do_not_mix() -> None:
-    run_case([Case(5, 1), Case(0, 4)], seed=7, layer=0)
+def test_layers_do_not_mix(kernel: PagedAttentionKernel | None) -> None:
+    run_case([Case(5, 1), Case(0, 4)], seed=7, kernel=kernel, layer=0)
+
+
+DECODE_MIX = [Case(0, 1), Case(3, 1), Case(4, 1), Case(37, 1), Case(16, 1), Case(5, 7)]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 40], ids=["d64", "d128", "d40-generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_native_kernel_head_sizes_and_dtypes(
+    native: PagedAttentionKernel, head_dim: int, dtype: torch.dtype
+) -> None:
+    """The kernel's specialized (AVX-512) code for head sizes 64 and 128 and its generic loops,
+    in both dtypes, next to a prefill chunk that takes the torch path in the same step."""
+    run_case(DECODE_MIX, seed=head_dim, kernel=native, head_dim=head_dim, dtype=dtype)
+
+
+def test_native_kernel_refuses_bad_shapes(native: PagedAttentionKernel) -> None:
+    layer = torch.zeros((2, 4, BS, KVH, D))
+    query = torch.zeros((1, H + 1, D))  # heads not a multiple of KV heads
+    table = torch.zeros((1, 1), dtype=torch.long)
+    one = torch.ones(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="refused"):
+        native(query, torch.empty_like(query), layer, table, one - 1, one, 1.0)
+    query = torch.zeros((1, H, D))
+    with pytest.raises(ValueError, match="refused"):  # a context longer than its block row
+        native(query, torch.empty_like(query), layer, table, one - 1, one * (BS + 1), 1.0)

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import CacheConfig, DType, EngineConfig, ModelConfig, SchedulerConfig
+from engine.config import (
+    AttentionKernel,
+    CacheConfig,
+    DType,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from engine.engine import Engine, RequestOutput
 from engine.errors import OutOfBlocksError
 from engine.model_loader import load_model
@@ -46,11 +53,14 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return model, spec, expected
 
 
-def _engine(model, spec, *, num_blocks=256, block_size=4, budget=2048) -> Engine:
+def _engine(
+    model, spec, *, num_blocks=256, block_size=4, budget=2048, attention=AttentionKernel.AUTO
+) -> Engine:
     config = EngineConfig(
         model=ModelConfig(model=str(spec.path)),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=budget),
+        attention_kernel=attention,
     )
     return Engine(config, model, spec, sink=lambda outputs: None)
 
@@ -79,13 +89,19 @@ def _generated(outputs: list[RequestOutput], request_id: str) -> list[int]:
 
 
 @pytest.mark.parametrize(
+    "attention", [AttentionKernel.NATIVE, AttentionKernel.TORCH], ids=lambda k: k.value
+)
+@pytest.mark.parametrize(
     ("budget", "num_blocks"),
     [(2048, 256), (16, 256), (5, 256), (64, 24)],
     ids=["one-shot", "chunked-16", "chunked-5", "preempting"],
 )
-def test_greedy_matches_transformers(tiny, budget: int, num_blocks: int):
+def test_greedy_matches_transformers(
+    tiny, budget: int, num_blocks: int, attention: AttentionKernel
+):
     model, spec, expected = tiny
-    engine = _engine(model, spec, budget=budget, num_blocks=num_blocks)
+    engine = _engine(model, spec, budget=budget, num_blocks=num_blocks, attention=attention)
+    assert (engine.runner.kernel is not None) == (attention is AttentionKernel.NATIVE)
     for i, (prompt, n) in enumerate(zip(PROMPTS, MAX_TOKENS, strict=True)):
         engine.add(_seq(spec, i, prompt, n))
     outputs = _run_to_completion(engine)

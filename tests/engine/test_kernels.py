@@ -1,0 +1,58 @@
+"""Building, caching and choosing the native attention kernel (no model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine.kernels
+from engine.config import AttentionKernel, EngineConfig, ModelConfig
+from engine.engine import load_attention_kernel
+from engine.kernels import KernelBuildError, load_paged_attention
+from engine.kv_cache import KVCache
+
+
+def _cache(dtype: torch.dtype = torch.float32) -> KVCache:
+    return KVCache(2, 8, 4, 2, 8, dtype, torch.device("cpu"))
+
+
+def _config(tmp_path: Path, choice: AttentionKernel) -> EngineConfig:
+    return EngineConfig(model=ModelConfig(cache_dir=tmp_path), attention_kernel=choice)
+
+
+@pytest.fixture
+def no_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine.kernels.shutil, "which", lambda name: None)
+
+
+def test_built_once_then_loaded_from_the_cache(tmp_path: Path) -> None:
+    first = load_paged_attention(tmp_path)
+    built_at = first.path.stat().st_mtime_ns
+    second = load_paged_attention(tmp_path)
+    assert second.path == first.path
+    assert second.path.stat().st_mtime_ns == built_at
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.path.name]  # no temp left
+
+
+def test_no_compiler_is_a_named_error(tmp_path: Path, no_compiler: None) -> None:
+    with pytest.raises(KernelBuildError, match="no C compiler"):
+        load_paged_attention(tmp_path)
+
+
+def test_auto_falls_back_to_torch_without_a_compiler(tmp_path: Path, no_compiler: None) -> None:
+    assert load_attention_kernel(_config(tmp_path, AttentionKernel.AUTO), _cache()) is None
+    with pytest.raises(KernelBuildError, match="no C compiler"):
+        load_attention_kernel(_config(tmp_path, AttentionKernel.NATIVE), _cache())
+
+
+def test_choice_and_dtype(tmp_path: Path) -> None:
+    assert load_attention_kernel(_config(tmp_path, AttentionKernel.TORCH), _cache()) is None
+    assert load_attention_kernel(_config(tmp_path, AttentionKernel.AUTO), _cache()) is not None
+    bf16 = _cache(torch.bfloat16)
+    assert load_attention_kernel(_config(tmp_path, AttentionKernel.AUTO), bf16) is not None
+    fp16 = _cache(torch.float16)  # no kernel for it: torch, or an error when asked for
+    assert load_attention_kernel(_config(tmp_path, AttentionKernel.AUTO), fp16) is None
+    with pytest.raises(KernelBuildError, match="float16"):
+        load_attention_kernel(_config(tmp_path, AttentionKernel.NATIVE), fp16)
