@@ -79,8 +79,9 @@ class PrefillGroup:
     """Sequences with several new tokens: packed tokens ``[start, N)``, sequence by sequence."""
 
     start: int
+    lengths: tuple[int, ...]  # new tokens of each sequence, in packed order
     context: ContextGather | None  # None: every sequence starts at position 0, so its context is
-    # its own new tokens (right-padded, causal attention is exact for the real ones)
+    # its own new tokens (one causal attention per sequence, no padding)
     query_index: torch.Tensor | None  # (B, Q) index into the group's tokens; None when B == 1
     output_index: torch.Tensor | None  # (T,) index into the flattened (B * Q) outputs
 
@@ -117,9 +118,6 @@ def paged_attention(
     slots[1].index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1))
 
     q = query[0]  # (H, N, D)
-    if batch.native is None and not batch.decode and batch.prefill is not None:
-        out = _prefill(batch.prefill, layer_kv, q, key[0], value[0], batch.workspace, scaling)
-        return out.unsqueeze(0), None  # (a prefill-only step: no copy into a shared output)
     num_heads, num_tokens, head_dim = q.shape
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch.native is not None:
@@ -143,8 +141,9 @@ def paged_attention(
         )  # (B, H, 1, D)
         out[group.start : group.start + group.num_seqs] = group_out.squeeze(2)
     if batch.prefill is not None:
-        out[batch.prefill.start :] = _prefill(
-            batch.prefill, layer_kv, q, key[0], value[0], batch.workspace, scaling
+        prefill = batch.prefill
+        _prefill(
+            prefill, layer_kv, q, key[0], value[0], batch.workspace, scaling, out[prefill.start :]
         )
     return out.unsqueeze(0), None
 
@@ -157,34 +156,38 @@ def _prefill(
     value: torch.Tensor,  # (KVH, N, D)
     workspace: torch.Tensor,
     scaling: float | None,
-) -> torch.Tensor:
-    """Attention of the prefill group's T tokens: ``(T, H, D)``."""
-    q = query[:, group.start :].transpose(0, 1)  # (T, H, D)
+    out: torch.Tensor,  # (T, H, D): written
+) -> None:
+    """Attention of the prefill group's T tokens, into ``out``."""
     if group.context is None:  # fresh prompts: each attends its own new tokens, causally
-        k = key[:, group.start :].transpose(0, 1)  # (T, KVH, D)
-        v = value[:, group.start :].transpose(0, 1)
-        out = F.scaled_dot_product_attention(
-            _pad(q, group.query_index),
-            _pad(k, group.query_index),
-            _pad(v, group.query_index),
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=True,
-        )  # (B, H, Q, D)
-    else:
-        k_ctx, v_ctx = _gather(layer_kv, group.context, workspace)  # (B, KVH, C, D)
-        out = F.scaled_dot_product_attention(
-            _pad(q, group.query_index),
-            k_ctx,
-            v_ctx,
-            attn_mask=group.context.mask,
-            scale=scaling,
-            enable_gqa=True,
-        )  # (B, H, Q, D)
-    out = out.transpose(1, 2)  # (B, Q, H, D)
+        offset = group.start
+        for length in group.lengths:  # one call per prompt: no padding to the longest
+            end = offset + length
+            o = F.scaled_dot_product_attention(
+                query[None, :, offset:end],
+                key[None, :, offset:end],
+                value[None, :, offset:end],
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=True,
+            )  # (1, H, n, D)
+            out[offset - group.start : end - group.start] = o[0].transpose(0, 1)
+            offset = end
+        return
+    q = query[:, group.start :].transpose(0, 1)  # (T, H, D)
+    k_ctx, v_ctx = _gather(layer_kv, group.context, workspace)  # (B, KVH, C, D)
+    o = F.scaled_dot_product_attention(
+        _pad(q, group.query_index),
+        k_ctx,
+        v_ctx,
+        attn_mask=group.context.mask,
+        scale=scaling,
+        enable_gqa=True,
+    ).transpose(1, 2)  # (B, Q, H, D)
     if group.output_index is None:
-        return out[0]
-    return out.reshape(-1, out.shape[2], out.shape[3])[group.output_index]  # (T, H, D)
+        out.copy_(o[0])
+    else:
+        out.copy_(o.reshape(-1, o.shape[2], o.shape[3])[group.output_index])
 
 
 def _pad(tokens: torch.Tensor, query_index: torch.Tensor | None) -> torch.Tensor:

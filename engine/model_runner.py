@@ -171,10 +171,12 @@ class ModelRunner:
         """Sequences with several new tokens, packed from ``start`` on."""
         fresh = all(item.seq.num_computed_tokens == 0 for item in items)
         lengths = [item.num_new_tokens for item in items]
+        if fresh:  # each prompt attends its own tokens: no context, no padding
+            return PrefillGroup(start, tuple(lengths), None, None, None)
         max_q = max(lengths)
-        context = None if fresh else self._context(items, query_len=max_q)
+        context = self._context(items, query_len=max_q)
         if len(items) == 1:
-            return PrefillGroup(start, context, None, None)
+            return PrefillGroup(start, tuple(lengths), context, None, None)
         length_t = torch.tensor(lengths)  # (B,)
         q_off = torch.arange(max_q)  # (Q,)
         q_valid = q_off[None, :] < length_t[:, None]  # (B, Q)
@@ -182,7 +184,9 @@ class ModelRunner:
         query_index = (offsets[:, None] + q_off[None, :]).masked_fill(~q_valid, 0)  # (B, Q)
         output_index = (torch.arange(len(items))[:, None] * max_q + q_off[None, :])[q_valid]
         dev = self.device
-        return PrefillGroup(start, context, query_index.to(dev), output_index.to(dev))
+        return PrefillGroup(
+            start, tuple(lengths), context, query_index.to(dev), output_index.to(dev)
+        )
 
     def _context(self, items: Sequence[ScheduledSeq], query_len: int) -> ContextGather:
         """Block ids and mask for items whose queries are padded to ``query_len``."""

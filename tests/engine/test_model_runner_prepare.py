@@ -188,15 +188,13 @@ def test_single_prefill_sequence_attends_itself() -> None:
     assert prefill.context is None and prefill.query_index is None  # no gather, no padding
 
 
-def test_fresh_prompts_attend_themselves_padded() -> None:
+def test_fresh_prompts_attend_themselves_unpadded() -> None:
     seqs = [make_seq("a", 5, 0, [2, 3], 1), make_seq("b", 2, 0, [4], 2)]
     batch = ScheduledBatch(tuple(ScheduledSeq(s, s.num_tokens, True) for s in seqs))
     prefill = make_runner(make_cache()).prepare(batch).attention.prefill
     assert prefill is not None and prefill.context is None  # no gather: no blocks, no mask
-    assert prefill.query_index is not None and prefill.query_index.tolist() == [
-        [0, 1, 2, 3, 4],
-        [5, 6, 0, 0, 0],
-    ]
+    assert prefill.lengths == (5, 2)  # one causal attention each, nothing padded
+    assert prefill.query_index is None
 
 
 def test_decode_groups_split_by_context_length() -> None:
