@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
-from engine import attention
+from engine import attention, llama_forward
 from engine.attention import register_paged_attention
 from engine.config import DType, ModelConfig
 from engine.kernels import load_paged_attention
@@ -66,6 +66,7 @@ def instrument(runner: ModelRunner, timers: Timers) -> None:
     prepare = runner.prepare
     sample = runner.sampler.sample
     paged = attention.paged_attention
+    attend = attention.attend
 
     def timed_prepare(batch: ScheduledBatch) -> Any:
         with timers.part("prepare"):
@@ -79,9 +80,14 @@ def instrument(runner: ModelRunner, timers: Timers) -> None:
         with timers.part("attention"):
             return paged(*args, **kwargs)
 
+    def timed_attend(*args: Any, **kwargs: Any) -> Any:
+        with timers.part("attention"):
+            return attend(*args, **kwargs)
+
     runner.prepare = timed_prepare  # type: ignore[method-assign]
     runner.sampler.sample = timed_sample  # type: ignore[method-assign]
-    AttentionInterface.register(attention.ATTENTION_NAME, timed_attention)
+    AttentionInterface.register(attention.ATTENTION_NAME, timed_attention)  # transformers path
+    llama_forward.attend = timed_attend  # type: ignore[assignment]  # pdserve's forward pass
 
 
 def decode_batch(

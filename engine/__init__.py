@@ -7,6 +7,8 @@ Map of modules (one idea each):
 - ``block_pool``: ref-counted KV block allocator, pure Python.
 - ``kv_cache``: the paged KV tensor and page gather/scatter.
 - ``attention``: attention over pages, plugged into transformers' attention interface.
+- ``llama_forward``: pdserve's own forward pass for Llama-family models (fused projections,
+  no per-step module overhead); other families run transformers' modules.
 - ``kernels``: native CPU kernels (paged decode attention in C), built on this machine at first
   use and called through ctypes.
 - ``sequence``: per-request state (:class:`Sequence`) with its status enum, sampling parameters.

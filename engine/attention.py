@@ -111,13 +111,27 @@ def paged_attention(
     """transformers attention function; returns ``(1, N, H, D)``."""
     batch: AttentionBatch = kwargs["pdserve_batch"]
     layer_idx: int = module.layer_idx  # type: ignore[assignment]  # set by every HF attention
+    head_dim = query.shape[-1]
+    scale = scaling if scaling is not None else head_dim**-0.5
+    return attend(batch, layer_idx, query[0], key[0], value[0], scale).unsqueeze(0), None
+
+
+def attend(
+    batch: AttentionBatch,
+    layer_idx: int,
+    q: torch.Tensor,  # (H, N, D), any strides with the last one 1
+    k: torch.Tensor,  # (KVH, N, D)
+    v: torch.Tensor,  # (KVH, N, D)
+    scale: float,
+) -> torch.Tensor:
+    """Write the step's new K and V into their slots of layer ``layer_idx``, then attend every
+    new token to its context: ``(N, H, D)``, contiguous."""
     cache = batch.kv_cache
     layer_kv = cache.kv[layer_idx]  # (2, NB, bs, KVH, D)
     slots = layer_kv.view(2, -1, cache.num_kv_heads, cache.head_dim)  # (2, NB * bs, KVH, D)
-    slots[0].index_copy_(0, batch.slot_mapping, key[0].transpose(0, 1))  # (N, KVH, D) each
-    slots[1].index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1))
+    slots[0].index_copy_(0, batch.slot_mapping, k.transpose(0, 1))  # (N, KVH, D) each
+    slots[1].index_copy_(0, batch.slot_mapping, v.transpose(0, 1))
 
-    q = query[0]  # (H, N, D)
     num_heads, num_tokens, head_dim = q.shape
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch.native is not None:
@@ -130,22 +144,20 @@ def paged_attention(
             native.block_table,
             native.seq_row,
             native.context_len,
-            scaling if scaling is not None else head_dim**-0.5,
+            scale,
         )
     for group in batch.decode:
         k_ctx, v_ctx = _gather(layer_kv, group.context, batch.workspace)  # (B, KVH, C, D)
         tokens = q[:, group.start : group.start + group.num_seqs]  # (H, B, D)
         q_dec = tokens.transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
         group_out = F.scaled_dot_product_attention(
-            q_dec, k_ctx, v_ctx, attn_mask=group.context.mask, scale=scaling, enable_gqa=True
+            q_dec, k_ctx, v_ctx, attn_mask=group.context.mask, scale=scale, enable_gqa=True
         )  # (B, H, 1, D)
         out[group.start : group.start + group.num_seqs] = group_out.squeeze(2)
     if batch.prefill is not None:
         prefill = batch.prefill
-        _prefill(
-            prefill, layer_kv, q, key[0], value[0], batch.workspace, scaling, out[prefill.start :]
-        )
-    return out.unsqueeze(0), None
+        _prefill(prefill, layer_kv, q, k, v, batch.workspace, scale, out[prefill.start :])
+    return out
 
 
 def _prefill(
@@ -155,7 +167,7 @@ def _prefill(
     key: torch.Tensor,  # (KVH, N, D)
     value: torch.Tensor,  # (KVH, N, D)
     workspace: torch.Tensor,
-    scaling: float | None,
+    scaling: float,
     out: torch.Tensor,  # (T, H, D): written
 ) -> None:
     """Attention of the prefill group's T tokens, into ``out``."""

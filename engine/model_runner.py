@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from engine import llama_forward
 from engine.attention import (
     AttentionBatch,
     ContextGather,
@@ -22,6 +23,7 @@ from engine.attention import (
 )
 from engine.kernels import PagedAttentionKernel
 from engine.kv_cache import KVCache
+from engine.llama_forward import LlamaForward
 from engine.sampler import Sampler, SampleRequest
 from engine.scheduler import ScheduledBatch, ScheduledSeq
 
@@ -46,11 +48,14 @@ class ModelRunner:
         sampler: Sampler,
         kernel: PagedAttentionKernel | None = None,
     ) -> None:
-        """Takes the model over: on CPU its linear layers are repacked for oneDNN (same math,
+        """Takes the model over: Llama-family models run through :class:`LlamaForward` (fused
+        projections, no per-step module overhead), others through transformers with
+        :func:`paged_attention`; on CPU the linear layers are repacked for oneDNN (same math,
         about 1.5x faster at small batches), see :func:`pack_linear_layers`. With ``kernel``,
         decode tokens attend through it (see :mod:`engine.kernels`)."""
         self.model = model
         self.kernel = kernel
+        self.fast: LlamaForward | None = None
         self.kv_cache = kv_cache
         self.sampler = sampler
         self.device = kv_cache.device
@@ -59,10 +64,16 @@ class ModelRunner:
         :meth:`execute`); the engine sets it for steps that stream KV out layer by layer."""
         self._workspace = torch.empty(0, dtype=kv_cache.dtype, device=self.device)
         if isinstance(model, torch.nn.Module):
-            pack_linear_layers(model)
+            if llama_forward.supports(model):
+                self.fast = LlamaForward(model, pack_linear)
+            else:
+                pack_linear_layers(model)
 
     def install_layer_hooks(self) -> None:
-        """Hook every attention module so :attr:`layer_listener` hears each finished layer."""
+        """Hook every attention module so :attr:`layer_listener` hears each finished layer
+        (transformers path; :class:`LlamaForward` calls the listener itself)."""
+        if self.fast is not None:
+            return
         layers = [m for m in self.model.modules() if _is_attention(m)]
         if len(layers) != self.kv_cache.num_layers:
             raise ValueError(
@@ -79,14 +90,23 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> list[int]:
         """Run the batch; returns one token per item (0 for items that do not sample)."""
         inputs = self.prepare(batch)
-        out = self.model(
-            input_ids=inputs.input_ids,
-            position_ids=inputs.position_ids,
-            use_cache=False,
-            logits_to_keep=inputs.logits_index,
-            pdserve_batch=inputs.attention,
-        )
-        logits = out.logits[0]  # (S, V)
+        if self.fast is not None:
+            logits = self.fast(
+                inputs.input_ids[0],
+                inputs.position_ids[0],
+                inputs.attention,
+                inputs.logits_index,
+                self.layer_listener,
+            )
+        else:
+            out = self.model(
+                input_ids=inputs.input_ids,
+                position_ids=inputs.position_ids,
+                use_cache=False,
+                logits_to_keep=inputs.logits_index,
+                pdserve_batch=inputs.attention,
+            )
+            logits = out.logits[0]  # (S, V)
         tokens = self.sampler.sample(logits, inputs.sample_requests) if len(logits) else []
         result = [0] * len(batch.items)
         for row, token in zip(inputs.sample_items, tokens, strict=True):
@@ -303,21 +323,27 @@ class PackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
 
 
+def pack_linear(linear: torch.nn.Module) -> torch.nn.Module:
+    """``linear`` as :class:`PackedLinear` where that applies (a float32 CPU ``nn.Linear`` with
+    oneDNN available), else unchanged."""
+    if type(linear) is not torch.nn.Linear or not torch.backends.mkldnn.is_available():
+        return linear
+    weight = linear.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return linear
+    return PackedLinear(linear)
+
+
 def pack_linear_layers(model: torch.nn.Module) -> int:
     """Swap the model's float32 CPU ``nn.Linear`` layers for :class:`PackedLinear`; returns how
     many were swapped (0 off CPU or without oneDNN). Idempotent."""
-    if not torch.backends.mkldnn.is_available():
-        return 0
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not torch.nn.Linear:
-                continue
-            weight = child.weight
-            if weight.device.type != "cpu" or weight.dtype != torch.float32:
-                continue
-            setattr(parent, name, PackedLinear(child))
-            swapped += 1
+            packed = pack_linear(child)
+            if packed is not child:
+                setattr(parent, name, packed)
+                swapped += 1
     return swapped
 
 

@@ -102,6 +102,8 @@ def test_greedy_matches_transformers(
     model, spec, expected = tiny
     engine = _engine(model, spec, budget=budget, num_blocks=num_blocks, attention=attention)
     assert (engine.runner.kernel is not None) == (attention is AttentionKernel.NATIVE)
+    # Llama and Qwen2 run pdserve's own forward pass, GPT-2 transformers' modules
+    assert (engine.runner.fast is not None) == (spec.family != "gpt2")
     for i, (prompt, n) in enumerate(zip(PROMPTS, MAX_TOKENS, strict=True)):
         engine.add(_seq(spec, i, prompt, n))
     outputs = _run_to_completion(engine)
