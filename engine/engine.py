@@ -9,6 +9,7 @@ of in-flight sequences are deferred to then).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -268,8 +269,9 @@ class Engine:
             self._thread.join(timeout=10)
 
     def _loop(self) -> None:
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
+        # per thread in OpenMP: the forward pass is this thread's team (the worker's other
+        # threads keep one thread each, see pdserve.worker_runtime)
+        torch.set_num_threads(self.config.num_threads or len(os.sched_getaffinity(0)))
         while True:
             with self._lock:
                 while not self._stopping and not self.scheduler.has_work():

@@ -149,6 +149,7 @@ class KVReceiver:
 
     def _loop(self) -> None:
         assert self._sock is not None
+        torch.set_num_threads(1)  # page copies stay serial here: the engine thread owns the cores
         self._poller.register(self._sock, zmq.POLLIN)
         while not self._stop.is_set():
             adopting = self._adopt_streams()

@@ -88,7 +88,7 @@ class PagedAttentionKernel:
             block_size,
             scale,
             _DTYPES[query.dtype],
-            torch.get_num_threads(),
+            0,  # as many threads as torch uses on the calling thread
         )
         if rc != 0:
             raise ValueError(

@@ -257,6 +257,8 @@ enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
  * out:          (tokens, heads, head_dim), contiguous, same dtype as the pool
  * k_cache, v_cache: one layer's K and V, (num_blocks, block_size, kv_heads, head_dim)
  * block_table:  (rows, max_blocks) int64;  seq_row, context_len: (tokens,) int64
+ * num_threads:  OpenMP threads; 0 for the calling thread's own setting (torch.set_num_threads
+ *               made on that thread)
  */
 int pd_paged_attention(const void *q, int64_t q_token_stride, int64_t q_head_stride, void *out,
                        const void *k_cache, const void *v_cache, const int64_t *block_table,
@@ -271,6 +273,9 @@ int pd_paged_attention(const void *q, int64_t q_token_stride, int64_t q_head_str
         if (context_len[t] <= 0 || context_len[t] > max_blocks * block_size) return -1;
         max_len = context_len[t] > max_len ? context_len[t] : max_len;
     }
+#ifdef _OPENMP
+    if (num_threads <= 0) num_threads = omp_get_max_threads(); /* the calling thread's setting */
+#endif
     const int64_t g_heads = heads / kv_heads;
     const item_fn run_item = pick_item(dtype, head_dim);
     const size_t row_floats = (size_t)(heads * head_dim);
