@@ -174,11 +174,7 @@ class ModelRunner:
         bs = self.kv_cache.block_size
         lengths = [item.seq.num_computed_tokens + 1 for item in items]
         max_blocks = -(-max(lengths) // bs)
-        table: list[int] = []
-        for item in items:
-            row = item.seq.block_table[:max_blocks]
-            table.extend(row)
-            table.extend([0] * (max_blocks - len(row)))
+        table = _padded_block_tables(items, max_blocks)
         dev = self.device
         return NativeDecode(
             kernel=kernel,
@@ -214,11 +210,7 @@ class ModelRunner:
         starts = [item.seq.num_computed_tokens for item in items]
         ends = [s + item.num_new_tokens for s, item in zip(starts, items, strict=True)]
         max_blocks = -(-max(ends) // bs)
-        block_ids: list[int] = []
-        for item in items:
-            table = item.seq.block_table[:max_blocks]
-            block_ids.extend(table)
-            block_ids.extend([0] * (max_blocks - len(table)))
+        block_ids = _padded_block_tables(items, max_blocks)
         dev = self.device
         context_len = max_blocks * bs
         mask = None
@@ -259,6 +251,16 @@ class ModelRunner:
         if self._workspace.numel() < needed:
             self._workspace = torch.empty(needed, dtype=cache.dtype, device=self.device)
         return self._workspace
+
+
+def _padded_block_tables(items: Sequence[ScheduledSeq], max_blocks: int) -> list[int]:
+    """The items' block tables, each cut or padded (with block 0) to ``max_blocks``, flat."""
+    flat: list[int] = []
+    for item in items:
+        row = item.seq.block_table[:max_blocks]
+        flat.extend(row)
+        flat.extend([0] * (max_blocks - len(row)))
+    return flat
 
 
 GROUP_COST_BLOCKS = 8
