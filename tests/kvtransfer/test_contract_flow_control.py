@@ -6,6 +6,7 @@ holding on to none of the pages it refused."""
 from __future__ import annotations
 
 import gc
+import random
 import weakref
 
 import pytest
@@ -30,15 +31,28 @@ from tests.kvtransfer.harness import (
 
 
 def endpoint_nobody_serves(transport: Transport) -> str:
-    """Where the decode worker will listen once it starts (senders may connect before)."""
+    """Where the decode worker will listen once it starts (senders may connect before).
+
+    A tcp port below the kernel's ephemeral range: while nothing listens, the sender's
+    reconnects could otherwise draw the target port as their own source port, and a TCP socket
+    connected to itself (simultaneous open) would take the HELLO and never let go of it."""
     bind = transport.bind()
     if not bind.startswith("tcp://"):
         return bind
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+        ephemeral_low = int(ports.read().split()[0])
     probe: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-    probe.bind(bind)
-    endpoint = probe.getsockopt_string(zmq.LAST_ENDPOINT)
-    probe.close(linger=0)
-    return endpoint
+    try:
+        for port in random.Random().sample(range(10000, ephemeral_low), 50):
+            try:
+                probe.bind(f"tcp://127.0.0.1:{port}")
+            except zmq.ZMQError:
+                continue  # taken
+            probe.unbind(f"tcp://127.0.0.1:{port}")
+            return f"tcp://127.0.0.1:{port}"
+    finally:
+        probe.close(linger=0)
+    raise RuntimeError("no free tcp port below the ephemeral range")
 
 
 def test_send_pages_blocks_then_gives_up_while_the_receiver_is_down(
