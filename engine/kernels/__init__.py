@@ -114,6 +114,9 @@ def load_paged_attention(cache_dir: Path, compiler: str = "cc") -> PagedAttentio
 
 
 def _build(out_dir: Path, compiler: str) -> Path:
+    """The shared object for this source, compiler and CPU: found in ``out_dir`` (e.g. built
+    into the image), else compiled into it, or into the temp directory when ``out_dir`` is not
+    writable (containers with a read-only root and an emptyDir on /tmp)."""
     exe = shutil.which(compiler)
     if exe is None:
         raise KernelBuildError(f"no C compiler ({compiler!r} is not on PATH)")
@@ -124,14 +127,24 @@ def _build(out_dir: Path, compiler: str) -> Path:
     key = hashlib.sha256(
         b"\0".join([source, " ".join(CFLAGS).encode(), *(v.encode() for v in version), _cpu_id()])
     ).hexdigest()[:16]
-    target = out_dir / f"paged_attention-{key}.so"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"paged_attention-{key}.so"
+    fallback = Path(tempfile.gettempdir()) / "pdserve-kernels"
+    for found in (out_dir / name, fallback / name):
+        if found.exists():
+            return found
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writable = os.access(out_dir, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        out_dir = fallback
+        out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / name
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         src = Path(tmp) / SOURCE
         src.write_bytes(source)
-        built = Path(tmp) / target.name
+        built = Path(tmp) / name
         result = subprocess.run(
             [exe, *CFLAGS, "-o", str(built), str(src), "-lm"],
             capture_output=True,

@@ -257,7 +257,7 @@ def test_cancel_before_and_after_first_token_and_deadline_free_every_block(fleet
 
 async def _deadline(gateway: str) -> Outcome:
     async with AsyncClient(gateway) as client:
-        return await _stream(client, _prompt(9, 200), 800, timeout=0.5)
+        return await _stream(client, _prompt(9, 200), 800, timeout=0.25)  # 800 tokens: > 0.5 s
 
 
 def test_overload_is_refused_with_retry_info_and_the_sdk_retries(fleet: Fleet) -> None:

@@ -56,3 +56,20 @@ def test_choice_and_dtype(tmp_path: Path) -> None:
     assert load_attention_kernel(_config(tmp_path, AttentionKernel.AUTO), fp16) is None
     with pytest.raises(KernelBuildError, match="float16"):
         load_attention_kernel(_config(tmp_path, AttentionKernel.NATIVE), fp16)
+
+
+def test_read_only_cache_builds_in_the_temp_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "image"  # as in the image: the cache is mounted read-only
+    access = engine.kernels.os.access
+    monkeypatch.setattr(
+        engine.kernels.os,
+        "access",
+        lambda path, mode: False if Path(path).is_relative_to(cache) else access(path, mode),
+    )
+    monkeypatch.setattr(engine.kernels.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    kernel = load_paged_attention(cache)
+    assert kernel.path.parent == tmp_path / "tmp" / "pdserve-kernels"
+    assert load_paged_attention(cache).path == kernel.path  # found there the next time
