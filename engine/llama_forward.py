@@ -97,7 +97,7 @@ class LlamaForward:
         cos, sin = cos[0, :, None], sin[0, :, None]  # (N, 1, D): broadcast over heads
         n = hidden.shape[0]
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
-        residual = hidden
+        residual = hidden  # the embedding's output is ours: the residual adds go in place
         for index, layer in enumerate(self.layers):
             x = _rms_norm(residual, layer.input_norm, self.eps)
             qkv = layer.qkv(x).view(n, h + 2 * kvh, d)
@@ -112,11 +112,11 @@ class LlamaForward:
             )  # (N, H, D)
             if layer_listener is not None:
                 layer_listener(index)
-            residual = residual + layer.o_proj(out.view(n, h * d))
+            residual.add_(layer.o_proj(out.view(n, h * d)))  # (a + b == b + a, bit for bit)
             x = _rms_norm(residual, layer.post_norm, self.eps)
             gate_up = layer.gate_up(x)
-            act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
-            residual = residual + layer.down(act)
+            act = F.silu(gate_up[:, : self.intermediate]).mul_(gate_up[:, self.intermediate :])
+            residual.add_(layer.down(act))
         last = _rms_norm(residual[logits_index], self.final_norm, self.eps)
         logits: torch.Tensor = self.lm_head(last)
         return logits
