@@ -70,7 +70,6 @@ class NativeDecode:
 
     kernel: PagedAttentionKernel
     block_table: torch.Tensor  # (B, MB) int64, rows padded with block 0
-    seq_row: torch.Tensor  # (B,) int64: 0 .. B - 1
     context_len: torch.Tensor  # (B,) int64: each sequence's context, its new token included
 
 
@@ -136,13 +135,12 @@ def attend(
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch.native is not None:
         native = batch.native
-        count = native.seq_row.numel()
+        count = native.context_len.numel()
         native.kernel(
             q[:, :count].transpose(0, 1),
             out[:count],
             layer_kv,
             native.block_table,
-            native.seq_row,
             native.context_len,
             scale,
         )
@@ -167,7 +165,7 @@ def _prefill(
     key: torch.Tensor,  # (KVH, N, D)
     value: torch.Tensor,  # (KVH, N, D)
     workspace: torch.Tensor,
-    scaling: float,
+    scale: float,
     out: torch.Tensor,  # (T, H, D): written
 ) -> None:
     """Attention of the prefill group's T tokens, into ``out``."""
@@ -180,7 +178,7 @@ def _prefill(
                 key[None, :, offset:end],
                 value[None, :, offset:end],
                 is_causal=True,
-                scale=scaling,
+                scale=scale,
                 enable_gqa=True,
             )  # (1, H, n, D)
             out[offset - group.start : end - group.start] = o[0].transpose(0, 1)
@@ -193,7 +191,7 @@ def _prefill(
         k_ctx,
         v_ctx,
         attn_mask=group.context.mask,
-        scale=scaling,
+        scale=scale,
         enable_gqa=True,
     ).transpose(1, 2)  # (B, Q, H, D)
     if group.output_index is None:

@@ -179,7 +179,6 @@ class ModelRunner:
         return NativeDecode(
             kernel=kernel,
             block_table=torch.tensor(table, dtype=torch.long, device=dev).view(len(items), -1),
-            seq_row=torch.arange(len(items), device=dev),
             context_len=torch.tensor(lengths, dtype=torch.long, device=dev),
         )
 

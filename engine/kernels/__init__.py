@@ -61,8 +61,7 @@ class PagedAttentionKernel:
         query: torch.Tensor,  # (T, H, D), last dim contiguous
         out: torch.Tensor,  # (T, H, D) contiguous, written
         layer_kv: torch.Tensor,  # (2, NB, bs, KVH, D) contiguous: one layer of the pool
-        block_table: torch.Tensor,  # (rows, MB) int64 contiguous
-        seq_row: torch.Tensor,  # (T,) int64: block-table row of each query token
+        block_table: torch.Tensor,  # (T, MB) int64 contiguous: row t holds token t's blocks
         context_len: torch.Tensor,  # (T,) int64: slots each token attends (1 .. MB * bs)
         scale: float,
     ) -> None:
@@ -79,7 +78,6 @@ class PagedAttentionKernel:
             layer_kv[1].data_ptr(),
             block_table.data_ptr(),
             block_table.shape[1],
-            seq_row.data_ptr(),
             context_len.data_ptr(),
             tokens,
             heads,
@@ -108,7 +106,7 @@ def load_paged_attention(cache_dir: Path, compiler: str = "cc") -> PagedAttentio
         raise KernelBuildError(f"cannot load {path}: {exc}") from exc
     fn = lib.pd_paged_attention
     fn.restype = ctypes.c_int
-    fn.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR]
+    fn.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR]
     fn.argtypes += [_I64] * 5 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     return PagedAttentionKernel(path, fn)
 

@@ -6,12 +6,13 @@
  * from its block, and nothing is padded.
  *
  * Pool layout of one layer, K and V each:  (num_blocks, block_size, kv_heads, head_dim)
- * Query token t attends slots 0 .. context_len[t] - 1 of the sequence in row seq_row[t] of the
- * block table (block_table[row * max_blocks + p / block_size] holds position p).
+ * Query token t attends slots 0 .. context_len[t] - 1 of its sequence, whose blocks are row t of
+ * the block table (block_table[t * max_blocks + p / block_size] holds position p).
  *
  * Work item: one query token (threads split the tokens). Two passes over its context: scores
- * q.k into a scratch row per head, then softmax weights times V, accumulated in float. Softmax uses exp2 with a degree-6 polynomial (relative error < 1.2e-7), branch-free so
- * that the loop vectorizes.
+ * q.k into a scratch row per head, then softmax weights times V, accumulated in float. Softmax
+ * uses exp2 with a degree-6 polynomial (relative error < 1.2e-7), branch-free so that the loop
+ * vectorizes.
  */
 #include <math.h>
 #include <stdint.h>
@@ -142,11 +143,6 @@ static void softmax_rows(float *scores, int64_t n, int64_t heads, float *inv_sum
  * D / 16 registers; one score is D / 16 fused multiply-adds and one horizontal sum. */
 static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
 
-/* Blocks sit anywhere in the pool, so the hardware prefetcher loses the stream at every block
- * boundary: ask for the next block's lines while this one is computed. */
-static inline void prefetch_block(const void *start, int64_t bytes) {
-    for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch((const char *)start + at, _MM_HINT_T0);
-}
 static inline __m512 load16_bf16(const uint16_t *p) {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
@@ -163,9 +159,6 @@ static inline __m512 load16_bf16(const uint16_t *p) {
         for (int64_t start = 0; start < n; start += bs) {                                        \
             const int64_t count = n - start < bs ? n - start : bs;                               \
             const T *block = k_cache + table[start / bs] * bs * stride;                          \
-            if (start + bs < n)                                                                  \
-                prefetch_block(k_cache + table[start / bs + 1] * bs * stride,                    \
-                               bs * stride * (int64_t)sizeof(T));                                \
             for (int64_t h = 0; h < heads; h++) {                                                \
                 const T *k = block + (h / g_heads) * (D);                                        \
                 __m512 qv[C];                                                                    \
@@ -256,13 +249,14 @@ enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
  * q:            element (t, h, i) at q[t * q_token_stride + h * q_head_stride + i]
  * out:          (tokens, heads, head_dim), contiguous, same dtype as the pool
  * k_cache, v_cache: one layer's K and V, (num_blocks, block_size, kv_heads, head_dim)
- * block_table:  (rows, max_blocks) int64;  seq_row, context_len: (tokens,) int64
+ * block_table:  (tokens, max_blocks) int64: row t holds token t's sequence's blocks
+ * context_len:  (tokens,) int64
  * num_threads:  OpenMP threads; 0 for the calling thread's own setting (torch.set_num_threads
  *               made on that thread)
  */
 int pd_paged_attention(const void *q, int64_t q_token_stride, int64_t q_head_stride, void *out,
                        const void *k_cache, const void *v_cache, const int64_t *block_table,
-                       int64_t max_blocks, const int64_t *seq_row, const int64_t *context_len,
+                       int64_t max_blocks, const int64_t *context_len,
                        int64_t tokens, int64_t heads, int64_t kv_heads, int64_t head_dim,
                        int64_t block_size, float scale, int dtype, int num_threads) {
     if (kv_heads <= 0 || heads % kv_heads != 0 || heads > MAX_HEADS || head_dim <= 0 ||
@@ -300,7 +294,7 @@ int pd_paged_attention(const void *q, int64_t q_token_stride, int64_t q_head_str
                                                  : bf16_to_f32(((const uint16_t *)q)[at]);
                     q_row[h * head_dim + i] = x * scale;
                 }
-            run_item(q_row, o_row, k_cache, v_cache, block_table + seq_row[t] * max_blocks,
+            run_item(q_row, o_row, k_cache, v_cache, block_table + t * max_blocks,
                      context_len[t], kv_heads, head_dim, block_size, g_heads, scores);
             if (dtype == DTYPE_F32)
                 memcpy((float *)out + t * row_floats, o_row, row_floats * sizeof(float));

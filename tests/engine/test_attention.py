@@ -194,7 +194,7 @@ def test_native_kernel_refuses_bad_shapes(native: PagedAttentionKernel) -> None:
     table = torch.zeros((1, 1), dtype=torch.long)
     one = torch.ones(1, dtype=torch.long)
     with pytest.raises(ValueError, match="refused"):
-        native(query, torch.empty_like(query), layer, table, one - 1, one, 1.0)
+        native(query, torch.empty_like(query), layer, table, one, 1.0)
     query = torch.zeros((1, H, D))
     with pytest.raises(ValueError, match="refused"):  # a context longer than its block row
-        native(query, torch.empty_like(query), layer, table, one - 1, one * (BS + 1), 1.0)
+        native(query, torch.empty_like(query), layer, table, one * (BS + 1), 1.0)
