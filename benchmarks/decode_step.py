@@ -11,7 +11,8 @@ time goes, as mean ms per step: ``prepare`` (batch -> tensors), ``attention`` (t
 attention function, all layers), ``model`` (the rest of the forward pass: linear layers, norms,
 RoPE, logits) and ``sample``. ``--profile`` also prints torch.profiler's top operators.
 ``--prompt-len 1024`` adds a new 1,024-token prompt to every step: what decoding streams' ITL
-costs while a long prompt arrives (colocated serving).
+costs while a long prompt arrives (colocated serving). ``--attention`` and ``--linear`` pick the
+paths timed side by side (torch's or the native kernels, every combination).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from transformers import AttentionInterface
 from engine import attention, llama_forward
 from engine.attention import register_paged_attention
 from engine.config import DType, ModelConfig
-from engine.kernels import load_paged_attention
+from engine.kernels import load_linear, load_paged_attention
 from engine.kv_cache import KVCache
 from engine.model_loader import default_cache_dir, load_model
 from engine.model_runner import ModelRunner
@@ -176,6 +177,14 @@ def main() -> None:
         default=["torch", "native"],
         help="decode attention paths to time side by side (engine.kernels for native)",
     )
+    parser.add_argument(
+        "--linear",
+        nargs="+",
+        choices=["torch", "native"],
+        default=["native"],
+        help="linear-layer paths to time side by side: native (engine.kernels.linear), torch "
+        "(oneDNN); each attention path runs with each",
+    )
     parser.add_argument("--profile", action="store_true", help="torch.profiler table per shape")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args()
@@ -197,16 +206,23 @@ def main() -> None:
     )
     cache.kv.normal_(generator=torch.Generator().manual_seed(0))
     kernel = load_paged_attention(default_cache_dir()) if "native" in args.attention else None
+    linear = load_linear(default_cache_dir()) if "native" in args.linear else None
     runners = {
-        name: ModelRunner(model, cache, Sampler(seed=0), kernel if name == "native" else None)
-        for name in args.attention
+        f"{attn}/{lin}": ModelRunner(
+            model,
+            cache,
+            Sampler(seed=0),
+            kernel if attn == "native" else None,
+            linear if lin == "native" else None,
+        )
+        for attn, lin in itertools.product(args.attention, args.linear)
     }
     timers = Timers()
     for runner in runners.values():
         instrument(runner, timers)
 
     rows = []
-    header = f"{'attention':>9} {'B':>3} {'C':>5} {'step ms':>8} {'cpu ms':>7} {'tok/s':>7}"
+    header = f"{'attn/linear':>13} {'B':>3} {'C':>5} {'step ms':>8} {'cpu ms':>7} {'tok/s':>7}"
     header += f" {'prepare':>8} {'attn':>7}"
     header += f" {'model':>7} {'sample':>7}"
     print(
@@ -217,10 +233,10 @@ def main() -> None:
     for context, num_seqs in itertools.product(args.context, args.batch):
         batch = decode_batch(num_seqs, context, cache, seed=context, prompt_len=args.prompt_len)
         for name, runner in runners.items():
-            row = {"attention": name, **measure(runner, timers, batch, args.steps, args.warmup)}
+            row = {"path": name, **measure(runner, timers, batch, args.steps, args.warmup)}
             rows.append(row)
             print(
-                f"{name:>9} {num_seqs:>3} {context:>5} {row['step_ms']:>8.1f} {row['cpu_ms']:>7.1f}"
+                f"{name:>13} {num_seqs:>3} {context:>5} {row['step_ms']:>8.1f} {row['cpu_ms']:>7.1f}"
                 f" {row['tok_s']:>7.1f}"
                 f" {row['prepare_ms']:>8.2f} {row['attention_ms']:>7.1f} {row['model_ms']:>7.1f}"
                 f" {row['sample_ms']:>7.2f}",

@@ -95,16 +95,16 @@ class SchedulerConfig:
     """Reuse the KV of full blocks whose token prefix was computed before (chained hashes)."""
 
 
-class AttentionKernel(enum.Enum):
-    """How decode tokens read their context from the paged pool."""
+class KernelChoice(enum.Enum):
+    """Whether a part of the forward pass runs a native kernel of :mod:`engine.kernels`."""
 
     AUTO = "auto"
-    """``native`` where it applies (CPU, float32 or bfloat16) and builds; else ``torch``."""
+    """``native`` where it applies and builds here; else ``torch``."""
     NATIVE = "native"
-    """The C kernel of :mod:`engine.kernels`: reads each block in place; an error if it cannot
-    be built here."""
+    """The C kernel, built on this machine; an error if it cannot be built or does not apply
+    (device, dtype, CPU features)."""
     TORCH = "torch"
-    """Gather the blocks per layer, then torch's scaled-dot-product attention (any device)."""
+    """torch's operators (any device)."""
 
 
 @dataclass(frozen=True)
@@ -116,4 +116,8 @@ class EngineConfig:
     """torch intra-op threads for this process; torch's default when unset."""
     cpus: tuple[int, ...] | None = None
     """Pin this process to these CPU cores (a tier per core keeps prefill off decode's core)."""
-    attention_kernel: AttentionKernel = AttentionKernel.AUTO
+    attention_kernel: KernelChoice = KernelChoice.AUTO
+    """Decode attention: the paged kernel reads each block in place (CPU, float32 or bfloat16);
+    torch gathers the blocks per layer, then runs scaled-dot-product attention."""
+    linear_kernel: KernelChoice = KernelChoice.AUTO
+    """Linear layers: the panel kernel (CPU, float32, AVX-512); torch runs oneDNN or MKL."""

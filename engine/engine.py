@@ -20,12 +20,12 @@ import torch
 
 from engine.attention import register_paged_attention
 from engine.block_pool import BlockPool
-from engine.config import AttentionKernel, EngineConfig
+from engine.config import EngineConfig
 from engine.errors import EngineStoppedError, OutOfBlocksError
-from engine.kernels import KernelBuildError, PagedAttentionKernel, load_paged_attention
 from engine.kv_cache import KVCache
-from engine.model_loader import ModelSpec, default_cache_dir
+from engine.model_loader import ModelSpec
 from engine.model_runner import ModelRunner
+from engine.native import load_attention_kernel, load_linear_kernel
 from engine.sampler import Sampler
 from engine.scheduler import Finished, ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, RequestTimings, Sequence
@@ -54,31 +54,6 @@ OutputSink = Callable[[list[RequestOutput]], None]
 LayerSink = Callable[[str, int, torch.Tensor], None]
 """``(request key, layer, pages (1, 2, n, bs, KVH, D))``: one layer of an exporting prompt's KV,
 called on the engine thread while the forward pass continues with the next layer."""
-
-
-def load_attention_kernel(config: EngineConfig, kv_cache: KVCache) -> PagedAttentionKernel | None:
-    """The native decode attention kernel as ``config.attention_kernel`` asks, or None (torch).
-
-    Raises :class:`KernelBuildError` when ``native`` was asked for and cannot be had here."""
-    choice = config.attention_kernel
-    if choice is AttentionKernel.TORCH:
-        return None
-    if not PagedAttentionKernel.supports(kv_cache.dtype, kv_cache.device):
-        if choice is AttentionKernel.NATIVE:
-            raise KernelBuildError(
-                f"the native attention kernel runs on CPU in float32 or bfloat16, not on "
-                f"{kv_cache.device.type} in {kv_cache.dtype}"
-            )
-        return None
-    try:
-        kernel = load_paged_attention(config.model.cache_dir or default_cache_dir())
-    except KernelBuildError as exc:
-        if choice is AttentionKernel.NATIVE:
-            raise
-        log.warning("attention_kernel_unavailable", error=str(exc), fallback="torch")
-        return None
-    log.info("attention_kernel_loaded", path=str(kernel.path))
-    return kernel
 
 
 @dataclass(frozen=True)
@@ -138,8 +113,9 @@ class Engine:
             bytes=num_blocks * self.kv_cache.bytes_per_block,
         )
         self.scheduler = Scheduler(config.scheduler, self.pool, config.cache.block_size)
-        kernel = load_attention_kernel(config, self.kv_cache)
-        self.runner = ModelRunner(model, self.kv_cache, Sampler(), kernel)
+        kernel = load_attention_kernel(config, weights.dtype, weights.device)
+        linear = load_linear_kernel(config, weights.dtype, weights.device)
+        self.runner = ModelRunner(model, self.kv_cache, Sampler(), kernel, linear)
         self.runner.install_layer_hooks()
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)

@@ -5,7 +5,7 @@ calls and mask construction per layer, on every step. This runs the same math ov
 batch with the per-step overhead removed:
 
 - q, k and v projections fused into one matrix product, gate and up into another (on CPU
-  float32 the fused weights are pre-packed for oneDNN, see :class:`PackedLinear`);
+  float32 the fused weights are packed once for the linear kernel, see :mod:`engine.linear`);
 - RoPE applied to the queries and keys of all heads in one pass;
 - attention straight into :func:`engine.attention.attend` (no attention interface, no masks);
 - logits only for the tokens that sample.

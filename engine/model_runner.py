@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from engine import llama_forward
 from engine.attention import (
@@ -21,8 +20,9 @@ from engine.attention import (
     NativeDecode,
     PrefillGroup,
 )
-from engine.kernels import PagedAttentionKernel
+from engine.kernels import LinearKernel, PagedAttentionKernel
 from engine.kv_cache import KVCache
+from engine.linear import pack_linear, pack_linear_layers
 from engine.llama_forward import LlamaForward
 from engine.sampler import Sampler, SampleRequest
 from engine.scheduler import ScheduledBatch, ScheduledSeq
@@ -47,11 +47,12 @@ class ModelRunner:
         kv_cache: KVCache,
         sampler: Sampler,
         kernel: PagedAttentionKernel | None = None,
+        linear: LinearKernel | None = None,
     ) -> None:
         """Takes the model over: Llama-family models run through :class:`LlamaForward` (fused
         projections, no per-step module overhead), others through transformers with
-        :func:`paged_attention`; on CPU the linear layers are repacked for oneDNN (same math,
-        about 1.5x faster at small batches), see :func:`pack_linear_layers`. With ``kernel``,
+        :func:`paged_attention`; on CPU the float32 linear layers run from weights packed once,
+        through the ``linear`` kernel or else oneDNN (see :mod:`engine.linear`). With ``kernel``,
         decode tokens attend through it (see :mod:`engine.kernels`)."""
         self.model = model
         self.kernel = kernel
@@ -65,9 +66,9 @@ class ModelRunner:
         self._workspace = torch.empty(0, dtype=kv_cache.dtype, device=self.device)
         if isinstance(model, torch.nn.Module):
             if llama_forward.supports(model):
-                self.fast = LlamaForward(model, pack_linear)
+                self.fast = LlamaForward(model, lambda layer: pack_linear(layer, linear))
             else:
-                pack_linear_layers(model)
+                pack_linear_layers(model, linear)
 
     def install_layer_hooks(self) -> None:
         """Hook every attention module so :attr:`layer_listener` hears each finished layer
@@ -299,53 +300,6 @@ def split_by_length(blocks: Sequence[int]) -> list[tuple[int, int]]:
         bounds.append((ends[i - 1] if i else 0, ends[j - 1]))
         j = i
     return bounds[::-1]
-
-
-class PackedLinear(torch.nn.Module):
-    """``nn.Linear`` whose weight is pre-packed for oneDNN's matmul (CPU).
-
-    MKL's sgemm re-packs a linear layer's weight on every call; at the row counts of decode
-    (2-64) that costs as much as the product itself. oneDNN packs once here. One-row inputs keep
-    MKL's gemv, which is faster than either.
-    """
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.weight = linear.weight  # kept for one-row inputs (and for tied embeddings)
-        self.bias = linear.bias
-        with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1]:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
-
-
-def pack_linear(linear: torch.nn.Module) -> torch.nn.Module:
-    """``linear`` as :class:`PackedLinear` where that applies (a float32 CPU ``nn.Linear`` with
-    oneDNN available), else unchanged."""
-    if type(linear) is not torch.nn.Linear or not torch.backends.mkldnn.is_available():
-        return linear
-    weight = linear.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return linear
-    return PackedLinear(linear)
-
-
-def pack_linear_layers(model: torch.nn.Module) -> int:
-    """Swap the model's float32 CPU ``nn.Linear`` layers for :class:`PackedLinear`; returns how
-    many were swapped (0 off CPU or without oneDNN). Idempotent."""
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            packed = pack_linear(child)
-            if packed is not child:
-                setattr(parent, name, packed)
-                swapped += 1
-    return swapped
 
 
 def _is_attention(module: torch.nn.Module) -> bool:

@@ -13,10 +13,10 @@ from typing import Any
 
 from engine.config import (
     DEFAULT_MODEL,
-    AttentionKernel,
     CacheConfig,
     DType,
     EngineConfig,
+    KernelChoice,
     ModelConfig,
     SchedulerConfig,
 )
@@ -128,11 +128,19 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--attention-kernel",
-        choices=[k.value for k in AttentionKernel],
+        choices=[k.value for k in KernelChoice],
         default=env_default("attention_kernel", "auto"),
         help="decode attention: native (a C kernel built here at first start, reads KV blocks "
         "in place; CPU), torch (gather + scaled-dot-product attention), auto (native where it "
         "applies and builds)",
+    )
+    g.add_argument(
+        "--linear-kernel",
+        choices=[k.value for k in KernelChoice],
+        default=env_default("linear_kernel", "auto"),
+        help="linear layers: native (a C kernel built here at first start over weights packed "
+        "once; CPU, float32, AVX-512), torch (oneDNN/MKL), auto (native where it applies and "
+        "builds)",
     )
 
 
@@ -221,5 +229,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         ),
         num_threads=int(args.threads) if args.threads else None,
         cpus=tuple(int(c) for c in str(args.cpus).split(",")) if args.cpus else None,
-        attention_kernel=AttentionKernel(args.attention_kernel),
+        attention_kernel=KernelChoice(args.attention_kernel),
+        linear_kernel=KernelChoice(args.linear_kernel),
     )

@@ -3,22 +3,25 @@ transformers under chunked prefill, preemption, mixed batches and KV export/impo
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.config import (
-    AttentionKernel,
     CacheConfig,
     DType,
     EngineConfig,
+    KernelChoice,
     ModelConfig,
     SchedulerConfig,
 )
 from engine.engine import Engine, RequestOutput
 from engine.errors import OutOfBlocksError
-from engine.model_loader import load_model
+from engine.kernels import KernelBuildError, load_linear
+from engine.linear import NativeLinear
+from engine.model_loader import default_cache_dir, load_model
 from engine.sequence import FinishReason, SamplingParams, Sequence
 from tests.support.tiny_models import build_tiny_model
 
@@ -53,14 +56,25 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return model, spec, expected
 
 
+@functools.cache
+def _linear_kernel_builds() -> bool:
+    """The native linear kernel needs AVX-512: elsewhere the engine tests run oneDNN's."""
+    try:
+        load_linear(default_cache_dir())
+    except KernelBuildError:
+        return False
+    return True
+
+
 def _engine(
-    model, spec, *, num_blocks=256, block_size=4, budget=2048, attention=AttentionKernel.AUTO
+    model, spec, *, num_blocks=256, block_size=4, budget=2048, kernels=KernelChoice.AUTO
 ) -> Engine:
     config = EngineConfig(
         model=ModelConfig(model=str(spec.path)),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=budget),
-        attention_kernel=attention,
+        attention_kernel=kernels,
+        linear_kernel=kernels if _linear_kernel_builds() else KernelChoice.TORCH,
     )
     return Engine(config, model, spec, sink=lambda outputs: None)
 
@@ -89,21 +103,23 @@ def _generated(outputs: list[RequestOutput], request_id: str) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "attention", [AttentionKernel.NATIVE, AttentionKernel.TORCH], ids=lambda k: k.value
+    "kernels", [KernelChoice.NATIVE, KernelChoice.TORCH], ids=lambda k: k.value
 )
 @pytest.mark.parametrize(
     ("budget", "num_blocks"),
     [(2048, 256), (16, 256), (5, 256), (64, 24)],
     ids=["one-shot", "chunked-16", "chunked-5", "preempting"],
 )
-def test_greedy_matches_transformers(
-    tiny, budget: int, num_blocks: int, attention: AttentionKernel
-):
+def test_greedy_matches_transformers(tiny, budget: int, num_blocks: int, kernels: KernelChoice):
     model, spec, expected = tiny
-    engine = _engine(model, spec, budget=budget, num_blocks=num_blocks, attention=attention)
-    assert (engine.runner.kernel is not None) == (attention is AttentionKernel.NATIVE)
+    engine = _engine(model, spec, budget=budget, num_blocks=num_blocks, kernels=kernels)
+    native = kernels is KernelChoice.NATIVE
+    assert (engine.runner.kernel is not None) == native
     # Llama and Qwen2 run pdserve's own forward pass, GPT-2 transformers' modules
     assert (engine.runner.fast is not None) == (spec.family != "gpt2")
+    if engine.runner.fast is not None:
+        linear = native and _linear_kernel_builds()
+        assert isinstance(engine.runner.fast.lm_head, NativeLinear) == linear
     for i, (prompt, n) in enumerate(zip(PROMPTS, MAX_TOKENS, strict=True)):
         engine.add(_seq(spec, i, prompt, n))
     outputs = _run_to_completion(engine)

@@ -1,4 +1,4 @@
-"""Building, caching and choosing the native attention kernel (no model)."""
+"""Building, caching and choosing the native kernels (no model)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,23 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine.kernels
-from engine.config import AttentionKernel, EngineConfig, ModelConfig
-from engine.engine import load_attention_kernel
-from engine.kernels import KernelBuildError, load_paged_attention
-from engine.kv_cache import KVCache
+import engine.kernels.build
+from engine.config import EngineConfig, KernelChoice, ModelConfig
+from engine.kernels import KernelBuildError, load_linear, load_paged_attention
+from engine.native import load_attention_kernel, load_linear_kernel
+
+CPU = torch.device("cpu")
 
 
-def _cache(dtype: torch.dtype = torch.float32) -> KVCache:
-    return KVCache(2, 8, 4, 2, 8, dtype, torch.device("cpu"))
-
-
-def _config(tmp_path: Path, choice: AttentionKernel) -> EngineConfig:
-    return EngineConfig(model=ModelConfig(cache_dir=tmp_path), attention_kernel=choice)
+def _config(tmp_path: Path, choice: KernelChoice) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(cache_dir=tmp_path), attention_kernel=choice, linear_kernel=choice
+    )
 
 
 @pytest.fixture
 def no_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine.kernels.shutil, "which", lambda name: None)
+    monkeypatch.setattr(engine.kernels.build.shutil, "which", lambda name: None)
 
 
 def test_built_once_then_loaded_from_the_cache(tmp_path: Path) -> None:
@@ -41,34 +40,62 @@ def test_no_compiler_is_a_named_error(tmp_path: Path, no_compiler: None) -> None
         load_paged_attention(tmp_path)
 
 
-def test_auto_falls_back_to_torch_without_a_compiler(tmp_path: Path, no_compiler: None) -> None:
-    assert load_attention_kernel(_config(tmp_path, AttentionKernel.AUTO), _cache()) is None
+def test_sources_build_side_by_side(tmp_path: Path) -> None:
+    attention = load_paged_attention(tmp_path)
+    try:
+        linear = load_linear(tmp_path)
+    except KernelBuildError as exc:
+        pytest.skip(str(exc))  # no AVX-512 here
+    assert attention.path.parent == linear.path.parent == tmp_path / "kernels"
+    assert attention.path.name.startswith("paged_attention-")
+    assert linear.path.name.startswith("linear-")
+
+
+@pytest.mark.parametrize("load", [load_attention_kernel, load_linear_kernel])
+def test_auto_falls_back_to_torch_without_a_compiler(
+    tmp_path: Path, no_compiler: None, load
+) -> None:
+    assert load(_config(tmp_path, KernelChoice.AUTO), torch.float32, CPU) is None
     with pytest.raises(KernelBuildError, match="no C compiler"):
-        load_attention_kernel(_config(tmp_path, AttentionKernel.NATIVE), _cache())
+        load(_config(tmp_path, KernelChoice.NATIVE), torch.float32, CPU)
 
 
-def test_choice_and_dtype(tmp_path: Path) -> None:
-    assert load_attention_kernel(_config(tmp_path, AttentionKernel.TORCH), _cache()) is None
-    assert load_attention_kernel(_config(tmp_path, AttentionKernel.AUTO), _cache()) is not None
-    bf16 = _cache(torch.bfloat16)
-    assert load_attention_kernel(_config(tmp_path, AttentionKernel.AUTO), bf16) is not None
-    fp16 = _cache(torch.float16)  # no kernel for it: torch, or an error when asked for
-    assert load_attention_kernel(_config(tmp_path, AttentionKernel.AUTO), fp16) is None
+def test_attention_choice_and_dtype(tmp_path: Path) -> None:
+    assert load_attention_kernel(_config(tmp_path, KernelChoice.TORCH), torch.float32, CPU) is None
+    auto = _config(tmp_path, KernelChoice.AUTO)
+    assert load_attention_kernel(auto, torch.float32, CPU) is not None
+    assert load_attention_kernel(auto, torch.bfloat16, CPU) is not None
+    # no kernel for float16: torch, or an error when asked for
+    assert load_attention_kernel(auto, torch.float16, CPU) is None
     with pytest.raises(KernelBuildError, match="float16"):
-        load_attention_kernel(_config(tmp_path, AttentionKernel.NATIVE), fp16)
+        load_attention_kernel(_config(tmp_path, KernelChoice.NATIVE), torch.float16, CPU)
+
+
+def test_linear_choice_and_dtype(tmp_path: Path) -> None:
+    assert load_linear_kernel(_config(tmp_path, KernelChoice.TORCH), torch.float32, CPU) is None
+    auto = _config(tmp_path, KernelChoice.AUTO)
+    assert load_linear_kernel(auto, torch.bfloat16, CPU) is None  # float32 only
+    with pytest.raises(KernelBuildError, match="bfloat16"):
+        load_linear_kernel(_config(tmp_path, KernelChoice.NATIVE), torch.bfloat16, CPU)
+    try:
+        load_linear(tmp_path)
+    except KernelBuildError:  # no AVX-512 here: auto keeps torch
+        assert load_linear_kernel(auto, torch.float32, CPU) is None
+    else:
+        assert load_linear_kernel(auto, torch.float32, CPU) is not None
 
 
 def test_read_only_cache_builds_in_the_temp_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = tmp_path / "image"  # as in the image: the cache is mounted read-only
-    access = engine.kernels.os.access
+    access = engine.kernels.build.os.access
     monkeypatch.setattr(
-        engine.kernels.os,
+        engine.kernels.build.os,
         "access",
         lambda path, mode: False if Path(path).is_relative_to(cache) else access(path, mode),
     )
-    monkeypatch.setattr(engine.kernels.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(engine.kernels.build.tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     kernel = load_paged_attention(cache)
     assert kernel.path.parent == tmp_path / "tmp" / "pdserve-kernels"

@@ -1,0 +1,95 @@
+"""Linear layers as the engine runs them on CPU: same math as ``nn.Linear``, weights packed once.
+
+- :class:`NativeLinear`: the C kernel of :mod:`engine.kernels.linear` (float32, AVX-512), for
+  every row count: it keeps decode's few rows near the memory bound and matches MKL on prefill
+  chunks.
+- :class:`PackedLinear`: oneDNN's matmul over a pre-packed weight, where the native kernel is
+  not available (no compiler, no AVX-512, or ``--linear-kernel torch``).
+
+Either keeps the original ``weight`` parameter (tied embeddings and transformers' modules share
+it), so a layer holds its weight twice: once as loaded, once packed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import LinearKernel
+
+
+class NativeLinear(torch.nn.Module):
+    """``nn.Linear`` computed by :class:`~engine.kernels.linear.LinearKernel`."""
+
+    def __init__(self, linear: torch.nn.Linear, kernel: LinearKernel) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.kernel = kernel
+        self.packed = kernel.pack(linear.weight)
+        self._bias = None if linear.bias is None else linear.bias.detach().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.stride(1) != 1:
+            rows = rows.contiguous()
+        out = torch.empty(
+            (rows.shape[0], self.out_features), dtype=torch.float32, device=rows.device
+        )
+        if rows.shape[0]:
+            self.kernel(rows, self.packed, self._bias, out)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class PackedLinear(torch.nn.Module):
+    """``nn.Linear`` whose weight is pre-packed for oneDNN's matmul (CPU).
+
+    MKL's sgemm re-packs a linear layer's weight on every call; at the row counts of decode
+    (2-64) that costs as much as the product itself. oneDNN packs once here. One-row inputs keep
+    MKL's gemv, which is faster than either.
+    """
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight  # kept for one-row inputs (and for tied embeddings)
+        self.bias = linear.bias
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1]:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+
+
+def pack_linear(linear: torch.nn.Module, kernel: LinearKernel | None = None) -> torch.nn.Module:
+    """``linear`` as the engine runs it: a float32 CPU ``nn.Linear`` becomes
+    :class:`NativeLinear` with ``kernel``, else :class:`PackedLinear` where oneDNN is available;
+    anything else is returned unchanged."""
+    if type(linear) is not torch.nn.Linear:
+        return linear
+    weight = linear.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return linear
+    if kernel is not None:
+        return NativeLinear(linear, kernel)
+    if not torch.backends.mkldnn.is_available():
+        return linear
+    return PackedLinear(linear)
+
+
+def pack_linear_layers(model: torch.nn.Module, kernel: LinearKernel | None = None) -> int:
+    """Swap the model's float32 CPU ``nn.Linear`` layers as :func:`pack_linear` does; returns
+    how many were swapped (0 off CPU, or with neither the kernel nor oneDNN). Idempotent."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            packed = pack_linear(child, kernel)
+            if packed is not child:
+                setattr(parent, name, packed)
+                swapped += 1
+    return swapped
