@@ -33,7 +33,7 @@ from transformers import AttentionInterface
 from engine import attention, llama_forward
 from engine.attention import register_paged_attention
 from engine.config import DType, ModelConfig
-from engine.kernels import load_linear, load_paged_attention
+from engine.kernels import load_layer_ops, load_linear, load_paged_attention
 from engine.kv_cache import KVCache
 from engine.model_loader import default_cache_dir, load_model
 from engine.model_runner import ModelRunner
@@ -182,8 +182,9 @@ def main() -> None:
         nargs="+",
         choices=["torch", "native"],
         default=["native"],
-        help="linear-layer paths to time side by side: native (engine.kernels.linear), torch "
-        "(oneDNN); each attention path runs with each",
+        help="paths for the rest of each layer, side by side: native (the linear kernel and the "
+        "layer operations of engine.kernels), torch (oneDNN and torch's operators); each "
+        "attention path runs with each",
     )
     parser.add_argument("--profile", action="store_true", help="torch.profiler table per shape")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
@@ -207,6 +208,7 @@ def main() -> None:
     cache.kv.normal_(generator=torch.Generator().manual_seed(0))
     kernel = load_paged_attention(default_cache_dir()) if "native" in args.attention else None
     linear = load_linear(default_cache_dir()) if "native" in args.linear else None
+    ops = load_layer_ops(default_cache_dir()) if "native" in args.linear else None
     runners = {
         f"{attn}/{lin}": ModelRunner(
             model,
@@ -214,6 +216,7 @@ def main() -> None:
             Sampler(seed=0),
             kernel if attn == "native" else None,
             linear if lin == "native" else None,
+            ops if lin == "native" else None,
         )
         for attn, lin in itertools.product(args.attention, args.linear)
     }
@@ -236,8 +239,8 @@ def main() -> None:
             row = {"path": name, **measure(runner, timers, batch, args.steps, args.warmup)}
             rows.append(row)
             print(
-                f"{name:>13} {num_seqs:>3} {context:>5} {row['step_ms']:>8.1f} {row['cpu_ms']:>7.1f}"
-                f" {row['tok_s']:>7.1f}"
+                f"{name:>13} {num_seqs:>3} {context:>5} {row['step_ms']:>8.1f}"
+                f" {row['cpu_ms']:>7.1f} {row['tok_s']:>7.1f}"
                 f" {row['prepare_ms']:>8.2f} {row['attention_ms']:>7.1f} {row['model_ms']:>7.1f}"
                 f" {row['sample_ms']:>7.2f}",
                 flush=True,

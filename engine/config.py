@@ -119,5 +119,6 @@ class EngineConfig:
     attention_kernel: KernelChoice = KernelChoice.AUTO
     """Decode attention: the paged kernel reads each block in place (CPU, float32 or bfloat16);
     torch gathers the blocks per layer, then runs scaled-dot-product attention."""
-    linear_kernel: KernelChoice = KernelChoice.AUTO
-    """Linear layers: the panel kernel (CPU, float32, AVX-512); torch runs oneDNN or MKL."""
+    layer_kernels: KernelChoice = KernelChoice.AUTO
+    """The rest of a decoder layer in float32 on CPU: linear layers through the panel kernel
+    (AVX-512; else oneDNN), RMSNorm, RoPE and SiLU one call each; torch runs its operators."""

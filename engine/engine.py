@@ -25,7 +25,7 @@ from engine.errors import EngineStoppedError, OutOfBlocksError
 from engine.kv_cache import KVCache
 from engine.model_loader import ModelSpec
 from engine.model_runner import ModelRunner
-from engine.native import load_attention_kernel, load_linear_kernel
+from engine.native import load_attention_kernel, load_layer_ops, load_linear_kernel
 from engine.sampler import Sampler
 from engine.scheduler import Finished, ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, RequestTimings, Sequence
@@ -115,7 +115,8 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.pool, config.cache.block_size)
         kernel = load_attention_kernel(config, weights.dtype, weights.device)
         linear = load_linear_kernel(config, weights.dtype, weights.device)
-        self.runner = ModelRunner(model, self.kv_cache, Sampler(), kernel, linear)
+        ops = load_layer_ops(config, weights.dtype, weights.device)
+        self.runner = ModelRunner(model, self.kv_cache, Sampler(), kernel, linear, ops)
         self.runner.install_layer_hooks()
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)

@@ -4,7 +4,7 @@
   every row count: it keeps decode's few rows near the memory bound and matches MKL on prefill
   chunks.
 - :class:`PackedLinear`: oneDNN's matmul over a pre-packed weight, where the native kernel is
-  not available (no compiler, no AVX-512, or ``--linear-kernel torch``).
+  not available (no compiler, no AVX-512, or ``--layer-kernels torch``).
 
 Either keeps the original ``weight`` parameter (tied embeddings and transformers' modules share
 it), so a layer holds its weight twice: once as loaded, once packed.

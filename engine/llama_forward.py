@@ -11,7 +11,9 @@ batch with the per-step overhead removed:
 - logits only for the tokens that sample.
 
 RMSNorm, RoPE, SiLU and the residual adds are the same operations in the same order as in
-transformers, so greedy output stays token-identical to it (the tests compare). Weights are
+transformers (:class:`TorchLayerOps`; on CPU in float32 the C functions of
+:mod:`engine.kernels.layer_ops` do the same arithmetic in one call each), so greedy output stays
+token-identical to it (the tests compare). Weights are
 shared with the transformers model, not copied: its projections become views of the fused
 matrices. Rotary embeddings come from the model's own rotary module (every RoPE scaling type).
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,37 @@ class _Layer:
     down: torch.nn.Module
 
 
+class LayerOpsLike(Protocol):
+    """The small operations of a layer (see :class:`TorchLayerOps`)."""
+
+    def add_rms_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor: ...
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor: ...
+
+    def silu_mul(self, gate_up: torch.Tensor, intermediate: int) -> torch.Tensor: ...
+
+
+class TorchLayerOps:
+    """transformers' operations, op for op (any device and dtype)."""
+
+    def add_rms_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """``x += delta`` in place (a + b == b + a, bit for bit), then RMSNorm of ``x``."""
+        if delta is not None:
+            x.add_(delta)
+        return _rms_norm(x, weight, eps)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x`` (N, heads, D) rotated by ``cos`` and ``sin`` (N, D), in a new tensor."""
+        return _rope(x, cos[:, None], sin[:, None])
+
+    def silu_mul(self, gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
+        return F.silu(gate_up[:, :intermediate]).mul_(gate_up[:, intermediate:])
+
+
 def supports(model: torch.nn.Module) -> bool:
     """Whether :class:`LlamaForward` computes exactly what ``model`` computes."""
     config = getattr(model, "config", None)
@@ -54,9 +87,16 @@ def supports(model: torch.nn.Module) -> bool:
 class LlamaForward:
     """Callable ``(input_ids (N,), positions (N,), batch, logits_index (S,)) -> logits (S, V)``."""
 
-    def __init__(self, model: Any, pack: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+    def __init__(
+        self,
+        model: Any,
+        pack: Callable[[torch.nn.Module], torch.nn.Module],
+        ops: LayerOpsLike | None = None,
+    ) -> None:
         """``model``: a transformers ``*ForCausalLM`` that :func:`supports` accepts; ``pack``
-        turns a linear layer into the one to run (e.g. pre-packed for CPU)."""
+        turns a linear layer into the one to run (e.g. pre-packed for CPU); ``ops`` runs the
+        norms, RoPE and SiLU (default: :class:`TorchLayerOps`)."""
+        self.ops: LayerOpsLike = ops or TorchLayerOps()
         inner = model.model
         config = model.config
         self.embed: torch.nn.Module = inner.embed_tokens
@@ -92,16 +132,18 @@ class LlamaForward:
     ) -> torch.Tensor:
         """Logits of the tokens at ``logits_index``; ``layer_listener(i)`` runs as soon as layer
         i's K and V are in the cache."""
+        ops = self.ops
         hidden = self.embed(input_ids)  # (N, hidden)
         cos, sin = self.rotary(hidden, positions[None])  # (1, N, D) each
-        cos, sin = cos[0, :, None], sin[0, :, None]  # (N, 1, D): broadcast over heads
+        cos, sin = cos[0], sin[0]
         n = hidden.shape[0]
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         residual = hidden  # the embedding's output is ours: the residual adds go in place
+        delta: torch.Tensor | None = None  # the last layer's MLP output, not yet added
         for index, layer in enumerate(self.layers):
-            x = _rms_norm(residual, layer.input_norm, self.eps)
+            x = ops.add_rms_norm(residual, delta, layer.input_norm, self.eps)
             qkv = layer.qkv(x).view(n, h + 2 * kvh, d)
-            qk = _rope(qkv[:, : h + kvh], cos, sin)  # (N, H + KVH, D)
+            qk = ops.rope(qkv[:, : h + kvh], cos, sin)  # (N, H + KVH, D)
             out = attend(
                 batch,
                 index,
@@ -112,12 +154,13 @@ class LlamaForward:
             )  # (N, H, D)
             if layer_listener is not None:
                 layer_listener(index)
-            residual.add_(layer.o_proj(out.view(n, h * d)))  # (a + b == b + a, bit for bit)
-            x = _rms_norm(residual, layer.post_norm, self.eps)
-            gate_up = layer.gate_up(x)
-            act = F.silu(gate_up[:, : self.intermediate]).mul_(gate_up[:, self.intermediate :])
-            residual.add_(layer.down(act))
-        last = _rms_norm(residual[logits_index], self.final_norm, self.eps)
+            x = ops.add_rms_norm(
+                residual, layer.o_proj(out.view(n, h * d)), layer.post_norm, self.eps
+            )
+            delta = layer.down(ops.silu_mul(layer.gate_up(x), self.intermediate))
+        if delta is not None:
+            residual.add_(delta)
+        last = ops.add_rms_norm(residual[logits_index], None, self.final_norm, self.eps)
         logits: torch.Tensor = self.lm_head(last)
         return logits
 

@@ -20,7 +20,7 @@ from engine.attention import (
     NativeDecode,
     PrefillGroup,
 )
-from engine.kernels import LinearKernel, PagedAttentionKernel
+from engine.kernels import LayerOps, LinearKernel, PagedAttentionKernel
 from engine.kv_cache import KVCache
 from engine.linear import pack_linear, pack_linear_layers
 from engine.llama_forward import LlamaForward
@@ -48,12 +48,14 @@ class ModelRunner:
         sampler: Sampler,
         kernel: PagedAttentionKernel | None = None,
         linear: LinearKernel | None = None,
+        layer_ops: LayerOps | None = None,
     ) -> None:
         """Takes the model over: Llama-family models run through :class:`LlamaForward` (fused
         projections, no per-step module overhead), others through transformers with
         :func:`paged_attention`; on CPU the float32 linear layers run from weights packed once,
-        through the ``linear`` kernel or else oneDNN (see :mod:`engine.linear`). With ``kernel``,
-        decode tokens attend through it (see :mod:`engine.kernels`)."""
+        through the ``linear`` kernel or else oneDNN (see :mod:`engine.linear`), and Llama-family
+        norms, RoPE and SiLU through ``layer_ops`` when given. With ``kernel``, decode tokens
+        attend through it (see :mod:`engine.kernels`)."""
         self.model = model
         self.kernel = kernel
         self.fast: LlamaForward | None = None
@@ -66,7 +68,7 @@ class ModelRunner:
         self._workspace = torch.empty(0, dtype=kv_cache.dtype, device=self.device)
         if isinstance(model, torch.nn.Module):
             if llama_forward.supports(model):
-                self.fast = LlamaForward(model, lambda layer: pack_linear(layer, linear))
+                self.fast = LlamaForward(model, lambda layer: pack_linear(layer, linear), layer_ops)
             else:
                 pack_linear_layers(model, linear)
 

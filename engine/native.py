@@ -16,11 +16,13 @@ import torch
 from engine.config import EngineConfig, KernelChoice
 from engine.kernels import (
     KernelBuildError,
+    LayerOps,
     LinearKernel,
     PagedAttentionKernel,
     load_linear,
     load_paged_attention,
 )
+from engine.kernels import load_layer_ops as load_layer_ops_kernel
 from engine.model_loader import default_cache_dir
 
 log = structlog.get_logger(__name__)
@@ -39,7 +41,7 @@ def load_attention_kernel(
 ) -> PagedAttentionKernel | None:
     """The paged decode attention kernel for a KV cache of ``dtype`` on ``device``, or None."""
     return _load(
-        "attention",
+        "attention_kernel",
         config.attention_kernel,
         PagedAttentionKernel.supports(dtype, device),
         f"the native attention kernel runs on CPU in float32 or bfloat16, not on "
@@ -53,11 +55,24 @@ def load_linear_kernel(
 ) -> LinearKernel | None:
     """The linear-layer kernel for weights of ``dtype`` on ``device``, or None."""
     return _load(
-        "linear",
-        config.linear_kernel,
+        "linear_kernel",
+        config.layer_kernels,
         LinearKernel.supports(dtype, device),
         f"the native linear kernel runs on CPU in float32, not on {device.type} in {dtype}",
         lambda: load_linear(config.model.cache_dir or default_cache_dir()),
+    )
+
+
+def load_layer_ops(
+    config: EngineConfig, dtype: torch.dtype, device: torch.device
+) -> LayerOps | None:
+    """RMSNorm, RoPE and SiLU in C for a model of ``dtype`` on ``device``, or None."""
+    return _load(
+        "layer_ops",
+        config.layer_kernels,
+        LayerOps.supports(dtype, device),
+        f"the native layer operations run on CPU in float32, not on {device.type} in {dtype}",
+        lambda: load_layer_ops_kernel(config.model.cache_dir or default_cache_dir()),
     )
 
 
@@ -75,7 +90,7 @@ def _load(
     except KernelBuildError as exc:
         if choice is KernelChoice.NATIVE:
             raise
-        log.warning(f"{name}_kernel_unavailable", error=str(exc), fallback="torch")
+        log.warning(f"{name}_unavailable", error=str(exc), fallback="torch")
         return None
-    log.info(f"{name}_kernel_loaded", path=str(kernel.path))
+    log.info(f"{name}_loaded", path=str(kernel.path))
     return kernel

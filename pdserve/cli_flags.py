@@ -135,12 +135,13 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         "applies and builds)",
     )
     g.add_argument(
-        "--linear-kernel",
+        "--layer-kernels",
         choices=[k.value for k in KernelChoice],
-        default=env_default("linear_kernel", "auto"),
-        help="linear layers: native (a C kernel built here at first start over weights packed "
-        "once; CPU, float32, AVX-512), torch (oneDNN/MKL), auto (native where it applies and "
-        "builds)",
+        default=env_default("layer_kernels", "auto"),
+        help="decoder layers outside attention, float32 on CPU: native (C kernels built here at "
+        "first start: linear layers over weights packed once (AVX-512), RMSNorm, RoPE and SiLU "
+        "one call each), torch (its operators; oneDNN for linear layers), auto (native where "
+        "it applies and builds)",
     )
 
 
@@ -230,5 +231,5 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_threads=int(args.threads) if args.threads else None,
         cpus=tuple(int(c) for c in str(args.cpus).split(",")) if args.cpus else None,
         attention_kernel=KernelChoice(args.attention_kernel),
-        linear_kernel=KernelChoice(args.linear_kernel),
+        layer_kernels=KernelChoice(args.layer_kernels),
     )

@@ -62,8 +62,8 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
         str(args.threads or _threads_per_worker(args.prefill + args.decode)),
         "--attention-kernel",
         args.attention_kernel,
-        "--linear-kernel",
-        args.linear_kernel,
+        "--layer-kernels",
+        args.layer_kernels,
     ]
     if args.kv_cache_memory:
         engine_flags += ["--kv-cache-memory", args.kv_cache_memory]

@@ -6,6 +6,8 @@
   each K and V slot once, in place.
 - :class:`~engine.kernels.linear.LinearKernel` (``linear.c``): float32 linear layers whose
   weight stream keeps up with memory at decode's few rows (see that file).
+- :class:`~engine.kernels.layer_ops.LayerOps` (``layer_ops.c``): RMSNorm, RoPE and SiLU of a
+  Llama-family layer in float32, one call each instead of a dozen torch operators.
 
 Why at run time: ``-march=native`` (AVX-512 where the CPU has it) and no build step in the
 install (see :mod:`engine.kernels.build`). Without a C compiler the engine logs it and keeps the
@@ -22,12 +24,15 @@ from pathlib import Path
 import torch
 
 from engine.kernels.build import KernelBuildError, load_library
+from engine.kernels.layer_ops import LayerOps, load_layer_ops
 from engine.kernels.linear import LinearKernel, load_linear
 
 __all__ = [
     "KernelBuildError",
+    "LayerOps",
     "LinearKernel",
     "PagedAttentionKernel",
+    "load_layer_ops",
     "load_linear",
     "load_paged_attention",
 ]

@@ -19,7 +19,7 @@ from engine.config import (
 )
 from engine.engine import Engine, RequestOutput
 from engine.errors import OutOfBlocksError
-from engine.kernels import KernelBuildError, load_linear
+from engine.kernels import KernelBuildError, LayerOps, load_linear
 from engine.linear import NativeLinear
 from engine.model_loader import default_cache_dir, load_model
 from engine.sequence import FinishReason, SamplingParams, Sequence
@@ -69,12 +69,14 @@ def _linear_kernel_builds() -> bool:
 def _engine(
     model, spec, *, num_blocks=256, block_size=4, budget=2048, kernels=KernelChoice.AUTO
 ) -> Engine:
+    native_without_linear = kernels is KernelChoice.NATIVE and not _linear_kernel_builds()
     config = EngineConfig(
         model=ModelConfig(model=str(spec.path)),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=budget),
         attention_kernel=kernels,
-        linear_kernel=kernels if _linear_kernel_builds() else KernelChoice.TORCH,
+        # native asks for every kernel; without AVX-512 for the linear one, auto keeps oneDNN
+        layer_kernels=KernelChoice.AUTO if native_without_linear else kernels,
     )
     return Engine(config, model, spec, sink=lambda outputs: None)
 
@@ -120,6 +122,7 @@ def test_greedy_matches_transformers(tiny, budget: int, num_blocks: int, kernels
     if engine.runner.fast is not None:
         linear = native and _linear_kernel_builds()
         assert isinstance(engine.runner.fast.lm_head, NativeLinear) == linear
+        assert isinstance(engine.runner.fast.ops, LayerOps) == native
     for i, (prompt, n) in enumerate(zip(PROMPTS, MAX_TOKENS, strict=True)):
         engine.add(_seq(spec, i, prompt, n))
     outputs = _run_to_completion(engine)

@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 
 def _config(tmp_path: Path, choice: KernelChoice) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(cache_dir=tmp_path), attention_kernel=choice, linear_kernel=choice
+        model=ModelConfig(cache_dir=tmp_path), attention_kernel=choice, layer_kernels=choice
     )
 
 

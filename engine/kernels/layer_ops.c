@@ -1,0 +1,108 @@
+/* The small float32 operations of a Llama-family decoder layer, one call each (CPU).
+ *
+ * Built at run time by engine/kernels (cc -O3 -march=native -fopenmp) and called through ctypes.
+ * In torch, RMSNorm is six operators, RoPE over q and k five more, and every operator costs a
+ * dispatch and an OpenMP fork and join: at decode's few rows the overhead is most of the time
+ * (about 12 of a 30 ms step at one sequence, measured). Each function here does one of them in a
+ * single pass, with the same arithmetic as transformers' modules (reductions in float32; the
+ * order of a sum differs, so results can differ in the last bit).
+ *
+ * Rows are independent; large calls (prefill chunks) split rows between OpenMP threads, small
+ * ones run on the calling thread.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define PARALLEL_ROWS 64 /* fewer rows than this: no threads (fork and join cost more) */
+
+static int team(int threads) {
+#ifdef _OPENMP
+    return threads > 0 ? threads : omp_get_max_threads();
+#else
+    (void)threads;
+    return 1;
+#endif
+}
+
+static inline void norm_row(const float *x, const float *w, float eps, float *out, int64_t dim) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < dim; i++) sum += x[i] * x[i];
+    float r = 1.0f / sqrtf(sum / (float)dim + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < dim; i++) out[i] = w[i] * (x[i] * r);
+}
+
+/* out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps); with delta, x[r] += delta[r] first (in place). */
+void pd_add_rms_norm(float *x, int64_t ldx, const float *delta, int64_t ldd, const float *w,
+                     float eps, float *out, int64_t ldo, int64_t rows, int64_t dim,
+                     int threads) {
+#pragma omp parallel for schedule(static) num_threads(team(threads)) if (rows >= PARALLEL_ROWS)
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = x + r * ldx;
+        if (delta) {
+            const float *d = delta + r * ldd;
+#pragma omp simd
+            for (int64_t i = 0; i < dim; i++) row[i] += d[i];
+        }
+        norm_row(row, w, eps, out + r * ldo, dim);
+    }
+}
+
+/* Rotary embedding in place, transformers' x * cos + rotate_half(x) * sin, for `heads` heads of
+ * head_dim values per row (row stride ldx); cos and sin: one row of head_dim per token. */
+void pd_rope(float *x, int64_t ldx, int64_t heads, int64_t head_dim, const float *cos,
+             const float *sin, int64_t rows, int threads) {
+    int64_t half = head_dim / 2;
+#pragma omp parallel for schedule(static) num_threads(team(threads)) if (rows >= PARALLEL_ROWS)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos + r * head_dim, *s = sin + r * head_dim;
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + r * ldx + h * head_dim;
+#pragma omp simd
+            for (int64_t i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                v[i] = a * c[i] + -b * s[i];
+                v[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    }
+}
+
+/* e^x, x clamped to [-87.3, 88.7] (float's range): 2^(x log2 e) = 2^i * 2^f, i = round, f in
+ * [-1/2, 1/2], 2^f by its degree-6 Taylor polynomial (relative error < 1.2e-7). Branch-free so
+ * that loops over it vectorize. */
+static inline float exp_f(float x) {
+    float y = x * 1.4426950408889634f;
+    y = y < -126.0f ? -126.0f : (y > 127.0f ? 127.0f : y);
+    float yi = (y + 12582912.0f) - 12582912.0f;
+    float f = y - yi;
+    float p = 1.5403530393e-4f;
+    p = p * f + 1.3333558146e-3f;
+    p = p * f + 9.6181291076e-3f;
+    p = p * f + 5.5504108665e-2f;
+    p = p * f + 2.4022650696e-1f;
+    p = p * f + 6.9314718056e-1f;
+    p = p * f + 1.0f;
+    int32_t e = ((int32_t)yi + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, sizeof scale);
+    return p * scale;
+}
+
+/* out[r] = silu(gate_up[r, :inter]) * gate_up[r, inter:2 inter], silu(g) = g / (1 + e^-g). */
+void pd_silu_mul(const float *gate_up, int64_t ldg, int64_t inter, float *out, int64_t ldo,
+                 int64_t rows, int threads) {
+#pragma omp parallel for schedule(static) num_threads(team(threads)) if (rows >= PARALLEL_ROWS)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate_up + r * ldg, *u = g + inter;
+        float *o = out + r * ldo;
+#pragma omp simd
+        for (int64_t i = 0; i < inter; i++) o[i] = g[i] / (1.0f + exp_f(-g[i])) * u[i];
+    }
+}
