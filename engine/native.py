@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import structlog
 import torch
@@ -36,61 +37,67 @@ class _Kernel(Protocol):
 K = TypeVar("K", bound=_Kernel)
 
 
+@dataclass(frozen=True)
+class _Native(Generic[K]):
+    name: str  # in log events: <name>_loaded, <name>_unavailable
+    supports: Callable[[torch.dtype, torch.device], bool]
+    supported: str  # what ``supports`` accepts, in words
+    load: Callable[[Path], K]  # from the cache directory
+
+
+_ATTENTION = _Native(
+    "attention_kernel",
+    PagedAttentionKernel.supports,
+    "CPU in float32 or bfloat16",
+    load_paged_attention,
+)
+_LINEAR = _Native("linear_kernel", LinearKernel.supports, "CPU in float32", load_linear)
+_LAYER_OPS = _Native("layer_ops", LayerOps.supports, "CPU in float32", load_layer_ops_kernel)
+
+
 def load_attention_kernel(
     config: EngineConfig, dtype: torch.dtype, device: torch.device
 ) -> PagedAttentionKernel | None:
     """The paged decode attention kernel for a KV cache of ``dtype`` on ``device``, or None."""
-    return _load(
-        "attention_kernel",
-        config.attention_kernel,
-        PagedAttentionKernel.supports(dtype, device),
-        f"the native attention kernel runs on CPU in float32 or bfloat16, not on "
-        f"{device.type} in {dtype}",
-        lambda: load_paged_attention(config.model.cache_dir or default_cache_dir()),
-    )
+    return _load(_ATTENTION, config.attention_kernel, config, dtype, device)
 
 
 def load_linear_kernel(
     config: EngineConfig, dtype: torch.dtype, device: torch.device
 ) -> LinearKernel | None:
     """The linear-layer kernel for weights of ``dtype`` on ``device``, or None."""
-    return _load(
-        "linear_kernel",
-        config.layer_kernels,
-        LinearKernel.supports(dtype, device),
-        f"the native linear kernel runs on CPU in float32, not on {device.type} in {dtype}",
-        lambda: load_linear(config.model.cache_dir or default_cache_dir()),
-    )
+    return _load(_LINEAR, config.layer_kernels, config, dtype, device)
 
 
 def load_layer_ops(
     config: EngineConfig, dtype: torch.dtype, device: torch.device
 ) -> LayerOps | None:
     """RMSNorm, RoPE and SiLU in C for a model of ``dtype`` on ``device``, or None."""
-    return _load(
-        "layer_ops",
-        config.layer_kernels,
-        LayerOps.supports(dtype, device),
-        f"the native layer operations run on CPU in float32, not on {device.type} in {dtype}",
-        lambda: load_layer_ops_kernel(config.model.cache_dir or default_cache_dir()),
-    )
+    return _load(_LAYER_OPS, config.layer_kernels, config, dtype, device)
 
 
 def _load(
-    name: str, choice: KernelChoice, applies: bool, why_not: str, load: Callable[[], K]
+    native: _Native[K],
+    choice: KernelChoice,
+    config: EngineConfig,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> K | None:
     if choice is KernelChoice.TORCH:
         return None
-    if not applies:
+    if not native.supports(dtype, device):
         if choice is KernelChoice.NATIVE:
-            raise KernelBuildError(why_not)
+            what = native.name.replace("_", " ")
+            raise KernelBuildError(
+                f"the native {what} runs on {native.supported}, not on {device.type} in {dtype}"
+            )
         return None
     try:
-        kernel = load()
+        kernel = native.load(config.model.cache_dir or default_cache_dir())
     except KernelBuildError as exc:
         if choice is KernelChoice.NATIVE:
             raise
-        log.warning(f"{name}_unavailable", error=str(exc), fallback="torch")
+        log.warning(f"{native.name}_unavailable", error=str(exc), fallback="torch")
         return None
-    log.info(f"{name}_loaded", path=str(kernel.path))
+    log.info(f"{native.name}_loaded", path=str(kernel.path))
     return kernel

@@ -1,5 +1,7 @@
 """Compile a kernel source of this package on this machine, once, and load it.
 
+A source may include the package's headers (``*.h``, copied beside it for the build).
+
 The shared object is cached under ``<cache>/kernels``, keyed by the source, the flags, the
 compiler and the CPU, and written atomically (workers starting together may race to build it: the
 last rename wins, every copy is the same). Where that directory is not writable (a read-only
@@ -50,12 +52,22 @@ def build(source: str, out_dir: Path, compiler: str) -> Path:
     exe = shutil.which(compiler)
     if exe is None:
         raise KernelBuildError(f"no C compiler ({compiler!r} is not on PATH)")
-    text = resources.files(__package__).joinpath(source).read_bytes()
+    package = resources.files(__package__)
+    text = package.joinpath(source).read_bytes()
+    headers = {
+        entry.name: entry.read_bytes()
+        for entry in sorted(package.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".h")
+    }
     version = subprocess.run(
         [exe, "--version"], capture_output=True, text=True, check=False
     ).stdout.splitlines()[:1]
     key = hashlib.sha256(
-        b"\0".join([text, " ".join(CFLAGS).encode(), *(v.encode() for v in version), _cpu_id()])
+        b"\0".join(
+            [text, *headers.values(), " ".join(CFLAGS).encode()]
+            + [v.encode() for v in version]
+            + [_cpu_id()]
+        )
     ).hexdigest()[:16]
     name = f"{Path(source).stem}-{key}.so"
     fallback = Path(tempfile.gettempdir()) / "pdserve-kernels"
@@ -74,6 +86,8 @@ def build(source: str, out_dir: Path, compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         src = Path(tmp) / source
         src.write_bytes(text)
+        for name, header in headers.items():  # the sources' shared headers, beside them
+            (Path(tmp) / name).write_bytes(header)
         built = Path(tmp) / name
         result = subprocess.run(
             [exe, *CFLAGS, "-o", str(built), str(src), "-lm"],

@@ -14,6 +14,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "pd_exp2.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -74,27 +76,6 @@ void pd_rope(float *x, int64_t ldx, int64_t heads, int64_t head_dim, const float
     }
 }
 
-/* e^x, x clamped to [-87.3, 88.7] (float's range): 2^(x log2 e) = 2^i * 2^f, i = round, f in
- * [-1/2, 1/2], 2^f by its degree-6 Taylor polynomial (relative error < 1.2e-7). Branch-free so
- * that loops over it vectorize. */
-static inline float exp_f(float x) {
-    float y = x * 1.4426950408889634f;
-    y = y < -126.0f ? -126.0f : (y > 127.0f ? 127.0f : y);
-    float yi = (y + 12582912.0f) - 12582912.0f;
-    float f = y - yi;
-    float p = 1.5403530393e-4f;
-    p = p * f + 1.3333558146e-3f;
-    p = p * f + 9.6181291076e-3f;
-    p = p * f + 5.5504108665e-2f;
-    p = p * f + 2.4022650696e-1f;
-    p = p * f + 6.9314718056e-1f;
-    p = p * f + 1.0f;
-    int32_t e = ((int32_t)yi + 127) << 23;
-    float scale;
-    memcpy(&scale, &e, sizeof scale);
-    return p * scale;
-}
-
 /* out[r] = silu(gate_up[r, :inter]) * gate_up[r, inter:2 inter], silu(g) = g / (1 + e^-g). */
 void pd_silu_mul(const float *gate_up, int64_t ldg, int64_t inter, float *out, int64_t ldo,
                  int64_t rows, int threads) {
@@ -103,6 +84,7 @@ void pd_silu_mul(const float *gate_up, int64_t ldg, int64_t inter, float *out, i
         const float *g = gate_up + r * ldg, *u = g + inter;
         float *o = out + r * ldo;
 #pragma omp simd
-        for (int64_t i = 0; i < inter; i++) o[i] = g[i] / (1.0f + exp_f(-g[i])) * u[i];
+        for (int64_t i = 0; i < inter; i++)
+            o[i] = g[i] / (1.0f + pd_exp2(-g[i] * PD_LOG2E)) * u[i];
     }
 }

@@ -19,6 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pd_exp2.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -41,27 +43,6 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)(bits >> 16);
 }
 
-/* 2^x for x <= 0 (scores minus their maximum, times log2 e); 0-ish below 2^-126. x = i + f with
- * i = round(x) (the 1.5 * 2^23 trick: exact, branch-free), f in [-1/2, 1/2]; 2^f by its Taylor
- * polynomial of degree 6, relative error < 1.2e-7 there. */
-static inline float exp2_neg(float x) {
-    x = x < -126.0f ? -126.0f : x;
-    float xi = (x + 12582912.0f) - 12582912.0f;
-    float f = x - xi;
-    float p = 1.5403530393e-4f;
-    p = p * f + 1.3333558146e-3f;
-    p = p * f + 9.6181291076e-3f;
-    p = p * f + 5.5504108665e-2f;
-    p = p * f + 2.4022650696e-1f;
-    p = p * f + 6.9314718056e-1f;
-    p = p * f + 1.0f;
-    int32_t e = ((int32_t)xi + 127) << 23;
-    float scale;
-    memcpy(&scale, &e, sizeof scale);
-    return p * scale;
-}
-
-#define LOG2E 1.4426950408889634f
 
 /* Rows of n scores, in place: exp(s - max) (unnormalized); inv_sum[h] = 1 / row h's sum. */
 static void softmax_rows(float *scores, int64_t n, int64_t heads, float *inv_sum) {
@@ -73,7 +54,7 @@ static void softmax_rows(float *scores, int64_t n, int64_t heads, float *inv_sum
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t p = 0; p < n; p++) {
-            row[p] = exp2_neg((row[p] - m) * LOG2E);
+            row[p] = pd_exp2((row[p] - m) * PD_LOG2E); /* arguments <= 0 */
             sum += row[p];
         }
         inv_sum[h] = 1.0f / sum;
