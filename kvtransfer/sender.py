@@ -11,7 +11,8 @@ commands; one thread owns every socket and runs each transfer's state machine::
 
 Flow control: ``send_pages`` blocks its caller while the peer's queued bytes exceed
 ``max_queued_bytes`` (the decode worker's ZeroMQ high-water mark bounds what is on the wire), so
-a slow decode worker slows its prefill workers instead of growing their memory without bound.
+a slow decode worker slows its prefill workers instead of growing their memory without bound
+(see :class:`~kvtransfer.send_budget.SendBudget`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from kvtransfer import wire
 from kvtransfer.datapath import Backend, PairLink, StreamLink, join_pair, tensor_bytes
 from kvtransfer.handshake import Fingerprint, IncompatiblePeerError, check_match
 from kvtransfer.metrics import TransferStats
+from kvtransfer.send_budget import SendBudget, TransferSpec, check_pages
+
+__all__ = ["KVSender", "SentCallback", "TransferBackpressureError", "TransferSpec"]
 
 log = structlog.get_logger(__name__)
 
@@ -47,14 +51,6 @@ DEFAULT_MAX_QUEUED_BYTES = 512 << 20
 
 class TransferBackpressureError(Exception):
     """The peer did not drain its queue in time; the transfer was aborted."""
-
-
-@dataclass(frozen=True)
-class TransferSpec:
-    request_id: str
-    transfer_id: bytes
-    endpoint: str
-    block_ids: tuple[int, ...]
 
 
 @dataclass
@@ -93,7 +89,6 @@ class KVSender:
         self._auth = auth
         self._ack_timeout = ack_timeout_s
         self._handshake_timeout = handshake_timeout_s
-        self._max_queued = max_queued_bytes
         self._on_sent = on_sent
         self._commands: queue.Queue[tuple[str, bytes, object]] = queue.Queue()
         self._transfers: dict[bytes, _Transfer] = {}  # owned by the sending thread
@@ -106,9 +101,7 @@ class KVSender:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._budget = threading.Condition()
-        self._queued: collections.Counter[str] = collections.Counter()  # endpoint -> bytes
-        self._specs: dict[bytes, TransferSpec] = {}  # open transfers (any thread reads)
+        self._budget = SendBudget(max_queued_bytes)
         self.stats = TransferStats(self.backend.value)
 
     def start(self) -> None:
@@ -127,10 +120,7 @@ class KVSender:
     def open(self, spec: TransferSpec) -> None:
         """Start a transfer; the peer handshake (if new) begins now, overlapping the prefill.
         Raises ValueError for a transfer id already open."""
-        with self._budget:
-            if spec.transfer_id in self._specs:
-                raise ValueError("transfer id already open")
-            self._specs[spec.transfer_id] = spec
+        self._budget.open(spec)
         self._put(("open", spec.transfer_id, spec))
 
     def send_pages(
@@ -140,47 +130,19 @@ class KVSender:
         the peer's queue is over budget; raises :class:`TransferBackpressureError` (and aborts
         the transfer) if it stays so past the ack timeout. Pages for a transfer that already
         ended are dropped; pages the transfer cannot carry abort it and raise ValueError."""
-        with self._budget:
-            if transfer_id not in self._specs:
-                return
+        spec = self._budget.spec(transfer_id)
+        if spec is None:
+            return
         try:
-            self._check_pages(transfer_id, layer_start, pages)
+            check_pages(self.fingerprint, spec, layer_start, pages)
         except ValueError as exc:
             self._put(("abort", transfer_id, f"invalid pages: {exc}"))
             raise
         nbytes = pages.numel() * pages.element_size()
-        deadline = time.monotonic() + self._ack_timeout
-        with self._budget:
-            while self._queued[endpoint] and self._queued[endpoint] + nbytes > self._max_queued:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    self._put(("abort", transfer_id, "backpressure timeout"))
-                    raise TransferBackpressureError(f"decode worker {endpoint} is not draining")
-                self._budget.wait(min(left, 0.5))
-            self._queued[endpoint] += nbytes
+        if not self._budget.reserve(endpoint, nbytes, self._ack_timeout, self._stop):
+            self._put(("abort", transfer_id, "backpressure timeout"))
+            raise TransferBackpressureError(f"decode worker {endpoint} is not draining")
         self._put(("pages", transfer_id, (layer_start, pages, nbytes, endpoint)))
-
-    def _check_pages(self, transfer_id: bytes, layer_start: int, pages: torch.Tensor) -> None:
-        """Refuse pages this transfer cannot carry (ValueError), before they are queued."""
-        with self._budget:
-            spec = self._specs[transfer_id]
-        fp = self.fingerprint
-        if pages.dim() != 6 or pages.numel() == 0:
-            raise ValueError(f"pages must be a non-empty 6-D tensor, got {tuple(pages.shape)}")
-        layers, two, blocks, block_size, kv_heads, head_dim = pages.shape
-        if str(pages.dtype).removeprefix("torch.") != fp.dtype:
-            raise ValueError(f"pages are {pages.dtype}, the channel carries {fp.dtype}")
-        if (two, block_size, kv_heads, head_dim) != (
-            2,
-            fp.block_size,
-            fp.num_kv_heads,
-            fp.head_dim,
-        ):
-            raise ValueError(f"page shape {tuple(pages.shape)} does not match the fingerprint")
-        if blocks != len(spec.block_ids):
-            raise ValueError(f"{blocks} blocks of pages for {len(spec.block_ids)} reserved")
-        if layer_start < 0 or layer_start + layers > fp.num_layers:
-            raise ValueError(f"layers [{layer_start}, {layer_start + layers}) out of range")
 
     def finish(self, transfer_id: bytes, first_token_id: int) -> None:
         """All pages are queued: send DONE with the first token and await the ack."""
@@ -192,8 +154,7 @@ class KVSender:
 
     def pending(self) -> int:
         """Transfers opened and not yet acknowledged or abandoned."""
-        with self._budget:
-            return len(self._specs)
+        return self._budget.num_open()
 
     # -- sending thread ---------------------------------------------------------------------
 
@@ -441,8 +402,7 @@ class KVSender:
         self._closed(transfer, False, reason)
 
     def _closed(self, transfer: _Transfer, ok: bool, message: str) -> None:
-        with self._budget:
-            self._specs.pop(transfer.spec.transfer_id, None)
+        self._budget.close(transfer.spec.transfer_id)
         if self._on_sent is not None:
             self._on_sent(transfer.spec.request_id, ok, message)
 
@@ -450,9 +410,7 @@ class KVSender:
         """A pages command left the queue (sent or dropped): its bytes leave the budget."""
         assert isinstance(arg, tuple)
         _, _, nbytes, endpoint = arg
-        with self._budget:
-            self._queued[endpoint] -= nbytes
-            self._budget.notify_all()
+        self._budget.release(endpoint, nbytes)
 
 
 def _close_fds(*fds: int) -> None:
