@@ -120,5 +120,6 @@ class EngineConfig:
     """Decode attention: the paged kernel reads each block in place (CPU, float32 or bfloat16);
     torch gathers the blocks per layer, then runs scaled-dot-product attention."""
     layer_kernels: KernelChoice = KernelChoice.AUTO
-    """The rest of a decoder layer in float32 on CPU: linear layers through the panel kernel
-    (AVX-512; else oneDNN), RMSNorm, RoPE and SiLU one call each; torch runs its operators."""
+    """The rest of a decoder layer in float32 on CPU: linear layers through the panel kernel,
+    RMSNorm, RoPE and SiLU one call each (C built here); torch runs its operators (oneDNN for
+    linear layers)."""

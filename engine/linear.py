@@ -1,10 +1,9 @@
 """Linear layers as the engine runs them on CPU: same math as ``nn.Linear``, weights packed once.
 
-- :class:`NativeLinear`: the C kernel of :mod:`engine.kernels.linear` (float32, AVX-512), for
-  every row count: it keeps decode's few rows near the memory bound and matches MKL on prefill
-  chunks.
+- :class:`NativeLinear`: the C kernel of :mod:`engine.kernels.linear` (float32), for every row
+  count: it keeps decode's few rows near the memory bound and matches MKL on prefill chunks.
 - :class:`PackedLinear`: oneDNN's matmul over a pre-packed weight, where the native kernel is
-  not available (no compiler, no AVX-512, or ``--layer-kernels torch``).
+  not available (no C compiler, or ``--layer-kernels torch``).
 
 Either keeps the original ``weight`` parameter (tied embeddings and transformers' modules share
 it), so a layer holds its weight twice: once as loaded, once packed.
@@ -32,9 +31,11 @@ class NativeLinear(torch.nn.Module):
         self._bias = None if linear.bias is None else linear.bias.detach().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu":  # as nn.Linear refuses it
+            raise RuntimeError(f"NativeLinear takes float32 CPU input, got {x.dtype} on {x.device}")
         rows = x.reshape(-1, self.in_features)
-        if rows.stride(1) != 1:
-            rows = rows.contiguous()
+        if rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < self.in_features):
+            rows = rows.contiguous()  # e.g. an expanded (broadcast) input
         out = torch.empty(
             (rows.shape[0], self.out_features), dtype=torch.float32, device=rows.device
         )

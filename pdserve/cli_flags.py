@@ -139,7 +139,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         choices=[k.value for k in KernelChoice],
         default=env_default("layer_kernels", "auto"),
         help="decoder layers outside attention, float32 on CPU: native (C kernels built here at "
-        "first start: linear layers over weights packed once (AVX-512), RMSNorm, RoPE and SiLU "
+        "first start: linear layers over weights packed once, RMSNorm, RoPE and SiLU "
         "one call each), torch (its operators; oneDNN for linear layers), auto (native where "
         "it applies and builds)",
     )

@@ -34,18 +34,21 @@ class KernelBuildError(RuntimeError):
     """A native kernel could not be compiled or loaded here (no compiler, build failed)."""
 
 
-def load_library(source: str, cache_dir: Path, compiler: str = "cc") -> tuple[Path, ctypes.CDLL]:
-    """Build ``source`` (a ``.c`` file of this package) if needed and load it.
+def load_library(
+    source: str, cache_dir: Path, compiler: str = "cc", extra_flags: tuple[str, ...] = ()
+) -> tuple[Path, ctypes.CDLL]:
+    """Build ``source`` (a ``.c`` file of this package) if needed and load it. ``extra_flags``
+    follow :data:`CFLAGS` (tests build the portable paths with ``-mno-avx512f``).
 
     Raises :class:`KernelBuildError` when there is no compiler or the build or load fails."""
-    path = build(source, cache_dir / "kernels", compiler)
+    path = build(source, cache_dir / "kernels", compiler, extra_flags)
     try:
         return path, ctypes.CDLL(str(path))
     except OSError as exc:
         raise KernelBuildError(f"cannot load {path}: {exc}") from exc
 
 
-def build(source: str, out_dir: Path, compiler: str) -> Path:
+def build(source: str, out_dir: Path, compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
     """The shared object for ``source``, this compiler and CPU: found in ``out_dir`` (e.g. built
     into the image), else compiled into it, or into the temp directory when ``out_dir`` is not
     writable (containers with a read-only root and an emptyDir on /tmp)."""
@@ -59,12 +62,13 @@ def build(source: str, out_dir: Path, compiler: str) -> Path:
         for entry in sorted(package.iterdir(), key=lambda e: e.name)
         if entry.name.endswith(".h")
     }
+    flags = (*CFLAGS, *extra_flags)
     version = subprocess.run(
         [exe, "--version"], capture_output=True, text=True, check=False
     ).stdout.splitlines()[:1]
     key = hashlib.sha256(
         b"\0".join(
-            [text, *headers.values(), " ".join(CFLAGS).encode()]
+            [text, *headers.values(), " ".join(flags).encode()]
             + [v.encode() for v in version]
             + [_cpu_id()]
         )
@@ -86,11 +90,11 @@ def build(source: str, out_dir: Path, compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         src = Path(tmp) / source
         src.write_bytes(text)
-        for name, header in headers.items():  # the sources' shared headers, beside them
-            (Path(tmp) / name).write_bytes(header)
+        for header_name, header in headers.items():  # the sources' shared headers, beside them
+            (Path(tmp) / header_name).write_bytes(header)
         built = Path(tmp) / name
         result = subprocess.run(
-            [exe, *CFLAGS, "-o", str(built), str(src), "-lm"],
+            [exe, *flags, "-o", str(built), str(src), "-lm"],
             capture_output=True,
             text=True,
             check=False,

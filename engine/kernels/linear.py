@@ -1,4 +1,5 @@
-"""``linear.c`` loaded: float32 linear layers on CPU over weights packed once into panels."""
+"""``linear.c`` loaded: float32 linear layers on CPU over weights packed once into panels
+(AVX-512 where the CPU has it, the compiler's generic vectors elsewhere)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from engine.kernels.build import KernelBuildError, load_library
+from engine.kernels.build import load_library
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
@@ -42,31 +43,45 @@ class LinearKernel:
 
     def __call__(
         self,
-        x: torch.Tensor,  # (M, K), float32, unit stride along K
+        x: torch.Tensor,  # (M, K), float32, unit stride along K, rows at least K apart
         packed: torch.Tensor,  # from pack(): (ceil(N / panel), K, panel)
         bias: torch.Tensor | None,  # (N,) contiguous, or None
         out: torch.Tensor,  # (M, N), float32, unit stride along N: written
     ) -> None:
+        """``out = x @ W.T + bias`` for the weight ``W`` that ``packed`` was packed from.
+        Raises ValueError for arguments the kernel cannot read or write as given (rows that
+        overlap, other dtypes or devices, shapes that do not fit)."""
+        tensors = [("x", x), ("packed", packed), ("out", out)]
+        if bias is not None:
+            tensors.append(("bias", bias))
+        for what, t in tensors:
+            if not self.supports(t.dtype, t.device):
+                raise ValueError(f"linear kernel: {what} is {t.dtype} on {t.device}")
+        if x.dim() != 2 or out.dim() != 2:
+            raise ValueError(f"linear kernel: x {tuple(x.shape)} and out {tuple(out.shape)}")
         m, k = x.shape
         n = out.shape[1]
         if (
-            x.stride(1) != 1
+            m == 0
+            or x.stride(1) != 1
             or out.stride(1) != 1
+            or (m > 1 and (x.stride(0) < k or out.stride(0) < n))
             or out.shape[0] != m
             or packed.shape != (-(-n // self.panel), k, self.panel)
+            or not packed.is_contiguous()
             or (bias is not None and (bias.shape != (n,) or not bias.is_contiguous()))
         ):
             raise ValueError(
-                f"linear kernel: x {tuple(x.shape)}, packed {tuple(packed.shape)}, "
-                f"out {tuple(out.shape)} do not fit"
+                f"linear kernel: x {tuple(x.shape)} strides {x.stride()}, packed "
+                f"{tuple(packed.shape)}, out {tuple(out.shape)} strides {out.stride()} do not fit"
             )
         rc = self._run(
             x.data_ptr(),
-            x.stride(0),
+            max(x.stride(0), k),  # one row: any stride
             packed.data_ptr(),
             None if bias is None else bias.data_ptr(),
             out.data_ptr(),
-            out.stride(0),
+            max(out.stride(0), n),
             m,
             k,
             n,
@@ -76,15 +91,13 @@ class LinearKernel:
             raise ValueError(f"linear kernel refused x {tuple(x.shape)} -> {n} (rc {rc})")
 
 
-def load_linear(cache_dir: Path, compiler: str = "cc") -> LinearKernel:
-    """Build (once per machine and source) and load the linear kernel.
+def load_linear(
+    cache_dir: Path, compiler: str = "cc", extra_flags: tuple[str, ...] = ()
+) -> LinearKernel:
+    """Build (once per machine, source and flags) and load the linear kernel.
 
-    Raises :class:`KernelBuildError` when there is no compiler, the build fails, or this CPU has
-    no AVX-512 (the kernel's only code path)."""
-    path, lib = load_library("linear.c", cache_dir, compiler)
-    lib.pd_linear_supported.restype = ctypes.c_int
-    if not lib.pd_linear_supported():
-        raise KernelBuildError("the linear kernel needs AVX-512, which this CPU lacks")
+    Raises :class:`KernelBuildError` when there is no compiler or the build fails."""
+    path, lib = load_library("linear.c", cache_dir, compiler, extra_flags)
     run = lib.pd_linear
     run.restype = ctypes.c_int
     run.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]

@@ -3,7 +3,6 @@ transformers under chunked prefill, preemption, mixed batches and KV export/impo
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,9 @@ from engine.config import (
 )
 from engine.engine import Engine, RequestOutput
 from engine.errors import OutOfBlocksError
-from engine.kernels import KernelBuildError, LayerOps, load_linear
+from engine.kernels import LayerOps
 from engine.linear import NativeLinear
-from engine.model_loader import default_cache_dir, load_model
+from engine.model_loader import load_model
 from engine.sequence import FinishReason, SamplingParams, Sequence
 from tests.support.tiny_models import build_tiny_model
 
@@ -56,27 +55,15 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return model, spec, expected
 
 
-@functools.cache
-def _linear_kernel_builds() -> bool:
-    """The native linear kernel needs AVX-512: elsewhere the engine tests run oneDNN's."""
-    try:
-        load_linear(default_cache_dir())
-    except KernelBuildError:
-        return False
-    return True
-
-
 def _engine(
     model, spec, *, num_blocks=256, block_size=4, budget=2048, kernels=KernelChoice.AUTO
 ) -> Engine:
-    native_without_linear = kernels is KernelChoice.NATIVE and not _linear_kernel_builds()
     config = EngineConfig(
         model=ModelConfig(model=str(spec.path)),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=budget),
         attention_kernel=kernels,
-        # native asks for every kernel; without AVX-512 for the linear one, auto keeps oneDNN
-        layer_kernels=KernelChoice.AUTO if native_without_linear else kernels,
+        layer_kernels=kernels,
     )
     return Engine(config, model, spec, sink=lambda outputs: None)
 
@@ -120,8 +107,7 @@ def test_greedy_matches_transformers(tiny, budget: int, num_blocks: int, kernels
     # Llama and Qwen2 run pdserve's own forward pass, GPT-2 transformers' modules
     assert (engine.runner.fast is not None) == (spec.family != "gpt2")
     if engine.runner.fast is not None:
-        linear = native and _linear_kernel_builds()
-        assert isinstance(engine.runner.fast.lm_head, NativeLinear) == linear
+        assert isinstance(engine.runner.fast.lm_head, NativeLinear) == native
         assert isinstance(engine.runner.fast.ops, LayerOps) == native
     for i, (prompt, n) in enumerate(zip(PROMPTS, MAX_TOKENS, strict=True)):
         engine.add(_seq(spec, i, prompt, n))
