@@ -74,8 +74,16 @@ class SendBudget:
     def release(self, endpoint: str, nbytes: int) -> None:
         """Pages left the queue (sent or dropped): their bytes leave the budget."""
         with self._cond:
-            self._queued[endpoint] -= nbytes
+            left = max(0, self._queued[endpoint] - nbytes)  # never below zero
+            if left:
+                self._queued[endpoint] = left
+            else:
+                del self._queued[endpoint]  # no entry per peer ever seen
             self._cond.notify_all()
+
+    def queued(self, endpoint: str) -> int:
+        with self._cond:
+            return self._queued[endpoint]
 
 
 def check_pages(

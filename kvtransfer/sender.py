@@ -134,15 +134,17 @@ class KVSender:
         if spec is None:
             return
         try:
+            if endpoint != spec.endpoint:  # the budget and the route must be the same peer's
+                raise ValueError(f"pages for {endpoint}, the transfer goes to {spec.endpoint}")
             check_pages(self.fingerprint, spec, layer_start, pages)
         except ValueError as exc:
             self._put(("abort", transfer_id, f"invalid pages: {exc}"))
             raise
         nbytes = pages.numel() * pages.element_size()
-        if not self._budget.reserve(endpoint, nbytes, self._ack_timeout, self._stop):
+        if not self._budget.reserve(spec.endpoint, nbytes, self._ack_timeout, self._stop):
             self._put(("abort", transfer_id, "backpressure timeout"))
-            raise TransferBackpressureError(f"decode worker {endpoint} is not draining")
-        self._put(("pages", transfer_id, (layer_start, pages, nbytes, endpoint)))
+            raise TransferBackpressureError(f"decode worker {spec.endpoint} is not draining")
+        self._put(("pages", transfer_id, (layer_start, pages, nbytes, spec.endpoint)))
 
     def finish(self, transfer_id: bytes, first_token_id: int) -> None:
         """All pages are queued: send DONE with the first token and await the ack."""

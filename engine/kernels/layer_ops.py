@@ -18,10 +18,17 @@ _INT = ctypes.c_int
 
 
 def _rows(t: torch.Tensor, what: str) -> None:
-    if t.dim() != 2 or t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(1) != 1:
+    """Float32 CPU rows, unit stride along a row, rows apart (no overlap)."""
+    if (
+        t.dim() != 2
+        or t.dtype != torch.float32
+        or t.device.type != "cpu"
+        or t.stride(1) != 1
+        or (t.shape[0] > 1 and t.stride(0) < t.shape[1])
+    ):
         raise ValueError(
-            f"{what}: float32 CPU rows with unit stride needed, got {t.dtype} "
-            f"{tuple(t.shape)} strides {t.stride()} on {t.device}"
+            f"{what}: float32 CPU rows with unit stride that do not overlap needed, got "
+            f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}"
         )
 
 
@@ -52,6 +59,8 @@ class LayerOps:
                 raise ValueError(f"delta {tuple(delta.shape)} does not match {tuple(x.shape)}")
         if weight.shape != (dim,) or not weight.is_contiguous():
             raise ValueError(f"norm weight {tuple(weight.shape)} does not fit rows of {dim}")
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            raise ValueError(f"norm weight is {weight.dtype} on {weight.device}, not float32 CPU")
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         self._add_rms_norm(
             x.data_ptr(),
@@ -75,7 +84,9 @@ class LayerOps:
         rows, heads, head_dim = x.shape
         if x.stride(2) != 1 or x.stride(1) != head_dim or head_dim % 2:
             raise ValueError(f"rope: heads of {head_dim} contiguous values needed")
-        _rows(x[:, 0], "rope input")
+        _rows(x[:, 0], "rope input")  # dtype, device, one head's values in a row
+        if rows > 1 and x.stride(0) < heads * head_dim:
+            raise ValueError(f"rope: rows of {tuple(x.shape)} overlap (strides {x.stride()})")
         for table in (cos, sin):
             _rows(table, "rope table")
             if table.shape != (rows, head_dim) or not table.is_contiguous():

@@ -84,3 +84,15 @@ def test_refuses_what_does_not_fit(ops: LayerOps) -> None:
         ops.rope(torch.randn(4, 2, 64), torch.randn(3, 64), torch.randn(3, 64))
     with pytest.raises(ValueError, match="narrower"):
         ops.silu_mul(torch.randn(4, 10), 6)
+    with pytest.raises(ValueError, match="float64"):
+        ops.add_rms_norm(x, None, torch.ones(64, dtype=torch.float64), 1e-6)
+    with pytest.raises(ValueError, match="overlap"):  # an in-place add into one row, 4 times
+        ops.add_rms_norm(torch.randn(1, 64).expand(4, 64), torch.randn(4, 64), torch.ones(64), 1e-6)
+    with pytest.raises(ValueError, match="overlap"):
+        ops.rope(torch.randn(1, 2, 64).expand(3, 2, 64), torch.randn(3, 64), torch.randn(3, 64))
+
+
+def test_silu_passes_nan_through(ops: LayerOps) -> None:
+    gate_up = torch.tensor([[float("nan"), 1.0, 2.0, 3.0]])
+    got = ops.silu_mul(gate_up, 2)
+    assert got[0, 0].isnan() and torch.isfinite(got[0, 1])

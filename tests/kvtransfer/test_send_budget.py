@@ -41,6 +41,24 @@ def test_reserve_waits_for_release() -> None:
         releaser.join()
 
 
+def test_released_bytes_leave_no_entry_and_never_go_negative() -> None:
+    budget = SendBudget(100)
+    assert budget.reserve("a", 60, 0.0, threading.Event())
+    budget.release("a", 60)
+    assert budget.queued("a") == 0
+    budget.release("a", 1)  # more than queued (a bookkeeping slip): stays at zero
+    assert budget.queued("a") == 0
+    assert budget.reserve("a", 100, 0.0, threading.Event())
+
+
+def test_stopping_during_the_wait_ends_it() -> None:
+    budget = SendBudget(100)
+    assert budget.reserve("a", 80, 0.0, threading.Event())
+    stopping = threading.Event()
+    threading.Timer(0.1, stopping.set).start()
+    assert not budget.reserve("a", 80, 30.0, stopping)  # within the 0.5 s wait slice
+
+
 def test_stopping_ends_the_wait() -> None:
     budget = SendBudget(100)
     assert budget.reserve("a", 80, 0.0, threading.Event())
