@@ -94,7 +94,7 @@ def sender_main(
     def export_layer(key: str, layer: int, pages: torch.Tensor) -> None:
         transfer = transfers.get(key)
         if transfer is not None:
-            sender.send_pages(transfer.transfer_id, transfer.endpoint, layer, pages)
+            sender.send_pages(transfer.transfer_id, layer, pages)
 
     compute_end = [0.0]
     execute = engine.runner.execute
@@ -132,7 +132,7 @@ def sender_main(
         transfers.pop(rid, None)
         out = next(o for o in outputs if o.request_id == rid)
         if out.pages is not None:  # send-after-prefill: the worker queues all pages at once
-            sender.send_pages(tid, target, 0, out.pages)
+            sender.send_pages(tid, 0, out.pages)
         sender.finish(tid, out.token_ids[0])
         peer.send(("wait", rid, 60.0))
         ready_ok, ready_at, reason = recv_within(peer, 90, "ready time")

@@ -131,7 +131,7 @@ def _kv_cell(
                 start = time.monotonic()
                 sender.open(TransferSpec(rid, tid, target, blocks))
                 for index, layer in enumerate(layers):  # one frame per layer, as layer-wise
-                    sender.send_pages(tid, target, index, layer)
+                    sender.send_pages(tid, index, layer)
                 sender.finish(tid, 0)
                 with done:
                     if not done.wait_for(lambda: rid in acked, timeout=120):

@@ -123,19 +123,16 @@ class KVSender:
         self._budget.open(spec)
         self._put(("open", spec.transfer_id, spec))
 
-    def send_pages(
-        self, transfer_id: bytes, endpoint: str, layer_start: int, pages: torch.Tensor
-    ) -> None:
+    def send_pages(self, transfer_id: bytes, layer_start: int, pages: torch.Tensor) -> None:
         """Queue pages ``(L', 2, n, bs, KVH, D)`` for layers from ``layer_start``. Blocks while
-        the peer's queue is over budget; raises :class:`TransferBackpressureError` (and aborts
-        the transfer) if it stays so past the ack timeout. Pages for a transfer that already
+        the queue of the transfer's decode worker is over budget; raises
+        :class:`TransferBackpressureError` (and aborts the transfer) if it stays so past the ack
+        timeout. Pages for a transfer that already
         ended are dropped; pages the transfer cannot carry abort it and raise ValueError."""
         spec = self._budget.spec(transfer_id)
         if spec is None:
             return
         try:
-            if endpoint != spec.endpoint:  # the budget and the route must be the same peer's
-                raise ValueError(f"pages for {endpoint}, the transfer goes to {spec.endpoint}")
             check_pages(self.fingerprint, spec, layer_start, pages)
         except ValueError as exc:
             self._put(("abort", transfer_id, f"invalid pages: {exc}"))

@@ -110,7 +110,7 @@ class PrefillWorker:
 
     def _send_all(self, transfer: TransferSpec, pages: torch.Tensor) -> None:
         try:
-            self.sender.send_pages(transfer.transfer_id, transfer.endpoint, 0, pages)
+            self.sender.send_pages(transfer.transfer_id, 0, pages)
         except TransferBackpressureError as exc:
             log.warning("kv_backpressure_abort", request_id=transfer.request_id, error=str(exc))
 
@@ -119,9 +119,7 @@ class PrefillWorker:
         entry = self._transfers.get(key)
         if entry is not None:
             transfer, skip = entry  # the decode worker holds the first ``skip`` blocks already
-            self.sender.send_pages(
-                transfer.transfer_id, transfer.endpoint, layer, pages[:, :, skip:]
-            )
+            self.sender.send_pages(transfer.transfer_id, layer, pages[:, :, skip:])
 
     def stats(self) -> PoolStats:
         return self.engine.stats()

@@ -95,7 +95,7 @@ def main() -> None:
     sender.open(TransferSpec("dying", transfer_id, endpoint, blocks))
     pages = random_pages(fp, len(blocks), config["seed"])
     for layer in range(config["layers"]):
-        sender.send_pages(transfer_id, endpoint, layer, pages[layer : layer + 1])
+        sender.send_pages(transfer_id, layer, pages[layer : layer + 1])
     print("sent", flush=True)
     sys.stdin.readline()
     os.kill(os.getpid(), signal.SIGKILL)

@@ -284,12 +284,10 @@ class Channel:
         if not layers:
             return
         if not layerwise:
-            self.sender.send_pages(
-                transfer_id, self.endpoint, layers.start, pages[layers.start : layers.stop]
-            )
+            self.sender.send_pages(transfer_id, layers.start, pages[layers.start : layers.stop])
             return
         for layer in layers:
-            self.sender.send_pages(transfer_id, self.endpoint, layer, pages[layer : layer + 1])
+            self.sender.send_pages(transfer_id, layer, pages[layer : layer + 1])
 
     def raw_peer(
         self, auth: wire.FrameAuth | None = None, fp: Fingerprint | None = None

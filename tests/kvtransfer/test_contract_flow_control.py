@@ -75,14 +75,14 @@ def test_send_pages_blocks_then_gives_up_while_the_receiver_is_down(
     receiver: KVReceiver | None = None
     try:
         sender.open(TransferSpec("stalled", tid(1), endpoint, (0, 1)))
-        sender.send_pages(tid(1), endpoint, 0, pages[0:1])  # within budget: queued at once
-        sender.send_pages(tid(1), endpoint, 1, pages[1:2])
+        sender.send_pages(tid(1), 0, pages[0:1])  # within budget: queued at once
+        sender.send_pages(tid(1), 1, pages[1:2])
         refused = []
         for _ in range(2):
             page = pages[2:3].clone()
             refused.append(weakref.ref(page))
             with pytest.raises(TransferBackpressureError, match="not draining"):
-                sender.send_pages(tid(1), endpoint, 2, page)
+                sender.send_pages(tid(1), 2, page)
             del page
         gc.collect()  # tracebacks of the caught errors may hold the page in a reference cycle
         assert all(ref() is None for ref in refused), "the sender kept a page it refused"
@@ -106,8 +106,8 @@ def test_send_pages_blocks_then_gives_up_while_the_receiver_is_down(
         # (no DONE here: its ack would be held to the short ack timeout)
         receiver.expect(tid(2), "next", [2, 3], 60.0)
         sender.open(TransferSpec("next", tid(2), endpoint, (2, 3)))
-        sender.send_pages(tid(2), endpoint, 0, pages[0:1])
-        sender.send_pages(tid(2), endpoint, 1, pages[1:2])
+        sender.send_pages(tid(2), 0, pages[0:1])
+        sender.send_pages(tid(2), 1, pages[1:2])
         wait_until(lambda: receiver is not None and receiver.stats.pages == 4, "the pages")
         assert same_bits(dst.kv[:2, :, [2, 3]], pages[:2])
         sender.abort(tid(2), "test over")

@@ -82,7 +82,7 @@ def test_several_transfers_share_one_connection(make_channel: Callable[..., Chan
         ch.sender.open(TransferSpec(f"s{n}", tid(n), ch.endpoint, tuple(blocks)))
     for layer in range(LAYERS):
         for n, (_, pages) in plan.items():
-            ch.sender.send_pages(tid(n), ch.endpoint, layer, pages[layer : layer + 1])
+            ch.sender.send_pages(tid(n), layer, pages[layer : layer + 1])
     for n in reversed(plan):
         ch.sender.finish(tid(n), n)
     ch.rec.wait(lambda: len(ch.rec.sent) == 4 and len(ch.rec.ready) == 4, "every transfer")
@@ -113,7 +113,7 @@ def test_each_mismatched_field_is_refused(
             sender.open(TransferSpec(field, tid(n), ch.endpoint, (1, 2)))
             pages = random_pages(theirs, 2, seed=n)
             for layer in range(theirs.num_layers):
-                sender.send_pages(tid(n), ch.endpoint, layer, pages[layer : layer + 1])
+                sender.send_pages(tid(n), layer, pages[layer : layer + 1])
             sender.finish(tid(n), 1)
         ch.rec.wait(lambda: len(ch.rec.sent) == len(MISMATCHES), "every refusal")
     finally:
@@ -147,7 +147,7 @@ def test_sender_checks_the_receivers_fingerprint_too(transport: Transport) -> No
     sender.start()
     try:
         sender.open(TransferSpec("snd", tid(4), endpoint, (0,)))
-        sender.send_pages(tid(4), endpoint, 0, random_pages(mine, 1, seed=4))
+        sender.send_pages(tid(4), 0, random_pages(mine, 1, seed=4))
         sender.finish(tid(4), 1)
         peer, frame = router.recv_multipart()
         hello = wire.decode(frame, AUTHS["crc"])
@@ -188,7 +188,7 @@ def test_key_mismatch_is_refused(make_channel: Callable[..., Channel]) -> None:
             senders.append(sender)
             ch.receiver.expect(tid(n), name, [3], 60.0)
             sender.open(TransferSpec(name, tid(n), ch.endpoint, (3,)))
-            sender.send_pages(tid(n), ch.endpoint, 0, random_pages(ch.receiver_fp, 1, seed=n))
+            sender.send_pages(tid(n), 0, random_pages(ch.receiver_fp, 1, seed=n))
             sender.finish(tid(n), 1)
         rec.wait(lambda: len(rec.sent) == len(cases), "every sender to give up")
     finally:

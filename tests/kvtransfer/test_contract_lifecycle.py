@@ -189,7 +189,7 @@ def test_a_refused_page_fails_only_its_transfer(
     ch.receiver.expect(tid(1), "bad", [1, 2], 60.0)
     ch.sender.open(TransferSpec("s-bad", tid(1), ch.endpoint, (1, 2)))
     with pytest.raises(ValueError, match="3 blocks of pages for 2 reserved"):
-        ch.sender.send_pages(tid(1), ch.endpoint, 0, random_pages(ch.receiver_fp, 3, seed=7))
+        ch.sender.send_pages(tid(1), 0, random_pages(ch.receiver_fp, 3, seed=7))
     ch.sender.finish(tid(1), 1)  # after the abort: ignored
     good = random_pages(ch.receiver_fp, 2, seed=8)
     ch.receiver.expect(tid(2), "good", [3, 4], 60.0)
@@ -222,13 +222,13 @@ def test_bad_input_fails_only_its_transfer(tmp_path: Path) -> None:
             senders.append(sender)
             try:
                 sender.open(TransferSpec(name, tid(n), endpoint, (1,)))
-                sender.send_pages(tid(n), endpoint, 0, pages)
+                sender.send_pages(tid(n), 0, pages)
                 sender.finish(tid(n), 1)
             except Exception:  # refusing in the caller's thread is fine too
                 ch.rec.on_sent(name, False, "refused by send_pages")
             ch.receiver.expect(tid(10 + n), f"good-{name}", [n], 60.0)
             sender.open(TransferSpec(f"good-{name}", tid(10 + n), ch.endpoint, (n,)))
-            sender.send_pages(tid(10 + n), ch.endpoint, 0, good)
+            sender.send_pages(tid(10 + n), 0, good)
             sender.finish(tid(10 + n), 1)
         ch.rec.wait(lambda: len(ch.rec.sent) == 6, "every transfer to end", timeout=3.0)
     finally:
