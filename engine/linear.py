@@ -28,7 +28,9 @@ class NativeLinear(torch.nn.Module):
         self.bias = linear.bias
         self.kernel = kernel
         self.packed = kernel.pack(linear.weight)
-        self._bias = None if linear.bias is None else linear.bias.detach().contiguous()
+        out = torch.empty((1, self.out_features))
+        with torch.no_grad():  # the checks that forward() then skips: these tensors never change
+            kernel(torch.zeros((1, self.in_features)), self.packed, self.bias, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu":  # as nn.Linear refuses it
@@ -39,8 +41,8 @@ class NativeLinear(torch.nn.Module):
         out = torch.empty(
             (rows.shape[0], self.out_features), dtype=torch.float32, device=rows.device
         )
-        if rows.shape[0]:
-            self.kernel(rows, self.packed, self._bias, out)
+        if rows.shape[0]:  # rows: float32 CPU, unit stride, not overlapping (above)
+            self.kernel.run(rows, self.packed, self.bias, out)
         return out.view(*x.shape[:-1], self.out_features)
 
 

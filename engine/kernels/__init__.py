@@ -83,8 +83,7 @@ class PagedAttentionKernel:
             block_size,
             scale,
             _DTYPES[query.dtype],
-            0,  # as many threads as torch uses on the calling thread
-        )
+        )  # on as many threads as torch uses on the calling thread
         if rc != 0:
             raise ValueError(
                 f"paged attention kernel refused its arguments (rc {rc}): heads {heads}, "
@@ -100,5 +99,5 @@ def load_paged_attention(cache_dir: Path, compiler: str = "cc") -> PagedAttentio
     fn = lib.pd_paged_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR]
-    fn.argtypes += [_I64] * 5 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    fn.argtypes += [_I64] * 5 + [ctypes.c_float, ctypes.c_int]
     return PagedAttentionKernel(path, fn)

@@ -7,8 +7,8 @@
  * single pass, with the same arithmetic as transformers' modules (reductions in float32; the
  * order of a sum differs, so results can differ in the last bit).
  *
- * Rows are independent; large calls (prefill chunks) split rows between OpenMP threads, small
- * ones run on the calling thread.
+ * Rows are independent; large calls (prefill chunks) split rows between the calling thread's
+ * OpenMP threads, small ones run on the calling thread alone.
  */
 #include <math.h>
 #include <stdint.h>
@@ -16,20 +16,7 @@
 
 #include "pd_exp2.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #define PARALLEL_ROWS 64 /* fewer rows than this: no threads (fork and join cost more) */
-
-static int team(int threads) {
-#ifdef _OPENMP
-    return threads > 0 ? threads : omp_get_max_threads();
-#else
-    (void)threads;
-    return 1;
-#endif
-}
 
 static inline void norm_row(const float *x, const float *w, float eps, float *out, int64_t dim) {
     float sum = 0.0f;
@@ -42,9 +29,8 @@ static inline void norm_row(const float *x, const float *w, float eps, float *ou
 
 /* out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps); with delta, x[r] += delta[r] first (in place). */
 void pd_add_rms_norm(float *x, int64_t ldx, const float *delta, int64_t ldd, const float *w,
-                     float eps, float *out, int64_t ldo, int64_t rows, int64_t dim,
-                     int threads) {
-#pragma omp parallel for schedule(static) num_threads(team(threads)) if (rows >= PARALLEL_ROWS)
+                     float eps, float *out, int64_t ldo, int64_t rows, int64_t dim) {
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
     for (int64_t r = 0; r < rows; r++) {
         float *row = x + r * ldx;
         if (delta) {
@@ -59,9 +45,9 @@ void pd_add_rms_norm(float *x, int64_t ldx, const float *delta, int64_t ldd, con
 /* Rotary embedding in place, transformers' x * cos + rotate_half(x) * sin, for `heads` heads of
  * head_dim values per row (row stride ldx); cos and sin: one row of head_dim per token. */
 void pd_rope(float *x, int64_t ldx, int64_t heads, int64_t head_dim, const float *cos,
-             const float *sin, int64_t rows, int threads) {
+             const float *sin, int64_t rows) {
     int64_t half = head_dim / 2;
-#pragma omp parallel for schedule(static) num_threads(team(threads)) if (rows >= PARALLEL_ROWS)
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
     for (int64_t r = 0; r < rows; r++) {
         const float *c = cos + r * head_dim, *s = sin + r * head_dim;
         for (int64_t h = 0; h < heads; h++) {
@@ -78,8 +64,8 @@ void pd_rope(float *x, int64_t ldx, int64_t heads, int64_t head_dim, const float
 
 /* out[r] = silu(gate_up[r, :inter]) * gate_up[r, inter:2 inter], silu(g) = g / (1 + e^-g). */
 void pd_silu_mul(const float *gate_up, int64_t ldg, int64_t inter, float *out, int64_t ldo,
-                 int64_t rows, int threads) {
-#pragma omp parallel for schedule(static) num_threads(team(threads)) if (rows >= PARALLEL_ROWS)
+                 int64_t rows) {
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
     for (int64_t r = 0; r < rows; r++) {
         const float *g = gate_up + r * ldg, *u = g + inter;
         float *o = out + r * ldo;

@@ -14,7 +14,6 @@ from engine.kernels.build import load_library
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
 _F32 = ctypes.c_float
-_INT = ctypes.c_int
 
 
 def _rows(t: torch.Tensor, what: str) -> None:
@@ -73,7 +72,6 @@ class LayerOps:
             out.stride(0),
             rows,
             dim,
-            0,
         )
         return out
 
@@ -91,9 +89,7 @@ class LayerOps:
             _rows(table, "rope table")
             if table.shape != (rows, head_dim) or not table.is_contiguous():
                 raise ValueError(f"rope table {tuple(table.shape)} does not fit {tuple(x.shape)}")
-        self._rope(
-            x.data_ptr(), x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr(), rows, 0
-        )
+        self._rope(x.data_ptr(), x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr(), rows)
         return x
 
     def silu_mul(self, gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
@@ -110,7 +106,6 @@ class LayerOps:
             out.data_ptr(),
             intermediate,
             rows,
-            0,
         )
         return out
 
@@ -123,11 +118,11 @@ def load_layer_ops(cache_dir: Path, compiler: str = "cc") -> LayerOps:
     path, lib = load_library("layer_ops.c", cache_dir, compiler)
     norm = lib.pd_add_rms_norm
     norm.restype = None
-    norm.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _F32, _PTR, _I64, _I64, _I64, _INT]
+    norm.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _F32, _PTR, _I64, _I64, _I64]
     rope = lib.pd_rope
     rope.restype = None
-    rope.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _INT]
+    rope.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64]
     silu = lib.pd_silu_mul
     silu.restype = None
-    silu.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _INT]
+    silu.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64]
     return LayerOps(path, norm, rope, silu)

@@ -172,12 +172,12 @@ static void partial_panel(const float *x, int64_t ldx, const float *panel, const
 }
 
 /* y (M, N; row stride ldy) = x (M, K; row stride ldx) . W^T + bias, W packed by pd_linear_pack.
- * threads 0: the calling thread's OpenMP thread count. Returns 0, or 1 on bad sizes. */
+ * Threads: the calling thread's OpenMP setting. Returns 0, or 1 on bad sizes. */
 int pd_linear(const float *x, int64_t ldx, const float *packed, const float *bias, float *y,
-              int64_t ldy, int64_t M, int64_t K, int64_t N, int threads) {
+              int64_t ldy, int64_t M, int64_t K, int64_t N) {
     if (M <= 0 || K <= 0 || N <= 0 || ldx < K || ldy < N) return 1;
 #ifdef _OPENMP
-    int team = threads > 0 ? threads : omp_get_max_threads();
+    int team = omp_get_max_threads();
 #else
     int team = 1;
 #endif
@@ -186,7 +186,7 @@ int pd_linear(const float *x, int64_t ldx, const float *packed, const float *bia
     int64_t chunks = 1; /* row chunks: enough work items for every thread, few weight re-reads */
     while (panels * chunks < 4 * (int64_t)team && chunks < tiles) chunks++;
     int64_t chunk_rows = (tiles + chunks - 1) / chunks * MR;
-#pragma omp parallel for schedule(static) num_threads(team) if (team > 1)
+#pragma omp parallel for schedule(static) if (team > 1)
     for (int64_t item = 0; item < panels * chunks; item++) {
         int64_t p = item / chunks, c = item % chunks;
         int64_t m_begin = c * chunk_rows;

@@ -21,9 +21,6 @@
 
 #include "pd_exp2.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define MAX_HEAD_DIM 256
 #define MAX_HEADS 256
@@ -232,14 +229,13 @@ enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
  * k_cache, v_cache: one layer's K and V, (num_blocks, block_size, kv_heads, head_dim)
  * block_table:  (tokens, max_blocks) int64: row t holds token t's sequence's blocks
  * context_len:  (tokens,) int64
- * num_threads:  OpenMP threads; 0 for the calling thread's own setting (torch.set_num_threads
- *               made on that thread)
+ * Threads: the calling thread's OpenMP setting (torch.set_num_threads made on that thread).
  */
 int pd_paged_attention(const void *q, int64_t q_token_stride, int64_t q_head_stride, void *out,
                        const void *k_cache, const void *v_cache, const int64_t *block_table,
                        int64_t max_blocks, const int64_t *context_len,
                        int64_t tokens, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                       int64_t block_size, float scale, int dtype, int num_threads) {
+                       int64_t block_size, float scale, int dtype) {
     if (kv_heads <= 0 || heads % kv_heads != 0 || heads > MAX_HEADS || head_dim <= 0 ||
         head_dim > MAX_HEAD_DIM || block_size <= 0)
         return -1;
@@ -248,14 +244,11 @@ int pd_paged_attention(const void *q, int64_t q_token_stride, int64_t q_head_str
         if (context_len[t] <= 0 || context_len[t] > max_blocks * block_size) return -1;
         max_len = context_len[t] > max_len ? context_len[t] : max_len;
     }
-#ifdef _OPENMP
-    if (num_threads <= 0) num_threads = omp_get_max_threads(); /* the calling thread's setting */
-#endif
     const int64_t g_heads = heads / kv_heads;
     const item_fn run_item = pick_item(dtype, head_dim);
     const size_t row_floats = (size_t)(heads * head_dim);
     int failed = 0;
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && tokens > 1)
+#pragma omp parallel if (tokens > 1)
     {
         float *scores = malloc((size_t)(heads * max_len) * sizeof(float));
         float *q_row = malloc(row_floats * sizeof(float));
