@@ -280,6 +280,16 @@ def print_targets(items: list[dict[str, Any]]) -> None:
         )
 
 
+def _choices(
+    text: str, known: dict[str, Any], parser: argparse.ArgumentParser, flag: str
+) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        parser.error(f"{flag}: choose from {', '.join(known)} (got {text!r})")
+    return names
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -294,8 +304,16 @@ def main() -> None:
         "--sections", default="1,2,3", help="which sections to run, e.g. 1,2 (default: all)"
     )
     parser.add_argument("--sizes", default=None, help="prompt sizes in tokens, e.g. 128,512")
+    parser.add_argument(
+        "--backends", default=",".join(BACKENDS), help="goodput backends (default: all)"
+    )
+    parser.add_argument(
+        "--auth", default=",".join(AUTH_MODES), help="goodput frame-auth modes (default: all)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    backends = _choices(args.backends, BACKENDS, parser, "--backends")
+    auths = _choices(args.auth, AUTH_MODES, parser, "--auth")
 
     from engine.config import ModelConfig
     from engine.model_loader import (
@@ -327,8 +345,8 @@ def main() -> None:
             "geometry": geometry.to_fields(),
             "bytes_per_token": geometry.bytes_per_token,
             "sizes": sizes,
-            "backends": list(BACKENDS),
-            "auth_modes": list(AUTH_MODES),
+            "backends": backends,
+            "auth_modes": auths,
             "timing": asdict(profile.timing),
             "exposed_reps": profile.exposed_reps,
             "serving_reps": profile.serving_reps,
@@ -352,9 +370,7 @@ def main() -> None:
     if 1 in sections:
         print("\n[1/3] goodput ...", flush=True)
         start = time.monotonic()
-        results["goodput"] = kv_goodput.run(
-            geometry, sizes, profile.timing, list(BACKENDS), list(AUTH_MODES)
-        )
+        results["goodput"] = kv_goodput.run(geometry, sizes, profile.timing, backends, auths)
         results["wall_s"]["goodput"] = time.monotonic() - start
         save()
     if 2 in sections:

@@ -100,11 +100,12 @@ class PageWriter:
             if reservation.started is None:
                 reservation.started = time.monotonic()
         views = self.kv.page_views(header.block_ids, header.layers)
-        if not self.reservations.fill(link, tid, reservation, views, payload_len):
+        check = wire.check_out_of_band(frame, self.auth)  # fed each piece as it lands
+        if not self.reservations.fill(link, tid, reservation, views, payload_len, check.update):
             self.stats.drop("unknown_transfer")  # cancelled or expired while reading
             return True
         try:
-            wire.verify_out_of_band(frame, self.auth, views)
+            check.verify()
             verified = True
         except wire.MalformedFrameError as exc:
             unauthenticated = isinstance(exc, wire.UnauthenticatedFrameError)

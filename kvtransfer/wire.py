@@ -24,24 +24,25 @@ does not verify.
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import json
-import os
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any
 
 import torch
-import xxhash
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kvtransfer.frame_auth import FLAG_CHECKSUM as FLAG_CHECKSUM
+from kvtransfer.frame_auth import FLAG_MAC as FLAG_MAC
+from kvtransfer.frame_auth import TAG_BYTES as TAG_BYTES
+from kvtransfer.frame_auth import FrameAuth as FrameAuth
+from kvtransfer.frame_auth import MalformedFrameError as MalformedFrameError
+from kvtransfer.frame_auth import Payload as Payload
+from kvtransfer.frame_auth import PayloadCheck as PayloadCheck
+from kvtransfer.frame_auth import UnauthenticatedFrameError as UnauthenticatedFrameError
 
 MAGIC = b"PDKV"
 PROTOCOL_VERSION = 3  # 3: XXH3-64 checksums, the stream backend
 TRANSFER_ID_BYTES = 16
-TAG_BYTES = 32  # MAC: nonce (12) + GMAC (16) + 4 zero bytes; checksum: 8 bytes + zeros
 MAX_BLOCKS_PER_PAGE = 1 << 20
 MAX_TEXT_BYTES = 4096
 MAX_PAYLOAD_BYTES = 1 << 32  # one page; far above any real layer range
@@ -51,19 +52,7 @@ _PAGE = struct.Struct("<HHIHHHBQ")
 _DONE = struct.Struct("<II")
 _ACK = struct.Struct("<B")
 
-_NONCE_BYTES = 12
-
-FLAG_CHECKSUM = 0x01  # XXH3-64
-FLAG_MAC = 0x02
 FLAG_OUT_OF_BAND = 0x04
-
-
-class MalformedFrameError(ValueError):
-    """A frame failed validation; it must be dropped and never reach the KV cache."""
-
-
-class UnauthenticatedFrameError(MalformedFrameError):
-    """A frame's tag did not verify against the fleet's key (or carried none)."""
 
 
 class FrameKind(enum.IntEnum):
@@ -144,101 +133,6 @@ class HandshakeHeader:
 
 
 Header = PageHeader | DoneHeader | AbortHeader | AckHeader | HandshakeHeader
-
-Payload: TypeAlias = memoryview | Sequence[memoryview]
-"""A payload's bytes: one buffer, or the pieces it was received into, in order (a page written
-straight into the KV pool lies in one contiguous run of blocks per layer and K/V)."""
-
-
-def _pieces(payload: Payload | None) -> Sequence[memoryview]:
-    if payload is None:
-        return ()
-    return (payload,) if isinstance(payload, memoryview) else payload
-
-
-class FrameAuth:
-    """Seals and verifies frame tags. With a key every frame is MACed and frames without a
-    valid MAC are refused; without one, an optional XXH3-64 checksum catches corruption (not
-    forgery).
-
-    The MAC is AES-256-GMAC (AES-GCM with no plaintext), several GB/s per core with AES-NI,
-    where HMAC-SHA256 managed under 2 GB/s and capped the channel: ``inner = GMAC_Kp(n,
-    payload)``, ``tag = GMAC_Kh(n, prefix || inner)`` with a fresh random nonce ``n`` per frame
-    and two keys derived from the fleet key, so the payload is never copied to be authenticated.
-    Random 96-bit nonces stay safe for about 2^32 frames per key: rotate the fleet key well
-    before that (hundreds of millions of requests). The checksum is XXH3-64 (10+ GB/s here;
-    zlib's CRC32 ran at 1.9 GB/s and was slower than the MAC).
-    """
-
-    def __init__(self, key: bytes | None, checksum: bool = True) -> None:
-        if key is not None and len(key) < 16:
-            raise ValueError("the KV channel key must be at least 16 bytes")
-        self.key = key
-        self.checksum = checksum
-        self._payload_key = self._header_key = b""
-        self._payload_mac = self._header_mac = None
-        if key is not None:
-            self._payload_key = hashlib.sha256(b"pdserve-kv-payload\0" + key).digest()
-            self._header_key = hashlib.sha256(b"pdserve-kv-header\0" + key).digest()
-            self._payload_mac = AESGCM(self._payload_key)
-            self._header_mac = AESGCM(self._header_key)
-
-    @property
-    def flags(self) -> int:
-        if self.key is not None:
-            return FLAG_MAC
-        return FLAG_CHECKSUM if self.checksum else 0
-
-    @property
-    def integrity(self) -> str:
-        """What protects frames; both ends must agree (part of the handshake fingerprint)."""
-        if self.key is not None:
-            return "aes-256-gmac"
-        return "xxh3-64" if self.checksum else "none"
-
-    def tag(self, prefix: bytes, payload: Payload | None) -> bytes:
-        if self.key is not None:
-            nonce = os.urandom(_NONCE_BYTES)
-            return nonce + self._mac(nonce, prefix, payload) + bytes(TAG_BYTES - 28)
-        if self.checksum:
-            digest = xxhash.xxh3_64(prefix)
-            for piece in _pieces(payload):
-                digest.update(piece)
-            return digest.digest() + bytes(TAG_BYTES - 8)
-        return bytes(TAG_BYTES)
-
-    def _mac(self, nonce: bytes, prefix: bytes, payload: Payload | None) -> bytes:
-        assert self._payload_mac is not None and self._header_mac is not None
-        pieces = _pieces(payload)
-        if not pieces:
-            inner = b""
-        elif len(pieces) == 1:
-            inner = self._payload_mac.encrypt(nonce, b"", pieces[0])
-        else:  # the same GMAC, fed piece by piece
-            gmac = Cipher(algorithms.AES(self._payload_key), modes.GCM(nonce)).encryptor()
-            for piece in pieces:
-                gmac.authenticate_additional_data(piece)
-            gmac.finalize()
-            inner = gmac.tag
-        return self._header_mac.encrypt(nonce, b"", prefix + inner)
-
-    def verify(self, flags: int, prefix: bytes, tag: bytes, payload: Payload | None) -> None:
-        """Raise unless the tag is what this side requires and it matches."""
-        if self.key is not None:
-            if not flags & FLAG_MAC:
-                raise UnauthenticatedFrameError("frame carries no MAC; this channel requires one")
-            nonce, mac, padding = tag[:_NONCE_BYTES], tag[_NONCE_BYTES:28], tag[28:]
-            if any(padding) or not hmac.compare_digest(self._mac(nonce, prefix, payload), mac):
-                raise UnauthenticatedFrameError("frame MAC does not verify (wrong key or altered)")
-            return
-        if flags & FLAG_MAC:
-            raise UnauthenticatedFrameError("frame is MACed but this receiver has no key")
-        if not self.checksum:
-            return
-        if not flags & FLAG_CHECKSUM:
-            raise MalformedFrameError("checksum: frame carries none; this channel requires one")
-        if self.tag(prefix, payload) != tag:
-            raise MalformedFrameError("checksum: mismatch (corrupted or truncated frame)")
 
 
 def encode(header: Header, auth: FrameAuth, payload: Payload | None = None) -> bytes:
@@ -331,6 +225,13 @@ def verify_out_of_band(frame: bytes | memoryview, auth: FrameAuth, payload: Payl
     """Authenticate an out-of-band PAGE header together with the payload that followed it."""
     flags, prefix, tag = split(frame)
     auth.verify(flags, prefix, tag, payload)
+
+
+def check_out_of_band(frame: bytes | memoryview, auth: FrameAuth) -> PayloadCheck:
+    """A verifier for the payload that follows an out-of-band PAGE header, to be fed the
+    payload as it arrives (the header's framing is checked now)."""
+    flags, prefix, tag = split(frame)
+    return auth.check(flags, prefix, tag)
 
 
 def _decode_page(transfer_id: bytes, flags: int, body: bytes) -> PageHeader:
