@@ -18,7 +18,7 @@ from engine.kv_cache import KVCache
 from kvtransfer import wire
 from kvtransfer.datapath import StreamLink
 from kvtransfer.metrics import TransferStats
-from kvtransfer.reservations import Reservation, Reservations
+from kvtransfer.reservations import READ_CHUNK_BYTES, Reservation, Reservations
 
 
 class Outcome(NamedTuple):
@@ -38,16 +38,30 @@ class PageWriter:
         self.auth = auth
         self.stats = stats
 
+    @property
+    def copies_in_place(self) -> bool:
+        """Whether in-band pages are copied into the pool and verified as they go (CPU pools):
+        decode them with ``defer_page`` and pass :func:`wire.payload_check` to :meth:`apply`."""
+        return self.kv.device.type == "cpu"
+
     def apply(
-        self, header: wire.Header, payload: torch.Tensor | memoryview | None
+        self,
+        header: wire.Header,
+        payload: torch.Tensor | memoryview | None,
+        check: wire.PayloadCheck | None = None,
     ) -> Outcome | None:
-        """Apply one authenticated frame of a transfer. Returns how the transfer ended, if
-        this frame ended it; raises :class:`UnknownTransferError` when no such transfer is
-        expected (late, duplicate, expired or cancelled)."""
+        """Apply one authenticated frame of a transfer (a PAGE with ``check`` is authenticated
+        while it is copied into place). Returns how the transfer ended, if this frame ended
+        it; raises :class:`UnknownTransferError` when no such transfer is expected (late,
+        duplicate, expired or cancelled), :class:`PageRefusedError` when the page's tag does
+        not verify (it does not count; the transfer goes on)."""
         tid = header.transfer_id
         with self.reservations.lock:
             reservation = self.reservations.by_id.get(tid)
             if reservation is None:
+                if check is not None and isinstance(payload, memoryview):
+                    check.update(payload)  # a frame that does not verify counts as such
+                    _verify(check)
                 raise UnknownTransferError(tid)
             if reservation.started is None:
                 reservation.started = time.monotonic()
@@ -55,7 +69,7 @@ class PageWriter:
                 if isinstance(header, wire.PageHeader):
                     if payload is None:
                         raise wire.MalformedFrameError("size: PAGE without its payload")
-                    self._write(reservation, header, payload)
+                    self._write(reservation, header, payload, check)
                     return None
                 if isinstance(header, wire.DoneHeader):
                     if header.num_layers != self.kv.num_layers:
@@ -100,7 +114,7 @@ class PageWriter:
             if reservation.started is None:
                 reservation.started = time.monotonic()
         views = self.kv.page_views(header.block_ids, header.layers)
-        check = wire.check_out_of_band(frame, self.auth)  # fed each piece as it lands
+        check = wire.payload_check(frame, self.auth)  # fed each piece as it lands
         if not self.reservations.fill(link, tid, reservation, views, payload_len, check.update):
             self.stats.drop("unknown_transfer")  # cancelled or expired while reading
             return True
@@ -133,24 +147,77 @@ class PageWriter:
             raise wire.MalformedFrameError("blocks: page targets blocks outside the reservation")
 
     def _write(
-        self, reservation: Reservation, header: wire.PageHeader, payload: torch.Tensor | memoryview
+        self,
+        reservation: Reservation,
+        header: wire.PageHeader,
+        payload: torch.Tensor | memoryview,
+        check: wire.PayloadCheck | None,
     ) -> None:
-        self.check(reservation, header)
         if isinstance(payload, torch.Tensor):  # from a pair group: already shaped
-            pages = payload
+            self.check(reservation, header)
+            self.kv.scatter_pages(header.block_ids, payload, header.layers)
         else:
-            wire.check_payload_size(header, payload)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
-                flat = torch.frombuffer(payload, dtype=torch.uint8)
-            pages = flat.view(header.dtype).view(header.shape)
-        self.kv.scatter_pages(header.block_ids, pages, header.layers)
+            try:
+                self.check(reservation, header)
+                wire.check_payload_size(header, payload)
+            except wire.MalformedFrameError:
+                if check is not None:  # a frame that does not verify is dropped, not blamed
+                    check.update(payload)
+                    _verify(check)
+                raise
+            if check is not None:
+                self._copy_verified(reservation, header, payload, check)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # read-only: we only read it
+                    flat = torch.frombuffer(payload, dtype=torch.uint8)
+                pages = flat.view(header.dtype).view(header.shape)
+                self.kv.scatter_pages(header.block_ids, pages, header.layers)
         self._count(reservation, header)
+
+    def _copy_verified(
+        self,
+        reservation: Reservation,
+        header: wire.PageHeader,
+        payload: memoryview,
+        check: wire.PayloadCheck,
+    ) -> None:
+        """Copy an in-band payload into the reserved blocks a cache-sized piece at a time,
+        hashing each piece right after it lands (one pass over the payload from memory, not
+        two). A page that does not verify is marked unwritten and refused."""
+        source = payload.cast("B") if payload.format != "B" else payload
+        offset = 0
+        for view in self.kv.page_views(header.block_ids, header.layers):
+            for start in range(0, len(view), READ_CHUNK_BYTES):
+                piece = view[start : start + READ_CHUNK_BYTES]
+                piece[:] = source[offset : offset + len(piece)]
+                check.update(piece)
+                offset += len(piece)
+        try:
+            _verify(check)
+        except PageRefusedError:
+            reservation.unmark(header)  # what it overwrote no longer counts as written
+            raise
 
     def _count(self, reservation: Reservation, header: wire.PageHeader) -> None:
         reservation.mark(header)
         self.stats.pages += 1
         self.stats.bytes += header.payload_nbytes
+
+
+def _verify(check: wire.PayloadCheck) -> None:
+    try:
+        check.verify()
+    except wire.MalformedFrameError as exc:
+        raise PageRefusedError(exc) from exc
+
+
+class PageRefusedError(Exception):
+    """A page's tag did not verify once it was in place; ``cause`` says how."""
+
+    def __init__(self, cause: wire.MalformedFrameError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class UnknownTransferError(LookupError):

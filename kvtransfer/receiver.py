@@ -39,7 +39,7 @@ from kvtransfer.datapath import (
 )
 from kvtransfer.handshake import Fingerprint, IncompatiblePeerError, check_match
 from kvtransfer.metrics import TransferStats
-from kvtransfer.page_writer import Outcome, PageWriter, UnknownTransferError
+from kvtransfer.page_writer import Outcome, PageRefusedError, PageWriter, UnknownTransferError
 from kvtransfer.reservations import Reservations
 
 log = structlog.get_logger(__name__)
@@ -86,9 +86,12 @@ class KVReceiver:
             unix_path = bind_endpoint[len("ipc://") :] + ".pages"
         self._group_timeout_s = group_timeout_s
         self._pairs = make_host(self.backend, pair_host, group_timeout_s, unix_path)
-        self.writes_in_place = self.backend is Backend.STREAM and kv_cache.device.type == "cpu"
-        """Payloads are read straight into reserved blocks (which a refused page may then
-        have scribbled on: reserved blocks count only once a verified page marks them)."""
+        self.writes_in_place = (
+            self.backend in (Backend.ZMQ, Backend.STREAM) and kv_cache.device.type == "cpu"
+        )
+        """Payloads land in reserved blocks before their tag is checked (read straight into
+        them, or copied from the ZeroMQ frame and hashed piece by piece), so a refused page may
+        have scribbled on them: reserved blocks count only once a verified page marks them."""
         self._rendezvous = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-rendezvous")
         self._reservations = Reservations()
         self.stats = TransferStats(self.backend.value)
@@ -184,14 +187,25 @@ class KVReceiver:
             return
         payload = frames[1].buffer if len(frames) == 2 else None
         known = self._peers.get(identity)
+        # an in-band page's tag is checked while it is copied into place (one pass over it)
+        defer = payload is not None and self._writer.copies_in_place
         try:
-            header = wire.decode(frames[0].buffer, self._auth, payload)
+            header = wire.decode(frames[0].buffer, self._auth, payload, defer_page=defer)
         except wire.MalformedFrameError as exc:
             self._drop_bad_frame(known, frames[0].buffer, exc)
             return
         if isinstance(header, wire.HandshakeHeader):
             self._handshake(identity, header)
             return
+        check = None
+        if defer and isinstance(header, wire.PageHeader) and not header.out_of_band:
+            check = wire.payload_check(frames[0].buffer, self._auth)
+            if known is None:  # a stranger's page: judged whole, as any frame of a stranger
+                try:
+                    wire.verify_page(frames[0].buffer, self._auth, payload)
+                except wire.MalformedFrameError as exc:
+                    self._drop_bad_frame(known, frames[0].buffer, exc)
+                    return
         if known is None:
             # an out-of-band header cannot be authenticated without its payload: from a
             # stranger, on a keyed channel, count it as what it is, unauthenticated
@@ -209,14 +223,22 @@ class KVReceiver:
                 data = self._receive_from_group(known, header, frames[0].buffer)
                 if data is None:
                     return
-        self._apply(known, header, data)
+        self._apply(known, header, data, check)
 
     def _apply(
-        self, peer: _Peer, header: wire.Header, payload: torch.Tensor | memoryview | None
+        self,
+        peer: _Peer,
+        header: wire.Header,
+        payload: torch.Tensor | memoryview | None,
+        check: wire.PayloadCheck | None = None,
     ) -> None:
-        """Apply an authenticated frame from a handshaken peer and report what it ended."""
+        """Apply a frame from a handshaken peer (authenticated, or a page authenticated by
+        ``check`` as it is copied) and report what it ended."""
         try:
-            outcome = self._writer.apply(header, payload)
+            outcome = self._writer.apply(header, payload, check)
+        except PageRefusedError as exc:
+            self._count_bad_frame(exc.cause)
+            return
         except UnknownTransferError:
             self.stats.drop("unknown_transfer")  # late, duplicate, expired or cancelled
             if isinstance(header, wire.DoneHeader):  # tell the sender now, not at its timeout
@@ -309,7 +331,7 @@ class KVReceiver:
             return
         payload = link.read_bytes(payload_len)  # cannot land in place: read aside, then judge
         try:
-            wire.verify_out_of_band(frame, self._auth, payload)
+            wire.verify_page(frame, self._auth, payload)
         except wire.MalformedFrameError as exc:
             self._count_bad_frame(exc)
             return
@@ -416,7 +438,7 @@ class KVReceiver:
             return None
         data = tensor_bytes(pages) if pages.device.type == "cpu" else None
         try:
-            wire.verify_out_of_band(frame, self._auth, data)
+            wire.verify_page(frame, self._auth, data)
         except wire.MalformedFrameError as exc:
             self._count_bad_frame(exc)
             return None

@@ -182,17 +182,25 @@ def split(frame: bytes | memoryview) -> tuple[int, bytes, bytes]:
     return flags, data[:-TAG_BYTES], data[-TAG_BYTES:]
 
 
-def decode(frame: bytes | memoryview, auth: FrameAuth, payload: memoryview | None = None) -> Header:
+def decode(
+    frame: bytes | memoryview,
+    auth: FrameAuth,
+    payload: memoryview | None = None,
+    *,
+    defer_page: bool = False,
+) -> Header:
     """Parse, authenticate and validate a header frame (with its in-band payload, if any).
 
-    For an out-of-band PAGE, call :func:`verify_out_of_band` once the payload has arrived."""
+    A PAGE's tag is not checked here when its payload is out of band, or when ``defer_page``
+    asks for it (the caller copies the payload into place, feeding :func:`payload_check`, and
+    verifies before the page counts)."""
     flags, prefix, tag = split(frame)
     _, _, kind_code, _, transfer_id = _PREFIX.unpack_from(prefix)
     try:
         kind = FrameKind(kind_code)
     except ValueError:
         raise MalformedFrameError(f"unknown frame kind {kind_code}") from None
-    if not (kind is FrameKind.PAGE and flags & FLAG_OUT_OF_BAND):
+    if not (kind is FrameKind.PAGE and (defer_page or flags & FLAG_OUT_OF_BAND)):
         auth.verify(flags, prefix, tag, payload)
     body = prefix[_PREFIX.size :]
     if kind is FrameKind.PAGE:
@@ -221,15 +229,16 @@ def decode(frame: bytes | memoryview, auth: FrameAuth, payload: memoryview | Non
     return HandshakeHeader(transfer_id, kind, fields)
 
 
-def verify_out_of_band(frame: bytes | memoryview, auth: FrameAuth, payload: Payload | None) -> None:
-    """Authenticate an out-of-band PAGE header together with the payload that followed it."""
+def verify_page(frame: bytes | memoryview, auth: FrameAuth, payload: Payload | None) -> None:
+    """Authenticate a PAGE decoded without its payload (out of band, or deferred) together
+    with that payload."""
     flags, prefix, tag = split(frame)
     auth.verify(flags, prefix, tag, payload)
 
 
-def check_out_of_band(frame: bytes | memoryview, auth: FrameAuth) -> PayloadCheck:
-    """A verifier for the payload that follows an out-of-band PAGE header, to be fed the
-    payload as it arrives (the header's framing is checked now)."""
+def payload_check(frame: bytes | memoryview, auth: FrameAuth) -> PayloadCheck:
+    """A verifier for the payload of a PAGE decoded without it, to be fed the payload as it
+    arrives or is copied into place (the header's framing is checked now)."""
     flags, prefix, tag = split(frame)
     return auth.check(flags, prefix, tag)
 

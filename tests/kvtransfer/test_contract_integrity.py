@@ -83,6 +83,31 @@ def test_flipped_payload_byte_is_refused(channel: Channel) -> None:
     complete(channel, peer, pages)
 
 
+def test_a_corrupted_copy_of_a_written_page_leaves_it_unwritten(channel: Channel) -> None:
+    """Receivers that check a page's tag as it lands (copied or read into its blocks) count
+    the blocks a refused page overwrote as unwritten, even after a good copy: the transfer
+    then fails as incomplete, never ready on bytes that did not verify. Receivers that check
+    first drop the bad copy untouched, and the transfer completes bit-exact."""
+    peer, pages, _ = armed(channel)
+    peer.send_pages(tid(1), pages, BLOCKS)  # every layer, genuine
+    header, payload = peer.page(tid(1), pages[:1], BLOCKS)
+    corrupted = bytearray(payload)
+    corrupted[5] ^= 0x01
+    peer.send_page(header, bytes(corrupted))
+    peer.done(tid(1), first_token_id=3)
+    ack = peer.recv_ack()
+    assert channel.receiver.stats.dropped_frames["malformed"] == 1
+    if channel.receiver.writes_in_place:
+        assert ack.status is wire.AckStatus.FAILED and "incomplete" in ack.message
+        channel.rec.wait(lambda: "req" in channel.rec.failed, "on_failed")
+        assert not channel.rec.ready
+    else:
+        assert ack.status is wire.AckStatus.OK
+        channel.rec.wait(lambda: "req" in channel.rec.ready, "on_ready")
+        assert same_bits(channel.dst.kv[:, :, BLOCKS], pages)
+    assert channel.receiver.pending() == 0
+
+
 def _flipped(header: bytes, index: int) -> bytes:
     corrupted = bytearray(header)
     corrupted[index] ^= 0xFF

@@ -258,7 +258,7 @@ def _half_sent_page(ch: Channel, seed: int) -> tuple[RawPeer, torch.Tensor, byte
     """Stream backend: a handshaken raw peer, transfer 1 expected into blocks 6 and 7, its
     pages, and the record of its first layer, of which the first ``cut`` bytes (up to half the
     payload) have been sent."""
-    if not ch.receiver.writes_in_place:
+    if ch.receiver.backend is not Backend.STREAM or not ch.receiver.writes_in_place:
         pytest.skip("only the stream backend reads records off a socket, in place")
     peer = ch.raw_peer()
     peer.handshake()

@@ -111,7 +111,7 @@ def test_out_of_band_page_round_trip(auth: FrameAuth) -> None:
     frame = wire.encode(header, auth, payload)
     assert frame[7] & wire.FLAG_OUT_OF_BAND
     assert wire.decode(frame, auth) == header
-    wire.verify_out_of_band(frame, auth, payload)
+    wire.verify_page(frame, auth, payload)
 
 
 @pytest.mark.parametrize("auth", list(AUTHS.values()), ids=list(AUTHS))
@@ -361,7 +361,7 @@ def test_keyed_side_refuses_forged_frames(sender: FrameAuth, match: str, kind: s
         oob, payload = sealed_page(sender, out_of_band=True)
         wire.decode(bytes(oob), keyed)  # parsed; authenticated with its payload, below
         with pytest.raises(UnauthenticatedFrameError, match=match):
-            wire.verify_out_of_band(bytes(oob), keyed, memoryview(payload))
+            wire.verify_page(bytes(oob), keyed, memoryview(payload))
         return
     header: wire.Header = (
         DoneHeader(TID, 1, 3)
@@ -386,9 +386,9 @@ def test_keyed_tags_cover_header_and_payload() -> None:
 def test_out_of_band_payload_is_verified_with_its_header() -> None:
     for auth in (AUTHS["crc"], AUTHS["hmac"]):
         frame, payload = sealed_page(auth, out_of_band=True)
-        wire.verify_out_of_band(bytes(frame), auth, memoryview(payload))
+        wire.verify_page(bytes(frame), auth, memoryview(payload))
         payload[-1] ^= 0x08
         with pytest.raises(MalformedFrameError):
-            wire.verify_out_of_band(bytes(frame), auth, memoryview(payload))
+            wire.verify_page(bytes(frame), auth, memoryview(payload))
         with pytest.raises(MalformedFrameError, match="too short"):
-            wire.verify_out_of_band(bytes(frame[:20]), auth, memoryview(payload))
+            wire.verify_page(bytes(frame[:20]), auth, memoryview(payload))
