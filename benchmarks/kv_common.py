@@ -238,9 +238,10 @@ def receiver_server_main(conn: Connection) -> None:
     -> ``"ok"``; ``("wait", request_id, timeout_s)`` -> ``(ok, monotonic time of on_ready or
     on_failed, reason)``; ``("close",)`` -> the receiver's counters.
 
-    ``("raw", transport, tmp, copy_into, frames_per_ack)`` opens a raw pyzmq PULL session and
-    answers ``(data endpoint, ack endpoint)``: after every ``frames_per_ack`` frames it PUSHes
-    one ack; an empty frame ends the session (answered ``"closed"``).
+    ``("raw", transport, tmp, copy_into, frames_per_ack, auth)`` opens a raw pyzmq PULL session
+    and answers ``(data endpoint, ack endpoint)``: after every ``frames_per_ack`` frames it
+    PUSHes one ack; an empty frame ends the session (answered ``"closed"``). With ``auth`` (an
+    ``AUTH_MODES`` name) each frame comes as ``[tag, payload]`` and its tag is verified.
 
     ``("exit",)`` ends the process."""
     child_setup()
@@ -313,11 +314,20 @@ def _kv_session(
 
 
 def _raw_session(
-    conn: Connection, transport: str, tmp: str, copy_into: bool, frames_per_ack: int
+    conn: Connection,
+    transport: str,
+    tmp: str,
+    copy_into: bool,
+    frames_per_ack: int,
+    auth_mode: str | None,
 ) -> None:
     import warnings
 
     import zmq
+
+    from kvtransfer.wire import FrameAuth
+
+    auth = FrameAuth(*AUTH_MODES[auth_mode]) if auth_mode else None
 
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
@@ -328,10 +338,13 @@ def _raw_session(
     destinations: dict[int, torch.Tensor] = {}
     count = 0
     while True:
-        frame = pull.recv(copy=False)
+        frames = pull.recv_multipart(copy=False)
+        frame = frames[-1]
         size = len(frame)
         if size == 0:
             break
+        if auth is not None:  # one pass over the frame, as a receiver must make at least
+            auth.verify(auth.flags, b"", frames[0].bytes, frame.buffer)
         if copy_into:
             if size not in destinations:
                 destinations[size] = torch.empty((frames_per_ack, size), dtype=torch.uint8)

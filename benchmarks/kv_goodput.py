@@ -10,6 +10,8 @@ the receiver's ``on_ready`` instead (the sequence could start decoding there).
 Baselines, same bytes, same frames of one layer each:
 - raw pyzmq PUSH -> PULL between two processes, ``send(copy=False)`` / ``recv(copy=False)``,
   then one small ack back (tcp and ipc); "raw+copy" also copies each frame into a tensor;
+  "raw+gmac" / "raw+xxh3" tag each frame on the sender and verify it on the receiver (one pass
+  each, no protocol): what per-frame integrity alone costs on this machine;
 - memcpy: ``torch.Tensor.copy_`` of the whole payload in one process, one thread.
 """
 
@@ -53,6 +55,7 @@ RAW_FOR_BACKEND = {
     "stream-ipc": "raw-ipc",
     "gloo": "raw-tcp",
 }
+TAGGED_BASELINES = ("gmac", "xxh3")  # raw pyzmq + the channel's tag on both ends
 WARMUP_TRANSFERS = 2
 MAX_REPS = 5000
 
@@ -175,11 +178,17 @@ def _raw_cell(
     sizes: list[int],
     timing: Timing,
     tmp: str,
+    auth_mode: str | None = None,
 ) -> dict[str, Any]:
-    """PUSH each layer as one zero-copy frame; the receiver PULLs them (zero-copy) and acks."""
+    """PUSH each layer as one zero-copy frame; the receiver PULLs them (zero-copy) and acks.
+    With ``auth_mode``, the sender tags each frame as the KV channel would (one pass) and the
+    receiver verifies it (one pass): the cost of per-frame integrity without any protocol."""
     import zmq
 
-    peer.send(("raw", transport, tmp, copy_into, geometry.num_layers))
+    from kvtransfer.wire import FrameAuth
+
+    auth = FrameAuth(*AUTH_MODES[auth_mode]) if auth_mode else None
+    peer.send(("raw", transport, tmp, copy_into, geometry.num_layers, auth_mode))
     data_ep, ack_ep = recv_within(peer, 60, "raw receiver endpoints")
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
@@ -200,6 +209,8 @@ def _raw_cell(
             def once(frames: list[memoryview] = frames, nbytes: int = nbytes) -> float:
                 start = time.monotonic()
                 for frame in frames:
+                    if auth is not None:
+                        push.send(auth.tag(b"", frame), zmq.SNDMORE)
                     push.send(frame, copy=False)
                 ack.recv()
                 return nbytes / (time.monotonic() - start) / 1e9
@@ -253,6 +264,12 @@ def _plan_main(
         copies[f"raw-{transport}+copy"] = _raw_cell(
             peer, transport, True, geometry, sizes, timing, tmp
         )
+    for auth in (a for a in auths if a in TAGGED_BASELINES):
+        for transport in ("tcp", "ipc"):
+            progress(f"raw pyzmq {transport} + {auth} of each frame on both ends")
+            copies[f"raw-{transport}+{auth}"] = _raw_cell(
+                peer, transport, False, geometry, sizes, timing, tmp, auth
+            )
     return {"raw": raw, "kv": kv, "copies": copies}
 
 
@@ -298,7 +315,8 @@ def run(
 ) -> dict[str, Any]:
     """Every cell and baseline; ratios are against the median of the raw baseline passes."""
     memcpy = measure_memcpy(geometry, sizes, timing)
-    cells_count = len(backends) * len(auths) + 2 * timing.baseline_passes + 2
+    tagged = 2 * len([a for a in auths if a in TAGGED_BASELINES])
+    cells_count = len(backends) * len(auths) + 2 * timing.baseline_passes + 2 + tagged
     timeout = 300 + cells_count * len(sizes) * (timing.cell_s + 10)
     with tempfile.TemporaryDirectory(prefix="kvb-") as tmp:
         plan: dict[str, Any] = run_pair(
@@ -326,6 +344,7 @@ def run(
                 raw_name = RAW_FOR_BACKEND[backend]
                 raw = baselines[raw_name][key]["gbps"]["median"]
                 mem = baselines["memcpy"][key]["gbps"]["median"]
+                tagged = baselines.get(f"{raw_name}+{auth}")
                 cells.append(
                     {
                         "backend": backend,
@@ -338,6 +357,12 @@ def run(
                         "ratio_raw": size["acked_gbps"]["median"] / raw,
                         "ratio_memcpy": size["acked_gbps"]["median"] / mem,
                         "ready_ratio_raw": size["ready_gbps"]["median"] / raw,
+                        # against raw pyzmq carrying the same tag: integrity's own cost removed
+                        "ratio_tagged_raw": (
+                            size["acked_gbps"]["median"] / tagged[key]["gbps"]["median"]
+                            if tagged
+                            else None
+                        ),
                         "sender_stats": measured["sender_stats"],
                         "receiver_stats": measured["receiver_stats"],
                     }

@@ -113,7 +113,13 @@ def print_goodput(result: dict[str, Any], sizes: list[int], geometry: Geometry) 
         ("raw-ipc", "raw zmq ipc"),
         ("raw-tcp+copy", "raw tcp+copy"),
         ("raw-ipc+copy", "raw ipc+copy"),
+        ("raw-tcp+gmac", "raw tcp+gmac"),
+        ("raw-tcp+xxh3", "raw tcp+xxh3"),
+        ("raw-ipc+gmac", "raw ipc+gmac"),
+        ("raw-ipc+xxh3", "raw ipc+xxh3"),
     ):
+        if name not in baselines:
+            continue
         line = f"{label:<13}{'-':<6}"
         for tokens in sizes:
             key = str(tokens)
@@ -151,6 +157,19 @@ def print_goodput(result: dict[str, Any], sizes: list[int], geometry: Geometry) 
                 passes.append(f"{name}@{tokens}: " + "/".join(f"{m:.2f}" for m in medians))
     if passes:
         print("   raw baseline passes before/after the cells (noise): " + ", ".join(passes))
+    tagged: dict[str, list[str]] = {}
+    for cell in result["cells"]:
+        if cell.get("ratio_tagged_raw") is not None:
+            tagged.setdefault(f"{cell['backend']}/{cell['auth']}", []).append(
+                f"{cell['ratio_tagged_raw']:.2f}"
+            )
+    if tagged:
+        print(
+            "   x raw pyzmq carrying the same tag (one pass per end, no protocol), at "
+            + "/".join(map(str, sizes))
+            + " tokens: "
+            + ", ".join(f"{name} {'/'.join(values)}" for name, values in tagged.items())
+        )
     problems = []
     for cell in result["cells"]:
         for side in ("sender_stats", "receiver_stats"):

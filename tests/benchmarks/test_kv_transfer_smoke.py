@@ -52,7 +52,8 @@ def test_goodput_of_every_backend_and_baseline(smoke: tuple[dict[str, Any], str]
     data, _ = smoke
     sizes = data["config"]["sizes"]
     goodput = data["goodput"]
-    for name in ("memcpy", "raw-tcp", "raw-ipc", "raw-tcp+copy", "raw-ipc+copy"):
+    tagged = [f"raw-{t}+{a}" for t in ("tcp", "ipc") for a in ("gmac", "xxh3")]
+    for name in ("memcpy", "raw-tcp", "raw-ipc", "raw-tcp+copy", "raw-ipc+copy", *tagged):
         for tokens in sizes:
             assert _positive(goodput["baselines"][name][str(tokens)]["gbps"]["median"]), name
     cells = {(c["backend"], c["auth"], c["tokens"]): c for c in goodput["cells"]}
