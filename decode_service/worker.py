@@ -30,6 +30,9 @@ class DecodeConfig:
     """Endpoint prefill workers connect to; the bound endpoint when unset."""
     kv_lease_s: float = 60.0
     """A reservation whose pages have not all arrived by then is freed."""
+    kv_stream_port: int = 0
+    """Stream backend over tcp: the port its page listener takes on the advertised host (0: an
+    ephemeral one, announced in each handshake; fix it where a NetworkPolicy names ports)."""
 
 
 class DecodeWorker:
@@ -47,6 +50,7 @@ class DecodeWorker:
             on_ready=self._on_kv_ready,
             on_failed=self._on_kv_failed,
             pair_host=_host_of(config.kv_advertise or config.kv_bind),
+            stream_port=config.kv_stream_port,
             group_timeout_s=config.transfer.handshake_timeout_s,
         )
         self._transfers: dict[str, bytes] = {}  # engine key -> transfer id

@@ -227,11 +227,14 @@ class PairHost(abc.ABC):
         """Stop offering; links already made stay usable."""
 
 
-def make_host(backend: Backend, host: str, timeout_s: float, unix_path: str | None) -> PairHost:
+def make_host(
+    backend: Backend, host: str, timeout_s: float, unix_path: str | None, stream_port: int = 0
+) -> PairHost:
     """The decode side's host for an out-of-band backend. ``unix_path``: where the stream
-    backend listens when the control channel is ipc (None: tcp on ``host``)."""
+    backend listens when the control channel is ipc (None: tcp on ``host``, port
+    ``stream_port``; 0 takes an ephemeral one)."""
     if backend is Backend.STREAM:
-        return StreamHost(host, timeout_s, unix_path)
+        return StreamHost(host, timeout_s, unix_path, stream_port)
     return GroupHost(backend, host, timeout_s)
 
 
@@ -270,8 +273,11 @@ class StreamHost(PairHost):
     travels only inside the (MACed, on a keyed channel) WELCOME, so only a handshaken peer can
     claim the link; each payload is authenticated with its header as well."""
 
-    def __init__(self, host: str, timeout_s: float, unix_path: str | None) -> None:
+    def __init__(self, host: str, timeout_s: float, unix_path: str | None, port: int = 0) -> None:
+        if not 0 <= port <= 65535:
+            raise ValueError(f"stream port {port} is not a TCP port (0-65535; 0: ephemeral)")
         self.host = host
+        self.port = port
         self.timeout_s = timeout_s
         self.unix_path = unix_path
         self._listener: socket.socket | None = None
@@ -325,7 +331,7 @@ class StreamHost(PairHost):
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             listener = socket.socket(family, socket.SOCK_STREAM)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self.host, 0))
+            listener.bind((self.host, self.port))
             self._address = {"stream_host": self.host, "stream_port": listener.getsockname()[1]}
         listener.listen(64)
         listener.settimeout(0.5)  # so close() is noticed

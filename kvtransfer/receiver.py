@@ -72,6 +72,7 @@ class KVReceiver:
         on_failed: FailedCallback,
         *,
         pair_host: str = "127.0.0.1",
+        stream_port: int = 0,
         group_timeout_s: float = 30.0,
     ) -> None:
         self._bind_endpoint = bind_endpoint
@@ -85,7 +86,7 @@ class KVReceiver:
         if bind_endpoint.startswith("ipc://"):  # the payload stream sits beside the endpoint
             unix_path = bind_endpoint[len("ipc://") :] + ".pages"
         self._group_timeout_s = group_timeout_s
-        self._pairs = make_host(self.backend, pair_host, group_timeout_s, unix_path)
+        self._pairs = make_host(self.backend, pair_host, group_timeout_s, unix_path, stream_port)
         self.writes_in_place = (
             self.backend in (Backend.ZMQ, Backend.STREAM) and kv_cache.device.type == "cpu"
         )

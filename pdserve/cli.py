@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="endpoint prefill workers should connect to (default: the bound one)",
     )
     dc.add_argument(
+        "--kv-stream-port",
+        type=_port,
+        default=env_default("kv_stream_port", "0"),
+        help="--kv-backend stream over tcp: the port the page listener binds on the advertised "
+        "host (default 0: an ephemeral one, announced in each handshake)",
+    )
+    dc.add_argument(
         "--kv-lease-seconds",
         type=float,
         default=60.0,
@@ -214,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(bench)
     return parser
+
+
+def _port(text: str) -> int:
+    """A TCP port, 0 (ephemeral) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0-65535")
+    return port
 
 
 def _split(values: Sequence[str]) -> tuple[str, ...]:
@@ -287,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv_bind=args.kv_bind,
         kv_advertise=args.kv_advertise,
         kv_lease_s=args.kv_lease_seconds,
+        kv_stream_port=args.kv_stream_port,
     )
     asyncio.run(
         serve_decode(

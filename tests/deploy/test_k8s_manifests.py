@@ -263,7 +263,7 @@ def test_services_target_named_ports_that_exist(objects: list[Obj]) -> None:
             assert target in ports, f"{name}: targetPort {target} is not a container port"
             assert port["name"] == target
             assert port.get("protocol", "TCP") == ports[target].get("protocol", "TCP")
-    for name, expected in {"prefill": {"grpc"}, "decode": {"grpc", "kv"}}.items():
+    for name, expected in {"prefill": {"grpc"}, "decode": {"grpc", "kv", "kv-stream"}}.items():
         assert services[name]["spec"]["clusterIP"] == "None", f"{name} must be headless"
         assert {p["name"] for p in services[name]["spec"]["ports"]} == expected
     assert services["gateway"]["spec"].get("clusterIP") != "None"
@@ -308,6 +308,7 @@ def test_decode_advertises_its_pod_ip_on_the_kv_port(objects: list[Obj]) -> None
     assert args.kv_advertise == env["PDSERVE_KV_ADVERTISE"]
     assert args.kv_advertise == f"tcp://{env['POD_IP']}:{kv_port}"
     assert args.kv_bind == f"tcp://0.0.0.0:{kv_port}"
+    assert args.kv_stream_port == named_ports(container)["kv-stream"] != kv_port
 
 
 def test_every_tier_has_a_disruption_budget(objects: list[Obj]) -> None:

@@ -222,6 +222,7 @@ class Channel:
         sender: bool = True,
         recorder: Recorder | None = None,
         group_timeout_s: float = GROUP_TIMEOUT_S,
+        stream_port: int = 0,
         **sender_kwargs: Any,
     ) -> None:
         self.transport = transport
@@ -238,6 +239,7 @@ class Channel:
             receiver_auth,
             self.rec.on_ready,
             self.rec.on_failed,
+            stream_port=stream_port,
             group_timeout_s=group_timeout_s,
         )
         self.endpoint = self.receiver.start()
