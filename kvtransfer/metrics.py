@@ -37,3 +37,10 @@ class TransferStats:
         for i, bound in enumerate(DURATION_BUCKETS):
             if seconds <= bound:
                 self.duration_counts[i] += 1
+
+
+def failure_label(message: str) -> str:
+    """A bounded metric label for a failure message: its ``label:`` prefix, or "malformed"."""
+    head, sep, _ = message.partition(":")
+    label = head.strip().replace(" ", "_")
+    return label if sep and label.isidentifier() and len(label) <= 24 else "malformed"

@@ -12,6 +12,7 @@ import time
 import warnings
 from typing import NamedTuple
 
+import structlog
 import torch
 
 from engine.kv_cache import KVCache
@@ -19,6 +20,8 @@ from kvtransfer import wire
 from kvtransfer.datapath import StreamLink
 from kvtransfer.metrics import TransferStats
 from kvtransfer.reservations import READ_CHUNK_BYTES, Reservation, Reservations
+
+log = structlog.get_logger(__name__)
 
 
 class Outcome(NamedTuple):
@@ -37,6 +40,12 @@ class PageWriter:
         self.reservations = reservations
         self.auth = auth
         self.stats = stats
+
+    def refuse(self, exc: wire.MalformedFrameError) -> None:
+        """Count (and log) a frame dropped for its tag or its framing."""
+        unauthenticated = isinstance(exc, wire.UnauthenticatedFrameError)
+        self.stats.drop("unauthenticated" if unauthenticated else "malformed")
+        log.warning("kv_frame_dropped", reason=str(exc))
 
     @property
     def copies_in_place(self) -> bool:
@@ -122,8 +131,7 @@ class PageWriter:
             check.verify()
             verified = True
         except wire.MalformedFrameError as exc:
-            unauthenticated = isinstance(exc, wire.UnauthenticatedFrameError)
-            self.stats.drop("unauthenticated" if unauthenticated else "malformed")
+            self.refuse(exc)
             verified = False
         with self.reservations.lock:
             if self.reservations.by_id.get(tid) is not reservation:

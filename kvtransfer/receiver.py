@@ -35,10 +35,10 @@ from kvtransfer.datapath import (
     PairLinkError,
     StreamLink,
     make_host,
-    tensor_bytes,
 )
 from kvtransfer.handshake import Fingerprint, IncompatiblePeerError, check_match
-from kvtransfer.metrics import TransferStats
+from kvtransfer.metrics import TransferStats, failure_label
+from kvtransfer.out_of_band import skip_group_payload, take_group_payload, take_record
 from kvtransfer.page_writer import Outcome, PageRefusedError, PageWriter, UnknownTransferError
 from kvtransfer.reservations import Reservations
 
@@ -238,7 +238,7 @@ class KVReceiver:
         try:
             outcome = self._writer.apply(header, payload, check)
         except PageRefusedError as exc:
-            self._count_bad_frame(exc.cause)
+            self._writer.refuse(exc.cause)
             return
         except UnknownTransferError:
             self.stats.drop("unknown_transfer")  # late, duplicate, expired or cancelled
@@ -306,69 +306,25 @@ class KVReceiver:
                 return
 
     def _read_record(self, peer: _Peer, link: StreamLink) -> None:
-        frame, payload_len = link.read_record()
-        try:
-            header = wire.decode(frame, self._auth)  # a PAGE's tag is checked with its payload
-        except wire.MalformedFrameError as exc:
-            self._count_bad_frame(exc)
-            link.discard(payload_len)
-            return
-        if isinstance(header, wire.HandshakeHeader):
-            self.stats.drop("unexpected_handshake")
-            link.discard(payload_len)
-            return
-        if not isinstance(header, wire.PageHeader):
-            if payload_len:
-                self.stats.drop("malformed")  # DONE, ABORT, ACK carry no payload
-                link.discard(payload_len)
-                return
-            self._apply(peer, header, None)
-            return
-        if not header.out_of_band:
-            self.stats.drop("malformed")  # pages on a stream say so
-            link.discard(payload_len)
-            return
-        if self._writer.write_in_place(link, header, frame, payload_len):
-            return
-        payload = link.read_bytes(payload_len)  # cannot land in place: read aside, then judge
-        try:
-            wire.verify_page(frame, self._auth, payload)
-        except wire.MalformedFrameError as exc:
-            self._count_bad_frame(exc)
-            return
-        self._apply(peer, header, payload)
+        taken = take_record(link, self._auth, self._writer)
+        if taken is not None:
+            self._apply(peer, *taken)
 
     # -- peers ------------------------------------------------------------------------------
-
-    def _count_bad_frame(self, exc: wire.MalformedFrameError) -> None:
-        unauthenticated = isinstance(exc, wire.UnauthenticatedFrameError)
-        self.stats.drop("unauthenticated" if unauthenticated else "malformed")
-        log.warning("kv_frame_dropped", reason=str(exc))
 
     def _drop_bad_frame(
         self, known: _Peer | None, frame: memoryview, exc: wire.MalformedFrameError
     ) -> None:
         """Count a ROUTER frame that failed decoding; for an out-of-band PAGE from a
         handshaken peer of a pair-group backend, still take its payload off the group so the
-        sender is not left blocked."""
-        self._count_bad_frame(exc)
-        if (
-            known is None
-            or self.backend not in (Backend.GLOO, Backend.NCCL)
-            or not wire.is_out_of_band_page(frame)
-        ):
-            return
-        nbytes = wire.out_of_band_payload_size(frame)
-        link = self._link_of(known)
-        if nbytes is None or link is None:
-            # the payload's size is unknowable: the pair stream cannot be resynchronised, so
-            # forget the peer; its pending send fails and it must handshake again
-            self._forget(known, "unreadable out-of-band page header")
-            return
-        try:
-            link.discard(nbytes)
-        except PairLinkError as exc:
-            self._forget(known, str(exc))
+        sender is not left blocked (or forget the peer, which must then handshake again)."""
+        self._writer.refuse(exc)
+        groups = self.backend in (Backend.GLOO, Backend.NCCL)
+        if known is not None and groups and wire.is_out_of_band_page(frame):
+            try:
+                skip_group_payload(self._link_of(known), frame)
+            except PairLinkError as exc:
+                self._forget(known, str(exc))
 
     def _forget(self, state: _Peer, reason: str) -> None:
         if self._peers.get(state.identity) is state:
@@ -424,26 +380,15 @@ class KVReceiver:
     def _receive_from_group(
         self, peer: _Peer, header: wire.PageHeader, frame: memoryview
     ) -> torch.Tensor | None:
-        """Take the payload that follows an out-of-band PAGE header off the pair group
-        (always, to stay in step with the sender), then authenticate it together with the
-        header. A payload received on a GPU is authenticated by its header alone: hashing it
-        would cost a device copy."""
         link = self._link_of(peer)
         if link is None:
             self.stats.drop("no_pair_group")
             return None
         try:
-            pages = link.receive(header.shape, header.dtype, self._kv.device)
+            return take_group_payload(link, header, frame, self._writer)
         except PairLinkError as exc:
             self._forget(peer, str(exc))
             return None
-        data = tensor_bytes(pages) if pages.device.type == "cpu" else None
-        try:
-            wire.verify_page(frame, self._auth, data)
-        except wire.MalformedFrameError as exc:
-            self._count_bad_frame(exc)
-            return None
-        return pages
 
     def _ack(self, identity: bytes, tid: bytes, status: wire.AckStatus, message: str) -> None:
         self._send(identity, wire.AckHeader(tid, status, message))
@@ -462,10 +407,3 @@ class KVReceiver:
             self._on_failed(
                 reservation.request_id, "KV transfer lease expired before all pages arrived"
             )
-
-
-def failure_label(message: str) -> str:
-    """A bounded metric label for a failure message: its ``label:`` prefix, or "malformed"."""
-    head, sep, _ = message.partition(":")
-    label = head.strip().replace(" ", "_")
-    return label if sep and label.isidentifier() and len(label) <= 24 else "malformed"
