@@ -285,6 +285,8 @@ class StreamHost(PairHost):
         self._waiting: dict[bytes, Future[socket.socket]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        if port and unix_path is None:
+            self._listen()  # a fixed port that is taken fails the worker's start, not a peer
 
     def offer(self) -> dict[str, object]:
         with self._lock:

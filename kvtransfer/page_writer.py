@@ -67,48 +67,58 @@ class PageWriter:
         tid = header.transfer_id
         with self.reservations.lock:
             reservation = self.reservations.by_id.get(tid)
-            if reservation is None:
-                if check is not None and isinstance(payload, memoryview):
-                    check.update(payload)  # a frame that does not verify counts as such
-                    _verify(check)
-                raise UnknownTransferError(tid)
-            if reservation.started is None:
-                reservation.started = time.monotonic()
-            try:
-                if isinstance(header, wire.PageHeader):
-                    if payload is None:
-                        raise wire.MalformedFrameError("size: PAGE without its payload")
-                    self._write(reservation, header, payload, check)
-                    return None
-                if isinstance(header, wire.DoneHeader):
-                    if header.num_layers != self.kv.num_layers:
-                        raise wire.MalformedFrameError(
-                            f"layers: DONE for {header.num_layers}, receiver has "
-                            f"{self.kv.num_layers}"
-                        )
-                    if not reservation.complete(self.kv.num_layers):
-                        raise wire.MalformedFrameError(
-                            "incomplete: DONE with layers missing (a reserved block has not "
-                            "arrived)"
-                        )
-                    del self.reservations.by_id[tid]
-                    return Outcome(reservation, True, str(header.first_token_id))
-                if isinstance(header, wire.AbortHeader):
-                    raise wire.MalformedFrameError(f"aborted: sender aborted: {header.reason}")
-                raise wire.MalformedFrameError("unexpected: ACK on the receiving side")
-            except wire.MalformedFrameError as exc:
+            if reservation is not None:
+                return self._apply(reservation, header, payload, check)
+        if check is not None and isinstance(payload, memoryview):
+            check.update(payload)  # a frame that does not verify counts as such (off the lock)
+            _verify(check)
+        raise UnknownTransferError(tid)
+
+    def _apply(
+        self,
+        reservation: Reservation,
+        header: wire.Header,
+        payload: torch.Tensor | memoryview | None,
+        check: wire.PayloadCheck | None,
+    ) -> Outcome | None:
+        tid = header.transfer_id
+        if reservation.started is None and check is None:  # a deferred page: once verified
+            reservation.started = time.monotonic()
+        # under the reservations' lock (the caller's)
+        try:
+            if isinstance(header, wire.PageHeader):
+                if payload is None:
+                    raise wire.MalformedFrameError("size: PAGE without its payload")
+                self._write(reservation, header, payload, check)
+                return None
+            if isinstance(header, wire.DoneHeader):
+                if header.num_layers != self.kv.num_layers:
+                    raise wire.MalformedFrameError(
+                        f"layers: DONE for {header.num_layers}, receiver has {self.kv.num_layers}"
+                    )
+                if not reservation.complete(self.kv.num_layers):
+                    raise wire.MalformedFrameError(
+                        "incomplete: DONE with layers missing (a reserved block has not arrived)"
+                    )
                 del self.reservations.by_id[tid]
-                return Outcome(reservation, False, str(exc))
+                return Outcome(reservation, True, str(header.first_token_id))
+            if isinstance(header, wire.AbortHeader):
+                raise wire.MalformedFrameError(f"aborted: sender aborted: {header.reason}")
+            raise wire.MalformedFrameError("unexpected: ACK on the receiving side")
+        except wire.MalformedFrameError as exc:
+            del self.reservations.by_id[tid]
+            return Outcome(reservation, False, str(exc))
 
     def write_in_place(
         self, link: StreamLink, header: wire.PageHeader, frame: bytes, payload_len: int
     ) -> bool:
         """Read the payload that follows this header on ``link`` straight into its transfer's
         reserved blocks, then verify it with the header. A page that does not verify is
-        dropped and its blocks are marked unwritten again (the transfer cannot finish unless
-        a good copy follows). Returns False, having read nothing, when the page cannot land
-        so (unknown transfer, a page that does not fit its reservation, a payload size other
-        than the header's): the caller then reads it aside and :meth:`apply` reports it."""
+        dropped: its blocks held nothing verified and still count as unwritten (the transfer
+        cannot finish unless a good copy follows). Returns False, having read nothing, when
+        the page cannot land so (unknown transfer, a page that does not fit its reservation,
+        a payload size other than the header's, or blocks a verified page already wrote):
+        the caller then reads it aside, verifies it whole and :meth:`apply` reports it."""
         if payload_len != header.payload_nbytes or self.kv.device.type != "cpu":
             return False
         tid = header.transfer_id
@@ -120,8 +130,8 @@ class PageWriter:
                 self.check(reservation, header)
             except wire.MalformedFrameError:
                 return False
-            if reservation.started is None:
-                reservation.started = time.monotonic()
+            if reservation.overlaps_written(header):
+                return False  # verified before it may land over verified blocks
         views = self.kv.page_views(header.block_ids, header.layers)
         check = wire.payload_check(frame, self.auth)  # fed each piece as it lands
         if not self.reservations.fill(link, tid, reservation, views, payload_len, check.update):
@@ -138,8 +148,6 @@ class PageWriter:
                 self.stats.drop("unknown_transfer")
             elif verified:
                 self._count(reservation, header)
-            else:
-                reservation.unmark(header)
         return True
 
     def check(self, reservation: Reservation, header: wire.PageHeader) -> None:
@@ -173,6 +181,10 @@ class PageWriter:
                     check.update(payload)
                     _verify(check)
                 raise
+            if check is not None and reservation.overlaps_written(header):
+                check.update(payload)  # verified before it may land over verified blocks
+                _verify(check)
+                check = None
             if check is not None:
                 self._copy_verified(reservation, header, payload, check)
             else:
@@ -192,7 +204,8 @@ class PageWriter:
     ) -> None:
         """Copy an in-band payload into the reserved blocks a cache-sized piece at a time,
         hashing each piece right after it lands (one pass over the payload from memory, not
-        two). A page that does not verify is marked unwritten and refused."""
+        two). A page that does not verify is refused; the blocks it scribbled on held nothing
+        verified (see :meth:`Reservation.overlaps_written`), so they still count as unwritten."""
         source = payload.cast("B") if payload.format != "B" else payload
         offset = 0
         for view in self.kv.page_views(header.block_ids, header.layers):
@@ -201,13 +214,11 @@ class PageWriter:
                 piece[:] = source[offset : offset + len(piece)]
                 check.update(piece)
                 offset += len(piece)
-        try:
-            _verify(check)
-        except PageRefusedError:
-            reservation.unmark(header)  # what it overwrote no longer counts as written
-            raise
+        _verify(check)
 
     def _count(self, reservation: Reservation, header: wire.PageHeader) -> None:
+        if reservation.started is None:
+            reservation.started = time.monotonic()
         reservation.mark(header)
         self.stats.pages += 1
         self.stats.bytes += header.payload_nbytes

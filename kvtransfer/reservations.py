@@ -29,7 +29,7 @@ class Reservation:
     request_id: str
     block_ids: frozenset[int]
     deadline: float
-    started: float | None = None  # first frame seen
+    started: float | None = None  # first verified page (or DONE/ABORT) seen
     written: dict[int, set[int]] = field(default_factory=dict)  # layer -> blocks written
 
     def complete(self, num_layers: int) -> bool:
@@ -40,10 +40,16 @@ class Reservation:
         for layer in range(header.layer_start, header.layer_end):
             self.written.setdefault(layer, set()).update(header.block_ids)
 
-    def unmark(self, header: wire.PageHeader) -> None:
-        """The page's blocks hold bytes that did not verify: they count as not written."""
-        for layer in range(header.layer_start, header.layer_end):
-            self.written.get(layer, set()).difference_update(header.block_ids)
+    def overlaps_written(self, header: wire.PageHeader) -> bool:
+        """Some (layer, block) of this page has already been written by a verified page: a
+        copy of it must then be verified before it lands, never after (a forged or corrupted
+        copy landing first would leave blocks that count as written holding bytes that did
+        not verify, or, refused, undo a good transfer)."""
+        blocks = set(header.block_ids)
+        return any(
+            not blocks.isdisjoint(self.written.get(layer, ()))
+            for layer in range(header.layer_start, header.layer_end)
+        )
 
 
 class Reservations:

@@ -47,6 +47,15 @@ def test_pages_arrive_over_a_fixed_port(tmp_path: Path) -> None:
         ch.close()
 
 
+def test_a_fixed_port_already_taken_fails_at_once() -> None:
+    """Not at the first handshake, where it would look like a peer's problem."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(OSError):
+            StreamHost("127.0.0.1", 1.0, None, taken.getsockname()[1])
+
+
 def test_a_port_outside_the_range_is_refused() -> None:
     for port in (-1, 65536):
         with pytest.raises(ValueError, match="not a TCP port"):
