@@ -165,7 +165,8 @@ def print_goodput(result: dict[str, Any], sizes: list[int], geometry: Geometry) 
             )
     if tagged:
         print(
-            "   x raw pyzmq carrying the same tag (one pass per end, no protocol), at "
+            "   x raw pyzmq carrying the same tag (sender tags, receiver verifies the whole frame "
+            "after it arrived; no protocol, no copy), at "
             + "/".join(map(str, sizes))
             + " tokens: "
             + ", ".join(f"{name} {'/'.join(values)}" for name, values in tagged.items())
