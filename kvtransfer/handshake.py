@@ -4,10 +4,16 @@ A prefill worker checks the decode worker's :class:`Fingerprint` (sent in the tr
 before it computes anything, and the decode worker checks the prefill worker's (sent in the
 HELLO that opens every KV connection) before it accepts a frame. A mismatch is refused with an
 error that names the field.
+
+On a keyed channel a HELLO is MACed, but a MAC alone does not stop someone who captured one
+from sending it again from a connection of their own. So a HELLO also says when it was sent,
+and the decode worker accepts each HELLO once, while it is fresh (:class:`HelloGuard`).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -57,3 +63,48 @@ def check_match(mine: Fingerprint, theirs: Fingerprint, peer: str) -> None:
             raise IncompatiblePeerError(
                 f"{peer}'s {field.name} is {b!r}, this worker's is {a!r}: refusing KV transfer"
             )
+
+
+HELLO_MAX_AGE_S = 120.0
+"""How far a HELLO's send time may be from the receiver's clock (both ways: hosts' clocks
+differ a little, NTP keeps them well inside this)."""
+
+
+class StaleHelloError(IncompatiblePeerError):
+    """A HELLO that is old, from the future, without a send time, or seen before."""
+
+
+def hello_fields(
+    fingerprint: Fingerprint, clock: Callable[[], float] = time.time
+) -> dict[str, Any]:
+    """What a HELLO carries: the sender's fingerprint and when it was sent (wall clock)."""
+    return {"fingerprint": fingerprint.to_fields(), "sent_at": clock()}
+
+
+class HelloGuard:
+    """Accepts each (MAC-verified) HELLO once, within ``max_age_s`` of its send time. Memory
+    stays bounded: only HELLOs accepted in the last ``2 * max_age_s`` are remembered."""
+
+    def __init__(
+        self, max_age_s: float = HELLO_MAX_AGE_S, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._seen: dict[bytes, float] = {}  # hello id -> when it may be forgotten
+
+    def admit(self, hello_id: bytes, hello: dict[str, Any]) -> None:
+        """Raise :class:`StaleHelloError` unless this HELLO is fresh and new."""
+        now = self._clock()
+        sent = hello.get("sent_at")
+        if not isinstance(sent, int | float) or isinstance(sent, bool) or sent != sent:
+            raise StaleHelloError("HELLO carries no send time (an older pdserve?)")
+        age = now - sent
+        if abs(age) > self.max_age_s:
+            raise StaleHelloError(
+                f"HELLO sent {age:+.0f}s from this worker's clock (more than "
+                f"{self.max_age_s:.0f}s): replayed, or the hosts' clocks disagree"
+            )
+        self._seen = {k: v for k, v in self._seen.items() if v > now} if self._seen else {}
+        if hello_id in self._seen:
+            raise StaleHelloError("HELLO seen before: replayed")
+        self._seen[hello_id] = sent + 2 * self.max_age_s

@@ -36,7 +36,13 @@ from kvtransfer.datapath import (
     StreamLink,
     make_host,
 )
-from kvtransfer.handshake import Fingerprint, IncompatiblePeerError, check_match
+from kvtransfer.handshake import (
+    Fingerprint,
+    HelloGuard,
+    IncompatiblePeerError,
+    StaleHelloError,
+    check_match,
+)
 from kvtransfer.metrics import TransferStats, failure_label
 from kvtransfer.out_of_band import skip_group_payload, take_group_payload, take_record
 from kvtransfer.page_writer import Outcome, PageRefusedError, PageWriter, UnknownTransferError
@@ -98,6 +104,7 @@ class KVReceiver:
         self.stats = TransferStats(self.backend.value)
         self._writer = PageWriter(kv_cache, self._reservations, auth, self.stats)
         self._peers: dict[bytes, _Peer] = {}  # by ZeroMQ identity
+        self._hellos = HelloGuard()
         self._streams: dict[int, _Peer] = {}  # by stream socket fd (stream backend)
         self._poller = zmq.Poller()
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -355,9 +362,14 @@ class KVReceiver:
         try:
             theirs = Fingerprint.from_fields(hello.fields.get("fingerprint", {}))
             check_match(self.fingerprint, theirs, "prefill worker")
+            if self._auth.key is not None:  # without a key anyone may say HELLO anyway
+                self._hellos.admit(hello.transfer_id, hello.fields)
         except IncompatiblePeerError as exc:
             log.warning("kv_peer_refused", reason=str(exc))
-            self.stats.fail("incompatible_peer")
+            if isinstance(exc, StaleHelloError):
+                self.stats.drop("stale_handshake")
+            else:
+                self.stats.fail("incompatible_peer")
             refuse = wire.HandshakeHeader(
                 hello.transfer_id, wire.FrameKind.REFUSE, {"reason": str(exc)}
             )

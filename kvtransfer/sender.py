@@ -33,7 +33,7 @@ import zmq
 
 from kvtransfer import wire
 from kvtransfer.datapath import Backend, PairLink, StreamLink, join_pair, tensor_bytes
-from kvtransfer.handshake import Fingerprint, IncompatiblePeerError, check_match
+from kvtransfer.handshake import Fingerprint, IncompatiblePeerError, check_match, hello_fields
 from kvtransfer.metrics import TransferStats
 from kvtransfer.send_budget import SendBudget, TransferSpec, check_pages
 
@@ -312,7 +312,7 @@ class KVSender:
         peer.hello_id = os.urandom(16)
         peer.hello_deadline = time.monotonic() + self._handshake_timeout
         hello = wire.HandshakeHeader(
-            peer.hello_id, wire.FrameKind.HELLO, {"fingerprint": self.fingerprint.to_fields()}
+            peer.hello_id, wire.FrameKind.HELLO, hello_fields(self.fingerprint)
         )
         peer.sock.send(wire.encode(hello, self._auth))
         peer.state = "handshaking"

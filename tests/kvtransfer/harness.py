@@ -29,7 +29,7 @@ import zmq
 from engine.kv_cache import KVCache
 from kvtransfer import wire
 from kvtransfer.datapath import Backend, PairLink, StreamLink, join_pair
-from kvtransfer.handshake import Fingerprint
+from kvtransfer.handshake import Fingerprint, hello_fields
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender, TransferSpec
 
@@ -321,9 +321,7 @@ class RawPeer:
         self.sock.connect(endpoint)
 
     def hello_frame(self, auth: wire.FrameAuth | None = None) -> bytes:
-        hello = wire.HandshakeHeader(
-            os.urandom(16), wire.FrameKind.HELLO, {"fingerprint": self.fp.to_fields()}
-        )
+        hello = wire.HandshakeHeader(os.urandom(16), wire.FrameKind.HELLO, hello_fields(self.fp))
         return wire.encode(hello, auth or self.auth)
 
     def handshake(self) -> wire.HandshakeHeader:

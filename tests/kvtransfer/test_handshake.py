@@ -6,7 +6,15 @@ import pytest
 
 from kvtransfer import wire
 from kvtransfer.datapath import Backend
-from kvtransfer.handshake import LAYOUT, Fingerprint, IncompatiblePeerError, check_match
+from kvtransfer.handshake import (
+    LAYOUT,
+    Fingerprint,
+    HelloGuard,
+    IncompatiblePeerError,
+    StaleHelloError,
+    check_match,
+    hello_fields,
+)
 from tests.kvtransfer.harness import MISMATCHES, fingerprint, mismatched
 
 MINE = fingerprint(Backend.ZMQ)
@@ -46,3 +54,50 @@ def test_a_value_of_another_type_is_a_mismatch() -> None:
     theirs = Fingerprint.from_fields({**MINE.to_fields(), "block_size": str(MINE.block_size)})
     with pytest.raises(IncompatiblePeerError, match="block_size"):
         check_match(MINE, theirs, "peer")
+
+
+class _Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_hello_is_accepted_once_while_fresh() -> None:
+    clock = _Clock(1_000_000.0)
+    guard = HelloGuard(max_age_s=120.0, clock=clock)
+    hello = hello_fields(MINE, clock=clock)
+    assert hello["sent_at"] == clock.now and hello["fingerprint"] == MINE.to_fields()
+    guard.admit(b"a" * 16, hello)
+    clock.now += 30
+    with pytest.raises(StaleHelloError, match="seen before"):
+        guard.admit(b"a" * 16, hello)
+    guard.admit(b"b" * 16, hello_fields(MINE, clock=clock))  # another HELLO: fine
+    assert issubclass(StaleHelloError, IncompatiblePeerError)  # refused like a mismatch
+
+
+@pytest.mark.parametrize("skew", [-121.0, 121.0, 10_000.0])
+def test_a_hello_far_from_this_clock_is_refused(skew: float) -> None:
+    clock = _Clock(1_000_000.0)
+    guard = HelloGuard(max_age_s=120.0, clock=clock)
+    with pytest.raises(StaleHelloError, match="clocks disagree"):
+        guard.admit(b"a" * 16, {"sent_at": clock.now - skew})
+    guard.admit(b"a" * 16, {"sent_at": clock.now - skew / 2 if abs(skew) < 240 else clock.now})
+
+
+@pytest.mark.parametrize("sent_at", [None, "now", True, float("nan")])
+def test_a_hello_without_a_usable_send_time_is_refused(sent_at: object) -> None:
+    fields = {} if sent_at is None else {"sent_at": sent_at}
+    with pytest.raises(StaleHelloError, match="no send time"):
+        HelloGuard().admit(b"a" * 16, fields)
+
+
+def test_remembered_hellos_are_forgotten_once_they_could_not_be_fresh() -> None:
+    clock = _Clock(1_000_000.0)
+    guard = HelloGuard(max_age_s=120.0, clock=clock)
+    for n in range(100):
+        guard.admit(n.to_bytes(16, "big"), {"sent_at": clock.now})
+    clock.now += 241  # past sent + 2 * max_age: the old ones could no longer pass the age check
+    guard.admit(b"new" + bytes(13), {"sent_at": clock.now})
+    assert len(guard._seen) == 1
