@@ -8,8 +8,7 @@
   straight into the reserved blocks of the KV pool: the kernel's copy is the only one on the
   receiving side (with ZeroMQ, libzmq owns the receive buffer and a second copy into the pool
   cannot be avoided), and no ZeroMQ I/O thread hand-off is paid per page. Acks return on
-  ZeroMQ. A record is ``header_len u32 | 0 u32 | payload_len u64 | header frame | payload``:
-  self-delimiting, so a refused frame is skipped without losing step.
+  ZeroMQ. See ``kvtransfer.stream_link``.
 - ``gloo`` / ``nccl``: the payload goes out of band over a torch.distributed process group
   made for this one pair of workers on demand: the decode worker hosts a ``TCPStore`` and names a
   fresh key prefix in its WELCOME, both ends build a two-rank group on it. No global world, no
@@ -22,22 +21,22 @@ and the sender's :func:`join_pair`.
 
 from __future__ import annotations
 
-import abc
-import contextlib
 import datetime
 import enum
-import hmac
 import os
-import select
-import socket
-import struct
-import threading
-import time
-from concurrent.futures import Future
 from typing import Any, TypeAlias
 
 import torch
 import torch.distributed as dist
+
+from kvtransfer.pair_link import PairHost as PairHost
+from kvtransfer.pair_link import PairLink as PairLink
+from kvtransfer.pair_link import PairLinkError as PairLinkError
+from kvtransfer.pair_link import tensor_bytes as tensor_bytes
+from kvtransfer.stream_link import RECORD as RECORD
+from kvtransfer.stream_link import StreamHost as StreamHost
+from kvtransfer.stream_link import StreamLink as StreamLink
+from kvtransfer.stream_link import join_stream
 
 
 class Backend(enum.Enum):
@@ -55,37 +54,6 @@ class Backend(enum.Enum):
 # ProcessGroupNCCL (typed Any: torch's stubs for them lack send/recv).
 PairGroup: TypeAlias = Any
 PAYLOAD_TAG = 0  # pages of one pair arrive in order; gloo/nccl match sends and recvs per tag
-TOKEN_BYTES = 16
-RECORD = struct.Struct("<IIQ")  # header bytes, reserved (0), payload bytes
-MAX_RECORD_HEADER_BYTES = 1 << 24  # far above any PAGE header (4 bytes per block id)
-MAX_RECORD_PAYLOAD_BYTES = 1 << 36
-STREAM_BUFFER_BYTES = 4 << 20  # unix socket buffers (capped by net.core.[rw]mem_max)
-STREAM_STALL_S = 5.0  # receiving side: a record that makes no progress this long breaks the link
-_RECV_SLICE_S = 0.2  # a direct read wakes this often (so a cancel never waits longer)
-
-
-class PairLinkError(ConnectionError):
-    """The pair's payload stream broke (peer gone, stalled past its timeout): the peer must
-    handshake again."""
-
-
-class PairLink(abc.ABC):
-    """One (prefill, decode) pair's payload channel; payloads arrive in the order sent."""
-
-    @abc.abstractmethod
-    def send(self, tensor: torch.Tensor) -> None:
-        """Sender: push one payload (blocks until handed to the transport)."""
-
-    @abc.abstractmethod
-    def receive(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Any:
-        """Receiver: the next payload, as a new tensor of this shape."""
-
-    def discard(self, nbytes: int) -> None:
-        """Receiver: take the next payload off the channel and drop it."""
-        self.receive((nbytes,), torch.uint8, torch.device("cpu"))
-
-    def close(self) -> None:  # noqa: B027 - a group needs no closing
-        """Release the channel (idempotent)."""
 
 
 class GroupLink(PairLink):
@@ -102,129 +70,6 @@ class GroupLink(PairLink):
         buffer = torch.empty(shape, dtype=dtype, device=device)
         self.group.recv([buffer], self.peer_rank, PAYLOAD_TAG).wait()
         return buffer
-
-
-class StreamLink(PairLink):
-    """A connected stream socket in blocking mode with kernel timeouts: a read waits for its
-    whole buffer (``MSG_WAITALL``: one system call per region of pool memory) but returns
-    after ``_RECV_SLICE_S`` with what it has, so the receiver can notice a cancel between
-    reads; a read that makes no progress for ``timeout_s`` fails, and so does a send."""
-
-    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
-        self.sock = sock
-        self.timeout_s = timeout_s
-        self._scratch = bytearray(1 << 20)
-        sock.settimeout(None)  # blocking: Python's own timeouts poll before every call
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(_RECV_SLICE_S))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout_s))
-
-    def send(self, tensor: torch.Tensor) -> None:
-        if tensor.device.type != "cpu":
-            tensor = tensor.cpu()  # host staging
-        try:
-            self.sock.sendall(tensor_bytes(tensor))
-        except OSError as exc:  # incl. timeouts: a receiver that stopped reading
-            raise PairLinkError(f"payload stream: {exc}") from exc
-
-    def send_record(self, header: bytes, payload: memoryview | None = None) -> None:
-        """One record (a frame and its payload) in one ``sendmsg`` where the kernel takes it."""
-        size = 0 if payload is None else payload.nbytes
-        parts = [memoryview(RECORD.pack(len(header), 0, size) + header)]
-        if payload is not None and size:
-            parts.append(payload.cast("B") if payload.format != "B" else payload)
-        try:
-            while parts:
-                sent = self.sock.sendmsg(parts)
-                while sent:
-                    if sent >= len(parts[0]):
-                        sent -= len(parts.pop(0))
-                    else:
-                        parts[0], sent = parts[0][sent:], 0
-        except OSError as exc:  # incl. timeouts: a receiver that stopped reading
-            raise PairLinkError(f"payload stream: {exc}") from exc
-
-    def read_record(self) -> tuple[bytes, int]:
-        """The next record's header frame and its payload size (the payload is still to be
-        read). :class:`PairLinkError` if the stream breaks or the record is unreadable."""
-        prefix = bytearray(RECORD.size)
-        self.read_into(memoryview(prefix))
-        header_len, reserved, payload_len = RECORD.unpack(prefix)
-        if (
-            reserved
-            or header_len > MAX_RECORD_HEADER_BYTES
-            or payload_len > MAX_RECORD_PAYLOAD_BYTES
-        ):
-            raise PairLinkError("payload stream: unreadable record (lost step with the sender)")
-        header = bytearray(header_len)
-        self.read_into(memoryview(header))
-        return bytes(header), payload_len
-
-    def readable(self) -> bool:
-        """Whether a read would find data now (or the end of the stream)."""
-        ready, _, _ = select.select([self.sock], [], [], 0)
-        return bool(ready)
-
-    def read_bytes(self, nbytes: int) -> memoryview:
-        buffer = bytearray(nbytes)
-        self.read_into(memoryview(buffer))
-        return memoryview(buffer)
-
-    def receive(
-        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        buffer = torch.empty(shape, dtype=dtype)
-        self.read_into(tensor_bytes(buffer))
-        return buffer.to(device)
-
-    def read_some(self, view: memoryview) -> int:
-        """Read what is there into ``view`` (at most one wake-up slice); 0 when nothing came."""
-        try:
-            count = self.sock.recv_into(view, 0, socket.MSG_WAITALL)
-        except (BlockingIOError, TimeoutError):  # the slice ran out with nothing read
-            return 0
-        except OSError as exc:
-            raise PairLinkError(f"payload stream: {exc}") from exc
-        if count == 0:
-            raise PairLinkError("payload stream: closed by the peer")
-        return count
-
-    def read_into(self, view: memoryview) -> None:
-        """Fill ``view`` completely; :class:`PairLinkError` if the stream breaks or stalls."""
-        filled, last = 0, time.monotonic()
-        while filled < len(view):
-            count = self.read_some(view[filled:])
-            filled += count
-            now = time.monotonic()
-            if count:
-                last = now
-            elif now - last > self.timeout_s:
-                raise PairLinkError(f"payload stream: no data for {self.timeout_s:.0f}s")
-
-    def discard(self, nbytes: int) -> None:
-        scratch = memoryview(self._scratch)
-        while nbytes > 0:
-            chunk = scratch[: min(nbytes, len(scratch))]
-            self.read_into(chunk)
-            nbytes -= len(chunk)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class PairHost(abc.ABC):
-    """Decode side: offers rendezvous details to each new peer and accepts its link."""
-
-    @abc.abstractmethod
-    def offer(self) -> dict[str, object]:
-        """Rendezvous details for one new peer (goes into WELCOME)."""
-
-    @abc.abstractmethod
-    def accept(self, offer: dict[str, object]) -> PairLink:
-        """This side of the pair's link; blocks until the peer joins (or raises)."""
-
-    @abc.abstractmethod
-    def close(self) -> None:
-        """Stop offering; links already made stay usable."""
 
 
 def make_host(
@@ -267,162 +112,16 @@ class GroupHost(PairHost):
         return GroupLink(make_group(self.backend, store, 0, self.timeout), 1)
 
 
-class StreamHost(PairHost):
-    """A listening socket. Each offer carries a fresh random token; a connection is given to
-    the peer whose token it presents first, and closed if it presents none in time. The token
-    travels only inside the (MACed, on a keyed channel) WELCOME, so only a handshaken peer can
-    claim the link; each payload is authenticated with its header as well."""
-
-    def __init__(self, host: str, timeout_s: float, unix_path: str | None, port: int = 0) -> None:
-        if not 0 <= port <= 65535:
-            raise ValueError(f"stream port {port} is not a TCP port (0-65535; 0: ephemeral)")
-        self.host = host
-        self.port = port
-        self.timeout_s = timeout_s
-        self.unix_path = unix_path
-        self._listener: socket.socket | None = None
-        self._address: dict[str, object] = {}
-        self._waiting: dict[bytes, Future[socket.socket]] = {}
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        if port and unix_path is None:
-            self._listen()  # a fixed port that is taken fails the worker's start, not a peer
-
-    def offer(self) -> dict[str, object]:
-        with self._lock:
-            if self._listener is None:
-                self._listen()
-            token = os.urandom(TOKEN_BYTES)
-            self._waiting[token] = Future()
-        return {**self._address, "token": token.hex()}
-
-    def accept(self, offer: dict[str, object]) -> PairLink:
-        token = bytes.fromhex(str(offer["token"]))
-        with self._lock:
-            future = self._waiting[token]
-        try:
-            sock = future.result(timeout=self.timeout_s)
-        except TimeoutError:
-            raise PairLinkError("payload stream: the peer never connected") from None
-        finally:
-            with self._lock:
-                self._waiting.pop(token, None)
-        # a healthy sender never pauses inside a record (one sendmsg each): a stall this long
-        # means a hung peer, and the receiving thread must get back to the other peers
-        return StreamLink(sock, min(self.timeout_s, STREAM_STALL_S))
-
-    def close(self) -> None:
-        with self._lock:
-            listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
-        if self.unix_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.unix_path)
-
-    def _listen(self) -> None:
-        if self.unix_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.unix_path)
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(self.unix_path)
-            self._address = {"stream_path": self.unix_path}
-        else:
-            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-            listener = socket.socket(family, socket.SOCK_STREAM)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self.host, self.port))
-            self._address = {"stream_host": self.host, "stream_port": listener.getsockname()[1]}
-        listener.listen(64)
-        listener.settimeout(0.5)  # so close() is noticed
-        self._listener = listener
-        self._thread = threading.Thread(
-            target=self._accept_loop, args=(listener,), name="kv-stream-accept", daemon=True
-        )
-        self._thread.start()
-
-    def _accept_loop(self, listener: socket.socket) -> None:
-        while self._listener is listener:
-            try:
-                sock, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return  # closed
-            try:
-                sock.settimeout(2.0)  # a connection that says nothing is dropped
-                token = _read_exactly(sock, TOKEN_BYTES)
-            except OSError:
-                sock.close()
-                continue
-            with self._lock:
-                future = next(
-                    (f for t, f in self._waiting.items() if hmac.compare_digest(t, token)), None
-                )
-            if future is None or future.done():
-                sock.close()  # unknown or already used token
-                continue
-            _tune(sock)
-            future.set_result(sock)
-
-
 def join_pair(backend: Backend, offer: dict[str, object], timeout_s: float) -> PairLink:
     """Sender side: join the pair the decode worker offered in its WELCOME."""
     if backend is Backend.STREAM:
-        return _join_stream(offer, timeout_s)
+        return join_stream(offer, timeout_s)
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(
         str(offer["store_host"]), int(str(offer["store_port"])), is_master=False, timeout=timeout
     )
     group = make_group(backend, dist.PrefixStore(f"{offer['prefix']}/", store), 1, timeout)
     return GroupLink(group, 0)
-
-
-def _join_stream(offer: dict[str, object], timeout_s: float) -> StreamLink:
-    token = bytes.fromhex(str(offer["token"]))
-    if len(token) != TOKEN_BYTES:
-        raise ValueError("stream offer carries a malformed token")
-    if "stream_path" in offer:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address: Any = str(offer["stream_path"])
-    else:
-        host = str(offer["stream_host"])
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        address = (host, int(str(offer["stream_port"])))
-    sock.settimeout(timeout_s)
-    try:
-        sock.connect(address)
-        _tune(sock)
-        sock.sendall(token)
-    except OSError as exc:
-        sock.close()
-        raise PairLinkError(f"payload stream: cannot connect: {exc}") from exc
-    return StreamLink(sock, timeout_s)
-
-
-def _tune(sock: socket.socket) -> None:
-    if sock.family in (socket.AF_INET, socket.AF_INET6):  # TCP autotunes its buffers
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    else:  # a unix socket keeps the default (~200 KB) unless told
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER_BYTES)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STREAM_BUFFER_BYTES)
-
-
-def _timeval(seconds: float) -> bytes:
-    whole = int(seconds)
-    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
-
-
-def _read_exactly(sock: socket.socket, nbytes: int) -> bytes:
-    data = bytearray()
-    while len(data) < nbytes:
-        chunk = sock.recv(nbytes - len(data))
-        if not chunk:
-            raise ConnectionError("closed before the token")
-        data += chunk
-    return bytes(data)
 
 
 def make_group(
@@ -435,10 +134,3 @@ def make_group(
         options._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, 2, options)
     raise ValueError(f"{backend.value} has no process group")
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """A CPU tensor's bytes without a copy (for tags, in-band frames and direct reads; a
-    non-contiguous tensor is copied first)."""
-    raw = tensor.contiguous().view(torch.uint8).numpy()
-    return memoryview(raw).cast("B")  # type: ignore[arg-type]

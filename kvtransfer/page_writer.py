@@ -47,6 +47,18 @@ class PageWriter:
         self.stats.drop("unauthenticated" if unauthenticated else "malformed")
         log.warning("kv_frame_dropped", reason=str(exc))
 
+    def judge_whole(
+        self, frame: memoryview, payload: memoryview | None, exc: wire.MalformedFrameError
+    ) -> wire.MalformedFrameError:
+        """Why to refuse an in-band frame whose body did not decode (its tag unchecked): the
+        tag's verdict over the whole frame when that fails too (a forgery is unauthenticated,
+        whatever its body says), else ``exc``."""
+        try:
+            wire.verify_page(frame, self.auth, payload)
+        except wire.MalformedFrameError as verdict:
+            return verdict
+        return exc
+
     @property
     def copies_in_place(self) -> bool:
         """Whether in-band pages are copied into the pool and verified as they go (CPU pools):

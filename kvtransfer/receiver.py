@@ -201,7 +201,7 @@ class KVReceiver:
             header = wire.decode(frames[0].buffer, self._auth, payload, defer_page=defer)
         except wire.MalformedFrameError as exc:
             if defer:  # a forged frame counts as unauthenticated, whatever its body says
-                exc = _judged_whole(frames[0].buffer, self._auth, payload, exc)
+                exc = self._writer.judge_whole(frames[0].buffer, payload, exc)
             self._drop_bad_frame(known, frames[0].buffer, exc)
             return
         if isinstance(header, wire.HandshakeHeader):
@@ -421,18 +421,3 @@ class KVReceiver:
             self._on_failed(
                 reservation.request_id, "KV transfer lease expired before all pages arrived"
             )
-
-
-def _judged_whole(
-    frame: memoryview,
-    auth: wire.FrameAuth,
-    payload: memoryview | None,
-    exc: wire.MalformedFrameError,
-) -> wire.MalformedFrameError:
-    """Why to refuse a frame whose body did not decode: its tag's verdict over the whole frame
-    when that fails too (a forgery is unauthenticated, whatever its body), else ``exc``."""
-    try:
-        wire.verify_page(frame, auth, payload)
-    except wire.MalformedFrameError as verdict:
-        return verdict
-    return exc
