@@ -34,9 +34,9 @@ from kvtransfer.pair_link import PairLink as PairLink
 from kvtransfer.pair_link import PairLinkError as PairLinkError
 from kvtransfer.pair_link import tensor_bytes as tensor_bytes
 from kvtransfer.stream_link import RECORD as RECORD
+from kvtransfer.stream_link import Prove, join_stream
 from kvtransfer.stream_link import StreamHost as StreamHost
 from kvtransfer.stream_link import StreamLink as StreamLink
-from kvtransfer.stream_link import join_stream
 
 
 class Backend(enum.Enum):
@@ -73,13 +73,18 @@ class GroupLink(PairLink):
 
 
 def make_host(
-    backend: Backend, host: str, timeout_s: float, unix_path: str | None, stream_port: int = 0
+    backend: Backend,
+    host: str,
+    timeout_s: float,
+    unix_path: str | None,
+    stream_port: int = 0,
+    prove: Prove = bytes,
 ) -> PairHost:
     """The decode side's host for an out-of-band backend. ``unix_path``: where the stream
     backend listens when the control channel is ipc (None: tcp on ``host``, port
-    ``stream_port``; 0 takes an ephemeral one)."""
+    ``stream_port``; 0 takes an ephemeral one); ``prove``: how a joiner proves its token."""
     if backend is Backend.STREAM:
-        return StreamHost(host, timeout_s, unix_path, stream_port)
+        return StreamHost(host, timeout_s, unix_path, stream_port, prove)
     return GroupHost(backend, host, timeout_s)
 
 
@@ -112,10 +117,12 @@ class GroupHost(PairHost):
         return GroupLink(make_group(self.backend, store, 0, self.timeout), 1)
 
 
-def join_pair(backend: Backend, offer: dict[str, object], timeout_s: float) -> PairLink:
+def join_pair(
+    backend: Backend, offer: dict[str, object], timeout_s: float, prove: Prove = bytes
+) -> PairLink:
     """Sender side: join the pair the decode worker offered in its WELCOME."""
     if backend is Backend.STREAM:
-        return join_stream(offer, timeout_s)
+        return join_stream(offer, timeout_s, prove)
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(
         str(offer["store_host"]), int(str(offer["store_port"])), is_master=False, timeout=timeout

@@ -71,12 +71,13 @@ class FrameAuth:
             raise ValueError("the KV channel key must be at least 16 bytes")
         self.key = key
         self.checksum = checksum
-        self._payload_key = self._header_key = b""
+        self._payload_key = self._header_key = self._stream_key = b""
         self._header_mac: AESGCM | None = None
         self._payload_mac: AESGCM | None = None
         if key is not None:
             self._payload_key = hashlib.sha256(b"pdserve-kv-payload\0" + key).digest()
             self._header_key = hashlib.sha256(b"pdserve-kv-header\0" + key).digest()
+            self._stream_key = hashlib.sha256(b"pdserve-kv-stream\0" + key).digest()
             self._payload_mac = AESGCM(self._payload_key)
             self._header_mac = AESGCM(self._header_key)
 
@@ -104,6 +105,14 @@ class FrameAuth:
                 digest.update(piece)
             return digest.digest() + bytes(TAG_BYTES - 8)
         return bytes(TAG_BYTES)
+
+    def stream_proof(self, token: bytes) -> bytes:
+        """What a sender presents to claim the stream link offered with ``token``: with a key,
+        a MAC of the token (so a token read off the wire is useless without the key); without
+        one, the token itself."""
+        if self.key is None:
+            return token
+        return hmac.new(self._stream_key, token, hashlib.sha256).digest()[: len(token)]
 
     def check(self, flags: int, prefix: bytes, tag: bytes) -> PayloadCheck:
         """A verifier for the payload of the frame with this header: feed it the payload's

@@ -92,7 +92,9 @@ class KVReceiver:
         if bind_endpoint.startswith("ipc://"):  # the payload stream sits beside the endpoint
             unix_path = bind_endpoint[len("ipc://") :] + ".pages"
         self._group_timeout_s = group_timeout_s
-        self._pairs = make_host(self.backend, pair_host, group_timeout_s, unix_path, stream_port)
+        self._pairs = make_host(
+            self.backend, pair_host, group_timeout_s, unix_path, stream_port, auth.stream_proof
+        )
         self.writes_in_place = (
             self.backend in (Backend.ZMQ, Backend.STREAM) and kv_cache.device.type == "cpu"
         )

@@ -355,7 +355,10 @@ class KVSender:
             check_match(self.fingerprint, theirs, "decode worker")
             if self.backend.out_of_band:
                 peer.link = join_pair(
-                    self.backend, reply.fields["rendezvous"], self._handshake_timeout
+                    self.backend,
+                    reply.fields["rendezvous"],
+                    self._handshake_timeout,
+                    self._auth.stream_proof,
                 )
         except (IncompatiblePeerError, KeyError, RuntimeError, ValueError, OSError) as exc:
             peer.state, peer.refusal = "refused", str(exc)

@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -27,6 +28,9 @@ import torch
 from kvtransfer.pair_link import PairHost, PairLink, PairLinkError, tensor_bytes
 
 TOKEN_BYTES = 16
+Prove = Callable[[bytes], bytes]
+"""What a joiner sends for an offer's token: on a keyed channel a MAC of it under the fleet's
+key (``FrameAuth.stream_proof``), so a token seen on the wire is of no use without the key."""
 RECORD = struct.Struct("<IIQ")  # header bytes, reserved (0), payload bytes
 MAX_RECORD_HEADER_BYTES = 1 << 24  # far above any PAGE header (4 bytes per block id)
 MAX_RECORD_PAYLOAD_BYTES = 1 << 36
@@ -144,15 +148,23 @@ class StreamLink(PairLink):
 
 class StreamHost(PairHost):
     """A listening socket. Each offer carries a fresh random token; a connection is given to
-    the peer whose token it presents first, and closed if it presents none in time. The token
-    travels only inside the (MACed, on a keyed channel) WELCOME, so only a handshaken peer can
-    claim the link; each payload is authenticated with its header as well."""
+    the peer that presents the token's proof first (``prove(token)``: on a keyed channel a MAC
+    of it, so an eavesdropper who read the WELCOME cannot claim the link), and closed if it
+    presents none in time. Each payload is authenticated with its header as well."""
 
-    def __init__(self, host: str, timeout_s: float, unix_path: str | None, port: int = 0) -> None:
+    def __init__(
+        self,
+        host: str,
+        timeout_s: float,
+        unix_path: str | None,
+        port: int = 0,
+        prove: Prove = bytes,
+    ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"stream port {port} is not a TCP port (0-65535; 0: ephemeral)")
         self.host = host
         self.port = port
+        self._prove = prove
         self.timeout_s = timeout_s
         self.unix_path = unix_path
         self._listener: socket.socket | None = None
@@ -168,20 +180,20 @@ class StreamHost(PairHost):
             if self._listener is None:
                 self._listen()
             token = os.urandom(TOKEN_BYTES)
-            self._waiting[token] = Future()
+            self._waiting[self._prove(token)] = Future()
         return {**self._address, "token": token.hex()}
 
     def accept(self, offer: dict[str, object]) -> PairLink:
-        token = bytes.fromhex(str(offer["token"]))
+        proof = self._prove(bytes.fromhex(str(offer["token"])))
         with self._lock:
-            future = self._waiting[token]
+            future = self._waiting[proof]
         try:
             sock = future.result(timeout=self.timeout_s)
         except TimeoutError:
             raise PairLinkError("payload stream: the peer never connected") from None
         finally:
             with self._lock:
-                self._waiting.pop(token, None)
+                self._waiting.pop(proof, None)
         # a healthy sender never pauses inside a record (one sendmsg each): a stall this long
         # means a hung peer, and the receiving thread must get back to the other peers
         return StreamLink(sock, min(self.timeout_s, STREAM_STALL_S))
@@ -228,22 +240,24 @@ class StreamHost(PairHost):
                 return  # closed
             try:
                 sock.settimeout(2.0)  # a connection that says nothing is dropped
-                token = _read_exactly(sock, TOKEN_BYTES)
+                proof = _read_exactly(sock, TOKEN_BYTES)
             except OSError:
                 sock.close()
                 continue
             with self._lock:
                 future = next(
-                    (f for t, f in self._waiting.items() if hmac.compare_digest(t, token)), None
+                    (f for p, f in self._waiting.items() if hmac.compare_digest(p, proof)), None
                 )
             if future is None or future.done():
-                sock.close()  # unknown or already used token
+                sock.close()  # unknown or already used token, or no key behind it
                 continue
             _tune(sock)
             future.set_result(sock)
 
 
-def join_stream(offer: dict[str, object], timeout_s: float) -> StreamLink:
+def join_stream(offer: dict[str, object], timeout_s: float, prove: Prove = bytes) -> StreamLink:
+    """Sender side: connect to the offered listener and claim the link with the token's
+    proof."""
     token = bytes.fromhex(str(offer["token"]))
     if len(token) != TOKEN_BYTES:
         raise ValueError("stream offer carries a malformed token")
@@ -258,7 +272,7 @@ def join_stream(offer: dict[str, object], timeout_s: float) -> StreamLink:
     try:
         sock.connect(address)
         _tune(sock)
-        sock.sendall(token)
+        sock.sendall(prove(token))
     except OSError as exc:
         sock.close()
         raise PairLinkError(f"payload stream: cannot connect: {exc}") from exc

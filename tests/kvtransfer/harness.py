@@ -330,7 +330,9 @@ class RawPeer:
         assert isinstance(reply, wire.HandshakeHeader), reply
         assert reply.kind is wire.FrameKind.WELCOME, reply
         if self.backend.out_of_band:
-            self.link = join_pair(self.backend, reply.fields["rendezvous"], GROUP_TIMEOUT_S)
+            self.link = join_pair(
+                self.backend, reply.fields["rendezvous"], GROUP_TIMEOUT_S, self.auth.stream_proof
+            )
         return reply
 
     def page(

@@ -1,5 +1,6 @@
-"""The stream backend's page listener on a fixed port (``--kv-stream-port``), as a Kubernetes
-NetworkPolicy that names ports needs it; port 0 keeps taking an ephemeral one."""
+"""The stream backend's page listener: on a fixed port (``--kv-stream-port``), as a Kubernetes
+NetworkPolicy that names ports needs it, or an ephemeral one; and claimed only by a peer that
+proves its token (on a keyed channel, with the fleet's key)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from kvtransfer.datapath import Backend, StreamHost
-from tests.kvtransfer.harness import Channel, Transport, random_pages, same_bits, tid
+from kvtransfer.datapath import Backend, StreamHost, StreamLink
+from kvtransfer.stream_link import join_stream
+from kvtransfer.wire import FrameAuth
+from tests.kvtransfer.harness import KEY, Channel, Transport, random_pages, same_bits, tid
 
 
 def _free_port() -> int:
@@ -60,3 +63,32 @@ def test_a_port_outside_the_range_is_refused() -> None:
     for port in (-1, 65536):
         with pytest.raises(ValueError, match="not a TCP port"):
             StreamHost("127.0.0.1", 1.0, None, port)
+
+
+def test_proofs() -> None:
+    token = bytes(range(16))
+    assert FrameAuth(None).stream_proof(token) == token
+    keyed = FrameAuth(KEY).stream_proof(token)
+    assert len(keyed) == len(token) and keyed != token
+    assert keyed == FrameAuth(KEY).stream_proof(token)
+    assert keyed != FrameAuth(KEY + b"-other").stream_proof(token)
+
+
+def test_a_token_read_off_the_wire_does_not_claim_a_keyed_link() -> None:
+    auth = FrameAuth(KEY)
+    host = StreamHost("127.0.0.1", 5.0, None, 0, auth.stream_proof)
+    try:
+        offer = host.offer()
+        address = (str(offer["stream_host"]), int(str(offer["stream_port"])))
+        with socket.create_connection(address, timeout=5.0) as eavesdropper:
+            eavesdropper.sendall(bytes.fromhex(str(offer["token"])))  # the token, no proof
+            assert eavesdropper.recv(1) == b""  # closed by the host
+        joined = join_stream(offer, 5.0, auth.stream_proof)
+        accepted = host.accept(offer)
+        assert isinstance(accepted, StreamLink)
+        joined.sock.sendall(b"page")
+        assert bytes(accepted.read_bytes(4)) == b"page"
+        joined.close()
+        accepted.close()
+    finally:
+        host.close()
