@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import LinearKernel
+from engine.kernels.build import rows_apart
 
 
 class NativeLinear(torch.nn.Module):
@@ -36,7 +37,7 @@ class NativeLinear(torch.nn.Module):
         if x.dtype != torch.float32 or x.device.type != "cpu":  # as nn.Linear refuses it
             raise RuntimeError(f"NativeLinear takes float32 CPU input, got {x.dtype} on {x.device}")
         rows = x.reshape(-1, self.in_features)
-        if rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < self.in_features):
+        if not rows_apart(rows):
             rows = rows.contiguous()  # e.g. an expanded (broadcast) input
         out = torch.empty(
             (rows.shape[0], self.out_features), dtype=torch.float32, device=rows.device

@@ -53,12 +53,7 @@ def take_record(link: StreamLink, auth: wire.FrameAuth, writer: PageWriter) -> T
     if writer.write_in_place(link, header, frame, payload_len):
         return None
     payload = link.read_bytes(payload_len)  # cannot land in place: read aside, then judge
-    try:
-        wire.verify_page(frame, auth, payload)
-    except wire.MalformedFrameError as exc:
-        writer.refuse(exc)
-        return None
-    return header, payload
+    return (header, payload) if writer.verified(frame, payload) else None
 
 
 def take_group_payload(
@@ -73,12 +68,7 @@ def take_group_payload(
     alone: hashing it would cost a device copy. Raises :class:`PairLinkError`."""
     pages = link.receive(header.shape, header.dtype, writer.kv.device)
     data = tensor_bytes(pages) if pages.device.type == "cpu" else None
-    try:
-        wire.verify_page(frame, writer.auth, data)
-    except wire.MalformedFrameError as exc:
-        writer.refuse(exc)
-        return None
-    return pages
+    return pages if writer.verified(frame, data) else None
 
 
 def skip_group_payload(link: PairLink | None, frame: memoryview) -> None:

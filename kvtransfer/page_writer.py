@@ -47,6 +47,16 @@ class PageWriter:
         self.stats.drop("unauthenticated" if unauthenticated else "malformed")
         log.warning("kv_frame_dropped", reason=str(exc))
 
+    def verified(self, frame: bytes | memoryview, payload: wire.Payload | None) -> bool:
+        """Whether a PAGE decoded without its payload verifies with it, whole; a page that
+        does not is refused (counted and logged)."""
+        try:
+            wire.verify_page(frame, self.auth, payload)
+        except wire.MalformedFrameError as exc:
+            self.refuse(exc)
+            return False
+        return True
+
     def judge_whole(
         self, frame: memoryview, payload: memoryview | None, exc: wire.MalformedFrameError
     ) -> wire.MalformedFrameError:
@@ -58,12 +68,6 @@ class PageWriter:
         except wire.MalformedFrameError as verdict:
             return verdict
         return exc
-
-    @property
-    def copies_in_place(self) -> bool:
-        """Whether in-band pages are copied into the pool and verified as they go (CPU pools):
-        decode them with ``defer_page`` and pass :func:`wire.payload_check` to :meth:`apply`."""
-        return self.kv.device.type == "cpu"
 
     def apply(
         self,
@@ -82,8 +86,7 @@ class PageWriter:
             if reservation is not None:
                 return self._apply(reservation, header, payload, check)
         if check is not None and isinstance(payload, memoryview):
-            check.update(payload)  # a frame that does not verify counts as such (off the lock)
-            _verify(check)
+            _verify(check, payload)  # a frame that does not verify counts as such (off the lock)
         raise UnknownTransferError(tid)
 
     def _apply(
@@ -190,16 +193,13 @@ class PageWriter:
                 wire.check_payload_size(header, payload)
             except wire.MalformedFrameError:
                 if check is not None:  # a frame that does not verify is dropped, not blamed
-                    check.update(payload)
-                    _verify(check)
+                    _verify(check, payload)
                 raise
-            if check is not None and reservation.overlaps_written(header):
-                check.update(payload)  # verified before it may land over verified blocks
-                _verify(check)
-                check = None
-            if check is not None:
-                self._copy_verified(reservation, header, payload, check)
+            if check is not None and not reservation.overlaps_written(header):
+                self._copy_verified(header, payload, check)
             else:
+                if check is not None:  # verified before it may land over verified blocks
+                    _verify(check, payload)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # read-only: we only read it
                     flat = torch.frombuffer(payload, dtype=torch.uint8)
@@ -208,11 +208,7 @@ class PageWriter:
         self._count(reservation, header)
 
     def _copy_verified(
-        self,
-        reservation: Reservation,
-        header: wire.PageHeader,
-        payload: memoryview,
-        check: wire.PayloadCheck,
+        self, header: wire.PageHeader, payload: memoryview, check: wire.PayloadCheck
     ) -> None:
         """Copy an in-band payload into the reserved blocks a cache-sized piece at a time,
         hashing each piece right after it lands (one pass over the payload from memory, not
@@ -236,7 +232,10 @@ class PageWriter:
         self.stats.bytes += header.payload_nbytes
 
 
-def _verify(check: wire.PayloadCheck) -> None:
+def _verify(check: wire.PayloadCheck, payload: memoryview | None = None) -> None:
+    """Verify ``check`` (fed ``payload`` whole first, when given); a failure refuses the page."""
+    if payload is not None:
+        check.update(payload)
     try:
         check.verify()
     except wire.MalformedFrameError as exc:

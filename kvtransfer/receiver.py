@@ -198,7 +198,7 @@ class KVReceiver:
         payload = frames[1].buffer if len(frames) == 2 else None
         known = self._peers.get(identity)
         # an in-band page's tag is checked while it is copied into place (one pass over it)
-        defer = payload is not None and self.backend is Backend.ZMQ and self._writer.copies_in_place
+        defer = payload is not None and self.backend is Backend.ZMQ and self.writes_in_place
         try:
             header = wire.decode(frames[0].buffer, self._auth, payload, defer_page=defer)
         except wire.MalformedFrameError as exc:
@@ -209,16 +209,10 @@ class KVReceiver:
         if isinstance(header, wire.HandshakeHeader):
             self._handshake(identity, header)
             return
-        check = None
-        if defer and isinstance(header, wire.PageHeader) and not header.out_of_band:
-            check = wire.payload_check(frames[0].buffer, self._auth)
-            if known is None:  # a stranger's page: judged whole, as any frame of a stranger
-                try:
-                    wire.verify_page(frames[0].buffer, self._auth, payload)
-                except wire.MalformedFrameError as exc:
-                    self._drop_bad_frame(known, frames[0].buffer, exc)
-                    return
+        deferred = defer and isinstance(header, wire.PageHeader) and not header.out_of_band
         if known is None:
+            if deferred and not self._writer.verified(frames[0].buffer, payload):
+                return  # a stranger's page: judged whole, as any frame of a stranger
             # an out-of-band header cannot be authenticated without its payload: from a
             # stranger, on a keyed channel, count it as what it is, unauthenticated
             oob = isinstance(header, wire.PageHeader) and header.out_of_band
@@ -226,6 +220,7 @@ class KVReceiver:
             if isinstance(header, wire.DoneHeader):
                 self._ack(identity, header.transfer_id, wire.AckStatus.FAILED, "handshake required")
             return
+        check = wire.payload_check(frames[0].buffer, self._auth) if deferred else None
         data: torch.Tensor | memoryview | None = payload
         if isinstance(header, wire.PageHeader):
             if header.out_of_band != self.backend.out_of_band or self.backend is Backend.STREAM:

@@ -5,7 +5,8 @@ A source may include the package's headers (``*.h``, copied beside it for the bu
 The shared object is cached under ``<cache>/kernels``, keyed by the source, the flags, the
 compiler and the CPU, and written atomically (workers starting together may race to build it: the
 last rename wins, every copy is the same). Where that directory is not writable (a read-only
-image), it goes to the temp directory.
+image), it goes to the temp directory. :func:`rows_apart` is what the wrappers check of the
+row-major tensors they hand to a kernel.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 CFLAGS = (
     "-O3",
     "-march=native",
@@ -28,6 +31,12 @@ CFLAGS = (
     "-shared",
     "-std=c11",
 )
+
+
+def rows_apart(t: torch.Tensor) -> bool:
+    """Whether a kernel can read or write the rows of 2-D ``t`` as given: unit stride along a
+    row, and rows that do not overlap (any row stride at least the row's length)."""
+    return t.stride(1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1])
 
 
 class KernelBuildError(RuntimeError):

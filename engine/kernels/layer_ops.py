@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from engine.kernels.build import load_library
+from engine.kernels.build import load_library, rows_apart
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
@@ -18,13 +18,7 @@ _F32 = ctypes.c_float
 
 def _rows(t: torch.Tensor, what: str) -> None:
     """Float32 CPU rows, unit stride along a row, rows apart (no overlap)."""
-    if (
-        t.dim() != 2
-        or t.dtype != torch.float32
-        or t.device.type != "cpu"
-        or t.stride(1) != 1
-        or (t.shape[0] > 1 and t.stride(0) < t.shape[1])
-    ):
+    if t.dim() != 2 or t.dtype != torch.float32 or t.device.type != "cpu" or not rows_apart(t):
         raise ValueError(
             f"{what}: float32 CPU rows with unit stride that do not overlap needed, got "
             f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}"

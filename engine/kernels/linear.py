@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from engine.kernels.build import load_library
+from engine.kernels.build import load_library, rows_apart
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
@@ -63,9 +63,8 @@ class LinearKernel:
         n = out.shape[1]
         if (
             m == 0
-            or x.stride(1) != 1
-            or out.stride(1) != 1
-            or (m > 1 and (x.stride(0) < k or out.stride(0) < n))
+            or not rows_apart(x)
+            or not rows_apart(out)
             or out.shape[0] != m
             or packed.shape != (-(-n // self.panel), k, self.panel)
             or not packed.is_contiguous()
