@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
+from core.sampling import SamplingParams
 from engine import attention, llama_forward
 from engine.attention import register_paged_attention
 from engine.config import DType, ModelConfig
@@ -39,7 +40,7 @@ from engine.model_loader import default_cache_dir, load_model
 from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, ScheduledSeq
-from engine.sequence import SamplingParams, Sequence
+from engine.sequence import Sequence
 
 BLOCK_SIZE = 16
 

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import grpc
 
-from engine.engine import PoolStats
+from core.pool_stats import PoolStats
 from pdserve.client import AsyncClient
-from pdserve.grpc_runtime import serve_until_signalled, start_server
 from pdserve.local_cluster import free_port_range
-from pdserve.proto_convert import status_to_proto
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from server_runtime.grpc_runtime import serve_until_signalled, start_server
+from server_runtime.proto_convert import status_to_proto
 
 DECODE_SERVICE = "pdserve.v1.Decode"
 

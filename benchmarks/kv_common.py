@@ -89,7 +89,7 @@ def fingerprint_fields(model: str, geometry: Geometry, backend: str, auth: str) 
     than with ``kvtransfer.config.fingerprint_for``, which needs a loaded model)."""
     from dataclasses import fields
 
-    from kvtransfer.handshake import Fingerprint
+    from core.ticket import Fingerprint
 
     values: dict[str, Any] = {
         "model": model,
@@ -163,7 +163,7 @@ def child_setup() -> None:
     """First thing in every child: one torch thread (as `pdserve up` gives each worker on two
     cores), and only warnings from pdserve's loggers."""
     torch.set_num_threads(1)
-    from pdserve.log_setup import configure_logging
+    from server_runtime.log_setup import configure_logging
 
     configure_logging(level="warning", json=False)
 
@@ -263,8 +263,8 @@ def _kv_session(
     checksum: bool,
     bind: str,
 ) -> None:
+    from core.ticket import Fingerprint
     from engine.kv_cache import KVCache
-    from kvtransfer.handshake import Fingerprint
     from kvtransfer.receiver import KVReceiver
     from kvtransfer.wire import FrameAuth
 

@@ -49,12 +49,13 @@ def sender_main(
 ) -> dict[str, Any]:
     import torch
 
+    from core.sampling import SamplingParams
+    from core.ticket import Fingerprint
     from engine.config import CacheConfig, EngineConfig, ModelConfig
     from engine.engine import Engine
     from engine.model_loader import load_model
     from engine.scheduler import ScheduledBatch
-    from engine.sequence import SamplingParams, Sequence
-    from kvtransfer.handshake import Fingerprint
+    from engine.sequence import Sequence
     from kvtransfer.sender import KVSender, TransferSpec
     from kvtransfer.wire import FrameAuth
 

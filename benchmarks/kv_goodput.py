@@ -93,7 +93,7 @@ def _kv_cell(
     timing: Timing,
     tmp: str,
 ) -> dict[str, Any]:
-    from kvtransfer.handshake import Fingerprint
+    from core.ticket import Fingerprint
     from kvtransfer.sender import KVSender, TransferSpec
     from kvtransfer.wire import FrameAuth
 

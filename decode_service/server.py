@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from decode_service.servicer import TIER, DecodeServicer
 from decode_service.worker import DecodeConfig, DecodeWorker
-from pdserve.grpc_runtime import Lifecycle
-from pdserve.metrics import WorkerMetrics
-from pdserve.worker_runtime import ServeOptions, build_engine, serve_tier
+from server_runtime.grpc_runtime import Lifecycle
+from server_runtime.metrics import WorkerMetrics
+from server_runtime.worker_runtime import ServeOptions, build_engine, serve_tier
 
 
 async def serve(

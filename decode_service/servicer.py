@@ -1,8 +1,8 @@
 """``pdserve.v1.Decode`` servicer: protos in, domain calls, protos out.
 
-Domain failures are raised, not caught: the server's :class:`~pdserve.interceptors.CallScope`
+Domain failures are raised, not caught: the server's :class:`~server_runtime.interceptors.CallScope`
 maps them to a status with :data:`STATUS_CODES`, binds the request id, and admits each
-``Generate`` through the server's :class:`~pdserve.grpc_runtime.Lifecycle`.
+``Generate`` through the server's :class:`~server_runtime.grpc_runtime.Lifecycle`.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from core.errors import EngineStoppedError, InvalidRequestError
+from core.sampling import FinishReason
 from decode_service.worker import DecodeWorker
-from engine.errors import EngineStoppedError, InvalidRequestError
-from engine.sequence import FinishReason
-from pdserve.grpc_runtime import BASE_STATUS_CODES, Lifecycle
-from pdserve.metrics import WorkerMetrics
-from pdserve.proto_convert import FINISH_TO_PROTO, sampling_from_proto, ticket_to_proto
-from pdserve.worker_runtime import Tier
-from pdserve.worker_servicer import LoadReporting
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
+from server_runtime.grpc_runtime import BASE_STATUS_CODES, Lifecycle
+from server_runtime.metrics import WorkerMetrics
+from server_runtime.proto_convert import FINISH_TO_PROTO, sampling_from_proto, ticket_to_proto
+from server_runtime.worker_runtime import Tier
+from server_runtime.worker_servicer import LoadReporting
 
 STATUS_CODES = dict(BASE_STATUS_CODES)
 WORK_METHODS = ("/pdserve.v1.Decode/Generate",)

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import structlog
 
+from core.pool_stats import PoolStats
+from core.sampling import FinishReason, SamplingParams
+from core.ticket import TransferTicket
 from engine.async_engine import AsyncEngine, RequestHandle
 from engine.config import EngineConfig
-from engine.engine import PoolStats
 from engine.model_loader import ModelSpec
-from engine.sequence import FinishReason, SamplingParams
 from kvtransfer.config import TransferConfig, fingerprint_for
 from kvtransfer.receiver import KVReceiver
-from kvtransfer.ticket import TransferTicket
 
 log = structlog.get_logger(__name__)
 

@@ -14,10 +14,12 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from core.pool_stats import PoolStats
+from core.sampling import FinishReason, SamplingParams
 from engine.config import EngineConfig
-from engine.engine import Engine, PoolStats, RequestOutput
+from engine.engine import Engine, RequestOutput
 from engine.model_loader import ModelSpec
-from engine.sequence import FinishReason, SamplingParams, Sequence
+from engine.sequence import Sequence
 
 
 class RequestHandle:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 
-from engine.errors import BlockPoolCorruptedError, OutOfBlocksError
+from core.errors import BlockPoolCorruptedError, OutOfBlocksError
 
 
 class BlockPool:

@@ -1,12 +1,11 @@
-"""Frozen configuration, built once at each entry point from flags and passed down."""
+"""Frozen configuration, built once at each entry point from flags and passed down (no torch:
+the gateway reads :class:`ModelConfig` too)."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
@@ -45,42 +44,6 @@ class CacheConfig:
     memory: str | None = None
     """Size the pool from memory instead: bytes ("4GiB", "512MiB", "1000000") or a fraction
     of the memory available now ("0.3": of MemAvailable on CPU, of free memory on a GPU)."""
-
-    def blocks_for_memory(self, bytes_per_token: int, device: torch.device) -> int:
-        """``num_blocks``, or as many blocks as ``memory`` holds."""
-        if self.memory is None:
-            return self.num_blocks
-        budget = parse_memory(self.memory, device)
-        blocks = budget // (bytes_per_token * self.block_size)
-        if blocks < 1:
-            raise ValueError(f"--kv-cache-memory {self.memory} holds no block of {self.block_size}")
-        return int(blocks)
-
-
-_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-
-
-def parse_memory(text: str, device: torch.device) -> int:
-    """Bytes from "4GiB", "512MiB", "123456", or a fraction of available memory ("0.3")."""
-    value = text.strip().lower()
-    for unit, scale in _UNITS.items():
-        if value.endswith(unit):
-            return int(float(value[: -len(unit)]) * scale)
-    number = float(value)
-    if 0 < number <= 1:
-        return int(number * available_memory(device))
-    return int(number)
-
-
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("cannot read MemAvailable from /proc/meminfo")
 
 
 @dataclass(frozen=True)

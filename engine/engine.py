@@ -18,17 +18,20 @@ from dataclasses import dataclass
 import structlog
 import torch
 
+from core.errors import EngineStoppedError, OutOfBlocksError
+from core.pool_stats import PoolStats
+from core.sampling import FinishReason, RequestTimings
 from engine.attention import register_paged_attention
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
-from engine.errors import EngineStoppedError, OutOfBlocksError
 from engine.kv_cache import KVCache
+from engine.kv_memory import blocks_for_memory
 from engine.model_loader import ModelSpec
 from engine.model_runner import ModelRunner
 from engine.native import load_attention_kernel, load_layer_ops, load_linear_kernel
 from engine.sampler import Sampler
 from engine.scheduler import Finished, ScheduledBatch, Scheduler
-from engine.sequence import FinishReason, RequestTimings, Sequence
+from engine.sequence import Sequence
 
 log = structlog.get_logger(__name__)
 
@@ -56,23 +59,6 @@ LayerSink = Callable[[str, int, torch.Tensor], None]
 called on the engine thread while the forward pass continues with the next layer."""
 
 
-@dataclass(frozen=True)
-class PoolStats:
-    total_blocks: int
-    free_blocks: int
-    running: int
-    waiting: int
-    awaiting_kv: int
-    pool_ok: bool
-    num_preemptions: int
-    prefix_query_tokens: int = 0
-    prefix_hit_tokens: int = 0
-
-    @property
-    def usage(self) -> float:
-        return 1.0 - self.free_blocks / self.total_blocks
-
-
 class Engine:
     """Owns the KV cache, block pool, scheduler and model runner of one worker."""
 
@@ -92,7 +78,8 @@ class Engine:
         self._layer_sink = layer_sink
         weights = next(model.parameters())  # the KV cache matches the weights' device and dtype
         model.set_attn_implementation(register_paged_attention())  # type: ignore[operator]
-        num_blocks = config.cache.blocks_for_memory(
+        num_blocks = blocks_for_memory(
+            config.cache,
             spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * weights.element_size(),
             weights.device,
         )
@@ -205,7 +192,7 @@ class Engine:
 
     def held_prefix_blocks(self, chains: list[list[bytes]]) -> list[int]:
         """For each chain of prefix hashes, how many leading blocks the prefix cache holds
-        (read-only; feeds the worker's prefix-cache summary, see engine.prefix_summary)."""
+        (read-only; feeds the worker's prefix-cache summary, see core.prefix_summary)."""
         with self._lock:
             return [self.pool.held_prefix(chain) for chain in chains]
 
@@ -247,7 +234,7 @@ class Engine:
 
     def _loop(self) -> None:
         # per thread in OpenMP: the forward pass is this thread's team (the worker's other
-        # threads keep one thread each, see pdserve.worker_runtime)
+        # threads keep one thread each, see server_runtime.worker_runtime)
         torch.set_num_threads(self.config.num_threads or len(os.sched_getaffinity(0)))
         while True:
             with self._lock:

@@ -21,8 +21,8 @@ import structlog
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from core.errors import ModelLoadError
 from engine.config import DEFAULT_MODEL, DType, ModelConfig
-from engine.errors import ModelLoadError
 
 log = structlog.get_logger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sequence import SamplingParams
+from core.sampling import SamplingParams
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive positions apart
 _MASK64 = (1 << 63) - 1

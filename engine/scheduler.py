@@ -20,11 +20,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from core.errors import OutOfBlocksError
+from core.prefix_hash import ROOT, prefix_hashes
+from core.sampling import FinishReason
 from engine.block_pool import BlockPool
 from engine.config import SchedulerConfig
-from engine.errors import OutOfBlocksError
-from engine.prefix_cache import ROOT, prefix_hashes
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.sequence import Sequence, SequenceStatus
 
 
 class ScheduledSeq(NamedTuple):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from engine.errors import EngineError
+from core.errors import EngineError
 
 # A worker call that ended with one of these may succeed on another worker: the worker died,
 # drains, is full, or cancelled the call itself (its grace period ran out).

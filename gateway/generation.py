@@ -42,8 +42,8 @@ import grpc
 import structlog
 from transformers import PreTrainedTokenizerBase
 
-from engine.errors import InvalidRequestError
-from engine.sequence import FinishReason, SamplingParams
+from core.errors import InvalidRequestError
+from core.sampling import FinishReason, SamplingParams
 from gateway.detokenizer import IncrementalDetokenizer
 from gateway.errors import NoWorkersError, UpstreamError
 from gateway.prompts import PromptInput, PromptTokenizer
@@ -51,7 +51,7 @@ from gateway.router import Route, Router
 from gateway.stop_strings import StopStringMatcher
 from gateway.validation import validate_sampling
 from gateway.worker_clients import DecodeClient, PrefillClient, TokenEvent
-from pdserve.metrics import GatewayMetrics
+from server_runtime.metrics import GatewayMetrics
 
 log = structlog.get_logger(__name__)
 

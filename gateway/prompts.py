@@ -3,7 +3,7 @@
 A request's prompt is exactly one of three shapes (:data:`PromptInput`): plain text, token ids
 the client tokenized itself, or a chat conversation rendered with the model's chat template.
 :class:`PromptTokenizer` turns any of them into the token ids the engine sees, rejecting bad
-input with :class:`~engine.errors.InvalidRequestError` whose message names the problem.
+input with :class:`~core.errors.InvalidRequestError` whose message names the problem.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from engine.errors import InvalidRequestError
+from core.errors import InvalidRequestError
 
 
 class ChatRole(enum.Enum):

@@ -15,7 +15,7 @@
   prefill by prefix-cache affinity, then queue (:class:`ShortestQueuePrefillPolicy`):
 
   1. ``worker_prefix_cache``: the worker whose load report advertises the longest cached prefix
-     of the prompt (:mod:`engine.prefix_summary`: the same chained block hashes, with the
+     of the prompt (:mod:`core.prefix_summary`: the same chained block hashes, with the
      worker's block size), unless its queue is longer than the shortest by more than
      ``AFFINITY_SLACK`` (then the next-longest match, ...);
   2. ``recent_route``: else the worker this gateway last sent the same first
@@ -43,7 +43,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from engine.prefix_summary import matched_depth, prompt_anchors
+from core.prefix_summary import matched_depth, prompt_anchors
 from gateway.errors import NoWorkersError, OverloadedError
 from gateway.registry import Registry, WorkerEntry
 

@@ -9,6 +9,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
 
+from core.tls import TLSConfig
 from engine.config import ModelConfig
 from engine.model_loader import describe_model, load_hf_config, resolve_model_path
 from gateway.errors import NoWorkersError
@@ -18,12 +19,11 @@ from gateway.registry import Registry, TierRegistry
 from gateway.router import Router, RoutingConfig
 from gateway.servicer import STATUS_CODES, WORK_METHODS, GenerationServicer
 from gateway.worker_clients import DecodeClient, PrefillClient
-from pdserve.gpu import register_gpu_metrics
-from pdserve.grpc_runtime import Lifecycle, serve_until_signalled, start_server
-from pdserve.interceptors import BearerAuth, CallScope
-from pdserve.metrics import GatewayMetrics, serve_metrics
-from pdserve.tls import TLSConfig
 from protos.pdserve.v1 import generation_pb2, generation_pb2_grpc
+from server_runtime.gpu import register_gpu_metrics
+from server_runtime.grpc_runtime import Lifecycle, serve_until_signalled, start_server
+from server_runtime.interceptors import BearerAuth, CallScope
+from server_runtime.metrics import GatewayMetrics, serve_metrics
 
 log = structlog.get_logger(__name__)
 

@@ -1,8 +1,8 @@
 """``pdserve.v1.Generation`` servicer: protos in, domain calls, protos out.
 
-Failures are raised as domain errors; the server's :class:`~pdserve.interceptors.CallScope`
+Failures are raised as domain errors; the server's :class:`~server_runtime.interceptors.CallScope`
 maps them to a status (with :data:`STATUS_CODES`) once, binds the request id, and admits the
-call through the gateway's bounded :class:`~pdserve.grpc_runtime.Lifecycle`.
+call through the gateway's bounded :class:`~server_runtime.grpc_runtime.Lifecycle`.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
-from engine.errors import EngineError, InvalidRequestError
+from core.errors import EngineError, InvalidRequestError
 from gateway.errors import NoWorkersError, OverloadedError
 from gateway.generation import GenerationCore
 from gateway.prompts import ChatMessage, ChatPrompt, PromptInput, TextPrompt, TokenPrompt
-from pdserve.grpc_runtime import BASE_STATUS_CODES, status_for
-from pdserve.metrics import GatewayMetrics
-from pdserve.proto_convert import FINISH_TO_PROTO, sampling_from_proto
 from protos.pdserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from server_runtime.grpc_runtime import BASE_STATUS_CODES, status_for
+from server_runtime.metrics import GatewayMetrics
+from server_runtime.proto_convert import FINISH_TO_PROTO, sampling_from_proto
 
 log = structlog.get_logger(__name__)
 

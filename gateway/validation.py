@@ -1,7 +1,7 @@
 """Validation of sampling parameters at the gateway's edge.
 
 The engine trusts :class:`~engine.sequence.SamplingParams`; every check a client can fail lives
-here and raises :class:`~engine.errors.InvalidRequestError` with a message naming the field,
+here and raises :class:`~core.errors.InvalidRequestError` with a message naming the field,
 the value and the allowed range (it reaches the client as gRPC INVALID_ARGUMENT).
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
-from engine.errors import InvalidRequestError
-from engine.sequence import SamplingParams
+from core.errors import InvalidRequestError
+from core.sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 16  # completion length when the client does not say
 MAX_STOP_STRINGS = 16  # more would make per-token stop checks costly

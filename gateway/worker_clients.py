@@ -14,18 +14,18 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine.sequence import FinishReason, SamplingParams
+from core.rich_errors import retry_after_of
+from core.sampling import FinishReason, SamplingParams
+from core.ticket import TransferTicket
+from core.tls import TLSConfig, secure_channel
 from gateway.errors import RETRYABLE_CODES, UpstreamError
-from kvtransfer.ticket import TransferTicket
-from pdserve.proto_convert import (
+from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
+from server_runtime.proto_convert import (
     FINISH_FROM_PROTO,
     sampling_to_proto,
     ticket_from_proto,
     ticket_to_proto,
 )
-from pdserve.rich_errors import retry_after_of
-from pdserve.tls import TLSConfig, secure_channel
-from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 # Codes a worker may return that the client should see as they are; anything else means the
 # tier failed, which the client sees as UNAVAILABLE.
@@ -78,7 +78,7 @@ class WorkerStatus:
     max_num_seqs: int = 0
     requests_total: int = 0
     cached_prefixes: frozenset[bytes] = frozenset()
-    """Anchor hashes of the prefixes the worker's prefix cache holds (engine.prefix_summary)."""
+    """Anchor hashes of the prefixes the worker's prefix cache holds (core.prefix_summary)."""
 
     @property
     def full(self) -> bool:

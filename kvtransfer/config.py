@@ -5,11 +5,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from core.ticket import Fingerprint
 from engine.kv_cache import KVCache
 from engine.model_loader import ModelSpec
 from kvtransfer import wire
 from kvtransfer.datapath import Backend
-from kvtransfer.handshake import Fingerprint
 
 
 class Streaming(enum.Enum):

@@ -27,6 +27,7 @@ import structlog
 import torch
 import zmq
 
+from core.ticket import Fingerprint, IncompatiblePeerError, check_match
 from engine.kv_cache import KVCache
 from kvtransfer import wire
 from kvtransfer.datapath import (
@@ -36,13 +37,7 @@ from kvtransfer.datapath import (
     StreamLink,
     make_host,
 )
-from kvtransfer.handshake import (
-    Fingerprint,
-    HelloGuard,
-    IncompatiblePeerError,
-    StaleHelloError,
-    check_match,
-)
+from kvtransfer.handshake import HelloGuard, StaleHelloError
 from kvtransfer.metrics import TransferStats, failure_label
 from kvtransfer.out_of_band import skip_group_payload, take_group_payload, take_record
 from kvtransfer.page_writer import Outcome, PageRefusedError, PageWriter, UnknownTransferError

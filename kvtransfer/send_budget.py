@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtransfer.handshake import Fingerprint
+from core.ticket import Fingerprint
 
 
 @dataclass(frozen=True)

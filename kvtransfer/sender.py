@@ -31,9 +31,10 @@ import structlog
 import torch
 import zmq
 
+from core.ticket import Fingerprint, IncompatiblePeerError, check_match
 from kvtransfer import wire
 from kvtransfer.datapath import Backend, PairLink, StreamLink, join_pair, tensor_bytes
-from kvtransfer.handshake import Fingerprint, IncompatiblePeerError, check_match, hello_fields
+from kvtransfer.handshake import hello_fields
 from kvtransfer.metrics import TransferStats
 from kvtransfer.send_budget import SendBudget, TransferSpec, check_pages
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from core.ticket import KV_PROTOCOL_VERSION
 from kvtransfer.frame_auth import FLAG_CHECKSUM as FLAG_CHECKSUM
 from kvtransfer.frame_auth import FLAG_MAC as FLAG_MAC
 from kvtransfer.frame_auth import TAG_BYTES as TAG_BYTES
@@ -41,7 +42,7 @@ from kvtransfer.frame_auth import PayloadCheck as PayloadCheck
 from kvtransfer.frame_auth import UnauthenticatedFrameError as UnauthenticatedFrameError
 
 MAGIC = b"PDKV"
-PROTOCOL_VERSION = 3  # 3: XXH3-64 checksums, the stream backend
+PROTOCOL_VERSION = KV_PROTOCOL_VERSION  # declared with the Fingerprint that peers compare
 TRANSFER_ID_BYTES = 16
 MAX_BLOCKS_PER_PAGE = 1 << 20
 MAX_TEXT_BYTES = 4096

@@ -239,7 +239,7 @@ def _split(values: Sequence[str]) -> tuple[str, ...]:
 
 
 def _configure_logs(args: argparse.Namespace, tier: str) -> None:
-    from pdserve.log_setup import configure_logging
+    from server_runtime.log_setup import configure_logging
 
     fmt = args.log_format
     configure_logging(args.log_level, None if fmt == "auto" else fmt == "json", tier=tier)

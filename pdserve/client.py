@@ -30,8 +30,8 @@ from typing import TypedDict, Unpack
 
 import grpc
 
-from pdserve.rich_errors import retry_after_of
-from pdserve.tls import TLSConfig, secure_channel, sync_channel
+from core.rich_errors import retry_after_of
+from core.tls import TLSConfig, secure_channel, sync_channel
 from protos.pdserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 _FINISH_NAMES = {

@@ -7,8 +7,8 @@ import sys
 
 import grpc
 
+from core.tls import TLSConfig
 from pdserve.client import Client, RequestOptions, RetryPolicy
-from pdserve.tls import TLSConfig
 
 
 def stream_completion(

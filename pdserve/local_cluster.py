@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.tls import TLSConfig, sync_channel
 from pdserve.launcher import serving
-from pdserve.tls import TLSConfig, sync_channel
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 READY_TIMEOUT_S = 240.0

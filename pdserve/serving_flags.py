@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pdserve.tls import TLSConfig
+from core.tls import TLSConfig
 
 ENV_PREFIX = "PDSERVE_"
 AUTH_TOKEN_ENV = ENV_PREFIX + "AUTH_TOKEN"
@@ -268,7 +268,7 @@ def gateway_config(
 
 
 def worker_serve_options(args: argparse.Namespace) -> Any:
-    from pdserve.worker_runtime import ServeOptions
+    from server_runtime.worker_runtime import ServeOptions
 
     return ServeOptions(tls=server_tls(args), max_queue=int(args.max_queue))
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pdserve.grpc_runtime import Lifecycle
-from pdserve.metrics import WorkerMetrics
-from pdserve.worker_runtime import ServeOptions, build_engine, serve_tier
 from prefill_service.servicer import TIER, PrefillServicer
 from prefill_service.worker import PrefillConfig, PrefillWorker
+from server_runtime.grpc_runtime import Lifecycle
+from server_runtime.metrics import WorkerMetrics
+from server_runtime.worker_runtime import ServeOptions, build_engine, serve_tier
 
 
 async def serve(

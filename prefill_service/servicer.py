@@ -1,8 +1,8 @@
 """``pdserve.v1.Prefill`` servicer: protos in, domain calls, protos out.
 
-Domain failures are raised, not caught: the server's :class:`~pdserve.interceptors.CallScope`
+Domain failures are raised, not caught: the server's :class:`~server_runtime.interceptors.CallScope`
 maps them to a status with :data:`STATUS_CODES`, binds the request id, and admits each
-``Prefill`` through the server's :class:`~pdserve.grpc_runtime.Lifecycle`.
+``Prefill`` through the server's :class:`~server_runtime.grpc_runtime.Lifecycle`.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import grpc
 import structlog
 
-from engine.errors import EngineError, InvalidRequestError
-from kvtransfer.ticket import IncompatiblePeerError
-from pdserve.grpc_runtime import BASE_STATUS_CODES, Lifecycle
-from pdserve.proto_convert import FINISH_TO_PROTO, sampling_from_proto, ticket_from_proto
-from pdserve.worker_runtime import Tier
-from pdserve.worker_servicer import LoadReporting
+from core.errors import EngineError, InvalidRequestError
+from core.ticket import IncompatiblePeerError
 from prefill_service.worker import PrefillWorker
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
+from server_runtime.grpc_runtime import BASE_STATUS_CODES, Lifecycle
+from server_runtime.proto_convert import FINISH_TO_PROTO, sampling_from_proto, ticket_from_proto
+from server_runtime.worker_runtime import Tier
+from server_runtime.worker_servicer import LoadReporting
 
 log = structlog.get_logger(__name__)
 

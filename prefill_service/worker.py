@@ -9,15 +9,15 @@ from dataclasses import dataclass
 import structlog
 import torch
 
+from core.errors import EngineError
+from core.pool_stats import PoolStats
+from core.sampling import FinishReason, SamplingParams
+from core.ticket import TransferTicket, check_ticket
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.engine import PoolStats
-from engine.errors import EngineError
-from engine.sequence import FinishReason, SamplingParams
 from kvtransfer.config import Streaming, TransferConfig, fingerprint_for
 from kvtransfer.sender import KVSender, TransferBackpressureError, TransferSpec
-from kvtransfer.ticket import TransferTicket, check_ticket
-from pdserve.metrics import WorkerMetrics
+from server_runtime.metrics import WorkerMetrics
 
 log = structlog.get_logger(__name__)
 

@@ -12,13 +12,13 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from core.tls import TLSConfig
 from pdserve.bench.datasets import BenchRequest
 from pdserve.bench.load import LoadSpec, run_load
 from pdserve.bench.metrics import DEFAULT_PERCENTILES, RequestOutcome, compute_metrics
 from pdserve.bench.report import RunResult
 from pdserve.bench.stream import send_to_gateway
 from pdserve.client import AsyncClient, RetryPolicy
-from pdserve.tls import TLSConfig
 
 WARMUP_OUTPUT_TOKENS = 4
 

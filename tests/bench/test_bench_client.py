@@ -13,15 +13,15 @@ from pathlib import Path
 import grpc
 import pytest
 
+from core.tls import TLSConfig
 from pdserve.bench.datasets import BenchRequest
 from pdserve.bench.load import LoadSpec
 from pdserve.bench.runner import ClientOptions, RunSettings, bench_gateway_async
 from pdserve.cli import build_parser
 from pdserve.client import RetryPolicy
-from pdserve.grpc_runtime import BASE_STATUS_CODES, Lifecycle, start_server
-from pdserve.interceptors import BearerAuth, CallScope
-from pdserve.tls import TLSConfig
 from protos.pdserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from server_runtime.grpc_runtime import BASE_STATUS_CODES, Lifecycle, start_server
+from server_runtime.interceptors import BearerAuth, CallScope
 from tests.gateway.certs import Pki, make_pki
 
 SERVICE = "pdserve.v1.Generation"

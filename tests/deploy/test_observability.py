@@ -279,7 +279,7 @@ def test_gpu_collector_exports_the_charted_gpu_metrics(monkeypatch: pytest.Monke
         nvmlDeviceGetTemperature=lambda handle, sensor: 60,
     )
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml)
-    from pdserve.gpu import GpuCollector
+    from server_runtime.gpu import GpuCollector
 
     families = {f.name: f for f in GpuCollector("decode").collect()}
     assert set(families) == GPU_DEVICE_METRICS | {"pdserve_gpu_available"}

@@ -22,9 +22,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from core.rich_errors import retry_after_of
 from pdserve.client import NO_RETRY, AsyncClient, RetryPolicy
 from pdserve.local_cluster import Cluster, free_port_range, start_cluster
-from pdserve.rich_errors import retry_after_of
 from tests.e2e.prometheus import Samples, sample, scrape
 from tests.support.tiny_models import build_tiny_model
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from core.tls import TLSConfig, sync_channel
 from pdserve.client import NO_RETRY, AsyncClient
 from pdserve.local_cluster import Cluster, start_cluster
-from pdserve.tls import TLSConfig, sync_channel
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from tests.gateway.certs import Pki, make_pki
 from tests.support.tiny_models import build_tiny_model

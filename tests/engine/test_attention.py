@@ -17,13 +17,14 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from core.sampling import SamplingParams
 from engine.attention import paged_attention
 from engine.kernels import KernelBuildError, PagedAttentionKernel, load_paged_attention
 from engine.kv_cache import KVCache
 from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, ScheduledSeq
-from engine.sequence import SamplingParams, Sequence
+from engine.sequence import Sequence
 
 BS, KVH, GROUP, D = 4, 2, 3, 8
 H = KVH * GROUP

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
+from core.errors import BlockPoolCorruptedError, OutOfBlocksError
 from engine.block_pool import BlockPool
-from engine.errors import BlockPoolCorruptedError, OutOfBlocksError
 
 
 def snapshot(pool: BlockPool) -> tuple[list[int], list[int]]:

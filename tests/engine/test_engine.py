@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import OutOfBlocksError
+from core.sampling import FinishReason, SamplingParams
 from engine.config import (
     CacheConfig,
     DType,
@@ -17,11 +19,10 @@ from engine.config import (
     SchedulerConfig,
 )
 from engine.engine import Engine, RequestOutput
-from engine.errors import OutOfBlocksError
 from engine.kernels import LayerOps
 from engine.linear import NativeLinear
 from engine.model_loader import load_model
-from engine.sequence import FinishReason, SamplingParams, Sequence
+from engine.sequence import Sequence
 from tests.support.tiny_models import build_tiny_model
 
 PROMPTS = [

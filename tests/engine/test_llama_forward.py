@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.sampling import SamplingParams
 from engine import llama_forward
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
@@ -16,7 +17,7 @@ from engine.model_loader import load_model
 from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, ScheduledSeq
-from engine.sequence import SamplingParams, Sequence
+from engine.sequence import Sequence
 from tests.support.tiny_models import build_tiny_model
 
 PROMPTS = [[5, 17, 99, 3, 250, 42, 7], list(range(10, 40)), [300, 301]]

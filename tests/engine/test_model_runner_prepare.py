@@ -15,6 +15,7 @@ import types
 import pytest
 import torch
 
+from core.sampling import SamplingParams
 from engine.attention import paged_attention
 from engine.kv_cache import KVCache
 from engine.model_runner import (
@@ -26,7 +27,7 @@ from engine.model_runner import (
 )
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, ScheduledSeq
-from engine.sequence import SamplingParams, Sequence
+from engine.sequence import Sequence
 
 BS = 4
 H, KVH, D = 2, 1, 8

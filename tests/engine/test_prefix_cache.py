@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.errors import BlockPoolCorruptedError
+from core.prefix_hash import ROOT, block_hash, prefix_hashes
+from core.sampling import SamplingParams
 from engine.block_pool import BlockPool
 from engine.config import SchedulerConfig
-from engine.errors import BlockPoolCorruptedError
-from engine.prefix_cache import ROOT, block_hash, prefix_hashes
 from engine.scheduler import Scheduler
-from engine.sequence import SamplingParams, Sequence
+from engine.sequence import Sequence
 from tests.engine.test_engine import _engine, _generated, _run_to_completion, tiny  # noqa: F401
 
 BS = 4

@@ -3,15 +3,15 @@ match computed from the same prompt."""
 
 from __future__ import annotations
 
-from engine.block_pool import BlockPool
-from engine.prefix_cache import prefix_hashes
-from engine.prefix_summary import (
+from core.prefix_hash import prefix_hashes
+from core.prefix_summary import (
     MAX_BLOCKS,
     PrefixSummary,
     anchor_depths,
     matched_depth,
     prompt_anchors,
 )
+from engine.block_pool import BlockPool
 
 BS = 4
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from core.sampling import SamplingParams
 from engine.sampler import Sampler, SampleRequest, filtered_probs
-from engine.sequence import SamplingParams
 
 VOCAB = 50
 

@@ -8,11 +8,12 @@ from collections.abc import Callable
 
 import pytest
 
+from core.errors import OutOfBlocksError
+from core.sampling import FinishReason, SamplingParams
 from engine.block_pool import BlockPool
 from engine.config import SchedulerConfig
-from engine.errors import OutOfBlocksError
 from engine.scheduler import Finished, ScheduledBatch, Scheduler
-from engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+from engine.sequence import Sequence, SequenceStatus
 
 BS = 4  # block size: small, so block boundaries come often
 EOS = 2

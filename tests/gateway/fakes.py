@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from engine.sequence import FinishReason, SamplingParams
+from core.sampling import FinishReason, SamplingParams
 from gateway.errors import UpstreamError
 from gateway.registry import Registry, TierRegistry, WorkerEntry
 from gateway.worker_clients import PrefillOutcome, TokenEvent, WorkerStatus

@@ -10,12 +10,12 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from engine.sequence import FinishReason, SamplingParams
+from core.sampling import FinishReason, SamplingParams
 from gateway.errors import UpstreamError
 from gateway.generation import FailoverConfig, GenerationCore
 from gateway.prompts import PromptTokenizer
 from gateway.router import Router, RoutingConfig
-from pdserve.metrics import GatewayMetrics
+from server_runtime.metrics import GatewayMetrics
 from tests.gateway.fakes import FakeDecode, FakePrefill, dead, entry, greedy, registry
 from tests.support.tokenizers import build_byte_level_tokenizer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from engine.errors import InvalidRequestError
+from core.errors import InvalidRequestError
 from gateway.prompts import (
     ChatMessage,
     ChatPrompt,

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from engine.prefix_summary import PrefixSummary
+from core.prefix_summary import PrefixSummary
 from gateway.errors import NoWorkersError, OverloadedError
 from gateway.registry import WorkerState
 from gateway.router import Router, RoutingConfig

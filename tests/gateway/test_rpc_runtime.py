@@ -16,13 +16,19 @@ import pytest
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine.errors import InvalidRequestError
+from core.errors import InvalidRequestError
+from core.rich_errors import retry_after_of
+from core.tls import TLSConfig
 from pdserve.client import NO_RETRY, AsyncClient, Client, RetryPolicy
-from pdserve.grpc_runtime import BASE_STATUS_CODES, Lifecycle, Refused, ServerHandle, start_server
-from pdserve.interceptors import BearerAuth, CallScope
-from pdserve.rich_errors import retry_after_of
-from pdserve.tls import TLSConfig
 from protos.pdserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from server_runtime.grpc_runtime import (
+    BASE_STATUS_CODES,
+    Lifecycle,
+    Refused,
+    ServerHandle,
+    start_server,
+)
+from server_runtime.interceptors import BearerAuth, CallScope
 from tests.gateway.certs import Pki, make_pki
 
 SERVICE = "pdserve.v1.Generation"

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from engine.errors import InvalidRequestError
-from engine.sequence import SamplingParams
+from core.errors import InvalidRequestError
+from core.sampling import SamplingParams
 from gateway.validation import (
     DEFAULT_MAX_TOKENS,
     MAX_STOP_STRING_CHARS,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import structlog
 
+from core.ticket import Fingerprint
 from kvtransfer import wire
-from kvtransfer.handshake import Fingerprint
 from kvtransfer.sender import KVSender, TransferSpec
 from tests.kvtransfer.harness import GROUP_TIMEOUT_S, Channel, random_pages, tid
 

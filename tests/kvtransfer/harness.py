@@ -26,10 +26,11 @@ import pytest
 import torch
 import zmq
 
+from core.ticket import Fingerprint
 from engine.kv_cache import KVCache
 from kvtransfer import wire
 from kvtransfer.datapath import Backend, PairLink, StreamLink, join_pair
-from kvtransfer.handshake import Fingerprint, hello_fields
+from kvtransfer.handshake import hello_fields
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender, TransferSpec
 

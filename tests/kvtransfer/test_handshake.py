@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from core.ticket import LAYOUT, Fingerprint, IncompatiblePeerError, check_match
 from kvtransfer import wire
 from kvtransfer.datapath import Backend
-from kvtransfer.handshake import (
-    LAYOUT,
-    Fingerprint,
-    HelloGuard,
-    IncompatiblePeerError,
-    StaleHelloError,
-    check_match,
-    hello_fields,
-)
+from kvtransfer.handshake import HelloGuard, StaleHelloError, hello_fields
 from tests.kvtransfer.harness import MISMATCHES, fingerprint, mismatched
 
 MINE = fingerprint(Backend.ZMQ)

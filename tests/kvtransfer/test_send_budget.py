@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from kvtransfer.handshake import Fingerprint
+from core.ticket import Fingerprint
 from kvtransfer.send_budget import SendBudget, TransferSpec, check_pages
 
 SPEC = TransferSpec("req", b"t" * 16, "tcp://decode:1", (3, 4))

@@ -7,9 +7,8 @@ import dataclasses
 
 import pytest
 
+from core.ticket import Fingerprint, IncompatiblePeerError, TransferTicket, check_ticket
 from kvtransfer.datapath import Backend
-from kvtransfer.handshake import Fingerprint
-from kvtransfer.ticket import IncompatiblePeerError, TransferTicket, check_ticket
 from tests.kvtransfer.harness import MISMATCHES, fingerprint, mismatched
 
 MINE = fingerprint(Backend.ZMQ)

@@ -8,13 +8,13 @@ from typing import Protocol
 
 import grpc
 
+from core.pool_stats import PoolStats
+from core.prefix_summary import PrefixSummary
 from engine.async_engine import AsyncEngine
-from engine.engine import PoolStats
-from engine.prefix_summary import PrefixSummary
-from pdserve.grpc_runtime import Lifecycle
-from pdserve.proto_convert import status_to_proto
-from pdserve.worker_runtime import load_updates
 from protos.pdserve.v1 import worker_pb2
+from server_runtime.grpc_runtime import Lifecycle
+from server_runtime.proto_convert import status_to_proto
+from server_runtime.worker_runtime import load_updates
 
 
 class TierWorker(Protocol):

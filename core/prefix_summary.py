@@ -4,7 +4,7 @@ A worker cannot list every block it caches (a GPU pool holds ~10^5 of them, and 
 repeats every 250 ms), and the pool does not know a block's depth in its prompt (the chain is
 hashed, not stored). So the worker remembers the prompts it served most recently and, on each
 load report, advertises for each one still cached the chained hashes
-(:func:`engine.prefix_cache.prefix_hashes`) at *anchor* depths of 1, 2, 4, 8, ... full blocks::
+(:func:`core.prefix_hash.prefix_hashes`) at *anchor* depths of 1, 2, 4, 8, ... full blocks::
 
     prompt blocks     b0  b1  b2  b3  b4  b5  b6  b7  b8 ...
     anchor hashes     h0  h1      h3              h7          (h_i names blocks 0..i)
@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 
-from engine.prefix_cache import prefix_hashes
+from core.prefix_hash import prefix_hashes
 
 MAX_BLOCKS = 64
 """Deepest anchor, in blocks (1,024 tokens at 16 tokens per block)."""

@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.engine import PoolStats
-from engine.sequence import RequestTimings
+from core.pool_stats import PoolStats
+from core.sampling import RequestTimings
 from kvtransfer.metrics import DURATION_BUCKETS, TransferStats
 
 log = structlog.get_logger(__name__)

@@ -22,15 +22,15 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.errors import (
+from core.errors import (
     EngineError,
     EngineStoppedError,
     InvalidRequestError,
     ModelLoadError,
     OutOfBlocksError,
 )
-from pdserve.rich_errors import rich_status
-from pdserve.tls import TLSConfig
+from core.rich_errors import rich_status
+from core.tls import TLSConfig
 
 log = structlog.get_logger(__name__)
 

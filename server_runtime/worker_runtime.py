@@ -17,20 +17,20 @@ import structlog
 import torch
 from prometheus_client import CollectorRegistry
 
+from core.tls import TLSConfig
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.model_loader import load_model
 from kvtransfer.metrics import TransferStats
-from pdserve.gpu import register_gpu_metrics
-from pdserve.grpc_runtime import (
+from server_runtime.gpu import register_gpu_metrics
+from server_runtime.grpc_runtime import (
     BASE_STATUS_CODES,
     Lifecycle,
     serve_until_signalled,
     start_server,
 )
-from pdserve.interceptors import CallScope
-from pdserve.metrics import WorkerMetrics, serve_metrics
-from pdserve.tls import TLSConfig
+from server_runtime.interceptors import CallScope
+from server_runtime.metrics import WorkerMetrics, serve_metrics
 
 log = structlog.get_logger(__name__)
 
@@ -132,7 +132,7 @@ async def serve_worker(
     **ready_fields: object,
 ) -> None:
     """Serve one worker's gRPC service (and its metrics port) until SIGTERM/SIGINT; the worker
-    runs meanwhile. On SIGTERM the server drains (see :mod:`pdserve.grpc_runtime`) before the
+    runs meanwhile. On SIGTERM the server drains (see :mod:`server_runtime.grpc_runtime`) before the
     worker stops. ``ready_fields`` go on the ready log line (callables are read once the
     worker started)."""
     lifecycle = lifecycle or Lifecycle()

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 import structlog
 
-from pdserve.grpc_runtime import Lifecycle, abort_with, status_for
+from server_runtime.grpc_runtime import Lifecycle, abort_with, status_for
 
 log = structlog.get_logger(__name__)
 

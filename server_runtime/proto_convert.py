@@ -5,10 +5,9 @@ Servicers and worker clients call these; nothing else imports generated classes.
 
 from __future__ import annotations
 
-from engine.engine import PoolStats
-from engine.sequence import FinishReason, SamplingParams
-from kvtransfer.handshake import Fingerprint
-from kvtransfer.ticket import TransferTicket
+from core.pool_stats import PoolStats
+from core.sampling import FinishReason, SamplingParams
+from core.ticket import Fingerprint, TransferTicket
 from protos.pdserve.v1 import common_pb2, worker_pb2
 
 DEFAULT_MAX_TOKENS = 16
