@@ -1,4 +1,10 @@
-"""The decode worker in domain terms: reserve blocks, receive pages, batch, stream tokens."""
+"""The decode worker in domain terms: reserve blocks, receive pages, batch, stream tokens.
+
+The KV receiver writes pages only into a reservation's ``writable`` blocks and reports each
+transfer's end to the engine's import connector (an :class:`ImportQueue`), which the engine
+drains before each step. :meth:`DecodeWorker.release` cancels the transfer before the blocks are
+freed, so no page lands in blocks that were given back.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,11 @@ from dataclasses import dataclass
 import structlog
 
 from core.pool_stats import PoolStats
-from core.sampling import FinishReason, SamplingParams
+from core.sampling import SamplingParams
 from core.ticket import TransferTicket
 from engine.async_engine import AsyncEngine, RequestHandle
 from engine.config import EngineConfig
+from engine.kv_connector import ImportQueue
 from engine.model_loader import ModelSpec
 from kvtransfer.config import TransferConfig, fingerprint_for
 from kvtransfer.receiver import KVReceiver
@@ -40,15 +47,17 @@ class DecodeWorker:
         self.config = config
         self.engine = engine
         self.spec: ModelSpec = engine.spec
-        kv = engine.engine.kv_cache
+        kv = engine.kv_store()
         self.fingerprint = fingerprint_for(engine.spec, kv, config.transfer)
+        self.imports = ImportQueue()
+        engine.set_import_connector(self.imports)
         self.receiver = KVReceiver(
             config.kv_bind,
             kv,
             self.fingerprint,
             config.transfer.auth(),
-            on_ready=self._on_kv_ready,
-            on_failed=self._on_kv_failed,
+            on_ready=self.imports.ready,
+            on_failed=self.imports.failed,
             pair_host=_host_of(config.kv_advertise or config.kv_bind),
             stream_port=config.kv_stream_port,
             group_timeout_s=config.transfer.handshake_timeout_s,
@@ -77,20 +86,19 @@ class DecodeWorker:
         """Reserve blocks for a prompt a prefill worker computes; the ticket says where to push
         its pages. Raises OutOfBlocksError. The caller must :meth:`release` the handle."""
         seq = self.engine.new_sequence(request_id, prompt, sampling)
-        handle, block_ids = self.engine.reserve(seq)
-        cached = seq.num_cached_tokens // self.engine.engine.kv_cache.block_size
+        handle, reservation = self.engine.reserve_import(seq)
         transfer_id = os.urandom(16)
         lease_s = min(lease_s, self.config.kv_lease_s)
         self._transfers[handle.key] = transfer_id
         # the shared prefix blocks are not written: only the rest may receive pages
-        self.receiver.expect(transfer_id, handle.key, block_ids[cached:], lease_s)
+        self.receiver.expect(transfer_id, handle.key, list(reservation.writable), lease_s)
         ticket = TransferTicket(
             transfer_id=transfer_id,
             kv_endpoint=self.kv_endpoint,
-            block_ids=tuple(block_ids),
+            block_ids=reservation.block_ids,
             lease_s=lease_s,
             fingerprint=self.fingerprint,
-            cached_blocks=cached,
+            cached_blocks=reservation.cached_blocks,
         )
         return handle, ticket
 
@@ -106,12 +114,6 @@ class DecodeWorker:
 
     def pending_transfers(self) -> int:
         return self.receiver.pending()
-
-    def _on_kv_ready(self, key: str, first_token_id: int) -> None:
-        self.engine.engine.kv_ready(key, first_token_id)
-
-    def _on_kv_failed(self, key: str, reason: str) -> None:
-        self.engine.engine.abort(key, FinishReason.ERROR, reason)
 
 
 def _host_of(endpoint: str) -> str:

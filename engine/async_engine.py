@@ -3,7 +3,8 @@
 gRPC handlers on the event loop call :meth:`AsyncEngine.submit` or :meth:`AsyncEngine.reserve`,
 then iterate :meth:`RequestHandle.outputs`. Leaving that iteration early (the caller cancelled,
 the deadline passed) must be followed by :meth:`RequestHandle.close`, which aborts the request in
-the engine and frees its blocks; ``close`` is idempotent and safe after a normal finish.
+the engine and frees its blocks; ``close`` is idempotent and safe after a normal finish. This is
+the workers' whole view of the engine: requests, connectors, stats and block geometry.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from core.pool_stats import PoolStats
 from core.sampling import FinishReason, SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine, RequestOutput
-from engine.model_loader import ModelSpec
+from engine.kv_cache import KVCache
+from engine.kv_connector import ExportConnector, ImportConnector, Reservation
+from engine.model_files import ModelSpec
 from engine.sequence import Sequence
 
 
@@ -58,6 +61,7 @@ class RequestHandle:
 class AsyncEngine:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, spec: ModelSpec) -> None:
         self.spec = spec
+        self.config = config
         self.engine = Engine(config, model, spec, self._sink)
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -99,8 +103,52 @@ class AsyncEngine:
             raise
         return handle, block_ids
 
+    def reserve_import(self, seq: Sequence) -> tuple[RequestHandle, Reservation]:
+        """Reserve blocks for a prompt an importer writes; see :meth:`Engine.reserve_import`."""
+        handle = self._register(seq.request_id)
+        try:
+            reservation = self.engine.reserve_import(seq)
+        except BaseException:
+            self._forget(seq.request_id)
+            raise
+        return handle, reservation
+
+    def abort(
+        self, key: str, reason: FinishReason = FinishReason.CANCELLED, error: str | None = None
+    ) -> None:
+        """Stop a request by engine key (any thread); see :meth:`Engine.abort`."""
+        self.engine.abort(key, reason, error)
+
+    def set_export_connector(self, connector: ExportConnector | None) -> None:
+        self.engine.set_export_connector(connector)
+
+    def set_import_connector(self, connector: ImportConnector | None) -> None:
+        self.engine.set_import_connector(connector)
+
     def stats(self) -> PoolStats:
         return self.engine.stats()
+
+    def held_prefix_blocks(self, chains: list[list[bytes]]) -> list[int]:
+        return self.engine.held_prefix_blocks(chains)
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV block."""
+        return self.engine.kv_cache.block_size
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences one step may batch."""
+        return self.config.scheduler.max_num_seqs
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """KV blocks that ``num_tokens`` tokens take."""
+        return self.engine.scheduler.blocks_for(num_tokens)
+
+    def kv_store(self) -> KVCache:
+        """The paged KV tensor, for transports: read pages of exporting prompts, write pages
+        only into the ``writable`` blocks of a live :class:`Reservation`."""
+        return self.engine.kv_cache
 
     def _register(self, key: str) -> RequestHandle:
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()

@@ -4,7 +4,8 @@ Threads: the step loop runs on its own thread so torch work never blocks the gRP
 Every other thread (gRPC handlers, the KV receiver) talks to the engine through the public
 methods below, which take ``self._lock``; the forward pass runs *outside* the lock, and touches
 only blocks of sequences in the batch, which nobody else may free until ``update`` has run (aborts
-of in-flight sequences are deferred to then).
+of in-flight sequences are deferred to then). KV export and import go through the connectors of
+``engine.kv_connector``: finished imports are taken before ``schedule``, layers saved during run.
 """
 
 from __future__ import annotations
@@ -13,50 +14,47 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import structlog
 import torch
 
-from core.errors import EngineStoppedError, OutOfBlocksError
+from core.errors import EngineStoppedError
 from core.pool_stats import PoolStats
-from core.sampling import FinishReason, RequestTimings
+from core.sampling import FinishReason
 from engine.attention import register_paged_attention
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.kv_cache import KVCache
+from engine.kv_connector import (
+    ExportConnector,
+    ExportMode,
+    ImportConnector,
+    ImportResult,
+    ImportStatus,
+    LayerPages,
+    LayerSinkExport,
+    Reservation,
+)
 from engine.kv_memory import blocks_for_memory
-from engine.model_loader import ModelSpec
+from engine.model_files import ModelSpec
 from engine.model_runner import ModelRunner
 from engine.native import load_attention_kernel, load_layer_ops, load_linear_kernel
 from engine.sampler import Sampler
 from engine.scheduler import Finished, ScheduledBatch, Scheduler
-from engine.sequence import Sequence
+from engine.sequence import RequestOutput, Sequence, output_for
+
+__all__ = ["Engine", "LayerSink", "OutputSink", "RequestOutput"]
 
 log = structlog.get_logger(__name__)
 
 _IDLE_WAIT_S = 0.5
 
 
-@dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request. ``pages`` is set for KV-exporting sequences."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    finish_reason: FinishReason | None
-    num_prompt_tokens: int
-    num_completion_tokens: int
-    pages: torch.Tensor | None = None  # (L, 2, n, bs, KVH, D) copy of the prompt's blocks,
-    # for exporting sequences when the engine has no layer sink
-    error: str | None = None
-    timings: RequestTimings | None = None  # on the last output of a request
-
-
 OutputSink = Callable[[list[RequestOutput]], None]
 LayerSink = Callable[[str, int, torch.Tensor], None]
 """``(request key, layer, pages (1, 2, n, bs, KVH, D))``: one layer of an exporting prompt's KV,
-called on the engine thread while the forward pass continues with the next layer."""
+called on the engine thread while the forward pass continues with the next layer (the callable
+form of a LAYERWISE :class:`~engine.kv_connector.ExportConnector`)."""
 
 
 class Engine:
@@ -75,7 +73,8 @@ class Engine:
         self.config = config
         self.spec = spec
         self._sink = sink
-        self._layer_sink = layer_sink
+        self._exporter: ExportConnector | None = None
+        self._importer: ImportConnector | None = None
         weights = next(model.parameters())  # the KV cache matches the weights' device and dtype
         model.set_attn_implementation(register_paged_attention())  # type: ignore[operator]
         num_blocks = blocks_for_memory(
@@ -112,7 +111,7 @@ class Engine:
         self._idle_step = False  # the last step found work it could not schedule
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._export_kv: set[str] = set()
+        self.set_layer_sink(layer_sink)
 
     # -- requests (any thread) --------------------------------------------------------------
 
@@ -121,30 +120,48 @@ class Engine:
         and its output carries a copy of the prompt's KV pages."""
         with self._lock:
             self._check_running()
-            self._check_fits(seq, export_kv)
+            self.scheduler.check_fits(seq, export_kv)
             seq.arrival_time = time.monotonic()
-            if export_kv:
-                self._export_kv.add(seq.request_id)
+            seq.export_kv = export_kv
             self.scheduler.add(seq)
             self._wakeup.notify()
 
     def reserve(self, seq: Sequence) -> list[int]:
         """Reserve blocks for a prompt another worker computes; see :meth:`Scheduler.reserve`."""
+        return list(self.reserve_import(seq).block_ids)
+
+    def reserve_import(self, seq: Sequence) -> Reservation:
+        """Reserve blocks for a prompt whose pages an importer writes (only ``writable`` ones);
+        its end comes through the import connector (or :meth:`kv_ready`). Raises
+        OutOfBlocksError."""
         with self._lock:
             self._check_running()
-            self._check_fits(seq, export_kv=False)
+            self.scheduler.check_fits(seq, export_kv=False)
             seq.arrival_time = time.monotonic()
-            return self.scheduler.reserve(seq)
+            block_ids = self.scheduler.reserve(seq)
+            cached = seq.num_cached_tokens // self.kv_cache.block_size
+            return Reservation(seq.request_id, tuple(block_ids), cached)
 
     def kv_ready(self, request_id: str, first_token_id: int) -> None:
-        """All pages of a reserved prompt arrived: the sequence joins the running batch."""
+        """All pages of a reserved prompt arrived: the sequence joins the running batch (the
+        direct form of an import connector's READY result)."""
         with self._lock:
-            if request_id not in self.scheduler.awaiting_kv:
-                return  # aborted meanwhile
-            finished = self.scheduler.kv_ready(request_id, first_token_id)
+            outputs = self._finish_import(
+                ImportResult(request_id, ImportStatus.READY, first_token_id)
+            )
             self._wakeup.notify()
-        if finished is not None:
-            self._emit([self._output(finished.seq, (), finished.reason)])
+        if outputs:
+            self._emit(outputs)
+
+    def set_export_connector(self, connector: ExportConnector | None) -> None:
+        """Where exporting prompts' pages go (set before :meth:`start`); None: AFTER_PREFILL."""
+        self._exporter = connector
+
+    def set_import_connector(self, connector: ImportConnector | None) -> None:
+        """Where finished imports are taken from before each schedule (set before :meth:`start`)."""
+        self._importer = connector
+        if connector is not None:
+            connector.bind(self._notify)
 
     def abort(
         self,
@@ -163,13 +180,12 @@ class Engine:
                 self._pending_aborts[request_id] = (reason, error)
                 return
             seq = self.scheduler.abort(request_id, reason)
-            self._export_kv.discard(request_id)
         if seq is not None and reason is not FinishReason.CANCELLED:
-            self._emit([self._output(seq, (), reason, error=error)])
+            self._emit([output_for(seq, (), reason, error=error)])
 
     def set_layer_sink(self, sink: LayerSink | None) -> None:
         """Stream exporting prompts' KV layer by layer into ``sink`` (set before :meth:`start`)."""
-        self._layer_sink = sink
+        self.set_export_connector(LayerSinkExport(sink) if sink is not None else None)
 
     def stats(self) -> PoolStats:
         with self._lock:
@@ -201,11 +217,12 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One engine step: schedule -> run -> update. Returns what it produced."""
         with self._lock:
+            imported = self._take_imports()
             batch = self.scheduler.schedule()
             self._in_flight = batch
             self._idle_step = batch is None
         if batch is None:
-            return []
+            return imported
         self.runner.layer_listener = self._layer_listener(batch)
         try:
             sampled = self.runner.execute(batch)
@@ -219,7 +236,7 @@ class Engine:
             finished = self.scheduler.update(batch, sampled)
             outputs = self._collect(batch, sampled, finished)
             outputs.extend(self._apply_pending_aborts())
-        return outputs
+        return imported + outputs
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -238,7 +255,7 @@ class Engine:
         torch.set_num_threads(self.config.num_threads or len(os.sched_getaffinity(0)))
         while True:
             with self._lock:
-                while not self._stopping and not self.scheduler.has_work():
+                while not self._stopping and not self._has_work():
                     self._wakeup.wait(_IDLE_WAIT_S)
                 if self._stopping:
                     return
@@ -251,15 +268,49 @@ class Engine:
 
     # -- helpers (lock held unless noted) ---------------------------------------------------
 
+    def _notify(self) -> None:
+        """Wake the loop (any thread, without the lock): an import finished."""
+        with self._lock:
+            self._wakeup.notify()
+
+    def _has_work(self) -> bool:
+        importer = self._importer
+        return self.scheduler.has_work() or (importer is not None and importer.has_finished())
+
+    def _take_imports(self) -> list[RequestOutput]:
+        """Connector point before schedule: admit the imports that are READY, free the FAILED."""
+        if self._importer is None:
+            return []
+        outputs: list[RequestOutput] = []
+        for result in self._importer.take_finished():
+            outputs.extend(self._finish_import(result))
+        return outputs
+
+    def _finish_import(self, result: ImportResult) -> list[RequestOutput]:
+        rid = result.request_id
+        if result.status is ImportStatus.FAILED:
+            seq = self.scheduler.abort(rid, FinishReason.ERROR)
+            return (
+                [] if seq is None else [output_for(seq, (), FinishReason.ERROR, error=result.error)]
+            )
+        if not self.scheduler.is_awaiting_kv(rid):
+            return []  # aborted meanwhile
+        finished = self.scheduler.kv_ready(rid, result.first_token_id)
+        return [] if finished is None else [output_for(finished.seq, (), finished.reason)]
+
+    def _exports_layerwise(self) -> bool:
+        return self._exporter is not None and self._exporter.mode is ExportMode.LAYERWISE
+
     def _layer_listener(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
-        """Streams each layer of the prompts whose prefill completes in this step."""
-        sink = self._layer_sink
-        if sink is None:
+        """Connector point during run: saves each layer of the exporting prompts whose prefill
+        completes in this step."""
+        exporter = self._exporter
+        if exporter is None or exporter.mode is not ExportMode.LAYERWISE:
             return None
         exporting = [
             (item.seq.request_id, self._prompt_blocks(item.seq))
             for item in batch.items
-            if item.sample and item.seq.request_id in self._export_kv
+            if item.sample and item.seq.export_kv
         ]
         if not exporting:
             return None
@@ -268,8 +319,8 @@ class Engine:
             for key, blocks in exporting:
                 pages = self.kv_cache.gather_pages(blocks, slice(layer, layer + 1))
                 try:
-                    sink(key, layer, pages)
-                except Exception:  # the sink's failure is that one transfer's alone
+                    exporter.save_layer(LayerPages(key, layer, pages))
+                except Exception:  # the connector's failure is that one transfer's alone
                     log.exception("kv_layer_export_failed", layer=layer)
 
         return on_layer
@@ -286,33 +337,24 @@ class Engine:
             seq = item.seq
             if not item.sample or seq.is_finished:
                 continue
-            rid = seq.request_id
-            reason = reasons.get(rid)
-            if rid in self._export_kv:
-                self._export_kv.discard(rid)
-                streamed = self._layer_sink is not None
+            reason = reasons.get(seq.request_id)
+            if seq.export_kv:  # its work here ends with its first token, whatever comes next
+                streamed = self._exports_layerwise()
                 pages = None if streamed else self.kv_cache.gather_pages(self._prompt_blocks(seq))
-                outputs.append(self._output(seq, (token,), reason, pages, last=True))
-                self._finish_exported(seq, reason)
+                outputs.append(output_for(seq, (token,), reason, pages, last=True))
+                self.scheduler.retire(seq, reason or FinishReason.STOP)
                 continue
-            outputs.append(self._output(seq, (token,), reason))
+            outputs.append(output_for(seq, (token,), reason))
             if reason is not None:
                 self.scheduler.release(seq, reason)
         return outputs
-
-    def _finish_exported(self, seq: Sequence, reason: FinishReason | None) -> None:
-        """An exporting sequence's work here ends with its first token, whatever comes next."""
-        if seq in self.scheduler.running:
-            self.scheduler.running.remove(seq)
-        self.scheduler.release(seq, reason or FinishReason.STOP)
 
     def _apply_pending_aborts(self) -> list[RequestOutput]:
         outputs = []
         for rid, (reason, error) in self._pending_aborts.items():
             seq = self.scheduler.abort(rid, reason)
-            self._export_kv.discard(rid)
             if seq is not None and reason is not FinishReason.CANCELLED:
-                outputs.append(self._output(seq, (), reason, error=error))
+                outputs.append(output_for(seq, (), reason, error=error))
         self._pending_aborts.clear()
         return outputs
 
@@ -322,32 +364,10 @@ class Engine:
             self._in_flight = None
             for item in batch.items:
                 seq = self.scheduler.abort(item.seq.request_id, FinishReason.ERROR)
-                self._export_kv.discard(item.seq.request_id)
                 if seq is not None:
-                    outputs.append(self._output(seq, (), FinishReason.ERROR, error=message))
+                    outputs.append(output_for(seq, (), FinishReason.ERROR, error=message))
             self._pending_aborts.clear()
         return outputs
-
-    def _output(
-        self,
-        seq: Sequence,
-        tokens: tuple[int, ...],
-        reason: FinishReason | None,
-        pages: torch.Tensor | None = None,
-        error: str | None = None,
-        last: bool = False,
-    ) -> RequestOutput:
-        """``last``: the request's final output here even without a finish reason (export)."""
-        return RequestOutput(
-            request_id=seq.request_id,
-            token_ids=tokens,
-            finish_reason=reason,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_completion_tokens=seq.num_completion_tokens,
-            pages=pages,
-            error=error,
-            timings=seq.timings(time.monotonic()) if last or reason is not None else None,
-        )
 
     def _emit(self, outputs: list[RequestOutput]) -> None:
         """Hand outputs to the owner (called without the lock)."""
@@ -355,16 +375,6 @@ class Engine:
             self._sink(outputs)
         except Exception:
             log.exception("engine_sink_failed")
-
-    def _check_fits(self, seq: Sequence, export_kv: bool) -> None:
-        """Refuse a sequence that could never fit the pool, even alone (it would wait forever)."""
-        remaining = 0 if export_kv else seq.sampling.max_tokens - seq.num_completion_tokens
-        needed = self.scheduler.blocks_for(seq.num_tokens + remaining)
-        if needed > self.pool.num_blocks:
-            raise OutOfBlocksError(
-                f"request needs {needed} KV blocks of {self.kv_cache.block_size} tokens; "
-                f"this worker's pool has {self.pool.num_blocks}"
-            )
 
     def _check_running(self) -> None:
         if self._stopping:

@@ -9,8 +9,9 @@ sequence takes what it needs within the token budget, preempting the newest runn
 budget, ``max_num_seqs`` and blocks allow. Long prompts are therefore chunked, and a sequence
 never waits while holding blocks that nobody can take back (no deadlock).
 
-All methods run under the engine's lock. Blocks return to the pool on every exit: finish (the
-engine calls :meth:`release`), abort, failed transfer and preemption.
+All methods run under the engine's lock, and only these methods edit the queues. Blocks return
+to the pool on every exit: finish (the engine calls :meth:`release`, or :meth:`retire` for an
+exported prompt), abort, failed transfer and preemption.
 """
 
 from __future__ import annotations
@@ -187,10 +188,31 @@ class Scheduler:
         """Give a finished sequence's blocks back (after its KV was read, e.g. exported)."""
         self._release(seq, reason)
 
+    def retire(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a sequence's work here early, finished or not (an exporting prompt ends with its
+        first token): it leaves ``running`` and its blocks go back."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self._release(seq, reason)
+
+    def is_awaiting_kv(self, request_id: str) -> bool:
+        """Whether blocks are reserved for this sequence and its pages are still in flight."""
+        return request_id in self.awaiting_kv
+
     # -- helpers ----------------------------------------------------------------------------
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def check_fits(self, seq: Sequence, export_kv: bool) -> None:
+        """Refuse a sequence that could never fit the pool, even alone (it would wait forever)."""
+        remaining = 0 if export_kv else seq.sampling.max_tokens - seq.num_completion_tokens
+        needed = self.blocks_for(seq.num_tokens + remaining)
+        if needed > self.pool.num_blocks:
+            raise OutOfBlocksError(
+                f"request needs {needed} KV blocks of {self.block_size} tokens; "
+                f"this worker's pool has {self.pool.num_blocks}"
+            )
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)

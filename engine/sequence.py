@@ -1,11 +1,22 @@
-"""Per-request state on one worker: :class:`Sequence` with its :class:`SequenceStatus`."""
+"""Per-request state on one worker: :class:`Sequence` with its :class:`SequenceStatus`, and
+:class:`RequestOutput`, what one engine step reports for it.
+
+The scheduler moves a sequence between statuses and owns its ``block_table``; the engine reads
+``export_kv`` to decide whether the sequence's work here ends with its first token (the prompt's
+KV pages leave through the engine's export connector, see ``engine.kv_connector``).
+"""
 
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from core.sampling import FinishReason, RequestTimings, SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SequenceStatus(enum.Enum):
@@ -43,6 +54,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     """Prefix hashes of the sequence's full blocks whose KV is computed (see prefix_cache)."""
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    export_kv: bool = False
+    """Computed here for another worker: stops after its first token, its prompt's KV exported."""
 
     @property
     def num_tokens(self) -> int:
@@ -81,3 +94,39 @@ class Sequence:
         if self.num_completion_tokens >= self.sampling.max_tokens:
             return FinishReason.LENGTH
         return None
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request. ``pages`` is set for KV-exporting sequences."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    pages: torch.Tensor | None = None  # (L, 2, n, bs, KVH, D) copy of the prompt's blocks,
+    # for exporting sequences in ExportMode.AFTER_PREFILL (the default)
+    error: str | None = None
+    timings: RequestTimings | None = None  # on the last output of a request
+
+
+def output_for(
+    seq: Sequence,
+    tokens: tuple[int, ...],
+    reason: FinishReason | None,
+    pages: torch.Tensor | None = None,
+    error: str | None = None,
+    last: bool = False,
+) -> RequestOutput:
+    """``last``: the request's final output here even without a finish reason (export)."""
+    return RequestOutput(
+        request_id=seq.request_id,
+        token_ids=tokens,
+        finish_reason=reason,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_completion_tokens=seq.num_completion_tokens,
+        pages=pages,
+        error=error,
+        timings=seq.timings(time.monotonic()) if last or reason is not None else None,
+    )

@@ -1,4 +1,10 @@
-"""The prefill worker in domain terms: compute prompts in batches, push pages, answer fast."""
+"""The prefill worker in domain terms: compute prompts in batches, push pages, answer fast.
+
+:class:`SenderExport` is the engine's export connector over :class:`KVSender`. Each prompt's
+transfer is opened before the prompt reaches the engine and ended exactly once by
+:meth:`PrefillWorker.prefill` (``finish`` when a decode worker continues it, ``abort`` on every
+other exit). The worker talks to the engine only through :class:`AsyncEngine`'s public methods.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from core.sampling import FinishReason, SamplingParams
 from core.ticket import TransferTicket, check_ticket
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.kv_connector import ExportMode, LayerPages
 from kvtransfer.config import Streaming, TransferConfig, fingerprint_for
 from kvtransfer.sender import KVSender, TransferBackpressureError, TransferSpec
 from server_runtime.metrics import WorkerMetrics
@@ -36,6 +43,43 @@ class PrefillResult:
     prefill_ns: int  # arrival to first token on this worker (queue + compute)
 
 
+class SenderExport:
+    """The export connector: ships exporting prompts' pages through the KV sender, skipping
+    the leading blocks the decode worker already holds (its prefix cache)."""
+
+    def __init__(self, sender: KVSender, mode: ExportMode) -> None:
+        self.sender = sender
+        self._mode = mode
+        # engine key -> (transfer in flight, leading prompt blocks not sent)
+        self._transfers: dict[str, tuple[TransferSpec, int]] = {}
+
+    @property
+    def mode(self) -> ExportMode:
+        return self._mode
+
+    def open(self, key: str, transfer: TransferSpec, skip: int) -> None:
+        self.sender.open(transfer)
+        self._transfers[key] = (transfer, skip)
+
+    def forget(self, key: str) -> None:
+        """The engine is done with the prompt: no more layers will come for it."""
+        self._transfers.pop(key, None)
+
+    def save_layer(self, layer: LayerPages) -> None:
+        """Engine thread, mid-forward: this layer's KV of a prompt is ready."""
+        entry = self._transfers.get(layer.request_id)
+        if entry is not None:
+            transfer, skip = entry  # the decode worker holds the first ``skip`` blocks already
+            self.sender.send_pages(transfer.transfer_id, layer.layer, layer.pages[:, :, skip:])
+
+    def send_all(self, transfer: TransferSpec, pages: torch.Tensor) -> None:
+        """After the prefill (off the engine thread): every layer at once."""
+        try:
+            self.sender.send_pages(transfer.transfer_id, 0, pages)
+        except TransferBackpressureError as exc:
+            log.warning("kv_backpressure_abort", request_id=transfer.request_id, error=str(exc))
+
+
 class PrefillWorker:
     def __init__(
         self, config: PrefillConfig, engine: AsyncEngine, metrics: WorkerMetrics | None = None
@@ -43,8 +87,7 @@ class PrefillWorker:
         self.config = config
         self.engine = engine
         self.metrics = metrics
-        kv = engine.engine.kv_cache
-        self.fingerprint = fingerprint_for(engine.spec, kv, config.transfer)
+        self.fingerprint = fingerprint_for(engine.spec, engine.kv_store(), config.transfer)
         self.sender = KVSender(
             self.fingerprint,
             config.transfer.auth(),
@@ -52,10 +95,11 @@ class PrefillWorker:
             handshake_timeout_s=config.transfer.handshake_timeout_s,
             max_queued_bytes=config.transfer.max_queued_bytes,
         )
-        # engine key -> (transfer in flight, leading prompt blocks not sent)
-        self._transfers: dict[str, tuple[TransferSpec, int]] = {}
-        if config.transfer.streaming is Streaming.LAYERWISE:
-            engine.engine.set_layer_sink(self._export_layer)
+        layerwise = config.transfer.streaming is Streaming.LAYERWISE
+        self.export = SenderExport(
+            self.sender, ExportMode.LAYERWISE if layerwise else ExportMode.AFTER_PREFILL
+        )
+        engine.set_export_connector(self.export)
 
     def start(self) -> None:
         self.sender.start()
@@ -72,7 +116,7 @@ class PrefillWorker:
 
         Cancelling the awaiting task aborts the prompt in the engine, frees its blocks, and
         aborts the transfer (the decode worker frees its reservation at once)."""
-        num_blocks = self.engine.engine.scheduler.blocks_for(len(prompt))
+        num_blocks = self.engine.blocks_for(len(prompt))
         check_ticket(ticket, self.fingerprint, num_blocks)
         seq = self.engine.new_sequence(request_id, prompt, sampling)
         transfer = TransferSpec(
@@ -80,8 +124,7 @@ class PrefillWorker:
         )
         skip = ticket.cached_blocks
         start = time.monotonic_ns()
-        self.sender.open(transfer)
-        self._transfers[seq.request_id] = (transfer, skip)
+        self.export.open(seq.request_id, transfer, skip)
         try:
             handle = self.engine.submit(seq, export_kv=True)
             try:
@@ -92,7 +135,7 @@ class PrefillWorker:
             self.sender.abort(transfer.transfer_id, "prefill cancelled or failed")
             raise
         finally:
-            self._transfers.pop(seq.request_id, None)
+            self.export.forget(seq.request_id)
         done = time.monotonic_ns()
         if self.metrics is not None and out.timings is not None:
             self.metrics.observe(out.timings, len(prompt), len(out.token_ids))
@@ -104,22 +147,9 @@ class PrefillWorker:
             self.sender.abort(transfer.transfer_id, "request finished at its first token")
         else:
             if out.pages is not None:  # send-after-prefill mode
-                await asyncio.to_thread(self._send_all, transfer, out.pages[:, :, skip:])
+                await asyncio.to_thread(self.export.send_all, transfer, out.pages[:, :, skip:])
             self.sender.finish(transfer.transfer_id, first)
         return PrefillResult(first, out.finish_reason, prefill_ns=done - start)
-
-    def _send_all(self, transfer: TransferSpec, pages: torch.Tensor) -> None:
-        try:
-            self.sender.send_pages(transfer.transfer_id, 0, pages)
-        except TransferBackpressureError as exc:
-            log.warning("kv_backpressure_abort", request_id=transfer.request_id, error=str(exc))
-
-    def _export_layer(self, key: str, layer: int, pages: torch.Tensor) -> None:
-        """Engine thread, mid-forward: this layer's KV of a prompt is ready."""
-        entry = self._transfers.get(key)
-        if entry is not None:
-            transfer, skip = entry  # the decode worker holds the first ``skip`` blocks already
-            self.sender.send_pages(transfer.transfer_id, layer, pages[:, :, skip:])
 
     def stats(self) -> PoolStats:
         return self.engine.stats()

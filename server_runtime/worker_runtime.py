@@ -168,7 +168,7 @@ async def serve_tier(
     builds from both."""
     options = options or ServeOptions()
     registry, metrics = worker_metrics(tier.name, worker.engine, transfers)
-    lifecycle = options.lifecycle(worker.engine.engine.config.scheduler.max_num_seqs)
+    lifecycle = options.lifecycle(worker.engine.max_num_seqs)
     servicer = make_servicer(metrics, lifecycle)
     await serve_worker(
         tier.name,

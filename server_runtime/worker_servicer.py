@@ -34,7 +34,7 @@ class LoadReporting:
         self.worker = worker
         self.model_name = model_name
         self.lifecycle = lifecycle or Lifecycle()
-        self.prefixes = PrefixSummary(worker.engine.engine.kv_cache.block_size)
+        self.prefixes = PrefixSummary(worker.engine.block_size)
 
     def record_prompt(self, prompt: list[int]) -> None:
         self.prefixes.record(prompt)
@@ -45,12 +45,12 @@ class LoadReporting:
 
     def _status(self) -> worker_pb2.WorkerStatus:
         stats = self.worker.stats()
-        engine = self.worker.engine.engine
+        engine = self.worker.engine
         msg = status_to_proto(
             self.tier,
             self.model_name,
             stats,
-            engine.kv_cache.block_size,
+            engine.block_size,
             self.worker.pending_transfers(),
             kv_endpoint=self.kv_endpoint(),
         )
@@ -60,7 +60,7 @@ class LoadReporting:
         msg.in_flight = life.in_flight
         msg.max_in_flight = life.max_in_flight
         msg.requests_total = life.total
-        msg.max_num_seqs = engine.config.scheduler.max_num_seqs
+        msg.max_num_seqs = engine.max_num_seqs
         msg.cached_prefix_hashes.extend(self.prefixes.advertised(engine.held_prefix_blocks))
         return msg
 
