@@ -36,7 +36,8 @@ from engine.attention import register_paged_attention
 from engine.config import DType, ModelConfig
 from engine.kernels import load_layer_ops, load_linear, load_paged_attention
 from engine.kv_cache import KVCache
-from engine.model_loader import default_cache_dir, load_model
+from engine.model_files import default_cache_dir
+from engine.model_loader import load_model
 from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, ScheduledSeq

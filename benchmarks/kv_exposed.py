@@ -188,10 +188,10 @@ def sender_main(
 
 def run(model_path: str, sizes: list[int], reps: int, seed: int) -> dict[str, Any]:
     from engine.config import ModelConfig
-    from engine.model_loader import describe_model, load_hf_config, resolve_model_path
+    from engine.model_files import describe_model, resolve_model_path
 
     path = resolve_model_path(ModelConfig(model=model_path))
-    spec = describe_model(model_path, path, load_hf_config(path))
+    spec = describe_model(model_path, path)
     geometry = Geometry(
         num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim
     )

@@ -336,12 +336,7 @@ def main() -> None:
     auths = _choices(args.auth, AUTH_MODES, parser, "--auth")
 
     from engine.config import ModelConfig
-    from engine.model_loader import (
-        default_cache_dir,
-        describe_model,
-        load_hf_config,
-        resolve_model_path,
-    )
+    from engine.model_files import default_cache_dir, describe_model, resolve_model_path
 
     profile_name = "smoke" if args.smoke else "quick" if args.quick else "full"
     profile = PROFILES[profile_name]
@@ -350,7 +345,7 @@ def main() -> None:
     model_path = resolve_model_path(
         ModelConfig(model=args.model or ModelConfig().model, cache_dir=default_cache_dir())
     )
-    spec = describe_model(str(model_path), model_path, load_hf_config(model_path))
+    spec = describe_model(str(model_path), model_path)
     geometry = Geometry(
         num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim
     )

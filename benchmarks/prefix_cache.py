@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from engine.config import ModelConfig
-from engine.model_loader import default_cache_dir, resolve_model_path
+from engine.model_files import default_cache_dir, resolve_model_path
 from pdserve.client import AsyncClient
 from pdserve.local_cluster import start_cluster
 

@@ -24,7 +24,7 @@ from engine.kernels import (
     load_paged_attention,
 )
 from engine.kernels import load_layer_ops as load_layer_ops_kernel
-from engine.model_loader import default_cache_dir
+from engine.model_files import default_cache_dir
 
 log = structlog.get_logger(__name__)
 

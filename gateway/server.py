@@ -7,17 +7,17 @@ from dataclasses import dataclass, field
 
 import structlog
 from prometheus_client import CollectorRegistry
-from transformers import AutoTokenizer
 
 from core.tls import TLSConfig
 from engine.config import ModelConfig
-from engine.model_loader import describe_model, load_hf_config, resolve_model_path
+from engine.model_files import describe_model, resolve_model_path
 from gateway.errors import NoWorkersError
 from gateway.generation import FailoverConfig, GenerationCore
 from gateway.prompts import PromptTokenizer
 from gateway.registry import Registry, TierRegistry
 from gateway.router import Router, RoutingConfig
 from gateway.servicer import STATUS_CODES, WORK_METHODS, GenerationServicer
+from gateway.tokenizer import load_tokenizer
 from gateway.worker_clients import DecodeClient, PrefillClient
 from protos.pdserve.v1 import generation_pb2, generation_pb2_grpc
 from server_runtime.gpu import register_gpu_metrics
@@ -105,9 +105,9 @@ def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
     """Tokenizer and model limits (no weights), plus the router over the worker registry
     (call :meth:`Registry.start` inside the event loop before serving)."""
     path = resolve_model_path(config.model)
-    spec = describe_model(config.model.model, path, load_hf_config(path))
+    spec = describe_model(config.model.model, path)
     max_len = min(spec.max_model_len, config.model.max_model_len or spec.max_model_len)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = load_tokenizer(path)
     vocab = min(len(tokenizer), spec.vocab_size)
     router = Router(build_registry(config), config.routing)
     prompts = PromptTokenizer(tokenizer, max_len, vocab)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from core.ticket import Fingerprint
 from engine.kv_cache import KVCache
-from engine.model_loader import ModelSpec
+from engine.model_files import ModelSpec
 from kvtransfer import wire
 from kvtransfer.datapath import Backend
 

@@ -28,7 +28,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core.tls import TLSConfig, sync_channel
-from engine.model_loader import resolve_model_path
+from engine.model_files import resolve_model_path
 from pdserve import serving_flags
 
 log = structlog.get_logger(__name__)

@@ -367,7 +367,7 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     """Entry point for ``pdserve bench``; returns the process exit status."""
     from engine.config import ModelConfig
-    from engine.model_loader import default_cache_dir, resolve_model_path
+    from engine.model_files import default_cache_dir, resolve_model_path
     from pdserve.bench.report import write_json
 
     if args.smoke:

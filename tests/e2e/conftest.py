@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import ModelConfig
-from engine.model_loader import default_cache_dir, resolve_model_path
+from engine.model_files import default_cache_dir, resolve_model_path
 from pdserve.local_cluster import Cluster, start_cluster
 from tests.support.tiny_models import build_tiny_model
 
