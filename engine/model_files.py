@@ -18,12 +18,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from transformers import AutoConfig, PretrainedConfig
+from typing import TYPE_CHECKING, Any
 
 from core.errors import ModelLoadError
 from engine.config import DEFAULT_MODEL, ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 SUPPORTED_FAMILIES = frozenset({"llama", "qwen2", "mistral", "gpt2"})
 DEFAULT_MODEL_ALIASES = frozenset({DEFAULT_MODEL, DEFAULT_MODEL.lower(), "default", "smollm2"})
@@ -104,6 +105,8 @@ def _resolve_hub_cache(repo_id: str) -> Path:
 
 def load_hf_config(path: Path) -> PretrainedConfig:
     """The model's transformers config; refuses families pdserve does not serve."""
+    from transformers import AutoConfig  # its import loads torch where torch is not hidden
+
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if config.model_type not in SUPPORTED_FAMILIES:
         raise ModelLoadError(

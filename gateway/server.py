@@ -24,6 +24,7 @@ from server_runtime.gpu import register_gpu_metrics
 from server_runtime.grpc_runtime import Lifecycle, serve_until_signalled, start_server
 from server_runtime.interceptors import BearerAuth, CallScope
 from server_runtime.metrics import GatewayMetrics, serve_metrics
+from server_runtime.torch_guard import forbid_torch
 
 log = structlog.get_logger(__name__)
 
@@ -123,7 +124,11 @@ def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
 
 
 async def serve(config: GatewayConfig, grace_s: float = 5.0) -> None:
-    """Serve until SIGTERM; then drain: streams in flight have ``grace_s`` to finish."""
+    """Serve until SIGTERM; then drain: streams in flight have ``grace_s`` to finish.
+
+    The process entry point of the gateway: torch is hidden from here on (it must not load).
+    """
+    forbid_torch()
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     register_gpu_metrics(registry, "gateway")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.errors import ModelLoadError
@@ -17,6 +16,8 @@ from core.errors import ModelLoadError
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in the model folder ``path`` (local files only)."""
+    from transformers import AutoTokenizer  # its import loads torch where torch is not hidden
+
     try:
         tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
             path, local_files_only=True
