@@ -1,0 +1,330 @@
+"""The dashboard's panels, row by row: what ``build_dashboard.py`` lays out as Grafana JSON.
+
+Every query starts with the namespace matcher and uses metric names pdserve exports
+(tests/deploy/test_observability.py checks them against the metrics contract).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+SEL = 'namespace=~"$namespace"'
+"""Label matcher every query starts with (the namespace variable; all by default)."""
+QUANTILES = (0.5, 0.9, 0.99)
+NOT_OK = 'code!="OK"'
+
+
+@dataclass(frozen=True)
+class Target:
+    expr: str
+    legend: str
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    unit: str
+    targets: tuple[Target, ...]
+    description: str = ""
+
+
+def rate(metric: str, extra: str = "") -> str:
+    matchers = f"{SEL},{extra}" if extra else SEL
+    return f"rate({metric}{{{matchers}}}[$__rate_interval])"
+
+
+def quantiles(histogram: str, by: str = "tier") -> tuple[Target, ...]:
+    """p50/p90/p99 of a histogram, one line per ``by`` value."""
+    return tuple(
+        Target(
+            f"histogram_quantile({q}, sum by (le, {by}) ({rate(histogram + '_bucket')}))",
+            f"p{round(q * 100)} {{{{{by}}}}}",
+        )
+        for q in QUANTILES
+    )
+
+
+def gauge(metric: str, how: str = "sum", by: str = "tier, pod") -> str:
+    return f"{how} by ({by}) ({metric}{{{SEL}}})"
+
+
+ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
+    (
+        "Traffic",
+        (
+            Panel(
+                "Requests / s by gRPC status",
+                "reqps",
+                (Target(f"sum by (code) ({rate('pdserve_requests_total')})", "{{code}}"),),
+                "Finished Generate calls at the gateway, by gRPC status code.",
+            ),
+            Panel(
+                "Error ratio",
+                "percentunit",
+                (
+                    Target(
+                        f"sum({rate('pdserve_requests_total', NOT_OK)})"
+                        f" / sum({rate('pdserve_requests_total')})",
+                        "not OK",
+                    ),
+                ),
+                "Share of Generate calls that ended with a status other than OK.",
+            ),
+            Panel(
+                "Tokens / s",
+                "short",
+                (
+                    Target(
+                        f"sum by (tier) ({rate('pdserve_generation_tokens_total')})",
+                        "generated {{tier}}",
+                    ),
+                    Target(
+                        f"sum by (tier) ({rate('pdserve_prompt_tokens_total')})",
+                        "prompt {{tier}}",
+                    ),
+                ),
+            ),
+            Panel(
+                "Router decisions / s",
+                "short",
+                (
+                    Target(
+                        f"sum by (decision) ({rate('pdserve_router_decisions_total')})",
+                        "{{decision}}",
+                    ),
+                ),
+                "Where the gateway sent prompts (e.g. disaggregated vs prefilled on decode).",
+            ),
+        ),
+    ),
+    (
+        "Routing and failover",
+        (
+            Panel(
+                "Prefill picks / s by reason",
+                "short",
+                (
+                    Target(
+                        f"sum by (reason) ({rate('pdserve_router_prefill_picks_total')})",
+                        "{{reason}}",
+                    ),
+                ),
+                "Why each prefill worker was chosen: its reported prefix cache holds the prompt, "
+                "a recent route took the same prompt start, or the shortest queue.",
+            ),
+            Panel(
+                "Router fallbacks / s",
+                "short",
+                (
+                    Target(
+                        f"sum by (reason) ({rate('pdserve_router_fallbacks_total')})",
+                        "{{reason}}",
+                    ),
+                ),
+                "Routes that could not take the first choice (affinity worker overloaded, every "
+                "prefill worker full or gone, a failed worker reused).",
+            ),
+            Panel(
+                "Retries and resumes / s",
+                "short",
+                (
+                    Target(
+                        f"sum by (failed_tier, reason) ({rate('pdserve_prefill_retries_total')})",
+                        "retry after {{failed_tier}} {{reason}}",
+                    ),
+                    Target(
+                        f"sum by (outcome) ({rate('pdserve_decode_resumes_total')})",
+                        "decode stream {{outcome}}",
+                    ),
+                ),
+                "Attempts retried before the first token, and streams broken after it: resumed "
+                "on another decode worker or ended with UNAVAILABLE.",
+            ),
+        ),
+    ),
+    (
+        "Latency by tier",
+        (
+            Panel(
+                "Time to first token",
+                "s",
+                quantiles("pdserve_time_to_first_token_seconds"),
+                "Measured at the gateway. Prefill scales on its p90 (k8s/overlays/*/keda.yaml).",
+            ),
+            Panel(
+                "Inter-token latency",
+                "s",
+                quantiles("pdserve_inter_token_latency_seconds"),
+                "Measured at the gateway. Decode scales on its p90 (k8s/overlays/*/keda.yaml).",
+            ),
+            Panel(
+                "End-to-end request latency",
+                "s",
+                quantiles("pdserve_e2e_request_latency_seconds"),
+            ),
+            Panel(
+                "Request phases (p90)",
+                "s",
+                tuple(
+                    Target(
+                        f"histogram_quantile(0.9, sum by (le, tier) ({rate(name + '_bucket')}))",
+                        f"{phase} {{{{tier}}}}",
+                    )
+                    for phase, name in (
+                        ("queue", "pdserve_request_queue_time_seconds"),
+                        ("prefill", "pdserve_request_prefill_time_seconds"),
+                        ("decode", "pdserve_request_decode_time_seconds"),
+                    )
+                ),
+            ),
+        ),
+    ),
+    (
+        "Load",
+        (
+            Panel(
+                "Running requests",
+                "short",
+                (Target(gauge("pdserve_num_requests_running"), "{{tier}} {{pod}}"),),
+            ),
+            Panel(
+                "Waiting requests (queue depth)",
+                "short",
+                (Target(gauge("pdserve_num_requests_waiting"), "{{tier}} {{pod}}"),),
+                "Prefill scales on the sum over its pods (deploy/k8s/overlays/*/keda.yaml).",
+            ),
+            Panel(
+                "KV cache usage",
+                "percentunit",
+                (Target(gauge("pdserve_kv_cache_usage_ratio", "max"), "{{tier}} {{pod}}"),),
+                "Share of KV blocks in use. Decode scales on the mean over its pods.",
+            ),
+            Panel(
+                "KV pool size (blocks)",
+                "short",
+                (Target(gauge("pdserve_kv_cache_blocks", "max"), "{{tier}} {{pod}}"),),
+                "Blocks in each worker's pool (block size x blocks = tokens of KV it holds).",
+            ),
+            Panel(
+                "Prefix cache hit ratio",
+                "percentunit",
+                (
+                    Target(
+                        f"sum by (tier) ({rate('pdserve_prefix_cache_hits_total')})"
+                        f" / sum by (tier) ({rate('pdserve_prefix_cache_queries_total')})",
+                        "{{tier}}",
+                    ),
+                ),
+            ),
+            Panel(
+                "Preemptions / s",
+                "short",
+                (
+                    Target(
+                        f"sum by (tier, pod) ({rate('pdserve_num_preemptions_total')})",
+                        "{{tier}} {{pod}}",
+                    ),
+                ),
+            ),
+        ),
+    ),
+    (
+        "KV transfer",
+        (
+            Panel(
+                "KV transfer throughput",
+                "Bps",
+                (
+                    Target(
+                        f"sum by (tier, pod) ({rate('pdserve_kv_transfer_bytes_total')})",
+                        "{{tier}} {{pod}}",
+                    ),
+                ),
+                "KV page bytes sent (prefill) and received (decode) per second.",
+            ),
+            Panel(
+                "KV transfers / s",
+                "short",
+                (
+                    Target(
+                        f"sum by (tier, backend) ({rate('pdserve_kv_transfers_total')})",
+                        "{{tier}} ({{backend}})",
+                    ),
+                ),
+                "Completed transfers (one per disaggregated request).",
+            ),
+            Panel(
+                "KV transfer time",
+                "s",
+                quantiles("pdserve_kv_transfer_seconds"),
+            ),
+            Panel(
+                "KV transfer failures and dropped frames / s",
+                "short",
+                (
+                    Target(
+                        f"sum by (reason, backend) ({rate('pdserve_kv_transfer_failures_total')})",
+                        "failed: {{reason}} ({{backend}})",
+                    ),
+                    Target(
+                        "sum by (reason, backend) "
+                        f"({rate('pdserve_kv_transfer_dropped_frames_total')})",
+                        "dropped frames: {{reason}} ({{backend}})",
+                    ),
+                ),
+                "Any non-zero value deserves a look: each failed transfer is a failed request; "
+                "dropped frames were unauthenticated, malformed or late.",
+            ),
+        ),
+    ),
+    (
+        "GPU",
+        (
+            Panel(
+                "GPU telemetry available",
+                "short",
+                (Target(gauge("pdserve_gpu_available", "max"), "{{tier}} {{pod}}"),),
+                "1 where NVML sees GPUs; 0 on CPU pods (and then no other GPU series).",
+            ),
+            Panel(
+                "GPU utilization",
+                "percentunit",
+                (
+                    Target(
+                        gauge("pdserve_gpu_utilization_ratio", "max", "pod, gpu"), "{{pod}}/{{gpu}}"
+                    ),
+                ),
+            ),
+            Panel(
+                "GPU memory",
+                "bytes",
+                (
+                    Target(
+                        gauge("pdserve_gpu_memory_used_bytes", "max", "pod, gpu"),
+                        "used {{pod}}/{{gpu}}",
+                    ),
+                    Target(
+                        gauge("pdserve_gpu_memory_total_bytes", "max", "pod, gpu"),
+                        "total {{pod}}/{{gpu}}",
+                    ),
+                ),
+            ),
+            Panel(
+                "GPU power",
+                "watt",
+                (Target(gauge("pdserve_gpu_power_watts", "max", "pod, gpu"), "{{pod}}/{{gpu}}"),),
+            ),
+            Panel(
+                "GPU temperature",
+                "celsius",
+                (
+                    Target(
+                        gauge("pdserve_gpu_temperature_celsius", "max", "pod, gpu"),
+                        "{{pod}}/{{gpu}}",
+                    ),
+                ),
+            ),
+        ),
+    ),
+)
