@@ -54,7 +54,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.chat:
         options["messages"] = [("user", args.prompt)]
     prompt = None if args.chat else args.prompt
-    from pdserve.serving_flags import client_tls, client_token
+    from server_runtime.settings import client_tls, client_token
 
     return stream_completion(
         args.gateway,

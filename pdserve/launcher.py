@@ -27,14 +27,37 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from core.settings import Setting, env_vars, to_argv
 from core.tls import TLSConfig, sync_channel
+from decode_service import settings as decode_settings
 from engine.model_files import resolve_model_path
-from pdserve import serving_flags
+from engine.settings import ENGINE, MODEL, model_config
+from gateway import settings as gateway_settings
+from kvtransfer.settings import KEY_ENV, TRANSFER
+from pdserve.settings import UP
+from prefill_service import settings as prefill_settings
+from server_runtime.settings import DRAIN, LOG, SERVER_TLS, auth_tokens
+from server_runtime.worker_settings import WORKER_ADMISSION
 
 log = structlog.get_logger(__name__)
 
 READY_TIMEOUT_S = 300.0
 STOP_MARGIN_S = 5.0  # beyond the children's own --shutdown-grace before they are killed
+
+WORKER_FLAGS: tuple[Setting, ...] = (*MODEL, *LOG, *ENGINE, *TRANSFER, *DRAIN, *WORKER_ADMISSION)
+"""What ``up`` passes on to every worker as it was given (``--threads``, ``--cpus`` and the log
+level as the launcher divides and quiets them)."""
+GATEWAY_FLAGS: tuple[Setting, ...] = (
+    *MODEL,
+    *LOG,
+    *gateway_settings.ROUTING,
+    *gateway_settings.ADMISSION,
+    gateway_settings.AUTH_TOKEN_FILE,
+    *DRAIN,
+)
+"""What ``up`` passes on to the gateway as it was given (TLS towards workers is per role)."""
+TLS_FLAGS: tuple[Setting, ...] = (*SERVER_TLS, *gateway_settings.UPSTREAM_TLS)
+UP_VARIABLES = env_vars(*UP)
 
 
 @dataclass(frozen=True)
@@ -46,37 +69,14 @@ class ProcessSpec:
 
 
 def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
-    """Ports: prefill workers first, then decode workers, then decode KV endpoints."""
+    """Ports: prefill workers first, then decode workers, then decode KV endpoints.
+
+    Each child's command line is written from the settings' declarations: what ``up`` was
+    given (``WORKER_FLAGS``, ``GATEWAY_FLAGS``), this layout's addresses, and TLS per role."""
     host, base = args.host, args.worker_base_port
-    model_flags = _passthrough(args, log_level)
-    engine_flags = [
-        "--block-size",
-        str(args.block_size),
-        "--num-blocks",
-        str(args.num_blocks),
-        "--max-num-seqs",
-        str(args.max_num_seqs),
-        "--max-batched-tokens",
-        str(args.max_batched_tokens),
-        "--threads",
-        str(args.threads or _threads_per_worker(args.prefill + args.decode)),
-        "--attention-kernel",
-        args.attention_kernel,
-        "--layer-kernels",
-        args.layer_kernels,
-    ]
-    if args.kv_cache_memory:
-        engine_flags += ["--kv-cache-memory", args.kv_cache_memory]
-    if args.no_prefix_caching:
-        engine_flags.append("--no-prefix-caching")
-    engine_flags += _transfer_flags(args)
-    engine_flags += [
-        "--shutdown-grace",
-        str(args.shutdown_grace),
-        "--max-queue",
-        str(args.max_queue),
-    ]
-    worker_tls = serving_flags.cluster_tls_argv(args, "worker")
+    threads = args.threads or _threads_per_worker(args.prefill + args.decode)
+    shared = {"log_level": log_level, "threads": threads}
+    worker_tls = to_argv(TLS_FLAGS, cluster_tls(args, "worker"))
     me = (sys.executable, "-m", "pdserve.cli")
     specs: list[ProcessSpec] = []
     prefill_addrs = [f"{host}:{base + i}" for i in range(args.prefill)]
@@ -84,17 +84,13 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
     metrics = _metrics_ports(args)
     cores = _pinned_cores(args)
     for i, addr in enumerate(prefill_addrs):
+        own = {"listen": addr, "metrics_port": next(metrics)}
         argv = (
             *me,
             "prefill",
-            "--listen",
-            addr,
-            "--metrics-port",
-            str(next(metrics)),
-            *model_flags,
-            *engine_flags,
+            *to_argv(prefill_settings.SERVER, own),
+            *to_argv(WORKER_FLAGS, args, {**shared, "cpus": next(cores)}),
             *worker_tls,
-            *next(cores),
         )
         specs.append(ProcessSpec(f"prefill-{i}", addr, argv))
     ipc_dir = tempfile.gettempdir()
@@ -103,73 +99,59 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
             kv = f"ipc://{ipc_dir}/pdserve-{os.getpid()}-decode-{i}.sock"
         else:
             kv = f"tcp://{host}:{base + args.prefill + args.decode + i}"
+        own = {"listen": addr, "kv_bind": kv, "metrics_port": next(metrics)}
         argv = (
             *me,
             "decode",
-            "--listen",
-            addr,
-            "--kv-bind",
-            kv,
-            "--metrics-port",
-            str(next(metrics)),
-            *model_flags,
-            *engine_flags,
+            *to_argv(decode_settings.SERVER, own),
+            *to_argv(WORKER_FLAGS, args, {**shared, "cpus": next(cores)}),
             *worker_tls,
-            *next(cores),
         )
         specs.append(ProcessSpec(f"decode-{i}", addr, argv))
     gateway_addr = f"{host}:{args.port}"
-    gw = [
+    own = {
+        "listen": gateway_addr,
+        "prefill": [*prefill_addrs, *args.also_prefill],
+        "decode": [*decode_addrs, *args.also_decode],
+        "metrics_port": args.metrics_base_port,
+    }
+    gw = (
         *me,
         "gateway",
-        "--listen",
-        gateway_addr,
-        "--metrics-port",
-        str(args.metrics_base_port),
-        "--shutdown-grace",
-        str(args.shutdown_grace),
-        *model_flags,
-        *serving_flags.gateway_argv(args),
-        *serving_flags.cluster_tls_argv(args, "gateway"),
-    ]
-    for addr in [*prefill_addrs, *args.also_prefill]:
-        gw += ["--prefill", addr]
-    for addr in [*decode_addrs, *args.also_decode]:
-        gw += ["--decode", addr]
+        *to_argv(gateway_settings.SERVER, own),
+        *to_argv(GATEWAY_FLAGS, args, {"log_level": log_level}),
+        *to_argv(TLS_FLAGS, cluster_tls(args, "gateway")),
+    )
     # with --pin-cpus the gateway shares the first core (the first prefill worker's), so the
     # decode workers' cores carry nothing but decode
     gateway_cpus = (sorted(os.sched_getaffinity(0))[0],) if args.pin_cpus else ()
-    specs.append(ProcessSpec("gateway", gateway_addr, tuple(gw), gateway_cpus))
+    specs.append(ProcessSpec("gateway", gateway_addr, gw, gateway_cpus))
     return specs
 
 
-def _passthrough(args: argparse.Namespace, log_level: str) -> list[str]:
-    flags = [
-        "--model",
-        args.model,
-        "--dtype",
-        args.dtype,
-        "--device",
-        args.device,
-        "--log-level",
-        log_level,
-        "--log-format",
-        args.log_format,
-    ]
-    if args.cache_dir:
-        flags += ["--cache-dir", str(args.cache_dir)]
-    if args.max_model_len:
-        flags += ["--max-model-len", str(args.max_model_len)]
-    return flags
+def cluster_tls(args: argparse.Namespace, role: str) -> dict[str, object]:
+    """TLS settings of one ``pdserve up`` child: every hop uses ``--tls-cert``/``--tls-key``;
+    workers require the gateway's client certificate (mTLS between tiers); the public side
+    requires one only with ``--tls-require-client-cert``."""
+    if args.tls_cert is None:
+        return {}
+    tls = {"tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca}
+    if role != "gateway":
+        return {**tls, "tls_require_client_cert": args.tls_ca is not None}
+    tls["tls_require_client_cert"] = args.tls_require_client_cert
+    if args.tls_ca is None:
+        return tls
+    upstream = {"ca": args.tls_ca, "cert": args.tls_cert, "key": args.tls_key}
+    return {**tls, **{f"upstream_tls_{k}": v for k, v in upstream.items()}}
 
 
-def _pinned_cores(args: argparse.Namespace) -> Iterator[tuple[str, ...]]:
+def _pinned_cores(args: argparse.Namespace) -> Iterator[str | None]:
     """``--cpus`` for each worker in turn: a core of its own (wrapping around) with
     ``--pin-cpus``, else the shared ``--cpus`` or nothing."""
     if args.pin_cpus:
         cores = sorted(os.sched_getaffinity(0))
-        return (("--cpus", str(cores[i % len(cores)])) for i in itertools.count())
-    return itertools.repeat(("--cpus", args.cpus) if args.cpus else ())
+        return (str(cores[i % len(cores)]) for i in itertools.count())
+    return itertools.repeat(args.cpus or None)
 
 
 def _metrics_ports(args: argparse.Namespace) -> Iterator[int]:
@@ -178,31 +160,13 @@ def _metrics_ports(args: argparse.Namespace) -> Iterator[int]:
     return itertools.count(base + 1) if base else itertools.repeat(0)
 
 
-def _transfer_flags(args: argparse.Namespace) -> list[str]:
-    flags = [
-        "--kv-backend",
-        args.kv_backend,
-        "--kv-streaming",
-        args.kv_streaming,
-        "--kv-max-queued-mb",
-        str(args.kv_max_queued_mb),
-        "--kv-ack-timeout",
-        str(args.kv_ack_timeout),
-    ]
-    if args.kv_key_file:
-        flags += ["--kv-key-file", str(args.kv_key_file)]
-    if args.kv_insecure:
-        flags.append("--kv-insecure")
-    if args.no_kv_checksum:
-        flags.append("--no-kv-checksum")
-    return flags
-
-
 def cluster_env(args: argparse.Namespace) -> dict[str, str]:
-    """The children's environment: with no key given, a fresh random one for this cluster."""
-    env = dict(os.environ)
-    if not args.kv_insecure and not args.kv_key_file and not env.get("PDSERVE_KV_KEY"):
-        env["PDSERVE_KV_KEY"] = secrets.token_hex(32)
+    """The children's environment: without the ``PDSERVE_*`` twins of ``up``'s own flags (their
+    values reach the children as flags, per role), and with no key given, a fresh random one
+    for this cluster."""
+    env = {k: v for k, v in os.environ.items() if k not in UP_VARIABLES}
+    if not args.kv_insecure and not args.kv_key_file and not env.get(KEY_ENV):
+        env[KEY_ENV] = secrets.token_hex(32)
     return env
 
 
@@ -304,8 +268,6 @@ def _cluster_tls(args: argparse.Namespace) -> TLSConfig | None:
 
 
 def run_cluster(args: argparse.Namespace) -> int:
-    from pdserve.cli_flags import model_config
-
     if args.decode < 1 or args.prefill < 0:
         print("pdserve up: need --decode >= 1 and --prefill >= 0", file=sys.stderr)
         return 2
@@ -380,7 +342,7 @@ def _generate_once(gateway: str, args: argparse.Namespace) -> int:
     from pdserve.generate_cmd import stream_completion
 
     tls = _cluster_tls(args)
-    tokens = serving_flags.auth_tokens(args.auth_token_file)
+    tokens = auth_tokens(args.auth_token_file)
     return stream_completion(
         gateway,
         args.generate,

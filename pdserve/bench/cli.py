@@ -9,15 +9,15 @@ The client is the SDK's (pdserve.client): ``--tls*`` and ``--auth-token-file`` (
 ``PDSERVE_AUTH_TOKEN``) as ``pdserve generate`` takes them, and ``--retries`` of requests
 refused with RESOURCE_EXHAUSTED after the server's RetryInfo delay.
 
-This module imports only the standard library at import time (the ``pdserve`` parser is built
-on every command); the benchmark's own modules are imported when it runs.
+This module imports only the flags' declarations at import time (the ``pdserve`` parser is
+built on every command); the benchmark's own modules are imported when it runs. Every flag
+also reads ``PDSERVE_<FLAG>`` (see :mod:`core.settings`).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import signal
 import sys
 import tempfile
@@ -25,7 +25,9 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from core.settings import Group, Setting
 from engine.config import DEFAULT_MODEL
+from server_runtime.settings import AUTH_TOKEN_ENV, CLIENT_TLS
 
 if TYPE_CHECKING:
     from pdserve.bench.datasets import BenchRequest
@@ -50,132 +52,146 @@ def _rates(text: str) -> list[float]:
     return [_rate(t) for t in text.split(",") if t.strip()]
 
 
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    """Every ``pdserve bench`` flag, added to the subparser ``pdserve.cli`` creates."""
-    target = p.add_argument_group("target")
-    target.add_argument(
-        "--gateway",
-        default=os.environ.get("PDSERVE_GATEWAY", "127.0.0.1:50051"),
-        help="gateway address to load (ignored with --compare)",
-    )
-    target.add_argument(
-        "--model",
-        default=os.environ.get("PDSERVE_MODEL", DEFAULT_MODEL),
-        help="the served model: its tokenizer builds the prompts; --compare runs it",
-    )
-    target.add_argument("--cache-dir", type=Path, default=None, help="pdserve's model cache")
-    target.add_argument("--request-timeout", type=float, default=None, help="seconds per request")
-    target.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    target.add_argument(
-        "--retries",
-        type=int,
-        default=3,
-        help="retries of a request refused with RESOURCE_EXHAUSTED before its first token, "
-        "after the server's RetryInfo delay (its TTFT includes the wait)",
-    )
-    target.add_argument(
-        "--auth-token-file",
-        type=Path,
-        default=os.environ.get("PDSERVE_AUTH_TOKEN_FILE"),
-        help="file whose first line is the gateway's bearer token (or set PDSERVE_AUTH_TOKEN)",
-    )
-    from pdserve.serving_flags import add_tls_flags
+def _join(values: list[float]) -> str:
+    return ",".join(map(str, values))
 
-    add_tls_flags(p, server=False)  # --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name
 
-    data = p.add_argument_group("dataset")
-    data.add_argument(
-        "--dataset",
-        choices=DATASETS,
-        default=None,
-        help="random lengths (default), shared prefixes, or a ShareGPT file (--dataset-path)",
-    )
-    data.add_argument("--dataset-path", type=Path, default=None, help="ShareGPT-format JSON")
-    data.add_argument("--num-prompts", type=int, default=24, help="requests per run")
-    data.add_argument(
-        "--input-len-range",
-        default="16,256",
-        help="MIN,MAX prompt tokens (shared-prefix: suffix tokens after the prefix)",
-    )
-    data.add_argument("--output-len-range", default="16,128", help="MIN,MAX output tokens")
-    data.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: prefixes")
-    data.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: prefix tokens")
-    data.add_argument(
-        "--sharegpt-output-len",
-        type=int,
-        default=None,
-        help="sharegpt: fixed output tokens instead of the reference answer's length",
-    )
-    data.add_argument("--seed", type=int, default=0, help="seeds the dataset and the arrivals")
+TARGET = Group(
+    "target",
+    (
+        Setting(
+            "--gateway",
+            default="127.0.0.1:50051",
+            help="gateway address to load (ignored with --compare)",
+        ),
+        Setting(
+            "--model",
+            default=DEFAULT_MODEL,
+            help="the served model: its tokenizer builds the prompts; --compare runs it",
+        ),
+        Setting("--cache-dir", type=Path, help="pdserve's model cache"),
+        Setting("--request-timeout", type=float, help="seconds per request"),
+        Setting("--temperature", type=float, default=0.0, help="0: greedy (default)"),
+        Setting(
+            "--retries",
+            type=int,
+            default=3,
+            help="retries of a request refused with RESOURCE_EXHAUSTED before its first token, "
+            "after the server's RetryInfo delay (its TTFT includes the wait)",
+        ),
+        Setting(
+            "--auth-token-file",
+            type=Path,
+            help=f"file whose first line is the gateway's bearer token (or set {AUTH_TOKEN_ENV})",
+        ),
+    ),
+)
 
-    load = p.add_argument_group("load")
-    load.add_argument(
-        "--request-rate", type=_rate, default=math.inf, help="requests/s; inf: all at once"
-    )
-    load.add_argument(
-        "--burstiness",
-        type=float,
-        default=1.0,
-        help="gamma shape of the arrival gaps: 1 Poisson, <1 burstier, >1 more regular",
-    )
-    load.add_argument(
-        "--max-concurrency", type=int, default=None, help="requests in flight at most"
-    )
-    load.add_argument(
-        "--request-rate-sweep",
-        type=_rates,
-        default=None,
-        metavar="R1,R2,...",
-        help="one run per rate (overrides --request-rate)",
-    )
+DATASET = Group(
+    "dataset",
+    (
+        Setting(
+            "--dataset",
+            choices=DATASETS,
+            help="random lengths (default), shared prefixes, or a ShareGPT file (--dataset-path)",
+        ),
+        Setting("--dataset-path", type=Path, help="ShareGPT-format JSON"),
+        Setting("--num-prompts", type=int, default=24, help="requests per run"),
+        Setting(
+            "--input-len-range",
+            default="16,256",
+            help="MIN,MAX prompt tokens (shared-prefix: suffix tokens after the prefix)",
+        ),
+        Setting("--output-len-range", default="16,128", help="MIN,MAX output tokens"),
+        Setting("--num-prefixes", type=int, default=4, help="shared-prefix: prefixes"),
+        Setting("--prefix-len", type=int, default=256, help="shared-prefix: prefix tokens"),
+        Setting(
+            "--sharegpt-output-len",
+            type=int,
+            help="sharegpt: fixed output tokens instead of the reference answer's length",
+        ),
+        Setting("--seed", type=int, default=0, help="seeds the dataset and the arrivals"),
+    ),
+)
 
-    out = p.add_argument_group("metrics and output")
-    out.add_argument(
-        "--goodput",
-        nargs="+",
-        default=[],
-        metavar="KEY:MS",
-        help="SLOs in ms for goodput, keys ttft, tpot, e2el (e.g. ttft:500 tpot:100)",
-    )
-    out.add_argument("--percentiles", default="50,90,99", help="latency percentiles to report")
-    out.add_argument("--num-warmups", type=int, default=1, help="untimed requests first")
-    out.add_argument("--output-json", type=Path, default=None, help="write every metric here")
-    out.add_argument("--plot-dir", type=Path, default=None, help="write PNG plots here")
-    out.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
-    out.add_argument(
-        "--smoke",
-        action="store_true",
-        help=f"CI mode: {SMOKE_NUM_PROMPTS} tiny requests ({SMOKE_INPUT_LEN} prompt, "
-        f"{SMOKE_OUTPUT_LEN} output tokens)",
-    )
+LOAD = Group(
+    "load",
+    (
+        Setting(
+            "--request-rate", type=_rate, default=math.inf, help="requests/s; inf: all at once"
+        ),
+        Setting(
+            "--burstiness",
+            type=float,
+            default=1.0,
+            help="gamma shape of the arrival gaps: 1 Poisson, <1 burstier, >1 more regular",
+        ),
+        Setting("--max-concurrency", type=int, help="requests in flight at most"),
+        Setting(
+            "--request-rate-sweep",
+            type=_rates,
+            metavar="R1,R2,...",
+            format=_join,
+            help="one run per rate (overrides --request-rate)",
+        ),
+    ),
+)
 
-    cmp = p.add_argument_group("compare")
-    cmp.add_argument(
-        "--compare",
-        action="store_true",
-        help="run transformers one at a time, in static batches of 8 and with its continuous "
-        "batching, then pdserve colocated and disaggregated clusters it starts itself, and "
-        "print output tok/s ratios",
-    )
-    cmp.add_argument(
-        "--systems",
-        default=None,
-        help="with --compare, a comma-separated list of hf-serial, hf-static8, hf-cb "
-        "(transformers continuous batching), pdserve-colocated, pdserve-disaggregated "
-        "(default: all)",
-    )
-    cmp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    cmp.add_argument(
-        "--cluster-arg",
-        action="append",
-        default=[],
-        metavar="FLAG=VALUE",
-        help="extra flag for the clusters' `pdserve up`, repeatable "
-        "(e.g. --cluster-arg=--num-blocks=512)",
-    )
-    cmp.add_argument(
-        "--log-dir", type=Path, default=None, help="cluster logs (default: a temporary folder)"
-    )
+OUTPUT = Group(
+    "metrics and output",
+    (
+        Setting(
+            "--goodput",
+            nargs="+",
+            split=" ",
+            default=(),
+            metavar="KEY:MS",
+            help="SLOs in ms for goodput, keys ttft, tpot, e2el (e.g. ttft:500 tpot:100)",
+        ),
+        Setting("--percentiles", default="50,90,99", help="latency percentiles to report"),
+        Setting("--num-warmups", type=int, default=1, help="untimed requests first"),
+        Setting("--output-json", type=Path, help="write every metric here"),
+        Setting("--plot-dir", type=Path, help="write PNG plots here"),
+        Setting("--disable-tqdm", switch=True, help="no progress bar"),
+        Setting(
+            "--smoke",
+            switch=True,
+            help=f"CI mode: {SMOKE_NUM_PROMPTS} tiny requests ({SMOKE_INPUT_LEN} prompt, "
+            f"{SMOKE_OUTPUT_LEN} output tokens)",
+        ),
+    ),
+)
+
+COMPARE = Group(
+    "compare",
+    (
+        Setting(
+            "--compare",
+            switch=True,
+            help="run transformers one at a time, in static batches of 8 and with its "
+            "continuous batching, then pdserve colocated and disaggregated clusters it starts "
+            "itself, and print output tok/s ratios",
+        ),
+        Setting(
+            "--systems",
+            help="with --compare, a comma-separated list of hf-serial, hf-static8, hf-cb "
+            "(transformers continuous batching), pdserve-colocated, pdserve-disaggregated "
+            "(default: all)",
+        ),
+        Setting("--dtype", default="float32", choices=["float32", "bfloat16", "float16"]),
+        Setting(
+            "--cluster-arg",
+            repeat=True,
+            metavar="FLAG=VALUE",
+            help="extra flag for the clusters' `pdserve up`, repeatable "
+            "(e.g. --cluster-arg=--num-blocks=512)",
+        ),
+        Setting("--log-dir", type=Path, help="cluster logs (default: a temporary folder)"),
+    ),
+)
+
+BENCH = (TARGET, CLIENT_TLS, DATASET, LOAD, OUTPUT, COMPARE)
+"""Every ``pdserve bench`` setting (``--tls*`` as ``pdserve generate`` takes them)."""
 
 
 def _build_requests(args: argparse.Namespace, model_path: Path, seed: int) -> list[BenchRequest]:
@@ -320,7 +336,7 @@ def _client_options(args: argparse.Namespace) -> ClientOptions:
     """TLS, token and retries for the benchmark's client, as ``pdserve generate`` builds them."""
     from pdserve.bench.runner import ClientOptions
     from pdserve.client import RetryPolicy
-    from pdserve.serving_flags import client_tls, client_token
+    from server_runtime.settings import client_tls, client_token
 
     if args.retries < 0:
         raise ValueError(f"--retries must be >= 0, got {args.retries}")

@@ -1,0 +1,123 @@
+"""The model's and the engine's settings (flags and ``PDSERVE_*`` variables), declared once, and
+the configuration built from them. Torch-free: the gateway and ``pdserve`` read the model's.
+
+``MODEL`` is on every serving command (the gateway loads the tokenizer); ``ENGINE`` on the
+worker tiers and ``pdserve up``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from core.settings import Group, Setting
+from engine.config import (
+    DEFAULT_MODEL,
+    CacheConfig,
+    DType,
+    EngineConfig,
+    KernelChoice,
+    ModelConfig,
+    SchedulerConfig,
+)
+
+_KERNELS = [k.value for k in KernelChoice]
+
+MODEL = Group(
+    "model",
+    (
+        Setting(
+            "--model",
+            default=DEFAULT_MODEL,
+            help=f"the default model ({DEFAULT_MODEL}), a local transformers folder (Llama, "
+            "Qwen2, Mistral, GPT-2), or a hub id already in the local Hugging Face cache",
+        ),
+        Setting("--dtype", choices=[d.value for d in DType], default="float32"),
+        Setting("--device", default="auto", help="auto, cpu, cuda, cuda:N"),
+        Setting(
+            "--cache-dir",
+            type=Path,
+            help="where the default model is converted once (~/.cache/pdserve)",
+        ),
+        Setting(
+            "--max-model-len",
+            type=int,
+            help="cap on prompt + completion tokens (the model's context by default)",
+        ),
+    ),
+)
+
+ENGINE = Group(
+    "engine",
+    (
+        Setting("--block-size", type=int, default=16, help="token slots per KV block"),
+        Setting("--num-blocks", type=int, default=2048, help="KV blocks in this worker's pool"),
+        Setting(
+            "--kv-cache-memory",
+            help="size the KV pool from memory instead of --num-blocks: bytes (4GiB, 512MiB) "
+            "or a fraction of the memory available at start (0.3)",
+        ),
+        Setting(
+            "--cpus",
+            help="pin this worker to these CPU cores, e.g. 0 or 2,3 (default: no pinning)",
+        ),
+        Setting(
+            "--no-prefix-caching",
+            switch=True,
+            help="do not reuse the KV of prompt prefixes computed before",
+        ),
+        Setting("--max-num-seqs", type=int, default=64, help="sequences in one batch at most"),
+        Setting(
+            "--max-batched-tokens",
+            type=int,
+            default=2048,
+            help="tokens in one forward pass at most (longer prompts are chunked)",
+        ),
+        Setting("--threads", type=int, help="torch threads for this process"),
+        Setting(
+            "--attention-kernel",
+            choices=_KERNELS,
+            default="auto",
+            help="decode attention: native (a C kernel built here at first start, reads KV "
+            "blocks in place; CPU), torch (gather + scaled-dot-product attention), auto "
+            "(native where it applies and builds)",
+        ),
+        Setting(
+            "--layer-kernels",
+            choices=_KERNELS,
+            default="auto",
+            help="decoder layers outside attention, float32 on CPU: native (C kernels built "
+            "here at first start: linear layers over weights packed once, RMSNorm, RoPE and "
+            "SiLU one call each), torch (its operators; oneDNN for linear layers), auto (native "
+            "where it applies and builds)",
+        ),
+    ),
+)
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(
+        model=args.model,
+        dtype=DType(args.dtype),
+        device=args.device,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        max_model_len=int(args.max_model_len) if args.max_model_len else None,
+    )
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=model_config(args),
+        cache=CacheConfig(
+            block_size=args.block_size, num_blocks=args.num_blocks, memory=args.kv_cache_memory
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_batched_tokens,
+            enable_prefix_caching=not args.no_prefix_caching,
+        ),
+        num_threads=int(args.threads) if args.threads else None,
+        cpus=tuple(int(c) for c in str(args.cpus).split(",")) if args.cpus else None,
+        attention_kernel=KernelChoice(args.attention_kernel),
+        layer_kernels=KernelChoice(args.layer_kernels),
+    )

@@ -1,0 +1,93 @@
+"""The KV channel's settings (flags and ``PDSERVE_*`` variables), declared once, and the
+:class:`~kvtransfer.config.TransferConfig` built from them.
+
+Torch-free, so ``pdserve``'s parser can declare them: the backend and streaming choices are
+spelled here (a test keeps them equal to :class:`kvtransfer.datapath.Backend` and
+:class:`kvtransfer.config.Streaming`), and the configuration's modules are imported when it is
+built. The key comes from ``--kv-key-file`` or ``PDSERVE_KV_KEY``, never from a flag's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from core.settings import Group, Setting, env_value
+
+if TYPE_CHECKING:
+    from kvtransfer.config import TransferConfig
+
+KEY_ENV = "PDSERVE_KV_KEY"
+BACKENDS = ("zmq", "stream", "gloo", "nccl")
+"""The values of :class:`kvtransfer.datapath.Backend`."""
+STREAMING = ("layerwise", "after-prefill")
+"""The values of :class:`kvtransfer.config.Streaming`."""
+
+TRANSFER = Group(
+    "KV transfer",
+    (
+        Setting(
+            "--kv-backend",
+            choices=BACKENDS,
+            default="zmq",
+            help="how page bytes move: zmq (in ZeroMQ frames, tcp/ipc), stream (ZeroMQ "
+            "control, pages over a direct socket read straight into the KV pool: fastest on "
+            "CPU), gloo (torch.distributed, CPU), nccl (torch.distributed, GPU); both tiers "
+            "must agree",
+        ),
+        Setting(
+            "--kv-streaming",
+            choices=STREAMING,
+            default="layerwise",
+            help="push each layer's pages as it is computed, or all after the prefill",
+        ),
+        Setting(
+            "--kv-key-file",
+            type=Path,
+            help=f"file holding the fleet's KV channel secret (or set {KEY_ENV}); every frame "
+            "is MACed with it",
+        ),
+        Setting(
+            "--kv-insecure",
+            switch=True,
+            help="run the KV channel without a key (local development only)",
+        ),
+        Setting(
+            "--no-kv-checksum",
+            switch=True,
+            help="without a key, skip the per-frame XXH3-64 checksum",
+        ),
+        Setting(
+            "--kv-max-queued-mb",
+            type=int,
+            default=512,
+            help="pages queued per decode peer before the prefill worker waits",
+        ),
+        Setting(
+            "--kv-ack-timeout",
+            type=float,
+            default=30.0,
+            help="seconds a transfer may wait for its acknowledgement",
+        ),
+    ),
+)
+
+
+def transfer_config(args: argparse.Namespace) -> TransferConfig:
+    """The channel's configuration (imports torch: call it in a worker process)."""
+    from kvtransfer.config import Streaming, TransferConfig
+    from kvtransfer.datapath import Backend
+
+    key = env_value(KEY_ENV)
+    if args.kv_key_file:
+        key = Path(args.kv_key_file).read_text().strip()
+    return TransferConfig(
+        backend=Backend(args.kv_backend),
+        key=key.encode() if key else None,
+        insecure=args.kv_insecure,
+        checksum=not args.no_kv_checksum,
+        streaming=Streaming(args.kv_streaming),
+        max_queued_bytes=int(args.kv_max_queued_mb) << 20,
+        ack_timeout_s=float(args.kv_ack_timeout),
+    )
