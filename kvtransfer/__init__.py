@@ -1,8 +1,20 @@
-"""KV page transfer between tiers.
+"""KV page transfer from prefill to decode workers (control travels in gRPC, pages only here).
 
-- ``wire``: the versioned binary frame format (page, done, abort, ack), validated on arrival.
-- ``zmq_transport``: :class:`KVSender` (prefill side) and :class:`KVReceiver` (decode side) over
-  ZeroMQ tcp/ipc with zero-copy payload frames, acknowledged delivery and leases.
+- ``sender``: :class:`KVSender`, the prefill side: typed commands, one sending thread, peers.
+- ``send_budget``: the sender's open transfers and per-peer queued bytes; page checks.
+- ``receiver``: :class:`KVReceiver`, the decode side: a ZeroMQ ROUTER, handshakes, acks.
+- ``page_writer``: what a decoded frame does to the KV pool and its reservations.
+- ``reservations``: the decode side's leases on reserved blocks, and cancellation.
+- ``out_of_band``: the decode side's reads of payloads off a pair's stream or group.
+- ``handshake``: HELLO contents and the replay guard (:class:`HelloGuard`).
+- ``wire``: the versioned binary frames (PAGE, DONE, ABORT, ACK, HELLO/WELCOME/REFUSE).
+- ``frame_auth``: frame tags: AES-256-GMAC with the fleet key, else XXH3-64 or none.
+- ``datapath``: the :class:`Backend` enum (zmq, stream, gloo, nccl) and pair groups.
+- ``pair_link``: the per-pair payload channel interface (:class:`PairLink`, :class:`PairHost`).
+- ``stream_link``: the stream backend's sized records on a plain socket per pair.
+- ``metrics``: per-endpoint transfer counters (:class:`TransferStats`).
+- ``config``: how a worker's end of the channel is set up (:class:`TransferConfig`).
+- ``settings``: the channel's flags and ``PDSERVE_*`` variables (torch-free).
 
-Control (which blocks, which transfer) travels in gRPC; page bytes travel only here.
+May import: core, engine. Never a tier, ``server_runtime`` or ``pdserve``.
 """

@@ -1,22 +1,9 @@
 """How page bytes move once the control channel has said which pages go where.
 
-- ``zmq``: the payload is the second frame of the PAGE message (zero-copy on both ends; the
-  receiver copies it from ZeroMQ's message into the reserved blocks).
-- ``stream``: after the handshake (on ZeroMQ), a transfer's frames (PAGE with its payload,
-  DONE, ABORT) go as records on a plain stream socket (tcp, or a unix socket when the control
-  endpoint is ipc) made for this one pair of workers, and the receiver reads each payload
-  straight into the reserved blocks of the KV pool: the kernel's copy is the only one on the
-  receiving side (with ZeroMQ, libzmq owns the receive buffer and a second copy into the pool
-  cannot be avoided), and no ZeroMQ I/O thread hand-off is paid per page. Acks return on
-  ZeroMQ. See ``kvtransfer.stream_link``.
-- ``gloo`` / ``nccl``: the payload goes out of band over a torch.distributed process group
-  made for this one pair of workers on demand: the decode worker hosts a ``TCPStore`` and names a
-  fresh key prefix in its WELCOME, both ends build a two-rank group on it. No global world, no
-  fixed world size: workers join and leave without restarting the fleet.
-
-Every out-of-band backend is a :class:`PairLink` per (prefill, decode) pair, made by the decode
-side's :class:`PairHost` (``offer`` goes into WELCOME, ``accept`` blocks until the peer joins)
-and the sender's :func:`join_pair`.
+:class:`Backend` names the ways (both ends' fingerprints must agree on one). Every out-of-band
+backend is a :class:`PairLink` per (prefill, decode) pair whose payloads arrive in the order
+sent: offered by the decode side's :class:`PairHost` (``offer`` goes into WELCOME, ``accept``
+blocks until the peer joins) and joined by the sender's :func:`join_pair`.
 """
 
 from __future__ import annotations
@@ -40,8 +27,19 @@ from kvtransfer.stream_link import StreamLink as StreamLink
 
 
 class Backend(enum.Enum):
+    # The payload is the second frame of the PAGE message (zero-copy on both ends; the receiver
+    # copies it from ZeroMQ's message into the reserved blocks).
     ZMQ = "zmq"
-    STREAM = "stream"  # ZeroMQ control, payloads over a direct socket into the pool
+    # After the handshake (on ZeroMQ), a transfer's frames (PAGE with its payload, DONE, ABORT)
+    # go as records on a plain stream socket made for this one pair (tcp, or a unix socket when
+    # the control endpoint is ipc; ``kvtransfer.stream_link``), and the receiver reads each
+    # payload straight into the reserved blocks: the kernel's copy is the only one on the
+    # receiving side (libzmq owns its receive buffer, so ZeroMQ forces a second copy into the
+    # pool), and no ZeroMQ I/O thread hand-off is paid per page. Acks return on ZeroMQ.
+    STREAM = "stream"
+    # The payload goes over a torch.distributed two-rank group made for this one pair on
+    # demand (see GroupHost): no global world, no fixed world size, so workers join and leave
+    # without restarting the fleet.
     GLOO = "gloo"  # CPU tensors
     NCCL = "nccl"  # CUDA tensors; untested without a GPU pair
 
@@ -89,7 +87,9 @@ def make_host(
 
 
 class GroupHost(PairHost):
-    """The store that pairs rendezvous on, and the groups made on it."""
+    """The store that pairs rendezvous on, and the groups made on it: the decode worker hosts
+    a ``TCPStore`` and names a fresh key prefix in each WELCOME, both ends build a two-rank
+    group on it."""
 
     def __init__(self, backend: Backend, host: str, timeout_s: float) -> None:
         self.backend = backend

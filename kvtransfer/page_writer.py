@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import TypeAlias
 
 import structlog
 import torch
@@ -24,12 +25,24 @@ from kvtransfer.reservations import READ_CHUNK_BYTES, Reservation, Reservations
 log = structlog.get_logger(__name__)
 
 
-class Outcome(NamedTuple):
-    """How a transfer ended (it is no longer expected)."""
+@dataclass(frozen=True, eq=False)
+class Completed:
+    """DONE arrived with every reserved block of every layer written."""
 
     reservation: Reservation
-    ok: bool
-    message: str  # the first token id when ok, else the failure reason
+    first_token_id: int
+
+
+@dataclass(frozen=True, eq=False)
+class Failed:
+    """The transfer ended without its pages; ``reason`` leads with a ``label:`` for metrics."""
+
+    reservation: Reservation
+    reason: str
+
+
+Outcome: TypeAlias = Completed | Failed
+"""How a transfer ended (it is no longer expected)."""
 
 
 class PageWriter:
@@ -116,13 +129,13 @@ class PageWriter:
                         "incomplete: DONE with layers missing (a reserved block has not arrived)"
                     )
                 del self.reservations.by_id[tid]
-                return Outcome(reservation, True, str(header.first_token_id))
+                return Completed(reservation, header.first_token_id)
             if isinstance(header, wire.AbortHeader):
                 raise wire.MalformedFrameError(f"aborted: sender aborted: {header.reason}")
             raise wire.MalformedFrameError("unexpected: ACK on the receiving side")
         except wire.MalformedFrameError as exc:
             del self.reservations.by_id[tid]
-            return Outcome(reservation, False, str(exc))
+            return Failed(reservation, str(exc))
 
     def write_in_place(
         self, link: StreamLink, header: wire.PageHeader, frame: bytes, payload_len: int

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import assert_never
 
 import structlog
 import torch
@@ -40,7 +41,14 @@ from kvtransfer.datapath import (
 from kvtransfer.handshake import HelloGuard, StaleHelloError
 from kvtransfer.metrics import TransferStats, failure_label
 from kvtransfer.out_of_band import skip_group_payload, take_group_payload, take_record
-from kvtransfer.page_writer import Outcome, PageRefusedError, PageWriter, UnknownTransferError
+from kvtransfer.page_writer import (
+    Completed,
+    Failed,
+    Outcome,
+    PageRefusedError,
+    PageWriter,
+    UnknownTransferError,
+)
 from kvtransfer.reservations import Reservations
 
 log = structlog.get_logger(__name__)
@@ -213,7 +221,9 @@ class KVReceiver:
             oob = isinstance(header, wire.PageHeader) and header.out_of_band
             self.stats.drop("unauthenticated" if oob and self._auth.key else "no_handshake")
             if isinstance(header, wire.DoneHeader):
-                self._ack(identity, header.transfer_id, wire.AckStatus.FAILED, "handshake required")
+                self._ack(
+                    identity, header.transfer_id, wire.AckStatus.FAILED, wire.HANDSHAKE_REQUIRED
+                )
             return
         check = wire.payload_check(frames[0].buffer, self._auth) if deferred else None
         data: torch.Tensor | memoryview | None = payload
@@ -257,17 +267,19 @@ class KVReceiver:
     def _conclude(self, identity: bytes, tid: bytes, outcome: Outcome) -> None:
         """Report a transfer that just ended (it is no longer expected)."""
         reservation = outcome.reservation
-        if outcome.ok:
-            self.stats.completed(time.monotonic() - (reservation.started or time.monotonic()))
-            self._ack(identity, tid, wire.AckStatus.OK, "")
-            self._on_ready(reservation.request_id, int(outcome.message))
-        else:
-            self.stats.fail(failure_label(outcome.message))
-            log.warning(
-                "kv_transfer_failed", request_id=reservation.request_id, reason=outcome.message
-            )
-            self._ack(identity, tid, wire.AckStatus.FAILED, outcome.message)
-            self._on_failed(reservation.request_id, f"KV transfer failed: {outcome.message}")
+        match outcome:
+            case Completed(first_token_id=first_token_id):
+                started = reservation.started or time.monotonic()
+                self.stats.completed(time.monotonic() - started)
+                self._ack(identity, tid, wire.AckStatus.OK, "")
+                self._on_ready(reservation.request_id, first_token_id)
+            case Failed(reason=reason):
+                self.stats.fail(failure_label(reason))
+                log.warning("kv_transfer_failed", request_id=reservation.request_id, reason=reason)
+                self._ack(identity, tid, wire.AckStatus.FAILED, reason)
+                self._on_failed(reservation.request_id, f"KV transfer failed: {reason}")
+            case _:
+                assert_never(outcome)
 
     # -- the stream backend: records on each peer's stream socket ---------------------------
 

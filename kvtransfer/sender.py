@@ -1,24 +1,18 @@
 """Prefill side of the KV channel: pushes pages to decode workers, layer by layer.
 
-The owner (the prefill worker) drives a transfer with :meth:`KVSender.open`, then
-:meth:`KVSender.send_pages` as layers finish (or once, after the whole prefill), then
-:meth:`KVSender.finish` with the first token, or :meth:`KVSender.abort`. These calls only queue
-commands; one thread owns every socket and runs each transfer's state machine::
-
-    peer:      new -> handshaking (HELLO sent) -> ready | refused
-    transfer:  open -> sending -> awaiting ack -> done | failed
-               (refused peer, send error, nack, ack timeout, abort)
-
-Flow control: ``send_pages`` blocks its caller while the peer's queued bytes exceed
-``max_queued_bytes`` (the decode worker's ZeroMQ high-water mark bounds what is on the wire), so
-a slow decode worker slows its prefill workers instead of growing their memory without bound
-(see :class:`~kvtransfer.send_budget.SendBudget`).
+The owner calls :meth:`KVSender.open`, :meth:`KVSender.send_pages` (per layer or once),
+then :meth:`KVSender.finish` or :meth:`KVSender.abort`; each only queues a typed command
+(:data:`Command`). One thread owns every socket and each peer's :class:`PeerState`; a
+peer's commands run in the order queued, only once it is HANDSHAKEN. A transfer ends once:
+acknowledged, or failed (refused peer, send error, nack, ack timeout, abort). ``send_pages``
+blocks while its peer is over ``max_queued_bytes`` (:class:`SendBudget`).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import os
 import queue
 import threading
@@ -26,6 +20,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeAlias, assert_never
 
 import structlog
 import torch
@@ -38,7 +33,18 @@ from kvtransfer.handshake import hello_fields
 from kvtransfer.metrics import TransferStats
 from kvtransfer.send_budget import SendBudget, TransferSpec, check_pages
 
-__all__ = ["KVSender", "SentCallback", "TransferBackpressureError", "TransferSpec"]
+__all__ = [
+    "Abort",
+    "Command",
+    "Finish",
+    "KVSender",
+    "Open",
+    "PeerState",
+    "SendPages",
+    "SentCallback",
+    "TransferBackpressureError",
+    "TransferSpec",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +60,73 @@ class TransferBackpressureError(Exception):
     """The peer did not drain its queue in time; the transfer was aborted."""
 
 
+# -- commands: what the owner's calls queue for the sending thread -----------------------------
+
+
+@dataclass(frozen=True)
+class Open:
+    """Start a transfer (its peer's handshake, if new, begins with it)."""
+
+    spec: TransferSpec
+
+    @property
+    def transfer_id(self) -> bytes:
+        return self.spec.transfer_id
+
+
+@dataclass(frozen=True, eq=False)
+class SendPages:
+    """Pages ``(L', 2, n, bs, KVH, D)`` for layers from ``layer_start``, already checked and
+    counted as ``nbytes`` queued for ``endpoint`` in the :class:`SendBudget`: whoever takes
+    this command off a queue (sent or dropped) releases them."""
+
+    transfer_id: bytes
+    layer_start: int
+    pages: torch.Tensor
+    nbytes: int
+    endpoint: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Every page is queued: send DONE with the first token, then await the ack."""
+
+    transfer_id: bytes
+    first_token_id: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Drop the transfer and tell the peer (its reservation is freed at once)."""
+
+    transfer_id: bytes
+    reason: str
+
+
+Command: TypeAlias = Open | SendPages | Finish | Abort
+
+
+class PeerState(enum.Enum):
+    """A decode worker's handshake, as this sender sees it."""
+
+    NEW = "new"  # no handshake: never tried, or forgotten (the peer may have restarted)
+    CONNECTING = "connecting"  # HELLO sent; awaiting WELCOME or REFUSE until the deadline
+    HANDSHAKEN = "handshaken"  # WELCOME matched (and the pair link joined): frames may go
+    FAILED = "failed"  # refused or unanswered: its backlog fails, then it is NEW again
+
+    def may_become(self, state: PeerState) -> bool:
+        return state in _PEER_MOVES[self]
+
+
+# Any state may fall back to NEW (a send error or a "handshake required" nack forgets the peer).
+_PEER_MOVES: dict[PeerState, frozenset[PeerState]] = {
+    PeerState.NEW: frozenset({PeerState.NEW, PeerState.CONNECTING}),
+    PeerState.CONNECTING: frozenset({PeerState.NEW, PeerState.HANDSHAKEN, PeerState.FAILED}),
+    PeerState.HANDSHAKEN: frozenset({PeerState.NEW}),
+    PeerState.FAILED: frozenset({PeerState.NEW}),
+}
+
+
 @dataclass
 class _Transfer:
     spec: TransferSpec
@@ -66,12 +139,16 @@ class _Transfer:
 class _Peer:
     endpoint: str
     sock: zmq.Socket[bytes]
-    state: str = "new"  # new | handshaking | ready | refused
+    state: PeerState = PeerState.NEW
     hello_id: bytes = b""
     hello_deadline: float = 0.0
-    refusal: str = ""
+    refusal: str = ""  # why the handshake failed (FAILED)
     link: PairLink | None = None  # out-of-band backends: the pair's payload channel
-    backlog: collections.deque[tuple[str, bytes, object]] = field(default_factory=collections.deque)
+    backlog: collections.deque[Command] = field(default_factory=collections.deque)
+
+    def move(self, state: PeerState, refusal: str = "") -> None:
+        assert self.state.may_become(state), f"peer {self.state.name} -> {state.name}"
+        self.state, self.refusal = state, refusal
 
 
 class KVSender:
@@ -91,7 +168,7 @@ class KVSender:
         self._ack_timeout = ack_timeout_s
         self._handshake_timeout = handshake_timeout_s
         self._on_sent = on_sent
-        self._commands: queue.Queue[tuple[str, bytes, object]] = queue.Queue()
+        self._commands: queue.Queue[Command] = queue.Queue()
         self._transfers: dict[bytes, _Transfer] = {}  # owned by the sending thread
         self._peers: dict[str, _Peer] = {}
         self._poller = zmq.Poller()
@@ -122,7 +199,7 @@ class KVSender:
         """Start a transfer; the peer handshake (if new) begins now, overlapping the prefill.
         Raises ValueError for a transfer id already open."""
         self._budget.open(spec)
-        self._put(("open", spec.transfer_id, spec))
+        self._put(Open(spec))
 
     def send_pages(self, transfer_id: bytes, layer_start: int, pages: torch.Tensor) -> None:
         """Queue pages ``(L', 2, n, bs, KVH, D)`` for layers from ``layer_start``. Blocks while
@@ -136,21 +213,24 @@ class KVSender:
         try:
             check_pages(self.fingerprint, spec, layer_start, pages)
         except ValueError as exc:
-            self._put(("abort", transfer_id, f"invalid pages: {exc}"))
+            self._put(Abort(transfer_id, f"invalid pages: {exc}"))
             raise
         nbytes = pages.numel() * pages.element_size()
+        # the decode worker's ZeroMQ high-water mark bounds what is on the wire, this budget
+        # what waits here: a slow decode worker slows its prefill workers instead of growing
+        # their memory without bound
         if not self._budget.reserve(spec.endpoint, nbytes, self._ack_timeout, self._stop):
-            self._put(("abort", transfer_id, "backpressure timeout"))
+            self._put(Abort(transfer_id, "backpressure timeout"))
             raise TransferBackpressureError(f"decode worker {spec.endpoint} is not draining")
-        self._put(("pages", transfer_id, (layer_start, pages, nbytes, spec.endpoint)))
+        self._put(SendPages(transfer_id, layer_start, pages, nbytes, spec.endpoint))
 
     def finish(self, transfer_id: bytes, first_token_id: int) -> None:
         """All pages are queued: send DONE with the first token and await the ack."""
-        self._put(("done", transfer_id, first_token_id))
+        self._put(Finish(transfer_id, first_token_id))
 
     def abort(self, transfer_id: bytes, reason: str) -> None:
         """Drop the transfer; the receiver frees its reservation at once."""
-        self._put(("abort", transfer_id, reason))
+        self._put(Abort(transfer_id, reason))
 
     def pending(self) -> int:
         """Transfers opened and not yet acknowledged or abandoned."""
@@ -158,7 +238,7 @@ class KVSender:
 
     # -- sending thread ---------------------------------------------------------------------
 
-    def _put(self, command: tuple[str, bytes, object]) -> None:
+    def _put(self, command: Command) -> None:
         """Queue a command and wake the sending thread (any thread)."""
         self._commands.put(command)
         with contextlib.suppress(BlockingIOError):  # a full pipe wakes the thread anyway
@@ -175,14 +255,14 @@ class KVSender:
                     while os.read(self._wake_r, 4096):
                         pass
             try:
-                command: tuple[str, bytes, object] | None = self._commands.get_nowait()
+                command: Command | None = self._commands.get_nowait()
             except queue.Empty:
                 command = None
             while command is not None:
                 try:
                     self._route(command)
                 except Exception as exc:  # bad input fails its transfer, never this thread
-                    self._fail(command[1], f"error: {exc}")
+                    self._fail(command.transfer_id, f"error: {exc}")
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:
@@ -196,16 +276,16 @@ class KVSender:
             if peer.link is not None:
                 peer.link.close()
 
-    def _route(self, command: tuple[str, bytes, object]) -> None:
-        kind, tid, arg = command
-        if kind == "open":
-            assert isinstance(arg, TransferSpec)
-            self._transfers[tid] = _Transfer(arg, time.monotonic())
+    def _route(self, command: Command) -> None:
+        """Hand a command to its transfer's peer, in order; a command for a transfer that
+        already ended is dropped (its pages' bytes leave the budget)."""
+        if isinstance(command, Open):
+            self._transfers[command.transfer_id] = _Transfer(command.spec, time.monotonic())
             self.stats.transfers_started += 1
-        transfer = self._transfers.get(tid)
+        transfer = self._transfers.get(command.transfer_id)
         if transfer is None:
-            if kind == "pages":
-                self._release_bytes(arg)
+            if isinstance(command, SendPages):
+                self._release_bytes(command)
             return
         peer = self._peer(transfer.spec.endpoint)
         peer.backlog.append(command)
@@ -224,47 +304,56 @@ class KVSender:
         return peer
 
     def _drain(self, peer: _Peer) -> None:
-        if peer.state == "new" and peer.backlog:
+        """Run what the peer's state allows: a NEW peer with work is greeted; a FAILED one
+        fails its backlog; a HANDSHAKEN one sends it, in order."""
+        if peer.state is PeerState.NEW and peer.backlog:
             self._hello(peer)
-        if peer.state == "refused":
+        if peer.state is PeerState.FAILED:
             while peer.backlog:
-                kind, tid, arg = peer.backlog.popleft()
-                if kind == "pages":
-                    self._release_bytes(arg)
-                self._fail(tid, f"incompatible: {peer.refusal}")
-            peer.state = "new"  # the peer may be reconfigured; try again next time
+                command = peer.backlog.popleft()
+                if isinstance(command, SendPages):
+                    self._release_bytes(command)
+                self._fail(command.transfer_id, f"incompatible: {peer.refusal}")
+            peer.move(PeerState.NEW)  # the peer may be reconfigured; try again next time
             return
-        while peer.state == "ready" and peer.backlog:
-            kind, tid, arg = peer.backlog.popleft()
+        while peer.state is PeerState.HANDSHAKEN and peer.backlog:
+            command = peer.backlog.popleft()
             try:
-                self._execute(peer, kind, tid, arg)
+                self._execute(peer, command)
             except (zmq.ZMQError, RuntimeError, OSError) as exc:  # torch.distributed, sockets
-                self._fail(tid, f"send_error: {peer.endpoint}: {exc}")
+                self._fail(command.transfer_id, f"send_error: {peer.endpoint}: {exc}")
                 self._reset(peer)
             except Exception as exc:  # bad input fails its transfer, never this thread
-                self._fail(tid, f"error: {exc}")
+                self._fail(command.transfer_id, f"error: {exc}")
 
-    def _execute(self, peer: _Peer, kind: str, tid: bytes, arg: object) -> None:
+    def _execute(self, peer: _Peer, command: Command) -> None:
+        """One command on a handshaken peer's wire."""
+        tid = command.transfer_id
         transfer = self._transfers.get(tid)
-        if kind == "pages":
-            assert isinstance(arg, tuple)
-            try:
-                if transfer is not None and transfer.failed is None:
-                    self._send_page(peer, transfer, *arg[:2])
-            finally:
-                self._release_bytes(arg)
-        elif transfer is None:
-            return
-        elif kind == "done":
-            assert isinstance(arg, int)
-            done = wire.DoneHeader(tid, arg, self.fingerprint.num_layers)
-            self._send_frame(peer, wire.encode(done, self._auth))
-            transfer.deadline = time.monotonic() + self._ack_timeout
-        elif kind == "abort":
-            try:
-                self._send_frame(peer, wire.encode(wire.AbortHeader(tid, str(arg)), self._auth))
-            finally:
-                self._fail(tid, f"aborted: {arg}")
+        match command:
+            case SendPages(layer_start=layer_start, pages=pages):
+                try:
+                    if transfer is not None and transfer.failed is None:
+                        self._send_page(peer, transfer, layer_start, pages)
+                finally:
+                    self._release_bytes(command)
+            case Open():
+                pass  # its work was the handshake
+            case Finish(first_token_id=first_token_id):
+                if transfer is None:
+                    return
+                done = wire.DoneHeader(tid, first_token_id, self.fingerprint.num_layers)
+                self._send_frame(peer, wire.encode(done, self._auth))
+                transfer.deadline = time.monotonic() + self._ack_timeout
+            case Abort(reason=reason):
+                if transfer is None:
+                    return
+                try:
+                    self._send_frame(peer, wire.encode(wire.AbortHeader(tid, reason), self._auth))
+                finally:
+                    self._fail(tid, f"aborted: {reason}")
+            case _:
+                assert_never(command)
 
     def _send_frame(self, peer: _Peer, frame: bytes) -> None:
         """A transfer's control frame, in order with its pages: on the pair's stream for the
@@ -316,7 +405,7 @@ class KVSender:
             peer.hello_id, wire.FrameKind.HELLO, hello_fields(self.fingerprint)
         )
         peer.sock.send(wire.encode(hello, self._auth))
-        peer.state = "handshaking"
+        peer.move(PeerState.CONNECTING)
 
     def _collect_replies(self) -> None:
         if not self._peers:
@@ -345,10 +434,10 @@ class KVSender:
                     self._acked(peer, header)
 
     def _answer(self, peer: _Peer, reply: wire.HandshakeHeader) -> None:
-        if peer.state != "handshaking" or reply.transfer_id != peer.hello_id:
+        if peer.state is not PeerState.CONNECTING or reply.transfer_id != peer.hello_id:
             return  # a stale answer
         if reply.kind is wire.FrameKind.REFUSE:
-            peer.state, peer.refusal = "refused", str(reply.fields.get("reason", "refused"))
+            peer.move(PeerState.FAILED, str(reply.fields.get("reason", "refused")))
             log.warning("kv_peer_refused_us", endpoint=peer.endpoint, reason=peer.refusal)
             return
         try:
@@ -362,9 +451,9 @@ class KVSender:
                     self._auth.stream_proof,
                 )
         except (IncompatiblePeerError, KeyError, RuntimeError, ValueError, OSError) as exc:
-            peer.state, peer.refusal = "refused", str(exc)
+            peer.move(PeerState.FAILED, str(exc))
             return
-        peer.state = "ready"
+        peer.move(PeerState.HANDSHAKEN)
         log.info("kv_peer_ready", endpoint=peer.endpoint, backend=self.backend.value)
 
     def _acked(self, peer: _Peer, ack: wire.AckHeader) -> None:
@@ -376,15 +465,15 @@ class KVSender:
             self.stats.completed(time.monotonic() - transfer.started)
             self._closed(transfer, True, "")
             return
-        if ack.message == "handshake required":  # the decode worker restarted
+        if ack.message == wire.HANDSHAKE_REQUIRED:  # the decode worker restarted
             self._reset(peer)
         self._fail(ack.transfer_id, f"nack: {ack.message}")
 
     def _expire(self) -> None:
         now = time.monotonic()
         for peer in self._peers.values():
-            if peer.state == "handshaking" and peer.hello_deadline <= now:
-                peer.state, peer.refusal = "refused", "handshake_timeout: no answer to HELLO"
+            if peer.state is PeerState.CONNECTING and peer.hello_deadline <= now:
+                peer.move(PeerState.FAILED, "handshake_timeout: no answer to HELLO")
         for tid, transfer in list(self._transfers.items()):
             if transfer.deadline is not None and transfer.deadline <= now:
                 self._fail(tid, f"ack_timeout: no acknowledgement in {self._ack_timeout:.0f}s")
@@ -393,7 +482,8 @@ class KVSender:
         """Forget a peer's handshake (its process may have restarted); keep its socket."""
         if peer.link is not None:
             peer.link.close()
-        peer.state, peer.link = "new", None
+        peer.link = None
+        peer.move(PeerState.NEW)
 
     def _fail(self, tid: bytes, reason: str) -> None:
         transfer = self._transfers.pop(tid, None)
@@ -409,11 +499,9 @@ class KVSender:
         if self._on_sent is not None:
             self._on_sent(transfer.spec.request_id, ok, message)
 
-    def _release_bytes(self, arg: object) -> None:
+    def _release_bytes(self, command: SendPages) -> None:
         """A pages command left the queue (sent or dropped): its bytes leave the budget."""
-        assert isinstance(arg, tuple)
-        _, _, nbytes, endpoint = arg
-        self._budget.release(endpoint, nbytes)
+        self._budget.release(command.endpoint, command.nbytes)
 
 
 def _close_fds(*fds: int) -> None:

@@ -1,24 +1,10 @@
 """Binary frame format of the KV transfer channel. No pickle: fixed little-endian structs.
 
-Every message is a ZeroMQ multipart message whose first frame is a header::
-
-    prefix   magic "PDKV" | version u16 | kind u8 | flags u8 | transfer_id 16 bytes | body
-    tag      32 bytes, last: with the fleet key, a random 96-bit nonce and an AES-256-GMAC over
-             prefix + payload (keys derived from the fleet key); else the XXH3-64 checksum of
-             prefix + payload (first 8 bytes) when checksums are on; else zeros
-
-    PAGE     layer_start u16 | layer_end u16 | num_blocks u32 | block_size u16 | kv_heads u16
-             | head_dim u16 | dtype u8 | payload_nbytes u64 | block_ids u32 x n
-    DONE     first_token_id u32 | num_layers u32
-    ABORT    utf-8 reason
-    ACK      status u8 | utf-8 message
-    HELLO, WELCOME, REFUSE   utf-8 JSON object (handshake; see ``kvtransfer.handshake``)
-
-A PAGE's payload is ``(layers, 2, num_blocks, block_size, kv_heads, head_dim)``, C-contiguous: in
-the second frame with the ZeroMQ backend, or out of band (flag ``FLAG_OUT_OF_BAND``) over a
-torch.distributed pair group or a direct stream socket (``kvtransfer.datapath``). Decoders raise
-:class:`MalformedFrameError` on anything off, and :class:`UnauthenticatedFrameError` when the tag
-does not verify.
+Every message's first frame is a header: a prefix (magic, version, kind, flags, transfer id),
+a body per kind and a tag over prefix + payload (``kvtransfer.frame_auth``); the layout is
+beside the structs below and changes only with ``PROTOCOL_VERSION``. Decoders raise
+:class:`MalformedFrameError` on anything off, :class:`UnauthenticatedFrameError` when the tag
+does not verify: such a frame never reaches the KV cache.
 """
 
 from __future__ import annotations
@@ -48,6 +34,23 @@ MAX_BLOCKS_PER_PAGE = 1 << 20
 MAX_TEXT_BYTES = 4096
 MAX_PAYLOAD_BYTES = 1 << 32  # one page; far above any real layer range
 
+# The header frame::
+#
+#     prefix   magic "PDKV" | version u16 | kind u8 | flags u8 | transfer_id 16 bytes | body
+#     tag      32 bytes, last: with the fleet key, a random 96-bit nonce and an AES-256-GMAC over
+#              prefix + payload (keys derived from the fleet key); else the XXH3-64 checksum of
+#              prefix + payload (first 8 bytes) when checksums are on; else zeros
+#
+#     PAGE     layer_start u16 | layer_end u16 | num_blocks u32 | block_size u16 | kv_heads u16
+#              | head_dim u16 | dtype u8 | payload_nbytes u64 | block_ids u32 x n
+#     DONE     first_token_id u32 | num_layers u32
+#     ABORT    utf-8 reason
+#     ACK      status u8 | utf-8 message
+#     HELLO, WELCOME, REFUSE   utf-8 JSON object (handshake; see ``kvtransfer.handshake``)
+#
+# A PAGE's payload is ``(layers, 2, num_blocks, block_size, kv_heads, head_dim)``, C-contiguous:
+# in the second frame with the ZeroMQ backend, or out of band (flag ``FLAG_OUT_OF_BAND``) over a
+# torch.distributed pair group or a direct stream socket (``kvtransfer.datapath``).
 _PREFIX = struct.Struct("<4sHBB16s")
 _PAGE = struct.Struct("<HHIHHHBQ")
 _DONE = struct.Struct("<II")
@@ -69,6 +72,11 @@ class FrameKind(enum.IntEnum):
 class AckStatus(enum.IntEnum):
     OK = 0
     FAILED = 1
+
+
+HANDSHAKE_REQUIRED = "handshake required"
+"""A FAILED ACK's message for a DONE from a peer the receiver does not know (it restarted, or
+forgot the peer): the sender must handshake again."""
 
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
