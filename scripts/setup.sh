@@ -105,7 +105,7 @@ if [[ "${FORCE:-0}" != 1 && -n "$have" && ($want == runtime || $have == dev) ]];
     "$py" -m protos.build >/dev/null
     done_steps+=("project already installed ($have extras); regenerated protos")
 else
-    target=$([[ $dev == 1 ]] && echo '.[dev]' || echo '.')
+    target=$([[ $dev == 1 ]] && echo '.[worker,bench,dev]' || echo '.[worker,bench]')
     say "installing the project: pip install -e \"$target\" (compiles the protos)"
     pip_install -e "$target"
     rm -f "$stamp"

@@ -1,8 +1,8 @@
-"""Build ``pdserve-dashboard.json`` (Grafana, Prometheus data source) from the list below.
+"""Build ``pdserve-dashboard.json`` (Grafana, Prometheus data source) from the panels in ``panels.py``.
 
     python deploy/grafana/build_dashboard.py          # rewrites pdserve-dashboard.json
 
-Edit the panels here, not the JSON: tests/deploy/test_observability.py fails when the two
+Edit the panels there, not the JSON: tests/deploy/test_observability.py fails when the two
 differ, and checks every query against the metric names pdserve exports.
 """
 

