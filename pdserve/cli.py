@@ -15,7 +15,7 @@ from core.settings import add_settings
 from decode_service import settings as decode_settings
 from gateway import settings as gateway_settings
 from pdserve import settings as pdserve_settings
-from pdserve.bench.cli import BENCH
+from pdserve.bench.settings import BENCH
 from prefill_service import settings as prefill_settings
 
 

@@ -9,9 +9,8 @@ The client is the SDK's (pdserve.client): ``--tls*`` and ``--auth-token-file`` (
 ``PDSERVE_AUTH_TOKEN``) as ``pdserve generate`` takes them, and ``--retries`` of requests
 refused with RESOURCE_EXHAUSTED after the server's RetryInfo delay.
 
-This module imports only the flags' declarations at import time (the ``pdserve`` parser is
-built on every command); the benchmark's own modules are imported when it runs. Every flag
-also reads ``PDSERVE_<FLAG>`` (see :mod:`core.settings`).
+The flags are declared in :mod:`pdserve.bench.settings` (each also reads ``PDSERVE_<FLAG>``);
+the benchmark's own modules are imported when it runs.
 """
 
 from __future__ import annotations
@@ -25,173 +24,17 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from core.settings import Group, Setting
-from engine.config import DEFAULT_MODEL
-from server_runtime.settings import AUTH_TOKEN_ENV, CLIENT_TLS
+from pdserve.bench.settings import (
+    SMOKE_INPUT_LEN,
+    SMOKE_NUM_PROMPTS,
+    SMOKE_OUTPUT_LEN,
+    SMOKE_PREFIX_LEN,
+)
 
 if TYPE_CHECKING:
     from pdserve.bench.datasets import BenchRequest
     from pdserve.bench.report import RunResult
     from pdserve.bench.runner import ClientOptions
-
-DATASETS = ("random", "shared-prefix", "sharegpt")
-SMOKE_NUM_PROMPTS = 4
-SMOKE_INPUT_LEN = "8,32"
-SMOKE_OUTPUT_LEN = "4,8"
-SMOKE_PREFIX_LEN = 16
-
-
-def _rate(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("a request rate must be positive (inf: all at once)")
-    return value
-
-
-def _rates(text: str) -> list[float]:
-    return [_rate(t) for t in text.split(",") if t.strip()]
-
-
-def _join(values: list[float]) -> str:
-    return ",".join(map(str, values))
-
-
-TARGET = Group(
-    "target",
-    (
-        Setting(
-            "--gateway",
-            default="127.0.0.1:50051",
-            help="gateway address to load (ignored with --compare)",
-        ),
-        Setting(
-            "--model",
-            default=DEFAULT_MODEL,
-            help="the served model: its tokenizer builds the prompts; --compare runs it",
-        ),
-        Setting("--cache-dir", type=Path, help="pdserve's model cache"),
-        Setting("--request-timeout", type=float, help="seconds per request"),
-        Setting("--temperature", type=float, default=0.0, help="0: greedy (default)"),
-        Setting(
-            "--retries",
-            type=int,
-            default=3,
-            help="retries of a request refused with RESOURCE_EXHAUSTED before its first token, "
-            "after the server's RetryInfo delay (its TTFT includes the wait)",
-        ),
-        Setting(
-            "--auth-token-file",
-            type=Path,
-            help=f"file whose first line is the gateway's bearer token (or set {AUTH_TOKEN_ENV})",
-        ),
-    ),
-)
-
-DATASET = Group(
-    "dataset",
-    (
-        Setting(
-            "--dataset",
-            choices=DATASETS,
-            help="random lengths (default), shared prefixes, or a ShareGPT file (--dataset-path)",
-        ),
-        Setting("--dataset-path", type=Path, help="ShareGPT-format JSON"),
-        Setting("--num-prompts", type=int, default=24, help="requests per run"),
-        Setting(
-            "--input-len-range",
-            default="16,256",
-            help="MIN,MAX prompt tokens (shared-prefix: suffix tokens after the prefix)",
-        ),
-        Setting("--output-len-range", default="16,128", help="MIN,MAX output tokens"),
-        Setting("--num-prefixes", type=int, default=4, help="shared-prefix: prefixes"),
-        Setting("--prefix-len", type=int, default=256, help="shared-prefix: prefix tokens"),
-        Setting(
-            "--sharegpt-output-len",
-            type=int,
-            help="sharegpt: fixed output tokens instead of the reference answer's length",
-        ),
-        Setting("--seed", type=int, default=0, help="seeds the dataset and the arrivals"),
-    ),
-)
-
-LOAD = Group(
-    "load",
-    (
-        Setting(
-            "--request-rate", type=_rate, default=math.inf, help="requests/s; inf: all at once"
-        ),
-        Setting(
-            "--burstiness",
-            type=float,
-            default=1.0,
-            help="gamma shape of the arrival gaps: 1 Poisson, <1 burstier, >1 more regular",
-        ),
-        Setting("--max-concurrency", type=int, help="requests in flight at most"),
-        Setting(
-            "--request-rate-sweep",
-            type=_rates,
-            metavar="R1,R2,...",
-            format=_join,
-            help="one run per rate (overrides --request-rate)",
-        ),
-    ),
-)
-
-OUTPUT = Group(
-    "metrics and output",
-    (
-        Setting(
-            "--goodput",
-            nargs="+",
-            split=" ",
-            default=(),
-            metavar="KEY:MS",
-            help="SLOs in ms for goodput, keys ttft, tpot, e2el (e.g. ttft:500 tpot:100)",
-        ),
-        Setting("--percentiles", default="50,90,99", help="latency percentiles to report"),
-        Setting("--num-warmups", type=int, default=1, help="untimed requests first"),
-        Setting("--output-json", type=Path, help="write every metric here"),
-        Setting("--plot-dir", type=Path, help="write PNG plots here"),
-        Setting("--disable-tqdm", switch=True, help="no progress bar"),
-        Setting(
-            "--smoke",
-            switch=True,
-            help=f"CI mode: {SMOKE_NUM_PROMPTS} tiny requests ({SMOKE_INPUT_LEN} prompt, "
-            f"{SMOKE_OUTPUT_LEN} output tokens)",
-        ),
-    ),
-)
-
-COMPARE = Group(
-    "compare",
-    (
-        Setting(
-            "--compare",
-            switch=True,
-            help="run transformers one at a time, in static batches of 8 and with its "
-            "continuous batching, then pdserve colocated and disaggregated clusters it starts "
-            "itself, and print output tok/s ratios",
-        ),
-        Setting(
-            "--systems",
-            help="with --compare, a comma-separated list of hf-serial, hf-static8, hf-cb "
-            "(transformers continuous batching), pdserve-colocated, pdserve-disaggregated "
-            "(default: all)",
-        ),
-        Setting("--dtype", default="float32", choices=["float32", "bfloat16", "float16"]),
-        Setting(
-            "--cluster-arg",
-            repeat=True,
-            metavar="FLAG=VALUE",
-            help="extra flag for the clusters' `pdserve up`, repeatable "
-            "(e.g. --cluster-arg=--num-blocks=512)",
-        ),
-        Setting("--log-dir", type=Path, help="cluster logs (default: a temporary folder)"),
-    ),
-)
-
-BENCH = (TARGET, CLIENT_TLS, DATASET, LOAD, OUTPUT, COMPARE)
-"""Every ``pdserve bench`` setting (``--tls*`` as ``pdserve generate`` takes them)."""
 
 
 def _build_requests(args: argparse.Namespace, model_path: Path, seed: int) -> list[BenchRequest]:
