@@ -1,7 +1,9 @@
 """``pdserve`` command line: run a tier, a whole local cluster, or stream a completion.
 
-Every flag can also come from the environment as ``PDSERVE_<FLAG>`` (e.g. ``PDSERVE_MODEL``);
-a flag given on the command line wins. Configuration is built here, once, and passed down.
+Every flag can also come from the environment as ``PDSERVE_<FLAG>`` (e.g. ``PDSERVE_MODEL``,
+``PDSERVE_NO_PREFIX_CACHING=true``); a flag given on the command line wins. Each tier declares
+its settings once, in its ``settings`` module (see :mod:`core.settings`); this module puts them
+on its commands, and configuration is built from them, once, and passed down.
 """
 
 from __future__ import annotations
