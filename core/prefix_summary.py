@@ -1,24 +1,10 @@
 """The prefix-cache summary a worker advertises on its load stream, and the gateway's match.
 
-A worker cannot list every block it caches (a GPU pool holds ~10^5 of them, and the load stream
-repeats every 250 ms), and the pool does not know a block's depth in its prompt (the chain is
-hashed, not stored). So the worker remembers the prompts it served most recently and, on each
-load report, advertises for each one still cached the chained hashes
-(:func:`core.prefix_hash.prefix_hashes`) at *anchor* depths of 1, 2, 4, 8, ... full blocks::
-
-    prompt blocks     b0  b1  b2  b3  b4  b5  b6  b7  b8 ...
-    anchor hashes     h0  h1      h3              h7          (h_i names blocks 0..i)
-
-The gateway hashes the same anchors of a new prompt (same function, the worker's block size)
-and the deepest anchor a worker advertises says how long a prefix that worker would reuse, to
-within a factor of two. Geometric depths rather than only the first few blocks: a system prompt
-shared by every conversation matches on every worker at depth 4, while the conversation's own
-history (depth 16, 32, ...) singles out the worker that served its previous turn.
-
-Bounds: :data:`MAX_BLOCKS` deep (7 anchors), :data:`MAX_PREFIXES` prompts, so at most 448
-hashes of 16 bytes (7 KB) per report, usually far fewer (shared anchors are sent once).
-A prompt is advertised only as deep as the pool still holds its leading blocks, and forgotten
-once it holds none.
+For its recently served prompts, a worker advertises the chained hashes (:mod:`core.prefix_hash`)
+at anchor depths of 1, 2, 4, ... full blocks, each only as deep as its pool still holds; the
+gateway hashes a new prompt's anchors the same way (with the worker's block size), and the
+deepest match says how long a prefix that worker would reuse, within a factor of two. Bounded:
+:data:`MAX_PREFIXES` prompts x 7 anchors (:data:`MAX_BLOCKS` deep), 448 hashes of 16 bytes.
 """
 
 from __future__ import annotations
@@ -75,6 +61,17 @@ def matched_depth(anchors: Sequence[tuple[int, bytes]], advertised: Collection[b
 
 class PrefixSummary:
     """A worker's recently served prompts, as hash chains; :meth:`advertised` is the summary.
+
+    Why a summary: a worker cannot list every block it caches (a GPU pool holds ~10^5 of them,
+    and the load stream repeats every 250 ms by default), and the pool does not know a block's
+    depth in its prompt (the chain is hashed, not stored). Why geometric anchor depths::
+
+        prompt blocks     b0  b1  b2  b3  b4  b5  b6  b7  b8 ...
+        anchor hashes     h0  h1      h3              h7          (h_i names blocks 0..i)
+
+    a system prompt shared by every conversation matches on every worker at depth 4, while the
+    conversation's own history (depth 16, 32, ...) singles out the worker that served its
+    previous turn. Shared anchors are sent once; a prompt the pool holds none of is forgotten.
 
     Not thread-safe: record and read from one thread (the worker's event loop)."""
 

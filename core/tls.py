@@ -1,16 +1,9 @@
 """TLS for every gRPC hop: server credentials, channel credentials, and their flags' values.
 
-One :class:`TLSConfig` describes one side of a hop::
-
-    client --TLS--> gateway --mTLS--> prefill / decode workers
-
-- a server presents ``cert``/``key``; with ``require_client_cert`` it also demands a client
-  certificate signed by ``ca`` (mutual TLS: how workers admit only the gateway);
-- a client verifies the server against ``ca`` (the system roots when unset) and, with
-  ``cert``/``key``, presents its own certificate for mutual TLS.
-
-``server_name`` overrides the name checked against the server's certificate (when the address
-is an IP literal the certificate does not list, or a proxy sits in between).
+One :class:`TLSConfig` describes one side of a hop (client --TLS--> gateway --mTLS--> workers).
+A server presents ``cert``/``key`` and, with ``require_client_cert``, admits only clients with a
+certificate signed by ``ca`` (mutual TLS: how workers admit only the gateway). A client verifies
+the server against ``ca`` (the system roots when unset) and presents ``cert``/``key`` if given.
 """
 
 from __future__ import annotations
@@ -27,6 +20,9 @@ class TLSConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TLSConfig:
+    """One side of a hop. ``cert`` and ``key`` come together, and ``require_client_cert`` needs
+    ``ca`` (else :class:`TLSConfigError`)."""
+
     cert: Path | None = None
     """PEM certificate chain this side presents (a server's, or a client's for mTLS)."""
     key: Path | None = None
@@ -36,7 +32,8 @@ class TLSConfig:
     require_client_cert: bool = False
     """Server side: refuse clients without a certificate signed by ``ca`` (mutual TLS)."""
     server_name: str | None = None
-    """Client side: the name to check the server's certificate against."""
+    """Client side: the name to check the server's certificate against, instead of the address's
+    host (an IP literal the certificate does not list, or a proxy in between)."""
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):

@@ -1,29 +1,10 @@
 """Attention over the paged KV cache, plugged into transformers' attention interface.
 
-The model runs on a *packed* batch: all new tokens of all scheduled sequences side by side as one
-row ``(1, N)``, with explicit ``position_ids``. The runner packs the sequences with one new token
-(decode) first, shortest context first, and those with several (prefill chunks) after them::
-
-    packed tokens   [ d0 d1 d2 | d3 d4 ... | p0 p0 p0 p0 p1 p1 p1 ... ]
-                      decode groups          prefill group (starts at Bd)
-
-For each layer, this module
-
-1. writes the new tokens' K and V into their cache slots (``slot_mapping``);
-2. decode tokens: with the native kernel (:mod:`engine.kernels`, CPU), all of them at once, each
-   reading its context's blocks in place. Otherwise each decode group (sequences of similar
-   context length, so that padding stays small; a few groups at most) gathers the sequences'
-   *whole blocks* (one ``index_select`` over the layer viewed as ``(2, NB, bs * KVH * D)``,
-   into a workspace every layer reuses), padded to the group's longest context, and runs one
-   scaled-dot-product attention with one query per sequence and a key-padding mask;
-3. prefill group: when every sequence in it starts at position 0 (fresh prompts), its context is
-   its own new tokens: they are padded to the longest prompt (no padding for a lone prompt) and
-   attend causally, no gather and no mask; otherwise as decode, with queries padded to the
-   longest chunk and a causal mask over the gathered context.
-
-So sequences of different lengths, and prefill chunks next to decode tokens, share one forward
-pass without padding the *model* inputs; attention pads only within each group, so a long prompt
-arriving does not pad every running sequence's single query to the prompt's length.
+The model runs on a *packed* batch: all new tokens of all scheduled sequences as one row with
+explicit positions, decode tokens first and prefill chunks after (:class:`AttentionBatch`, built
+once per step, shared by every layer). Per layer, :func:`attend` writes the new K and V into
+their cache slots, then attends each token to its context. Only attention pads, and only within
+a group, so a long prompt arriving does not pad every running sequence's single query.
 """
 
 from __future__ import annotations
@@ -124,7 +105,24 @@ def attend(
     scale: float,
 ) -> torch.Tensor:
     """Write the step's new K and V into their slots of layer ``layer_idx``, then attend every
-    new token to its context: ``(N, H, D)``, contiguous."""
+    new token to its context: ``(N, H, D)``, contiguous.
+
+    The runner packs sequences with one new token (decode) first, shortest context first, and
+    those with several (prefill chunks) after them::
+
+        packed tokens   [ d0 d1 d2 | d3 d4 ... | p0 p0 p0 p0 p1 p1 p1 ... ]
+                          decode groups          prefill group (starts at Bd)
+
+    - decode tokens: with the native kernel (:mod:`engine.kernels`, CPU), all at once, each
+      reading its context's blocks in place. Otherwise each decode group (similar context
+      lengths, so padding stays small; a few groups at most) gathers its sequences' whole blocks
+      into the workspace every layer reuses (:func:`_gather`), padded to the group's longest
+      context, and runs one SDPA with one query per sequence and a key-padding mask;
+    - prefill group: when every sequence starts at position 0 (fresh prompts), each attends
+      causally to its own new tokens, one call per prompt: no gather, no padding, no mask.
+      Otherwise as decode, with queries padded to the longest chunk and a causal mask over the
+      gathered context.
+    """
     cache = batch.kv_cache
     layer_kv = cache.kv[layer_idx]  # (2, NB, bs, KVH, D)
     slots = layer_kv.view(2, -1, cache.num_kv_heads, cache.head_dim)  # (2, NB * bs, KVH, D)

@@ -1,16 +1,9 @@
 """Ref-counted allocator of KV cache blocks, with a cache of full blocks by content hash.
-Pure Python: no torch, testable alone.
 
-Every block is in exactly one of three states::
-
-    owned       ref count >= 1 (one per sequence using it)
-    cached      ref count 0, holds the KV of a known token prefix (``hash``), evictable (LRU)
-    free        ref count 0, no content worth keeping
-
-Owners give blocks back with :meth:`BlockPool.free`. A full block registered with a hash
-(:meth:`register`) stays findable by :meth:`lookup` while owned or cached; :meth:`share` adds an
-owner (reviving a cached block); :meth:`allocate` takes free blocks first, then evicts the least
-recently used cached ones. :meth:`check_integrity` verifies these invariants.
+Pure Python: no torch, testable alone. Every block is in exactly one of three states: owned (ref
+count >= 1, one per sequence using it), cached (ref count 0, holds the KV of a known token prefix,
+evictable LRU) or free. Owners give blocks back with :meth:`BlockPool.free`, in sequence order;
+:meth:`BlockPool.check_integrity` verifies these invariants.
 """
 
 from __future__ import annotations
@@ -22,7 +15,12 @@ from core.errors import BlockPoolCorruptedError, OutOfBlocksError
 
 
 class BlockPool:
-    """Hands out block ids in ``[0, num_blocks)``; all-or-nothing allocation."""
+    """Hands out block ids in ``[0, num_blocks)``; all-or-nothing allocation.
+
+    A full block registered with a hash (:meth:`register`) stays findable by :meth:`lookup`
+    while owned or cached; :meth:`share` adds an owner (reviving a cached block);
+    :meth:`allocate` takes free blocks first, then evicts the least recently used cached ones.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks <= 0:

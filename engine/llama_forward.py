@@ -1,21 +1,9 @@
 """pdserve's own forward pass for Llama-family decoders (Llama, Mistral, Qwen2; SmolLM is Llama).
 
-transformers' modules cost a decode step more than their arithmetic: dozens of small ops, module
-calls and mask construction per layer, on every step. This runs the same math over the packed
-batch with the per-step overhead removed:
-
-- q, k and v projections fused into one matrix product, gate and up into another (on CPU
-  float32 the fused weights are packed once for the linear kernel, see :mod:`engine.linear`);
-- RoPE applied to the queries and keys of all heads in one pass;
-- attention straight into :func:`engine.attention.attend` (no attention interface, no masks);
-- logits only for the tokens that sample.
-
-RMSNorm, RoPE, SiLU and the residual adds are the same operations in the same order as in
-transformers (:class:`TorchLayerOps`; on CPU in float32 the C functions of
-:mod:`engine.kernels.layer_ops` do the same arithmetic in one call each), so greedy output stays
-token-identical to it (the tests compare). Weights are
-shared with the transformers model, not copied: its projections become views of the fused
-matrices. Rotary embeddings come from the model's own rotary module (every RoPE scaling type).
+transformers' math over the packed batch, without its per-step overhead (:class:`LlamaForward`).
+Invariants: RMSNorm, RoPE, SiLU and the residual adds are transformers' operations in the same
+order, so greedy output stays token-identical to it (the tests compare); weights are shared with
+the transformers model, not copied (its projections become views of the fused matrices).
 """
 
 from __future__ import annotations
@@ -87,7 +75,18 @@ def supports(model: torch.nn.Module) -> bool:
 
 
 class LlamaForward:
-    """Callable ``(input_ids (N,), positions (N,), batch, logits_index (S,)) -> logits (S, V)``."""
+    """Callable ``(input_ids (N,), positions (N,), batch, logits_index (S,)) -> logits (S, V)``.
+
+    transformers' modules cost a decode step more than their arithmetic: dozens of small ops,
+    module calls and mask construction per layer, on every step. Here q, k and v projections are
+    fused into one matrix product, gate and up into another (on CPU in float32 the fused weights
+    are packed once, see :mod:`engine.linear`); RoPE covers all heads in one pass; attention
+    goes straight into :func:`engine.attention.attend` (no attention interface, no masks); only
+    the tokens that sample get logits. The small ops are :class:`TorchLayerOps` (on CPU in
+    float32 the C functions of :mod:`engine.kernels.layer_ops` do the same arithmetic in one
+    call each). Rotary embeddings come from the model's own rotary module (every RoPE scaling
+    type).
+    """
 
     def __init__(
         self,

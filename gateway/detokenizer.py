@@ -1,21 +1,9 @@
-"""Incremental detokenization: turn a stream of generated token ids into a stream of text.
+"""Incremental detokenization: a stream of generated token ids into a stream of final text.
 
-The scheme is vLLM's ``prefix_offset``/``read_offset`` one. Decoding token by token is wrong in
-two ways: a multi-byte character can be split across tokens (its first token alone decodes to
-U+FFFD), and SentencePiece-style decoders drop the leading space of the first token they see.
-So each call decodes a short *window* of recent tokens whose first tokens are context, text
-already emitted, and emits only the characters past that context::
-
-    window:  [ context tokens | tokens not yet emitted ]
-                              ^ read (a clean boundary)
-    text:    [ context text   | new text ...  (U+FFFD: character still incomplete) ]
-
-A *clean* boundary is a token index where the decoded text does not end in U+FFFD, so no
-character straddles it. Text is emitted up to the latest clean boundary, which becomes the new
-``read``; the old context is dropped and the tokens between the two boundaries become the new
-context. The window thus spans about two calls' worth of tokens, and the cost of a call does
-not grow with the output length. A stream of invalid bytes has no clean boundaries; after
-``MAX_HELD_TOKENS`` tokens the window is cut anyway, where the text can no longer change.
+Decoding token by token would split multi-byte characters and drop SentencePiece-style leading
+spaces, so each call decodes a short window of recent tokens (vLLM's
+``prefix_offset``/``read_offset`` scheme, :meth:`IncrementalDetokenizer.add`) and emits only the
+text past its context; the cost of a call does not grow with the output length.
 """
 
 from __future__ import annotations
@@ -81,7 +69,22 @@ class IncrementalDetokenizer:
         return text
 
     def add(self, token_ids: Sequence[int]) -> str:
-        """Append newly generated tokens and return the text that is now final."""
+        """Append newly generated tokens and return the text that is now final.
+
+        The window's first tokens are context (text already emitted, or the prompt's tail);
+        only the characters past it are new::
+
+            window:  [ context tokens | tokens not yet emitted ]
+                                      ^ read (a clean boundary)
+            text:    [ context text   | new text ...  (U+FFFD: character still incomplete) ]
+
+        A *clean* boundary is a token index where the decoded text does not end in U+FFFD, so
+        no character straddles it. Text is emitted up to the latest clean boundary, which
+        becomes the new ``read`` (:meth:`_emit_to`), so the window spans about two calls' worth
+        of tokens. A stream of invalid bytes has no clean boundaries; after ``MAX_HELD_TOKENS``
+        tokens the window is cut anyway, where the text can no longer change
+        (:meth:`_forced_cut`).
+        """
         if not token_ids:
             return ""
         self._window.extend(token_ids)

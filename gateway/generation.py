@@ -1,31 +1,11 @@
-"""One request's life across the tiers, as domain events, with failover.
+"""One request's life across the tiers, as a stream of :class:`Delta`, with failover.
 
-Disaggregated::
-
-    gateway --Decode.Generate(REMOTE)--> decode worker: reserves blocks, answers with a ticket
-    gateway --Prefill.Prefill(ticket)--> prefill worker: computes, answers with the first token,
-                                         pushes KV pages to the ticket's endpoint meanwhile
-    gateway <--tokens 2..n-------------- decode worker: admits the sequence once pages arrive
-
-Local prefill (colocated, or a "local_*" routing decision): one ``Decode.Generate(LOCAL)`` call
-streams every token.
-
-Failover: an attempt that fails in a way another worker may not (the worker died, drains, is
-full, or broke the transfer) is retried on another route, avoiding the workers that failed::
-
-    attempt 1:  prompt                  -> t1 t2 t3  x (decode worker died)
-    attempt 2:  prompt + [t1 t2 t3]     -> t4 t5 ... (prefilled again, on other workers)
-
-Tokens already received are never asked for again, so the stream has no duplicated and no
-missing tokens. Output equals an undisturbed run's: greedy output trivially; sampled output
-because the sampler draws position ``p`` of a seeded request from ``(seed, p)`` wherever it runs
-(engine/sampler.py), and the gateway gives every sampled request that came without a seed one
-of its own (:func:`with_seed`), sent on every hop, resumes included. Before the first token
-this is a plain retry. After ``max_attempts`` the request fails with the last error
-(UNAVAILABLE with a message saying how far it got).
-
-Leaving the generator early (client cancel, deadline, stop string) cancels every open worker call,
-which aborts the work and frees its blocks on each tier.
+Disaggregated, the decode worker reserves blocks and answers with a ticket, the prefill worker
+computes the first token and pushes the KV pages to it, and the decode worker streams the rest;
+local prefill is one decode call (:meth:`GenerationCore._attempt`). Across failover the client's
+stream has no duplicated and no missing tokens and equals an undisturbed run's
+(:meth:`GenerationCore._events`). Leaving the generator early (client cancel, deadline, stop
+string) cancels every open worker call, which aborts the work and frees its blocks on each tier.
 """
 
 from __future__ import annotations
@@ -167,7 +147,23 @@ class GenerationCore:
     async def _events(
         self, request_id: str, prompt: list[int], sampling: SamplingParams, deadline: Deadline
     ) -> AsyncGenerator[TokenEvent, None]:
-        """Every token of the request, across as many attempts as failures need."""
+        """Every token of the request, across as many attempts as failures need.
+
+        An attempt that fails in a way another worker may not (the worker died, drains, is full,
+        or broke the transfer: ``UpstreamError.retryable``) is retried on another route, avoiding
+        the workers that failed, with the tokens received so far appended to the prompt::
+
+            attempt 1:  prompt                  -> t1 t2 t3  x (decode worker died)
+            attempt 2:  prompt + [t1 t2 t3]     -> t4 t5 ... (prefilled again, on other workers)
+
+        Tokens already received are never asked for again, so the stream has no duplicated and
+        no missing tokens. Output equals an undisturbed run's: greedy trivially; sampled because
+        the sampler draws position ``p`` of a seeded request from ``(seed, p)`` wherever it runs
+        (:mod:`engine.sampler`) and every sampled request carries a seed (:func:`with_seed`) on
+        every hop, resumes included. Before the first token this is a plain retry. After
+        ``FailoverConfig.max_attempts`` the request fails (:func:`_final_error`): UNAVAILABLE
+        saying how many tokens arrived if any did, else the last error's code.
+        """
         generated: list[int] = []
         avoid_decode: set[str] = set()
         avoid_prefill: set[str] = set()
@@ -260,7 +256,17 @@ class GenerationCore:
         route: Route,
         deadline: Deadline,
     ) -> AsyncGenerator[TokenEvent, None]:
-        """One try on one route; raises UpstreamError naming the worker that failed."""
+        """One try on one route; raises UpstreamError naming the worker that failed.
+
+        Disaggregated (``route.prefill`` set)::
+
+            gateway --Decode.Generate(REMOTE)--> decode: reserves blocks, answers with a ticket
+            gateway --Prefill.Prefill(ticket)--> prefill: computes, answers with the first token,
+                                                 pushes KV pages to the ticket's endpoint meanwhile
+            gateway <--tokens 2..n-------------- decode: admits the sequence once pages arrive
+
+        Otherwise one ``Decode.Generate(LOCAL)`` call streams every token.
+        """
         decode, prefill = route.decode, route.prefill
         decode_client = cast(DecodeClient, decode.client)  # the decode tier holds DecodeClients
         timeout = deadline.remaining()

@@ -1,18 +1,9 @@
 """The gateway's live view of each tier: which workers exist, which may take work, how loaded.
 
-Per tier, a :class:`TierRegistry` expands its targets (:mod:`gateway.discovery`) into worker
-addresses, re-resolving DNS names periodically, and follows every worker with two streams:
-``grpc.health.v1.Health/Watch`` (SERVING or not) and the worker's ``WatchLoad`` (queue, batch,
-free blocks, every ``load_interval_ms``)::
-
-    CONNECTING --both streams up, SERVING--> SERVING <--> DRAINING (NOT_SERVING)
-         ^                                      |
-         +--------- retry (0.05 s .. 1 s) <---- DOWN  (a stream broke: dead, restarted, gone)
-
-A worker is routable while SERVING with a load report younger than ``stale_after_s``; a worker
-killed outright breaks both streams at once (the kernel resets its connections), so it leaves
-the routable set within milliseconds; a hung one within ``stale_after_s``. An address that
-leaves DNS is retired: no new work, its calls in flight finish, then its channel closes.
+A :class:`TierRegistry` expands its targets (:mod:`gateway.discovery`) into worker addresses and
+follows each worker's health and load streams (:class:`WorkerState`). A worker is routable only
+while SERVING with a load report younger than ``stale_after_s``. An address that leaves DNS is
+retired: no new work, its calls in flight finish, then its channel closes.
 """
 
 from __future__ import annotations
@@ -35,6 +26,16 @@ RETRY_MAX_S = 1.0
 
 
 class WorkerState(enum.Enum):
+    """Where a worker stands, from two streams: ``grpc.health.v1.Health/Watch`` (SERVING or not)
+    and the worker's ``WatchLoad`` (queue, batch, free blocks, every ``load_interval_ms``).
+
+    CONNECTING until both streams have spoken, then SERVING, or DRAINING while either says it is
+    not serving. A stream that breaks (the worker died, restarted, or went away) makes it DOWN,
+    and both streams reconnect after a backoff (0.05 s doubling to 1 s); it leaves DOWN when both
+    speak again. A worker killed outright resets its connections, so it leaves the routable set
+    within milliseconds; a hung one once its last load report is ``stale_after_s`` old.
+    """
+
     CONNECTING = "connecting"
     SERVING = "serving"
     DRAINING = "draining"
@@ -122,7 +123,8 @@ class WorkerEntry:
 
 
 class TierRegistry:
-    """The workers of one tier (see the module docstring)."""
+    """The workers of one tier: its targets resolved into addresses (DNS names again every
+    ``resolve_interval_s``), one task following each worker (:meth:`_follow`), the routable set."""
 
     def __init__(
         self,

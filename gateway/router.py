@@ -1,37 +1,9 @@
 """Which workers serve a request: pluggable policies per tier, and conditional disaggregation.
 
-``Router.route`` picks a decode worker, then decides where the prompt is computed::
-
-    no prefill tier configured                         -> "colocated"
-    prompt shorter than local_prefill_below            -> "local_short_prompt"
-    no prefill worker routable (all down or draining)  -> "local_no_prefill"
-    every prefill queue >= prefill_saturated_queue,
-      and the decode worker has headroom               -> "local_prefill_saturated"
-    otherwise a prefill worker (by policy)             -> "disaggregated"
-
-"local_*" decisions prefill on the decode worker itself. Policies (``--router``):
-
-- ``load-aware``: decode least loaded (KV block usage after this prompt + batch occupancy);
-  prefill by prefix-cache affinity, then queue (:class:`ShortestQueuePrefillPolicy`):
-
-  1. ``worker_prefix_cache``: the worker whose load report advertises the longest cached prefix
-     of the prompt (:mod:`core.prefix_summary`: the same chained block hashes, with the
-     worker's block size), unless its queue is longer than the shortest by more than
-     ``AFFINITY_SLACK`` (then the next-longest match, ...);
-  2. ``recent_route``: else the worker this gateway last sent the same first
-     ``affinity_tokens`` to (a prefix routed since the last load report), with the same slack;
-  3. ``shortest_queue``: else the shortest queue.
-- ``round-robin``: in turn, ignoring load.
-
-Fallbacks (a first choice that could not be had) are reported on the route, for metrics:
-``decode_failed_worker_reused`` / ``prefill_failed_worker_reused`` (only workers that already
-failed this request were routable), ``prefill_all_full`` (every prefill worker is at its
-admission limit; one gets the call anyway and may refuse it), ``prefill_unavailable`` (a prefill
-tier is configured but no worker of it is routable: the decode worker prefills), and
-``prefix_affinity_overloaded`` (a worker holding the prefix was passed over for its queue).
-
-Loads come from the workers' reports (:mod:`gateway.registry`) plus the calls this gateway
-routed since the last report. Ties rotate, so equal workers share the work.
+:meth:`Router.route` picks a decode worker first, then prefills the prompt on a prefill worker
+("disaggregated") or on that decode worker ("colocated", "local_*"). Loads are the workers'
+reports (:mod:`gateway.registry`) corrected by the calls this gateway routed since; ties rotate,
+so equal workers share the work. Every :class:`Route` lists the fallbacks taken, for metrics.
 """
 
 from __future__ import annotations
@@ -73,10 +45,16 @@ class Route:
     decode: WorkerEntry
     prefill: WorkerEntry | None  # None: the decode worker computes the prompt
     decision: str
+    """``colocated``, ``local_*`` or ``disaggregated`` (see :meth:`Router.route`)."""
     prefill_reason: str = ""
     """Why this prefill worker (``worker_prefix_cache``, ``recent_route``, ...); "" if none."""
     fallbacks: tuple[str, ...] = ()
-    """First choices that could not be had (see the module docstring)."""
+    """First choices that could not be had, for metrics: ``decode_failed_worker_reused`` /
+    ``prefill_failed_worker_reused`` (only workers that already failed this request were
+    routable), ``prefill_all_full`` (every prefill worker is at its admission limit; one gets the
+    call anyway and may refuse it), ``prefill_unavailable`` (a prefill tier is configured but no
+    worker of it is routable: the decode worker prefills), ``prefix_affinity_overloaded`` (a
+    worker holding the prefix was passed over for its queue)."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +123,17 @@ class LeastLoadedDecodePolicy:
 
 
 class ShortestQueuePrefillPolicy:
-    """Prefix-cache affinity first, then the shortest queue (see the module docstring)."""
+    """Prefix-cache affinity first, then the shortest queue; the pick's reason is
+
+    1. ``worker_prefix_cache``: the worker whose load report advertises the longest cached prefix
+       of the prompt (:mod:`core.prefix_summary`: the same chained block hashes, with the
+       worker's block size), unless its queue is longer than the shortest by more than
+       ``AFFINITY_SLACK`` (then the next-longest match, ...);
+    2. ``recent_route``: else the worker this gateway last sent the same first
+       ``affinity_tokens`` to (the last ``AFFINITY_ENTRIES`` prefixes are remembered: this
+       catches prefixes routed since the last load report), with the same slack;
+    3. ``shortest_queue``: else the shortest queue.
+    """
 
     def __init__(self, affinity_tokens: int = 64) -> None:
         self._rotation = _Rotation()
@@ -207,7 +195,12 @@ POLICIES = ("load-aware", "round-robin")
 
 
 def make_policies(config: RoutingConfig) -> tuple[Policy, Policy]:
-    """(decode policy, prefill policy) for ``config.policy``."""
+    """(decode policy, prefill policy) for ``config.policy`` (``--router``).
+
+    ``load-aware``: decode least loaded (:func:`decode_score`: KV block usage after this prompt
+    plus batch occupancy), prefill by :class:`ShortestQueuePrefillPolicy`. ``round-robin``: each
+    tier in turn, ignoring load.
+    """
     if config.policy == "round-robin":
         return RoundRobinPolicy(), RoundRobinPolicy()
     if config.policy == "load-aware":
@@ -227,9 +220,19 @@ class Router:
         avoid_decode: Collection[str] = (),
         avoid_prefill: Collection[str] = (),
     ) -> Route:
-        """Raises :class:`NoWorkersError` when no decode worker is routable and
-        :class:`OverloadedError` when every routable one is at its limit. Workers in ``avoid_*``
-        (failed for this request) are used only when no other is routable."""
+        """The decode worker (by policy), then where the prompt is computed::
+
+            no prefill tier configured                         -> "colocated"
+            prompt shorter than local_prefill_below            -> "local_short_prompt"
+            no prefill worker routable (all down or draining)  -> "local_no_prefill"
+            every prefill queue >= prefill_saturated_queue,
+              and the decode worker has headroom               -> "local_prefill_saturated"
+            otherwise a prefill worker (by policy)             -> "disaggregated"
+
+        "local_*" decisions prefill on the decode worker itself. Raises :class:`NoWorkersError`
+        when no decode worker is routable and :class:`OverloadedError` when every routable one
+        is at its limit. Workers in ``avoid_*`` (failed for this request) are used only when no
+        other is routable."""
         fallbacks: list[str] = []
         decode_candidates = self._decode_candidates(avoid_decode, fallbacks)
         decode = self.decode_policy.pick(decode_candidates, prompt).worker

@@ -1,15 +1,8 @@
 """Stop strings checked on streamed text, with the minimum hold-back needed to catch them.
 
-Text arrives in deltas; a stop string may be split across them. The matcher emits text as soon
-as it cannot be the start of a stop string and holds back only the longest tail of the stream
-that is a proper prefix of some stop string::
-
-    stream so far:  "The answer is 42.\\n\\nUs"       stop = ("\\n\\nUser:",)
-    emitted:        "The answer is 42."
-    held back:                        "\\n\\nUs"   (a prefix of "\\n\\nUser:")
-
-The stream stops at the stop string that *ends* first (ties: the one that starts first), so the
-result does not depend on how the text was split into deltas.
+Text is emitted as soon as it cannot be the start of a stop string. The stream stops at the stop
+string that *ends* first (ties: the one that starts first), so the result does not depend on how
+the text was split into deltas.
 """
 
 from __future__ import annotations
@@ -27,6 +20,13 @@ class StopMatch(NamedTuple):
 
 class StopStringMatcher:
     """Finds the first stop string in a stream of text deltas.
+
+    A stop string may be split across deltas, so the matcher holds back the longest tail of the
+    stream that is a proper prefix of some stop string, and nothing more::
+
+        stream so far:  "The answer is 42.\\n\\nUs"       stop = ("\\n\\nUser:",)
+        emitted:        "The answer is 42."
+        held back:                        "\\n\\nUs"   (a prefix of "\\n\\nUser:")
 
     Invariants: the held-back buffer is always shorter than the longest stop string; emitted
     text plus held text is the stream so far up to (excluding) a matched stop string; once

@@ -5,17 +5,10 @@
         for chunk in client.generate("The capital of France is", max_tokens=8):
             print(chunk.text, end="", flush=True)
 
-- **Deadlines**: ``timeout=`` (seconds) bounds the whole call, retries included; every tier
-  gets what is left of it.
-- **Cancellation**: leaving the loop (``break``, closing the generator, cancelling the asyncio
-  task) cancels the call, which stops the work and frees its KV blocks on every tier.
-- **TLS and auth**: ``tls=TLSConfig(ca=...)`` (``tls=True``: the system's roots; add
-  ``cert``/``key`` when the gateway wants a client certificate), ``token=`` sends
-  ``authorization: Bearer <token>``.
-- **Retries**: a call refused with RESOURCE_EXHAUSTED before its first message is retried after
-  the delay the server's ``google.rpc.RetryInfo`` gives (``RetryPolicy``), within the deadline.
-  Nothing is retried once a message arrived (the stream would repeat itself).
-
+``timeout=`` (seconds) bounds the whole call, retries included; every tier gets what is left of
+it. Leaving the loop (``break``, closing the generator, cancelling the asyncio task) cancels the
+call, which stops the work and frees its KV blocks on every tier. Only calls refused before
+their first message are retried (:class:`RetryPolicy`), so a stream never repeats itself.
 Errors surface as ``grpc.RpcError`` with the server's status code and message.
 """
 
@@ -56,7 +49,9 @@ class Chunk:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries of calls refused before their first message."""
+    """Retries of calls refused before their first message (RESOURCE_EXHAUSTED by default),
+    after the delay the server's ``google.rpc.RetryInfo`` gives, within the call's deadline.
+    Nothing is retried once a message arrived (the stream would repeat itself)."""
 
     max_attempts: int = 4
     """Calls in all, the first included (1: never retry)."""
@@ -202,7 +197,12 @@ def _left(deadline: float | None) -> float | None:
 
 
 class Client(_Base):
-    """Blocking client; one channel, reused across calls (and threads)."""
+    """Blocking client; one channel, reused across calls (and threads).
+
+    ``tls``: a :class:`TLSConfig` (``ca=...``; add ``cert``/``key`` when the gateway wants a
+    client certificate), or True for the system's roots. ``token`` sends ``authorization:
+    Bearer <token>``. ``retry``: see :class:`RetryPolicy` (None: never retry).
+    """
 
     def __init__(
         self,
@@ -251,7 +251,9 @@ class Client(_Base):
 
 
 class AsyncClient(_Base):
-    """asyncio client; cancelling the consuming task cancels the request on every tier."""
+    """asyncio client; cancelling the consuming task cancels the request on every tier.
+
+    Arguments as :class:`Client`'s."""
 
     def __init__(
         self,

@@ -1,20 +1,10 @@
 """Regenerate the protobuf and gRPC modules from ``protos/pdserve/v1/*.proto``.
 
 Developers run ``python -m protos.build``; ``setup.py`` calls :func:`generate` during every build
-(wheel, sdist-to-wheel and PEP 660 editable installs), so the generated files never need to be
-committed or edited by hand.
-
-protoc runs from the project root with ``-I .`` because the protos import each other as
-``"protos/pdserve/v1/common.proto"``; the outputs land next to their sources and import as
-``protos.pdserve.v1.generation_pb2`` and so on. ``google/api/annotations.proto`` (the HTTP
-annotations Envoy's gRPC-JSON transcoder reads) comes from the installed
-``googleapis-common-protos`` package, whose folder is added as a second include path:
-
-    protos/pdserve/v1/<name>.proto  ->  <name>_pb2.py, <name>_pb2.pyi, <name>_pb2_grpc.py
-                                        descriptor.pb  (all files, imports included)
-
-This module does no work at import time and imports nothing outside the standard library, so
-``setup.py`` can load it straight from its file before the project is installed.
+(wheel, sdist-to-wheel and PEP 660 editable installs), so the generated files are never committed
+or edited by hand. This module does no work at import time and imports nothing outside the
+standard library, so ``setup.py`` can load it straight from its file before the project is
+installed.
 """
 
 from __future__ import annotations
@@ -67,7 +57,16 @@ def googleapis_include_dir() -> Path:
 
 
 def protoc_command(root: Path) -> list[str]:
-    """The protoc command line; run it with ``cwd=root``."""
+    """The protoc command line; run it with ``cwd=root``.
+
+    ``-I .`` because the protos import each other as ``"protos/pdserve/v1/common.proto"``; the
+    outputs land next to their sources and import as ``protos.pdserve.v1.generation_pb2`` and
+    so on. ``google/api/annotations.proto`` (the HTTP annotations Envoy's gRPC-JSON transcoder
+    reads) comes from ``googleapis-common-protos``, whose folder is a second include path::
+
+        protos/pdserve/v1/<name>.proto  ->  <name>_pb2.py, <name>_pb2.pyi, <name>_pb2_grpc.py
+                                            descriptor.pb  (all files, imports included)
+    """
     sources = proto_sources(root)
     if not sources:
         raise ProtoBuildError(f"no .proto files under {root / PROTO_DIR}")

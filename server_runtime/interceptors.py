@@ -2,16 +2,9 @@
 
     BearerAuth (public API only)  ->  CallScope  ->  servicer method
 
-- :class:`BearerAuth` refuses calls to protected services without ``authorization: Bearer <token>``
-  naming a known token (UNAUTHENTICATED), before any work or deserialization cost;
-- :class:`CallScope` binds the request id (the request's ``request_id`` field, else the
-  ``x-request-id`` metadata, else a fresh one, written back into an empty field) on every log
-  line of the call; admits work calls through the server's :class:`Lifecycle` (bounded work in
-  flight, refusal while draining); and maps any exception the servicer raises to a status, once,
-  with the exception's own code if it carries one and a RetryInfo detail on RESOURCE_EXHAUSTED.
-
-Health, reflection and anything outside ``pdserve.v1`` pass through untouched, so probes work
-without a token and during a drain.
+Only ``pdserve.v1`` methods are intercepted: health, reflection and anything else pass through
+untouched, so probes work without a token and during a drain. An exception a servicer raises is
+mapped to a status once, here (:class:`CallScope`).
 """
 
 from __future__ import annotations
@@ -64,7 +57,9 @@ def _same_kind(
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
-    """Bearer-token authentication of the methods under ``protected`` prefixes."""
+    """Bearer-token authentication of the methods under ``protected`` prefixes: a call without
+    ``authorization: Bearer <token>`` naming a known token is refused (UNAUTHENTICATED) before
+    the servicer does any work. The gateway installs it when tokens are configured."""
 
     def __init__(self, tokens: Iterable[str], protected: tuple[str, ...] = (OWN_PREFIX,)) -> None:
         self._tokens = [t.encode() for t in tokens if t]
@@ -108,7 +103,15 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 
 
 class CallScope(grpc.aio.ServerInterceptor):
-    """Request-id binding, admission of work calls, and the one exception-to-status mapping."""
+    """Request-id binding, admission of work calls, and the one exception-to-status mapping.
+
+    The request id (the request's ``request_id`` field, else the ``x-request-id`` metadata, else
+    a fresh one, written back into an empty field) is bound on every log line of the call.
+    ``work_methods`` are admitted through the server's :class:`Lifecycle` (bounded work in
+    flight, refusal while draining). An exception becomes its own ``code`` if it carries one,
+    else the most specific ``status_table`` entry (INTERNAL, logged, when none), with a RetryInfo
+    detail on RESOURCE_EXHAUSTED.
+    """
 
     def __init__(
         self,

@@ -1,17 +1,10 @@
 """Native CPU kernels: C compiled on this machine at first use, called through ctypes.
 
-- :class:`PagedAttentionKernel` (``paged_attention.c``): paged attention over blocks scattered
-  in the pool has no torch operator on CPU; in torch it takes a gather of every sequence's blocks
-  per layer (a copy as large as the contexts) before attention reads them again. The kernel reads
-  each K and V slot once, in place.
-- :class:`~engine.kernels.linear.LinearKernel` (``linear.c``): float32 linear layers whose
-  weight stream keeps up with memory at decode's few rows (see that file).
-- :class:`~engine.kernels.layer_ops.LayerOps` (``layer_ops.c``): RMSNorm, RoPE and SiLU of a
-  Llama-family layer in float32, one call each instead of a dozen torch operators.
-
-Why at run time: ``-march=native`` (AVX-512 where the CPU has it) and no build step in the
-install (see :mod:`engine.kernels.build`). Without a C compiler the engine logs it and keeps the
-torch path (see :class:`engine.config.KernelChoice`).
+:class:`PagedAttentionKernel` (``paged_attention.c``) reads K and V in place in the pool;
+:class:`LinearKernel` (``linear.c``) runs float32 linear layers at decode's few rows near the
+memory bound; :class:`LayerOps` (``layer_ops.c``) a Llama layer's RMSNorm, RoPE and SiLU in
+float32. Built at run time for ``-march=native`` (:mod:`engine.kernels.build`); without a C
+compiler, ``auto`` keeps the torch path (:class:`engine.config.KernelChoice`).
 """
 
 from __future__ import annotations
@@ -44,7 +37,12 @@ _PTR = ctypes.c_void_p
 
 @dataclass(frozen=True)
 class PagedAttentionKernel:
-    """``pd_paged_attention`` from :file:`paged_attention.c`, loaded."""
+    """``pd_paged_attention`` from :file:`paged_attention.c`, loaded.
+
+    Paged attention over blocks scattered in the pool has no torch operator on CPU; in torch it
+    takes a gather of every sequence's blocks per layer (a copy as large as the contexts) before
+    attention reads them again. The kernel reads each K and V slot once, in place.
+    """
 
     path: Path
     _fn: Callable[..., int]

@@ -1,16 +1,10 @@
 """``pdserve bench``: a load generator and a side-by-side comparison, with vLLM's metrics.
 
-Modules, one idea each:
-
-- ``datasets``: requests as exact token ids (random lengths, shared prefixes, ShareGPT files);
-- ``load``: when each request is sent (Poisson/gamma arrivals, closed loop) and the async runner;
-- ``stream``: one timed streaming request against a gateway;
-- ``runner``: one gateway at one load (warm-up, schedule, metrics);
+- ``datasets``: requests as exact token ids; ``load``: arrival schedules and the async runner;
+- ``stream``: one timed streaming request; ``runner``: one gateway at one load;
 - ``metrics``: TTFT, TPOT, ITL, E2E, throughput and goodput exactly as ``vllm bench serve``;
-- ``baselines``: the same requests through ``transformers`` ``generate`` (one at a time, static
-  batches of 8);
-- ``hf_continuous``: the same requests through transformers' own continuous batching;
-- ``compare``: baselines and pdserve clusters in one run, and the ratios between them;
+- ``baselines``, ``hf_continuous``: the same requests through ``transformers`` (``generate``
+  serially and in static batches of 8; continuous batching); ``compare``: all in one run;
 - ``report``: the table and the JSON file; ``plots``: the PNG plots;
-- ``cli``: the ``pdserve bench`` flags and entry point.
+- ``settings``: the flags, declared once; ``cli``: the ``pdserve bench`` entry point.
 """

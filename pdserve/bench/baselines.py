@@ -1,15 +1,9 @@
 """The same requests through plain ``transformers`` in this process: the peers pdserve must beat.
 
-- ``hf-serial``: ``model.generate`` one request at a time, in arrival order;
-- ``hf-static8``: static batches of 8 consecutive requests, left-padded, each batch generating
-  until its longest request is done (the classic offline batching a user writes first).
-
-Both are greedy and generate exactly each request's output length (``min_new_tokens`` =
-``max_new_tokens``, the ``ignore_eos`` of ``generate``). A timestamp streamer records when each
-decoding step's tokens exist, so TTFT, ITL and E2E are measured like the served runs: a request
-is "sent" when its arrival time comes (the same schedule as the served runs), it waits while
-earlier work runs, and its tokens count when its step completes. In a static batch, tokens a
-request generates past its own length are waste and are not counted.
+``hf-serial`` runs ``model.generate`` one request at a time, in arrival order; ``hf-static8``
+static batches of 8 consecutive requests, left-padded (:class:`Baseline`). Both are greedy,
+generate exactly each request's output length, and are timed on the served runs' arrival
+schedule, so TTFT, ITL and E2E compare with them (:func:`run_baseline`).
 """
 
 from __future__ import annotations
@@ -88,7 +82,9 @@ class HfModel:
         return cls(model, int(pad) if pad is not None else 0)
 
     def generate_timed(self, batch: Sequence[BenchRequest]) -> list[float]:
-        """Run one left-padded batch greedily for its longest output; the time of every step."""
+        """Run one left-padded batch greedily for its longest output; the time of every step.
+
+        ``min_new_tokens`` = ``max_new_tokens`` is ``generate``'s ``ignore_eos``."""
         width = max(r.prompt_len for r in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # (B, T)
         mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
@@ -137,7 +133,13 @@ def run_baseline(
     *,
     disable_progress: bool = False,
 ) -> RunTiming:
-    """Run ``requests`` (due at ``due_s`` seconds after the start) the ``baseline`` way."""
+    """Run ``requests`` (due at ``due_s`` seconds after the start) the ``baseline`` way.
+
+    A request is "sent" when its arrival time comes; it waits while earlier work runs (a batch
+    starts once its last request is due), and its tokens count when their decoding step
+    completes (:class:`_StepClock`). A static batch generates until its longest request is done;
+    tokens a request generates past its own length are waste and are not counted.
+    """
     size = baseline.batch_size
     outcomes: list[RequestOutcome] = []
     bar = progress_bar(len(requests), baseline.value, disable_progress)

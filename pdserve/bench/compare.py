@@ -1,19 +1,9 @@
-"""``pdserve bench --compare``: the same requests through four systems in one run, and ratios.
+"""``pdserve bench --compare``: the same requests through several systems in one run, and ratios.
 
-1. ``hf-serial``: ``transformers`` ``generate`` one request at a time (in this process);
-2. ``hf-static8``: ``transformers`` static batches of 8 (in this process);
-3. ``pdserve-colocated``: a local cluster with ``--prefill 0 --decode 1``;
-4. ``pdserve-disaggregated``: a local cluster with ``--prefill 1 --decode 1``;
-
-and ``hf-cb``, transformers' own continuous batching, the strongest pure-Python peer (run after
-the static batches). ``--systems`` picks a subset.
-
-The baselines run first; their model is released before any cluster starts, and each cluster is
-stopped before the next one starts, so systems never share the machine. Each cluster gets the
-threads ``pdserve up`` would give it (the machine's cores divided between its workers); the
-baselines use torch's default (all cores). Every system sees the same requests on the same
-arrival schedule; the concurrency cap applies to the served systems only (the baselines never
-have more than one batch in flight anyway).
+The systems (:class:`System`; ``--systems`` picks a subset) are transformers baselines in this
+process and pdserve clusters, run one after the other. Invariants: systems never share the
+machine (the baselines' model is released before any cluster starts, and each cluster is stopped
+before the next one starts), and every system sees the same requests on the same schedule.
 """
 
 from __future__ import annotations
@@ -39,7 +29,14 @@ from pdserve.local_cluster import start_cluster
 
 
 class System(enum.Enum):
-    """Everything ``--compare`` can run, in the order it runs them."""
+    """Everything ``--compare`` can run, in the default order (in-process ones always first):
+
+    - ``hf-serial``: ``transformers`` ``generate`` one request at a time;
+    - ``hf-static8``: ``transformers`` static batches of 8;
+    - ``hf-cb``: transformers' own continuous batching, the strongest pure-Python peer;
+    - ``pdserve-colocated``: a local cluster with ``--prefill 0 --decode 1``;
+    - ``pdserve-disaggregated``: a local cluster with ``--prefill 1 --decode 1``.
+    """
 
     HF_SERIAL = "hf-serial"
     HF_STATIC = "hf-static8"
@@ -77,7 +74,8 @@ class CompareConfig:
 
 
 def cluster_threads(workers: int) -> int:
-    """What ``pdserve up`` gives each worker: the machine's cores split between them."""
+    """What ``pdserve up`` gives each worker: the machine's cores split between them (the
+    in-process baselines use torch's default: all cores)."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
@@ -142,7 +140,9 @@ def _served_run(
 def run_compare(
     requests: Sequence[BenchRequest], load: LoadSpec, settings: RunSettings, cfg: CompareConfig
 ) -> list[RunResult]:
-    """Every system in ``cfg.systems`` on the same requests, baselines first."""
+    """Every system in ``cfg.systems`` on the same requests and arrival schedule, baselines
+    first. The concurrency cap (``load.max_concurrency``) applies to the served systems only
+    (the baselines never have more than one batch in flight anyway)."""
     runs = _baseline_runs(requests, load, settings, cfg)
     for system in cfg.systems:
         if not system.in_process:

@@ -1,17 +1,9 @@
-"""Serving metrics exactly as ``vllm bench serve`` defines them (REFERENCE.md section 5).
+"""Serving metrics exactly as ``vllm bench serve`` defines them, from client-side timestamps.
 
-Per request, from client-side timestamps (``RequestOutcome``):
-
-- TTFT: first streamed message with tokens received - request sent;
-- E2E latency: last message with tokens received - request sent;
-- TPOT: (E2E - TTFT) / (output tokens - 1), for requests with more than one output token;
-- ITL: every gap between consecutive messages with tokens, pooled over all requests (a message
-  carrying several tokens is one gap, as in vLLM).
-
-Over the run (``duration_s``: first request sent to last response received): request, output
-and total token throughput; goodput = requests meeting every SLO / duration, where a request
-with one output token counts TPOT as 0; the completion rate. Statistics use ``numpy`` (mean,
-median, population std, linear-interpolation percentiles), and an empty set counts as 0.
+Per request (:class:`RequestOutcome`): TTFT, TPOT, ITL and E2E latency; over the run
+(:func:`compute_metrics`): request and token throughput, goodput against SLOs, completion rate.
+Statistics use ``numpy`` (mean, median, population std, linear-interpolation percentiles), and
+an empty set counts as 0.
 """
 
 from __future__ import annotations
@@ -35,7 +27,14 @@ class SloMetric(Enum):
 
 @dataclass(frozen=True)
 class RequestOutcome:
-    """What the client saw for one request; times in seconds (``start_s`` on the run's clock)."""
+    """What the client saw for one request; times in seconds (``start_s`` on the run's clock).
+
+    - ``ttft_s``: first streamed message with tokens received - request sent;
+    - ``latency_s`` (E2E): last message with tokens received - request sent;
+    - ``tpot_s``: (E2E - TTFT) / (output tokens - 1);
+    - ``itl_s``: every gap between consecutive messages with tokens (a message carrying several
+      tokens is one gap, as in vLLM); pooled over all requests in the run's ITL.
+    """
 
     success: bool
     prompt_len: int
@@ -205,7 +204,12 @@ def compute_metrics(
     slos_ms: Mapping[str, float] | None = None,
     percentiles: Sequence[float] = DEFAULT_PERCENTILES,
 ) -> BenchMetrics:
-    """All metrics of a run from its per-request outcomes and its wall-clock duration."""
+    """All metrics of a run from its per-request outcomes and its wall-clock duration
+    (``duration_s``: first request sent to last response received).
+
+    Goodput is requests meeting every SLO / duration, where a request with one output token
+    counts TPOT as 0; TPOT statistics cover only requests with more than one output token.
+    """
     if duration_s <= 0:
         raise ValueError("duration must be positive")
     done = [o for o in outcomes if o.success]
