@@ -81,6 +81,10 @@ class Setting:
     """The environment variable; ``PDSERVE_<FLAG>`` unless given."""
     format: Callable[[Any], str] | None = None
     """Writes one value back for :func:`to_argv` (``str``, an enum's value, by default)."""
+    field: str | None = None
+    """The config dataclass field this setting fills, as ``name`` or ``part.name`` for a
+    nested config (:meth:`Group.fields`); None: the builder derives it by hand (a unit
+    conversion, an enum of a torch-side module, a file, a secret)."""
 
     @property
     def dest(self) -> str:
@@ -145,6 +149,21 @@ class Group:
             raise KeyError(f"no such settings: {sorted(unknown)}")
         settings = (s.with_default(defaults.get(s.dest, s.default)) for s in self.settings)
         return Group(self.title, tuple(settings))
+
+    def fields(
+        self, args: argparse.Namespace | Mapping[str, Any], part: str = ""
+    ) -> dict[str, Any]:
+        """``{field: parsed value}`` of the settings whose ``field`` is in ``part`` (``""``: the
+        undotted ones), so a config is built as ``Config(**group.fields(args, part), ...)``."""
+        found = args if isinstance(args, Mapping) else vars(args)
+        picked = {}
+        for s in self.settings:
+            if s.field is None:
+                continue
+            owner, _, name = s.field.rpartition(".")
+            if owner == part:
+                picked[name] = found[s.dest]
+        return picked
 
     def without(self, *dests: str) -> Group:
         return Group(self.title, tuple(s for s in self.settings if s.dest not in dests))

@@ -20,18 +20,21 @@ if TYPE_CHECKING:
 SERVER = Group(
     None,
     (
-        Setting("--listen", default="127.0.0.1:50071"),
+        Setting("--listen", field="listen", default="127.0.0.1:50071"),
         Setting(
             "--kv-bind",
+            field="kv_bind",
             default="tcp://127.0.0.1:0",
             help="ZeroMQ endpoint for incoming KV pages (tcp://host:port, ipc:///path)",
         ),
         Setting(
             "--kv-advertise",
+            field="kv_advertise",
             help="endpoint prefill workers should connect to (default: the bound one)",
         ),
         Setting(
             "--kv-stream-port",
+            field="kv_stream_port",
             type=port,
             default=0,
             help="--kv-backend stream over tcp: the port the page listener binds on the "
@@ -39,6 +42,7 @@ SERVER = Group(
         ),
         Setting(
             "--kv-lease-seconds",
+            field="kv_lease_s",
             type=float,
             default=60.0,
             help="free a reservation whose pages have not all arrived by then",
@@ -57,9 +61,5 @@ def decode_config(args: argparse.Namespace) -> DecodeConfig:
     return DecodeConfig(
         engine=engine_config(args),
         transfer=transfer_config(args),
-        listen=args.listen,
-        kv_bind=args.kv_bind,
-        kv_advertise=args.kv_advertise,
-        kv_lease_s=args.kv_lease_seconds,
-        kv_stream_port=args.kv_stream_port,
+        **SERVER.fields(args),
     )

@@ -28,12 +28,13 @@ MODEL = Group(
     (
         Setting(
             "--model",
+            field="model",
             default=DEFAULT_MODEL,
             help=f"the default model ({DEFAULT_MODEL}), a local transformers folder (Llama, "
             "Qwen2, Mistral, GPT-2), or a hub id already in the local Hugging Face cache",
         ),
         Setting("--dtype", choices=[d.value for d in DType], default="float32"),
-        Setting("--device", default="auto", help="auto, cpu, cuda, cuda:N"),
+        Setting("--device", field="device", default="auto", help="auto, cpu, cuda, cuda:N"),
         Setting(
             "--cache-dir",
             type=Path,
@@ -50,10 +51,23 @@ MODEL = Group(
 ENGINE = Group(
     "engine",
     (
-        Setting("--block-size", type=int, default=16, help="token slots per KV block"),
-        Setting("--num-blocks", type=int, default=2048, help="KV blocks in this worker's pool"),
+        Setting(
+            "--block-size",
+            field="cache.block_size",
+            type=int,
+            default=16,
+            help="token slots per KV block",
+        ),
+        Setting(
+            "--num-blocks",
+            field="cache.num_blocks",
+            type=int,
+            default=2048,
+            help="KV blocks in this worker's pool",
+        ),
         Setting(
             "--kv-cache-memory",
+            field="cache.memory",
             help="size the KV pool from memory instead of --num-blocks: bytes (4GiB, 512MiB) "
             "or a fraction of the memory available at start (0.3)",
         ),
@@ -66,9 +80,16 @@ ENGINE = Group(
             switch=True,
             help="do not reuse the KV of prompt prefixes computed before",
         ),
-        Setting("--max-num-seqs", type=int, default=64, help="sequences in one batch at most"),
+        Setting(
+            "--max-num-seqs",
+            field="scheduler.max_num_seqs",
+            type=int,
+            default=64,
+            help="sequences in one batch at most",
+        ),
         Setting(
             "--max-batched-tokens",
+            field="scheduler.max_num_batched_tokens",
             type=int,
             default=2048,
             help="tokens in one forward pass at most (longer prompts are chunked)",
@@ -97,9 +118,8 @@ ENGINE = Group(
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(
-        model=args.model,
+        **MODEL.fields(args),
         dtype=DType(args.dtype),
-        device=args.device,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         max_model_len=int(args.max_model_len) if args.max_model_len else None,
     )
@@ -108,13 +128,9 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=model_config(args),
-        cache=CacheConfig(
-            block_size=args.block_size, num_blocks=args.num_blocks, memory=args.kv_cache_memory
-        ),
+        cache=CacheConfig(**ENGINE.fields(args, "cache")),
         scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_batched_tokens,
-            enable_prefix_caching=not args.no_prefix_caching,
+            **ENGINE.fields(args, "scheduler"), enable_prefix_caching=not args.no_prefix_caching
         ),
         num_threads=int(args.threads) if args.threads else None,
         cpus=tuple(int(c) for c in str(args.cpus).split(",")) if args.cpus else None,

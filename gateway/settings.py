@@ -47,18 +47,21 @@ ROUTING = Group(
     (
         Setting(
             "--router",
+            field="routing.policy",
             choices=["load-aware", "round-robin"],
             default="load-aware",
             help="load-aware: decode least loaded, prefill shortest queue with prefix affinity",
         ),
         Setting(
             "--local-prefill-below",
+            field="routing.local_prefill_below",
             type=int,
             default=0,
             help="prompts with fewer tokens prefill on the decode worker (0: never)",
         ),
         Setting(
             "--prefill-saturated-queue",
+            field="routing.prefill_saturated_queue",
             type=int,
             default=0,
             help="when every prefill worker has this many prompts, prefill on a decode worker "
@@ -72,18 +75,21 @@ ROUTING = Group(
         ),
         Setting(
             "--load-interval-ms",
+            field="fleet.load_interval_ms",
             type=int,
             default=250,
             help="how often each worker reports its load",
         ),
         Setting(
             "--stale-after",
+            field="fleet.stale_after_s",
             type=float,
             default=1.5,
             help="seconds without a load report before a worker stops receiving work",
         ),
         Setting(
             "--resolve-interval",
+            field="fleet.resolve_interval_s",
             type=float,
             default=5.0,
             help="seconds between DNS resolutions of dns:///name:port worker targets",
@@ -96,18 +102,21 @@ ADMISSION = Group(
     (
         Setting(
             "--max-concurrent-requests",
+            field="admission.max_concurrent_requests",
             type=int,
             default=256,
             help="requests streaming at once (0: no bound)",
         ),
         Setting(
             "--max-queued-requests",
+            field="admission.max_queued_requests",
             type=int,
             default=256,
             help="requests waiting for a slot; past that RESOURCE_EXHAUSTED with a retry delay",
         ),
         Setting(
             "--max-prompt-tokens",
+            field="admission.max_prompt_tokens",
             type=int,
             default=0,
             help="refuse longer prompts with INVALID_ARGUMENT (0: the context length bounds them)",
@@ -183,21 +192,10 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         prefill=split_addresses(args.prefill),
         decode=split_addresses(args.decode),
         metrics_port=args.metrics_port,
-        routing=RoutingConfig(
-            policy=args.router,
-            local_prefill_below=int(args.local_prefill_below),
-            prefill_saturated_queue=int(args.prefill_saturated_queue),
-        ),
-        fleet=FleetConfig(
-            load_interval_ms=int(args.load_interval_ms),
-            stale_after_s=float(args.stale_after),
-            resolve_interval_s=float(args.resolve_interval),
-        ),
+        routing=RoutingConfig(**ROUTING.fields(args, "routing")),
+        fleet=FleetConfig(**ROUTING.fields(args, "fleet")),
         admission=AdmissionConfig(
-            max_concurrent_requests=int(args.max_concurrent_requests),
-            max_queued_requests=int(args.max_queued_requests),
-            max_prompt_tokens=int(args.max_prompt_tokens),
-            retry_after_s=int(args.retry_after_ms) / 1000,
+            **ADMISSION.fields(args, "admission"), retry_after_s=int(args.retry_after_ms) / 1000
         ),
         failover=FailoverConfig(max_attempts=max(1, int(args.max_attempts))),
         security=SecurityConfig(

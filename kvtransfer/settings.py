@@ -50,6 +50,7 @@ TRANSFER = Group(
         ),
         Setting(
             "--kv-insecure",
+            field="insecure",
             switch=True,
             help="run the KV channel without a key (local development only)",
         ),
@@ -66,9 +67,18 @@ TRANSFER = Group(
         ),
         Setting(
             "--kv-ack-timeout",
+            field="ack_timeout_s",
             type=float,
             default=30.0,
             help="seconds a transfer may wait for its acknowledgement",
+        ),
+        Setting(
+            "--kv-handshake-timeout",
+            field="handshake_timeout_s",
+            type=float,
+            default=10.0,
+            help="seconds a new KV connection may wait for the decode worker's WELCOME (and a "
+            "torch.distributed pair group for its peer)",
         ),
     ),
 )
@@ -83,11 +93,10 @@ def transfer_config(args: argparse.Namespace) -> TransferConfig:
     if args.kv_key_file:
         key = Path(args.kv_key_file).read_text().strip()
     return TransferConfig(
+        **TRANSFER.fields(args),
         backend=Backend(args.kv_backend),
         key=key.encode() if key else None,
-        insecure=args.kv_insecure,
         checksum=not args.no_kv_checksum,
         streaming=Streaming(args.kv_streaming),
         max_queued_bytes=int(args.kv_max_queued_mb) << 20,
-        ack_timeout_s=float(args.kv_ack_timeout),
     )

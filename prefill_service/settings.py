@@ -19,7 +19,10 @@ if TYPE_CHECKING:
 
 SERVER = Group(
     None,
-    (Setting("--listen", default="127.0.0.1:50061"), METRICS_PORT.with_default(9101)),
+    (
+        Setting("--listen", field="listen", default="127.0.0.1:50061"),
+        METRICS_PORT.with_default(9101),
+    ),
 )
 
 GROUPS = (SERVER, TRANSFER, MODEL, ENGINE, LOG, SERVER_TLS, DRAIN, WORKER_ADMISSION)
@@ -30,5 +33,5 @@ def prefill_config(args: argparse.Namespace) -> PrefillConfig:
     from prefill_service.worker import PrefillConfig
 
     return PrefillConfig(
-        engine=engine_config(args), transfer=transfer_config(args), listen=args.listen
+        engine=engine_config(args), transfer=transfer_config(args), **SERVER.fields(args)
     )
