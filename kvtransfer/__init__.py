@@ -1,8 +1,11 @@
 """KV page transfer from prefill to decode workers (control travels in gRPC, pages only here).
 
-- ``sender``: :class:`KVSender`, the prefill side: typed commands, one sending thread, peers.
+- ``sender``: :class:`KVSender`, the prefill side: one sending thread, transfers, acks.
+- ``send_commands``: the typed commands the sender's calls queue (Open, SendPages, ...).
+- ``send_peer``: a decode worker as the sender sees it: handshake states, its wire.
 - ``send_budget``: the sender's open transfers and per-peer queued bytes; page checks.
 - ``receiver``: :class:`KVReceiver`, the decode side: a ZeroMQ ROUTER, handshakes, acks.
+- ``receive_peers``: the receiver's handshaken peers, their pair links and streams.
 - ``page_writer``: what a decoded frame does to the KV pool and its reservations.
 - ``reservations``: the decode side's leases on reserved blocks, and cancellation.
 - ``out_of_band``: the decode side's reads of payloads off a pair's stream or group.

@@ -7,7 +7,8 @@ frame, abort, lease expired, cancelled). Only handshaken peers may write, and on
 of a transfer this worker currently expects: :meth:`KVReceiver.cancel` removes the expectation
 under the lock writers hold (or wait on, see ``kvtransfer.reservations``), so once it returns no
 frame can touch those blocks again; late or duplicate frames for finished transfers are dropped
-and counted. What each frame does to the pool is ``kvtransfer.page_writer``'s business.
+and counted. What each frame does to the pool is ``kvtransfer.page_writer``'s business; who
+is handshaken, and over which pair link, ``kvtransfer.receive_peers``'s.
 
 Where frames arrive, by backend: ``zmq``, every frame (payload in the PAGE message) on the
 ROUTER; ``gloo``/``nccl``, frames on the ROUTER and page payloads on the pair group; ``stream``,
@@ -20,8 +21,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import assert_never
 
 import structlog
@@ -31,13 +30,7 @@ import zmq
 from core.ticket import Fingerprint, IncompatiblePeerError, check_match
 from engine.kv_cache import KVCache
 from kvtransfer import wire
-from kvtransfer.datapath import (
-    Backend,
-    PairLink,
-    PairLinkError,
-    StreamLink,
-    make_host,
-)
+from kvtransfer.datapath import Backend, PairLinkError, StreamLink, make_host
 from kvtransfer.handshake import HelloGuard, StaleHelloError
 from kvtransfer.metrics import TransferStats, failure_label
 from kvtransfer.out_of_band import skip_group_payload, take_group_payload, take_record
@@ -49,6 +42,7 @@ from kvtransfer.page_writer import (
     PageWriter,
     UnknownTransferError,
 )
+from kvtransfer.receive_peers import Peer, PeerTable
 from kvtransfer.reservations import Reservations
 
 log = structlog.get_logger(__name__)
@@ -60,14 +54,6 @@ _POLL_MS = 50
 _ADOPT_POLL_MS = 2  # while a peer's stream is being accepted: pick it up quickly
 _RCVHWM = 64  # messages queued per peer before senders block: bounds bytes in flight
 _RECORDS_PER_WAKE = 64  # records read from one stream before looking at the others again
-
-
-@dataclass(eq=False)
-class _Peer:
-    identity: bytes  # its ZeroMQ routing id: where acks go
-    fingerprint: Fingerprint
-    link: PairLink | None = None  # out-of-band backends only
-    pending_link: Future[PairLink] | None = None  # while the rendezvous runs
 
 
 class KVReceiver:
@@ -94,8 +80,7 @@ class KVReceiver:
         unix_path = None
         if bind_endpoint.startswith("ipc://"):  # the payload stream sits beside the endpoint
             unix_path = bind_endpoint[len("ipc://") :] + ".pages"
-        self._group_timeout_s = group_timeout_s
-        self._pairs = make_host(
+        pairs = make_host(
             self.backend, pair_host, group_timeout_s, unix_path, stream_port, auth.stream_proof
         )
         self.writes_in_place = (
@@ -104,14 +89,12 @@ class KVReceiver:
         """Payloads land in reserved blocks before their tag is checked (read straight into
         them, or copied from the ZeroMQ frame and hashed piece by piece), so a refused page may
         have scribbled on them: reserved blocks count only once a verified page marks them."""
-        self._rendezvous = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-rendezvous")
         self._reservations = Reservations()
         self.stats = TransferStats(self.backend.value)
         self._writer = PageWriter(kv_cache, self._reservations, auth, self.stats)
-        self._peers: dict[bytes, _Peer] = {}  # by ZeroMQ identity
-        self._hellos = HelloGuard()
-        self._streams: dict[int, _Peer] = {}  # by stream socket fd (stream backend)
         self._poller = zmq.Poller()
+        self._peers = PeerTable(self.backend, pairs, self._poller, group_timeout_s)
+        self._hellos = HelloGuard()
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock: zmq.Socket[bytes] | None = None
         self._stop = threading.Event()
@@ -140,13 +123,7 @@ class KVReceiver:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self._rendezvous.shutdown(wait=False, cancel_futures=True)
-        for peer in self._peers.values():
-            if peer.link is not None:
-                peer.link.close()
-        self._peers.clear()
-        self._streams.clear()
-        self._pairs.close()
+        self._peers.close()
 
     def expect(
         self, transfer_id: bytes, request_id: str, block_ids: list[int], lease_s: float
@@ -168,13 +145,13 @@ class KVReceiver:
         torch.set_num_threads(1)  # page copies stay serial here: the engine thread owns the cores
         self._poller.register(self._sock, zmq.POLLIN)
         while not self._stop.is_set():
-            adopting = self._adopt_streams()
+            adopting = self._peers.adopt_streams()
             events = self._poller.poll(_ADOPT_POLL_MS if adopting else _POLL_MS)
             for source, _ in events:
                 if source is self._sock:
                     self._drain_router()
                 else:
-                    peer = self._streams.get(int(source))
+                    peer = self._peers.on_stream(int(source))
                     if peer is not None:
                         self._drain_stream(peer)
             self._expire_leases()
@@ -239,7 +216,7 @@ class KVReceiver:
 
     def _apply(
         self,
-        peer: _Peer,
+        peer: Peer,
         header: wire.Header,
         payload: torch.Tensor | memoryview | None,
         check: wire.PayloadCheck | None = None,
@@ -283,42 +260,24 @@ class KVReceiver:
 
     # -- the stream backend: records on each peer's stream socket ---------------------------
 
-    def _adopt_streams(self) -> bool:
-        """Start polling the streams whose peers have connected; True while one is awaited."""
-        if self.backend is not Backend.STREAM:
-            return False
-        waiting = False
-        for peer in list(self._peers.values()):
-            future = peer.pending_link
-            if future is None:
-                continue
-            if not future.done():
-                waiting = True
-                continue
-            link = self._link_of(peer)
-            if isinstance(link, StreamLink):
-                self._streams[link.sock.fileno()] = peer
-                self._poller.register(link.sock.fileno(), zmq.POLLIN)
-        return waiting
-
-    def _drain_stream(self, peer: _Peer) -> None:
+    def _drain_stream(self, peer: Peer) -> None:
         link = peer.link
         assert isinstance(link, StreamLink)
         for _ in range(_RECORDS_PER_WAKE):
             try:
                 self._read_record(peer, link)
             except PairLinkError as exc:
-                self._forget(peer, str(exc))
+                self._peers.forget(peer, str(exc))
                 return
             except Exception:  # one bad peer must not stop the channel
                 log.exception("kv_frame_error")
                 self.stats.drop("internal_error")
-                self._forget(peer, "internal error while reading its stream")
+                self._peers.forget(peer, "internal error while reading its stream")
                 return
             if not link.readable():
                 return
 
-    def _read_record(self, peer: _Peer, link: StreamLink) -> None:
+    def _read_record(self, peer: Peer, link: StreamLink) -> None:
         taken = take_record(link, self._auth, self._writer)
         if taken is not None:
             self._apply(peer, *taken)
@@ -326,7 +285,7 @@ class KVReceiver:
     # -- peers ------------------------------------------------------------------------------
 
     def _drop_bad_frame(
-        self, known: _Peer | None, frame: memoryview, exc: wire.MalformedFrameError
+        self, known: Peer | None, frame: memoryview, exc: wire.MalformedFrameError
     ) -> None:
         """Count a ROUTER frame that failed decoding; for an out-of-band PAGE from a
         handshaken peer of a pair-group backend, still take its payload off the group so the
@@ -335,29 +294,9 @@ class KVReceiver:
         groups = self.backend in (Backend.GLOO, Backend.NCCL)
         if known is not None and groups and wire.is_out_of_band_page(frame):
             try:
-                skip_group_payload(self._link_of(known), frame)
+                skip_group_payload(self._peers.link_of(known), frame)
             except PairLinkError as exc:
-                self._forget(known, str(exc))
-
-    def _forget(self, state: _Peer, reason: str) -> None:
-        if self._peers.get(state.identity) is state:
-            del self._peers[state.identity]
-        if state.link is not None:
-            if isinstance(state.link, StreamLink):
-                fd = state.link.sock.fileno()
-                if self._streams.pop(fd, None) is not None:
-                    self._poller.unregister(fd)
-            state.link.close()
-        log.warning("kv_peer_reset", reason=reason)
-
-    def _link_of(self, peer: _Peer) -> PairLink | None:
-        if peer.link is None and peer.pending_link is not None:
-            try:
-                peer.link = peer.pending_link.result(timeout=self._group_timeout_s)
-            except Exception as exc:  # rendezvous failed: this peer must handshake again
-                log.warning("kv_pair_link_failed", error=str(exc))
-            peer.pending_link = None
-        return peer.link
+                self._peers.forget(known, str(exc))
 
     def _handshake(self, identity: bytes, hello: wire.HandshakeHeader) -> None:
         if hello.kind is not wire.FrameKind.HELLO:
@@ -381,31 +320,28 @@ class KVReceiver:
             return
         previous = self._peers.get(identity)
         if previous is not None:  # a re-handshake replaces the old pair link
-            self._forget(previous, "handshake again")
+            self._peers.forget(previous, "handshake again")
         fields: dict[str, object] = {"fingerprint": self.fingerprint.to_fields()}
-        offer = self._pairs.offer() if self.backend.out_of_band else None
+        offer = self._peers.offer()
         if offer is not None:
             fields["rendezvous"] = offer
         self._send(
             identity, wire.HandshakeHeader(hello.transfer_id, wire.FrameKind.WELCOME, fields)
         )
-        state = _Peer(identity, theirs)
-        if offer is not None:  # joined off this thread: a peer that never joins stalls nobody
-            state.pending_link = self._rendezvous.submit(self._pairs.accept, offer)
-        self._peers[identity] = state
+        self._peers.admit(identity, theirs, offer)
         log.info("kv_peer_accepted", backend=self.backend.value)
 
     def _receive_from_group(
-        self, peer: _Peer, header: wire.PageHeader, frame: memoryview
+        self, peer: Peer, header: wire.PageHeader, frame: memoryview
     ) -> torch.Tensor | None:
-        link = self._link_of(peer)
+        link = self._peers.link_of(peer)
         if link is None:
             self.stats.drop("no_pair_group")
             return None
         try:
             return take_group_payload(link, header, frame, self._writer)
         except PairLinkError as exc:
-            self._forget(peer, str(exc))
+            self._peers.forget(peer, str(exc))
             return None
 
     def _ack(self, identity: bytes, tid: bytes, status: wire.AckStatus, message: str) -> None:

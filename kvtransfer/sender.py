@@ -5,33 +5,33 @@ then :meth:`KVSender.finish` or :meth:`KVSender.abort`; each only queues a typed
 (:data:`Command`). One thread owns every socket and each peer's :class:`PeerState`; a
 peer's commands run in the order queued, only once it is HANDSHAKEN. A transfer ends once:
 acknowledged, or failed (refused peer, send error, nack, ack timeout, abort). ``send_pages``
-blocks while its peer is over ``max_queued_bytes`` (:class:`SendBudget`).
+blocks while its peer is over ``max_queued_bytes`` (:class:`SendBudget`). The commands are
+``kvtransfer.send_commands``'s, a peer's handshake and wire ``kvtransfer.send_peer``'s.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import enum
 import os
 import queue
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TypeAlias, assert_never
+from dataclasses import dataclass
+from typing import assert_never
 
 import structlog
 import torch
 import zmq
 
-from core.ticket import Fingerprint, IncompatiblePeerError, check_match
+from core.ticket import Fingerprint
 from kvtransfer import wire
-from kvtransfer.datapath import Backend, PairLink, StreamLink, join_pair, tensor_bytes
-from kvtransfer.handshake import hello_fields
+from kvtransfer.datapath import Backend
 from kvtransfer.metrics import TransferStats
 from kvtransfer.send_budget import SendBudget, TransferSpec, check_pages
+from kvtransfer.send_commands import Abort, Command, Finish, Open, SendPages
+from kvtransfer.send_peer import Peer, PeerState
 
 __all__ = [
     "Abort",
@@ -60,95 +60,12 @@ class TransferBackpressureError(Exception):
     """The peer did not drain its queue in time; the transfer was aborted."""
 
 
-# -- commands: what the owner's calls queue for the sending thread -----------------------------
-
-
-@dataclass(frozen=True)
-class Open:
-    """Start a transfer (its peer's handshake, if new, begins with it)."""
-
-    spec: TransferSpec
-
-    @property
-    def transfer_id(self) -> bytes:
-        return self.spec.transfer_id
-
-
-@dataclass(frozen=True, eq=False)
-class SendPages:
-    """Pages ``(L', 2, n, bs, KVH, D)`` for layers from ``layer_start``, already checked and
-    counted as ``nbytes`` queued for ``endpoint`` in the :class:`SendBudget`: whoever takes
-    this command off a queue (sent or dropped) releases them."""
-
-    transfer_id: bytes
-    layer_start: int
-    pages: torch.Tensor
-    nbytes: int
-    endpoint: str
-
-
-@dataclass(frozen=True)
-class Finish:
-    """Every page is queued: send DONE with the first token, then await the ack."""
-
-    transfer_id: bytes
-    first_token_id: int
-
-
-@dataclass(frozen=True)
-class Abort:
-    """Drop the transfer and tell the peer (its reservation is freed at once)."""
-
-    transfer_id: bytes
-    reason: str
-
-
-Command: TypeAlias = Open | SendPages | Finish | Abort
-
-
-class PeerState(enum.Enum):
-    """A decode worker's handshake, as this sender sees it."""
-
-    NEW = "new"  # no handshake: never tried, or forgotten (the peer may have restarted)
-    CONNECTING = "connecting"  # HELLO sent; awaiting WELCOME or REFUSE until the deadline
-    HANDSHAKEN = "handshaken"  # WELCOME matched (and the pair link joined): frames may go
-    FAILED = "failed"  # refused or unanswered: its backlog fails, then it is NEW again
-
-    def may_become(self, state: PeerState) -> bool:
-        return state in _PEER_MOVES[self]
-
-
-# Any state may fall back to NEW (a send error or a "handshake required" nack forgets the peer).
-_PEER_MOVES: dict[PeerState, frozenset[PeerState]] = {
-    PeerState.NEW: frozenset({PeerState.NEW, PeerState.CONNECTING}),
-    PeerState.CONNECTING: frozenset({PeerState.NEW, PeerState.HANDSHAKEN, PeerState.FAILED}),
-    PeerState.HANDSHAKEN: frozenset({PeerState.NEW}),
-    PeerState.FAILED: frozenset({PeerState.NEW}),
-}
-
-
 @dataclass
 class _Transfer:
     spec: TransferSpec
     started: float
     deadline: float | None = None  # set once DONE is sent
     failed: str | None = None
-
-
-@dataclass
-class _Peer:
-    endpoint: str
-    sock: zmq.Socket[bytes]
-    state: PeerState = PeerState.NEW
-    hello_id: bytes = b""
-    hello_deadline: float = 0.0
-    refusal: str = ""  # why the handshake failed (FAILED)
-    link: PairLink | None = None  # out-of-band backends: the pair's payload channel
-    backlog: collections.deque[Command] = field(default_factory=collections.deque)
-
-    def move(self, state: PeerState, refusal: str = "") -> None:
-        assert self.state.may_become(state), f"peer {self.state.name} -> {state.name}"
-        self.state, self.refusal = state, refusal
 
 
 class KVSender:
@@ -170,7 +87,7 @@ class KVSender:
         self._on_sent = on_sent
         self._commands: queue.Queue[Command] = queue.Queue()
         self._transfers: dict[bytes, _Transfer] = {}  # owned by the sending thread
-        self._peers: dict[str, _Peer] = {}
+        self._peers: dict[str, Peer] = {}
         self._poller = zmq.Poller()
         self._wake_r, self._wake_w = os.pipe()  # closed with the sender, never before
         os.set_blocking(self._wake_r, False)
@@ -290,7 +207,7 @@ class KVSender:
         peer = self._peer(transfer.spec.endpoint)
         peer.backlog.append(command)
 
-    def _peer(self, endpoint: str) -> _Peer:
+    def _peer(self, endpoint: str) -> Peer:
         peer = self._peers.get(endpoint)
         if peer is None:
             sock = self._ctx.socket(zmq.DEALER)
@@ -298,16 +215,16 @@ class KVSender:
             sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
             sock.setsockopt(zmq.SNDHWM, _SNDHWM)
             sock.connect(endpoint)
-            peer = _Peer(endpoint, sock)
+            peer = Peer(endpoint, sock)
             self._peers[endpoint] = peer
             self._poller.register(sock, zmq.POLLIN)
         return peer
 
-    def _drain(self, peer: _Peer) -> None:
+    def _drain(self, peer: Peer) -> None:
         """Run what the peer's state allows: a NEW peer with work is greeted; a FAILED one
         fails its backlog; a HANDSHAKEN one sends it, in order."""
         if peer.state is PeerState.NEW and peer.backlog:
-            self._hello(peer)
+            peer.greet(self.fingerprint, self._auth, self._handshake_timeout)
         if peer.state is PeerState.FAILED:
             while peer.backlog:
                 command = peer.backlog.popleft()
@@ -326,7 +243,7 @@ class KVSender:
             except Exception as exc:  # bad input fails its transfer, never this thread
                 self._fail(command.transfer_id, f"error: {exc}")
 
-    def _execute(self, peer: _Peer, command: Command) -> None:
+    def _execute(self, peer: Peer, command: Command) -> None:
         """One command on a handshaken peer's wire."""
         tid = command.transfer_id
         transfer = self._transfers.get(tid)
@@ -334,7 +251,11 @@ class KVSender:
             case SendPages(layer_start=layer_start, pages=pages):
                 try:
                     if transfer is not None and transfer.failed is None:
-                        self._send_page(peer, transfer, layer_start, pages)
+                        nbytes = peer.send_page(
+                            self.backend, self._auth, transfer.spec, layer_start, pages
+                        )
+                        self.stats.pages += 1
+                        self.stats.bytes += nbytes
                 finally:
                     self._release_bytes(command)
             case Open():
@@ -343,69 +264,17 @@ class KVSender:
                 if transfer is None:
                     return
                 done = wire.DoneHeader(tid, first_token_id, self.fingerprint.num_layers)
-                self._send_frame(peer, wire.encode(done, self._auth))
+                peer.send_frame(wire.encode(done, self._auth))
                 transfer.deadline = time.monotonic() + self._ack_timeout
             case Abort(reason=reason):
                 if transfer is None:
                     return
                 try:
-                    self._send_frame(peer, wire.encode(wire.AbortHeader(tid, reason), self._auth))
+                    peer.send_frame(wire.encode(wire.AbortHeader(tid, reason), self._auth))
                 finally:
                     self._fail(tid, f"aborted: {reason}")
             case _:
                 assert_never(command)
-
-    def _send_frame(self, peer: _Peer, frame: bytes) -> None:
-        """A transfer's control frame, in order with its pages: on the pair's stream for the
-        stream backend, else on the ZeroMQ socket."""
-        if isinstance(peer.link, StreamLink):
-            peer.link.send_record(frame)
-        else:
-            peer.sock.send(frame)
-
-    def _send_page(
-        self, peer: _Peer, transfer: _Transfer, layer_start: int, pages: torch.Tensor
-    ) -> None:
-        out_of_band = self.backend.out_of_band
-        if self.backend in (Backend.ZMQ, Backend.STREAM) and pages.device.type != "cpu":
-            pages = pages.cpu()  # host staging for the socket backends
-        pages = pages.contiguous()  # one copy at most (a slice of a prefix-sharing page)
-        num_layers, _, _, block_size, kv_heads, head_dim = pages.shape
-        header = wire.PageHeader(
-            transfer_id=transfer.spec.transfer_id,
-            layer_start=layer_start,
-            layer_end=layer_start + num_layers,
-            block_ids=transfer.spec.block_ids,
-            block_size=block_size,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            dtype=pages.dtype,
-            payload_nbytes=pages.numel() * pages.element_size(),
-            out_of_band=out_of_band,
-        )
-        payload = tensor_bytes(pages) if pages.device.type == "cpu" else None
-        frame = wire.encode(header, self._auth, payload)
-        if isinstance(peer.link, StreamLink):
-            assert payload is not None
-            peer.link.send_record(frame, payload)
-        elif out_of_band:
-            assert peer.link is not None
-            peer.sock.send(frame)
-            peer.link.send(pages)
-        else:
-            assert payload is not None
-            peer.sock.send_multipart([frame, payload], copy=False)
-        self.stats.pages += 1
-        self.stats.bytes += header.payload_nbytes
-
-    def _hello(self, peer: _Peer) -> None:
-        peer.hello_id = os.urandom(16)
-        peer.hello_deadline = time.monotonic() + self._handshake_timeout
-        hello = wire.HandshakeHeader(
-            peer.hello_id, wire.FrameKind.HELLO, hello_fields(self.fingerprint)
-        )
-        peer.sock.send(wire.encode(hello, self._auth))
-        peer.move(PeerState.CONNECTING)
 
     def _collect_replies(self) -> None:
         if not self._peers:
@@ -433,30 +302,10 @@ class KVSender:
                 elif isinstance(header, wire.AckHeader):
                     self._acked(peer, header)
 
-    def _answer(self, peer: _Peer, reply: wire.HandshakeHeader) -> None:
-        if peer.state is not PeerState.CONNECTING or reply.transfer_id != peer.hello_id:
-            return  # a stale answer
-        if reply.kind is wire.FrameKind.REFUSE:
-            peer.move(PeerState.FAILED, str(reply.fields.get("reason", "refused")))
-            log.warning("kv_peer_refused_us", endpoint=peer.endpoint, reason=peer.refusal)
-            return
-        try:
-            theirs = Fingerprint.from_fields(reply.fields.get("fingerprint", {}))
-            check_match(self.fingerprint, theirs, "decode worker")
-            if self.backend.out_of_band:
-                peer.link = join_pair(
-                    self.backend,
-                    reply.fields["rendezvous"],
-                    self._handshake_timeout,
-                    self._auth.stream_proof,
-                )
-        except (IncompatiblePeerError, KeyError, RuntimeError, ValueError, OSError) as exc:
-            peer.move(PeerState.FAILED, str(exc))
-            return
-        peer.move(PeerState.HANDSHAKEN)
-        log.info("kv_peer_ready", endpoint=peer.endpoint, backend=self.backend.value)
+    def _answer(self, peer: Peer, reply: wire.HandshakeHeader) -> None:
+        peer.answer(reply, self.fingerprint, self._auth, self._handshake_timeout)
 
-    def _acked(self, peer: _Peer, ack: wire.AckHeader) -> None:
+    def _acked(self, peer: Peer, ack: wire.AckHeader) -> None:
         transfer = self._transfers.get(ack.transfer_id)
         if transfer is None or transfer.failed is not None:
             return
@@ -478,12 +327,9 @@ class KVSender:
             if transfer.deadline is not None and transfer.deadline <= now:
                 self._fail(tid, f"ack_timeout: no acknowledgement in {self._ack_timeout:.0f}s")
 
-    def _reset(self, peer: _Peer) -> None:
+    def _reset(self, peer: Peer) -> None:
         """Forget a peer's handshake (its process may have restarted); keep its socket."""
-        if peer.link is not None:
-            peer.link.close()
-        peer.link = None
-        peer.move(PeerState.NEW)
+        peer.reset()
 
     def _fail(self, tid: bytes, reason: str) -> None:
         transfer = self._transfers.pop(tid, None)

@@ -1,4 +1,5 @@
-"""kvtransfer.sender's typed commands and peer states, driven without a sending thread."""
+"""kvtransfer.sender's typed commands (``send_commands``) and peer states (``send_peer``),
+driven without a sending thread."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from core.ticket import Fingerprint
 from kvtransfer import wire
+from kvtransfer.send_peer import Peer
 from kvtransfer.sender import (
     Abort,
     Command,
@@ -20,7 +22,6 @@ from kvtransfer.sender import (
     PeerState,
     SendPages,
     TransferSpec,
-    _Peer,
 )
 
 SPEC = TransferSpec("req", b"t" * 16, "tcp://127.0.0.1:9", (3, 4))
@@ -58,7 +59,7 @@ def _queued(kv: KVSender) -> list[Command]:
             return commands
 
 
-def _state(peer: _Peer) -> PeerState:
+def _state(peer: Peer) -> PeerState:
     return peer.state  # read afresh (mypy would narrow ``peer.state`` across calls)
 
 
@@ -120,7 +121,7 @@ def test_peer_moves(start: PeerState, allowed: set[PeerState]) -> None:
 
 def test_an_illegal_move_is_an_internal_error(sender: tuple[KVSender, list]) -> None:
     kv, _ = sender
-    peer: _Peer = kv._peer(SPEC.endpoint)
+    peer: Peer = kv._peer(SPEC.endpoint)
     assert _state(peer) is PeerState.NEW
     with pytest.raises(AssertionError, match="NEW -> HANDSHAKEN"):
         peer.move(PeerState.HANDSHAKEN)  # only a WELCOME to our HELLO gets there

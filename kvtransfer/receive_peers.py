@@ -1,0 +1,117 @@
+"""The prefill workers a receiver has handshaken: their pair links and stream sockets.
+
+A :class:`Peer` is in the table from its accepted HELLO until it is forgotten (a re-handshake,
+a broken link); forgetting closes its link and stops polling its stream. A pair link is joined
+off the receiving thread (:meth:`PeerTable.admit`), so a peer that never joins stalls nobody;
+its first use waits at most the group timeout. Only the receiving thread uses the table.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import structlog
+import zmq
+
+from core.ticket import Fingerprint
+from kvtransfer.datapath import Backend, PairHost, PairLink, StreamLink
+
+__all__ = ["Peer", "PeerTable"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(eq=False)
+class Peer:
+    identity: bytes  # its ZeroMQ routing id: where acks go
+    fingerprint: Fingerprint
+    link: PairLink | None = None  # out-of-band backends only
+    pending_link: Future[PairLink] | None = None  # while the rendezvous runs
+
+
+class PeerTable:
+    """Handshaken peers by ZeroMQ identity and, for the stream backend, by stream socket fd
+    (registered on the receiver's ``poller`` once joined)."""
+
+    def __init__(
+        self, backend: Backend, pairs: PairHost, poller: zmq.Poller, group_timeout_s: float
+    ) -> None:
+        self.backend = backend
+        self._pairs = pairs
+        self._poller = poller
+        self._group_timeout_s = group_timeout_s
+        self._rendezvous = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-rendezvous")
+        self._by_identity: dict[bytes, Peer] = {}
+        self._by_stream: dict[int, Peer] = {}
+
+    def get(self, identity: bytes) -> Peer | None:
+        return self._by_identity.get(identity)
+
+    def on_stream(self, fd: int) -> Peer | None:
+        """The peer whose stream socket is ``fd`` (stream backend), if still known."""
+        return self._by_stream.get(fd)
+
+    def offer(self) -> dict[str, object] | None:
+        """The rendezvous a WELCOME carries (out-of-band backends), else None."""
+        return self._pairs.offer() if self.backend.out_of_band else None
+
+    def admit(
+        self, identity: bytes, fingerprint: Fingerprint, offer: dict[str, object] | None
+    ) -> None:
+        """A peer whose HELLO was welcomed with ``offer`` (a re-handshake forgets the old one
+        first)."""
+        peer = Peer(identity, fingerprint)
+        if offer is not None:  # joined off this thread: a peer that never joins stalls nobody
+            peer.pending_link = self._rendezvous.submit(self._pairs.accept, offer)
+        self._by_identity[identity] = peer
+
+    def forget(self, peer: Peer, reason: str) -> None:
+        if self._by_identity.get(peer.identity) is peer:
+            del self._by_identity[peer.identity]
+        if peer.link is not None:
+            if isinstance(peer.link, StreamLink):
+                fd = peer.link.sock.fileno()
+                if self._by_stream.pop(fd, None) is not None:
+                    self._poller.unregister(fd)
+            peer.link.close()
+        log.warning("kv_peer_reset", reason=reason)
+
+    def link_of(self, peer: Peer) -> PairLink | None:
+        """The peer's pair link, awaiting its rendezvous if still running (None if it failed:
+        the peer must handshake again)."""
+        if peer.link is None and peer.pending_link is not None:
+            try:
+                peer.link = peer.pending_link.result(timeout=self._group_timeout_s)
+            except Exception as exc:  # rendezvous failed: this peer must handshake again
+                log.warning("kv_pair_link_failed", error=str(exc))
+            peer.pending_link = None
+        return peer.link
+
+    def adopt_streams(self) -> bool:
+        """Start polling the streams whose peers have connected; True while one is awaited."""
+        if self.backend is not Backend.STREAM:
+            return False
+        waiting = False
+        for peer in list(self._by_identity.values()):
+            future = peer.pending_link
+            if future is None:
+                continue
+            if not future.done():
+                waiting = True
+                continue
+            link = self.link_of(peer)
+            if isinstance(link, StreamLink):
+                self._by_stream[link.sock.fileno()] = peer
+                self._poller.register(link.sock.fileno(), zmq.POLLIN)
+        return waiting
+
+    def close(self) -> None:
+        """Close every link and the pair host (the receiving thread has stopped)."""
+        self._rendezvous.shutdown(wait=False, cancel_futures=True)
+        for peer in self._by_identity.values():
+            if peer.link is not None:
+                peer.link.close()
+        self._by_identity.clear()
+        self._by_stream.clear()
+        self._pairs.close()

@@ -1,0 +1,61 @@
+"""The sender's typed commands: what :class:`~kvtransfer.sender.KVSender`'s calls queue.
+
+Each command is a frozen value naming its transfer; the sending thread runs a peer's commands
+in the order queued. A :class:`SendPages` holds bytes counted in the sender's
+:class:`~kvtransfer.send_budget.SendBudget`: whoever takes it off a queue, sent or dropped,
+releases them, exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import torch
+
+from kvtransfer.send_budget import TransferSpec
+
+__all__ = ["Abort", "Command", "Finish", "Open", "SendPages"]
+
+
+@dataclass(frozen=True)
+class Open:
+    """Start a transfer (its peer's handshake, if new, begins with it)."""
+
+    spec: TransferSpec
+
+    @property
+    def transfer_id(self) -> bytes:
+        return self.spec.transfer_id
+
+
+@dataclass(frozen=True, eq=False)
+class SendPages:
+    """Pages ``(L', 2, n, bs, KVH, D)`` for layers from ``layer_start``, already checked and
+    counted as ``nbytes`` queued for ``endpoint`` in the :class:`SendBudget`: whoever takes
+    this command off a queue (sent or dropped) releases them."""
+
+    transfer_id: bytes
+    layer_start: int
+    pages: torch.Tensor
+    nbytes: int
+    endpoint: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Every page is queued: send DONE with the first token, then await the ack."""
+
+    transfer_id: bytes
+    first_token_id: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Drop the transfer and tell the peer (its reservation is freed at once)."""
+
+    transfer_id: bytes
+    reason: str
+
+
+Command: TypeAlias = Open | SendPages | Finish | Abort
