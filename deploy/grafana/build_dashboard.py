@@ -1,4 +1,4 @@
-"""Build ``pdserve-dashboard.json`` (Grafana, Prometheus data source) from the panels in ``panels.py``.
+"""Build ``pdserve-dashboard.json`` (Grafana, Prometheus data source) from ``panels.py``.
 
     python deploy/grafana/build_dashboard.py          # rewrites pdserve-dashboard.json
 

@@ -19,7 +19,7 @@ def test_a_local_folder_resolves_to_itself(tmp_path: Path) -> None:
 
 
 def test_a_folder_without_config_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="has no config.json"):
+    with pytest.raises(ModelLoadError, match=r"has no config\.json"):
         resolve_model_path(ModelConfig(model=str(tmp_path)))
 
 
