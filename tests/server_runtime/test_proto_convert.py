@@ -1,0 +1,113 @@
+"""server_runtime.proto_convert: core objects survive the internal protos unchanged, and unset
+proto fields read as the documented defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from core.pool_stats import PoolStats
+from core.sampling import FinishReason, SamplingParams
+from core.ticket import Fingerprint, TransferTicket
+from protos.pdserve.v1 import common_pb2, worker_pb2
+from server_runtime.proto_convert import (
+    DEFAULT_MAX_TOKENS,
+    FINISH_FROM_PROTO,
+    FINISH_TO_PROTO,
+    sampling_from_proto,
+    sampling_to_proto,
+    status_to_proto,
+    ticket_from_proto,
+    ticket_to_proto,
+)
+
+FINGERPRINT = Fingerprint(
+    model="0123456789abcdef",
+    dtype="float32",
+    block_size=16,
+    num_layers=30,
+    num_kv_heads=3,
+    head_dim=64,
+    backend="stream",
+    integrity="aes-256-gmac",
+)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(),
+        SamplingParams(max_tokens=7, temperature=0.0, top_k=1),
+        SamplingParams(
+            max_tokens=300,
+            temperature=0.5,
+            top_p=0.75,
+            top_k=40,
+            seed=2**63 - 1,
+            stop=("\n\n", "END"),
+            stop_token_ids=(2, 7),
+            ignore_eos=True,
+        ),
+    ],
+)
+def test_sampling_round_trips(params: SamplingParams) -> None:
+    wire = common_pb2.SamplingParams.FromString(sampling_to_proto(params).SerializeToString())
+    assert sampling_from_proto(wire) == params
+
+
+def test_unset_sampling_fields_take_the_defaults() -> None:
+    got = sampling_from_proto(common_pb2.SamplingParams())
+    assert got == SamplingParams(max_tokens=DEFAULT_MAX_TOKENS)
+    assert got.seed is None  # an unset seed is not seed 0
+
+
+def test_seed_zero_is_kept() -> None:
+    wire = sampling_to_proto(SamplingParams(seed=0))
+    assert wire.HasField("seed") and sampling_from_proto(wire).seed == 0
+
+
+def test_ticket_round_trips() -> None:
+    ticket = TransferTicket(
+        transfer_id=bytes(range(16)),
+        kv_endpoint="tcp://10.0.0.7:50081",
+        block_ids=(5, 9, 2, 31),
+        lease_s=60.0,
+        fingerprint=FINGERPRINT,
+        cached_blocks=1,
+    )
+    wire = worker_pb2.TransferTicket.FromString(ticket_to_proto(ticket).SerializeToString())
+    assert ticket_from_proto(wire) == ticket
+    assert ticket_from_proto(wire).blocks_to_send == (9, 2, 31)
+
+
+def test_every_fingerprint_field_is_on_the_wire() -> None:
+    names = {f.name for f in dataclasses.fields(Fingerprint)}
+    assert names == set(worker_pb2.KVFingerprint.DESCRIPTOR.fields_by_name)
+
+
+def test_finish_reasons_map_both_ways() -> None:
+    assert set(FINISH_TO_PROTO) == {None, *FinishReason}
+    for reason, value in FINISH_TO_PROTO.items():
+        assert FINISH_FROM_PROTO[value] is reason
+
+
+def test_status_carries_the_pool_and_queue() -> None:
+    stats = PoolStats(
+        total_blocks=2048,
+        free_blocks=2000,
+        running=3,
+        waiting=1,
+        awaiting_kv=2,
+        pool_ok=True,
+        num_preemptions=0,
+    )
+    msg = status_to_proto("decode", "SmolLM2", stats, 16, 2, "tcp://127.0.0.1:50081")
+    assert (msg.tier, msg.model, msg.block_size, msg.kv_endpoint) == (
+        "decode",
+        "SmolLM2",
+        16,
+        "tcp://127.0.0.1:50081",
+    )
+    assert (msg.total_blocks, msg.free_blocks, msg.running, msg.waiting) == (2048, 2000, 3, 1)
+    assert msg.pending_transfers == 2 and msg.pool_ok
