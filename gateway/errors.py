@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from core.errors import EngineError
+from server_runtime.grpc_runtime import BASE_STATUS_CODES
 
 # A worker call that ended with one of these may succeed on another worker: the worker died,
 # drains, is full, or cancelled the call itself (its grace period ran out).
@@ -60,3 +61,11 @@ class OverloadedError(EngineError):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
+    **BASE_STATUS_CODES,
+    NoWorkersError: grpc.StatusCode.UNAVAILABLE,
+    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+"""Domain failures -> gRPC status, for the gRPC servicer and the HTTP API alike."""

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import cast
 
@@ -114,7 +114,7 @@ class GenerationCore:
 
     async def generate(
         self, request_id: str, prompt: list[int], sampling: SamplingParams, timeout: float | None
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         deadline = Deadline(timeout)
         if sampling.seed is None and not sampling.greedy:
             sampling = with_seed(sampling)

@@ -55,9 +55,11 @@ class TokenPrompt:
 
 @dataclass(frozen=True)
 class ChatPrompt:
-    """A conversation, rendered with the model's chat template plus the generation prompt."""
+    """A conversation, rendered with the model's chat template (plus the generation prompt,
+    the assistant turn's opening, unless ``add_generation_prompt`` is False)."""
 
     messages: tuple[ChatMessage, ...]
+    add_generation_prompt: bool = True
 
 
 PromptInput = TextPrompt | TokenPrompt | ChatPrompt
@@ -87,21 +89,25 @@ class PromptTokenizer:
 
     def encode(self, inp: PromptInput) -> list[int]:
         """Token ids for ``inp``; raises InvalidRequestError if it cannot be served."""
-        match inp:
-            case TextPrompt(text=text):
-                token_ids = self._encode_text(text)
-            case TokenPrompt(token_ids=given):
-                token_ids = self._check_token_ids(given)
-            case ChatPrompt(messages=messages):
-                token_ids = self._encode_chat(messages)
-            case _:
-                raise InvalidRequestError(f"unsupported prompt type {type(inp).__name__}")
+        token_ids = self.tokenize(inp)
         if len(token_ids) >= self._max_model_len:
             raise InvalidRequestError(
                 f"prompt has {len(token_ids)} tokens, but the model's context length is "
                 f"{self._max_model_len}: the prompt must be shorter to leave room for output"
             )
         return token_ids
+
+    def tokenize(self, inp: PromptInput) -> list[int]:
+        """Token ids for ``inp``, whatever their number (``encode`` bounds it by the context)."""
+        match inp:
+            case TextPrompt(text=text):
+                return self._encode_text(text)
+            case TokenPrompt(token_ids=given):
+                return self._check_token_ids(given)
+            case ChatPrompt(messages=messages, add_generation_prompt=generation_prompt):
+                return self._encode_chat(messages, generation_prompt)
+            case _:
+                raise InvalidRequestError(f"unsupported prompt type {type(inp).__name__}")
 
     def _encode_text(self, text: str) -> list[int]:
         if not text:
@@ -122,7 +128,9 @@ class PromptTokenizer:
                 )
         return list(token_ids)
 
-    def _encode_chat(self, messages: tuple[ChatMessage, ...]) -> list[int]:
+    def _encode_chat(
+        self, messages: tuple[ChatMessage, ...], add_generation_prompt: bool = True
+    ) -> list[int]:
         if not messages:
             raise InvalidRequestError("chat prompt has no messages")
         for index, message in enumerate(messages):
@@ -138,7 +146,7 @@ class PromptTokenizer:
         conversation = [{"role": m.role, "content": m.content} for m in messages]
         try:
             rendered = self._tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=True
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=True
             )
         except TemplateError as exc:  # includes the template's own raise_exception(...)
             raise InvalidRequestError(f"chat template rejected the messages: {exc}") from exc

@@ -10,9 +10,13 @@ from prometheus_client import CollectorRegistry
 
 from core.tls import TLSConfig
 from engine.config import ModelConfig
-from engine.model_files import describe_model, resolve_model_path
+from engine.model_files import ModelSpec, describe_model, resolve_model_path
 from gateway.errors import NoWorkersError
 from gateway.generation import FailoverConfig, GenerationCore
+from gateway.openai_api.app import build_app
+from gateway.openai_api.convert import ServedModel
+from gateway.openai_api.http_server import HttpServer, host_of
+from gateway.openai_api.serving import OpenAIServing
 from gateway.prompts import PromptTokenizer
 from gateway.registry import Registry, TierRegistry
 from gateway.router import Router, RoutingConfig
@@ -74,6 +78,10 @@ class GatewayConfig:
     decode: tuple[str, ...] = field(default_factory=tuple)
     metrics_port: int = 9100
     """Prometheus /metrics port (0: off)."""
+    http_port: int = 8000
+    """Port of the OpenAI-compatible HTTP API, on ``listen``'s host (0: off)."""
+    served_model_name: tuple[str, ...] = ()
+    """Names the HTTP API serves the model as, besides ``model.model`` and its basename."""
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
@@ -102,11 +110,17 @@ def build_registry(config: GatewayConfig) -> Registry:
     )
 
 
-def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> GenerationCore:
+def model_spec(config: GatewayConfig) -> ModelSpec:
+    return describe_model(config.model.model, resolve_model_path(config.model))
+
+
+def build_core(
+    config: GatewayConfig, metrics: GatewayMetrics | None = None, spec: ModelSpec | None = None
+) -> GenerationCore:
     """Tokenizer and model limits (no weights), plus the router over the worker registry
     (call :meth:`Registry.start` inside the event loop before serving)."""
-    path = resolve_model_path(config.model)
-    spec = describe_model(config.model.model, path)
+    spec = spec or model_spec(config)
+    path = spec.path
     max_len = min(spec.max_model_len, config.model.max_model_len or spec.max_model_len)
     tokenizer = load_tokenizer(path)
     vocab = min(len(tokenizer), spec.vocab_size)
@@ -132,7 +146,8 @@ async def serve(config: GatewayConfig, grace_s: float = 5.0) -> None:
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     register_gpu_metrics(registry, "gateway")
-    core = build_core(config, metrics)
+    spec = model_spec(config)
+    core = build_core(config, metrics, spec)
     servicer = GenerationServicer(core, metrics)
     serve_metrics(config.metrics_port, registry)
     admission = config.admission
@@ -143,6 +158,15 @@ async def serve(config: GatewayConfig, grace_s: float = 5.0) -> None:
     if config.security.auth_tokens:
         interceptors.insert(0, BearerAuth(config.security.auth_tokens))
     await core.router.registry.start()
+    http = None
+    if config.http_port:
+        served = ServedModel.of(
+            config.model.model, config.served_model_name, core.max_model_len, spec.fingerprint
+        )
+        serving = OpenAIServing(core, lifecycle, served, metrics)
+        app = build_app(serving, config.security.auth_tokens, metrics)
+        http = HttpServer(app, host_of(config.listen), config.http_port)
+        await http.start()
     handle = await start_server(
         config.listen,
         [SERVICE_NAME],
@@ -162,10 +186,13 @@ async def serve(config: GatewayConfig, grace_s: float = 5.0) -> None:
         tls=config.security.tls is not None,
         upstream_tls=config.security.upstream_tls is not None,
         auth=bool(config.security.auth_tokens),
+        http_port=http.port if http is not None else 0,
     )
     try:
         await serve_until_signalled(
             handle, [SERVICE_NAME], grace_s, ready=core.router.registry.wait_ready()
         )
     finally:
+        if http is not None:
+            await http.stop()
         await core.router.registry.close()

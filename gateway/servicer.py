@@ -7,29 +7,22 @@ call through the gateway's bounded :class:`~server_runtime.grpc_runtime.Lifecycl
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-import structlog
 
 from core.errors import EngineError, InvalidRequestError
-from gateway.errors import NoWorkersError, OverloadedError
+from gateway.accounting import RequestClock
+from gateway.errors import STATUS_CODES
 from gateway.generation import GenerationCore
 from gateway.prompts import ChatMessage, ChatPrompt, PromptInput, TextPrompt, TokenPrompt
 from protos.pdserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from server_runtime.grpc_runtime import BASE_STATUS_CODES, status_for
 from server_runtime.metrics import GatewayMetrics
 from server_runtime.proto_convert import FINISH_TO_PROTO, sampling_from_proto
 
-log = structlog.get_logger(__name__)
+__all__ = ["STATUS_CODES", "WORK_METHODS", "GenerationServicer", "prompt_from_proto"]
 
-STATUS_CODES = {
-    **BASE_STATUS_CODES,
-    NoWorkersError: grpc.StatusCode.UNAVAILABLE,
-    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
 WORK_METHODS = ("/pdserve.v1.Generation/Generate",)
 
 
@@ -54,33 +47,6 @@ def prompt_from_proto(request: generation_pb2.GenerateRequest) -> PromptInput:
     return ChatPrompt(tuple(ChatMessage(m.role, m.content) for m in request.messages))
 
 
-class _Clock:
-    """Client-observed timing of one request, recorded into the gateway's histograms."""
-
-    def __init__(self, metrics: GatewayMetrics | None) -> None:
-        self.metrics = metrics
-        self.start = self.last = time.monotonic()
-        self.first = True
-
-    def tokens(self, count: int) -> None:
-        if self.metrics is None or count == 0:
-            return
-        now = time.monotonic()
-        if self.first:
-            self.metrics.ttft.observe(now - self.start)
-            self.first = False
-        else:
-            for _ in range(count):  # a message carrying k tokens: k gaps of 1/k each
-                self.metrics.itl.observe((now - self.last) / count)
-        self.metrics.generation_tokens.inc(count)
-        self.last = now
-
-    def done(self, code: grpc.StatusCode) -> None:
-        if self.metrics is not None:
-            self.metrics.e2e.observe(time.monotonic() - self.start)
-            self.metrics.request_done(code.name)
-
-
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, core: GenerationCore, metrics: GatewayMetrics | None = None) -> None:
         self.core = core
@@ -90,17 +56,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         request_id = request.request_id or uuid.uuid4().hex
-        clock = _Clock(self.metrics)
-        code = grpc.StatusCode.CANCELLED  # unless the stream ends otherwise
+        clock = RequestClock(self.metrics)
         try:
             sampling = sampling_from_proto(request.sampling)
             prompt = self.core.prepare(prompt_from_proto(request), sampling)
-            log.info("request_accepted", prompt_tokens=len(prompt), max_tokens=sampling.max_tokens)
-            if self.metrics is not None:
-                self.metrics.prompt_tokens.inc(len(prompt))
+            clock.accepted(prompt, sampling)
             stream = self.core.generate(request_id, prompt, sampling, context.time_remaining())
             async for delta in stream:
-                clock.tokens(len(delta.token_ids))
+                clock.delta(delta)
                 usage = common_pb2.Usage(
                     prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens
                 )
@@ -111,19 +74,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     finish_reason=FINISH_TO_PROTO[delta.finish_reason],
                     usage=usage,
                 )
-                if delta.finish_reason is not None:
-                    code = grpc.StatusCode.OK
-                    log.info(
-                        "request_finished",
-                        finish_reason=delta.finish_reason.value,
-                        completion_tokens=delta.completion_tokens,
-                    )
         except EngineError as exc:
-            code = status_for(exc, STATUS_CODES)
-            if code is grpc.StatusCode.INVALID_ARGUMENT:
-                log.info("request_rejected", code=code.name, error=str(exc))
-            else:
-                log.warning("request_failed", code=code.name, error=str(exc))
+            clock.failed(exc)
             raise
         finally:
-            clock.done(code)
+            clock.done()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.settings import Group, Setting
+from core.settings import Group, Setting, port
 from core.tls import TLSConfig
 from engine.settings import MODEL, model_config
 from server_runtime.settings import (
@@ -39,6 +39,26 @@ SERVER = Group(
         ),
         Setting("--decode", repeat=True, help="decode worker address (repeat, or comma-separate)"),
         METRICS_PORT.with_default(9100),
+    ),
+)
+
+HTTP = Group(
+    "OpenAI-compatible HTTP API",
+    (
+        Setting(
+            "--http-port",
+            field="http_port",
+            type=port,
+            default=8000,
+            help="port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+            "/v1/models, /health, /tokenize, /detokenize) on --listen's host (0: off)",
+        ),
+        Setting(
+            "--served-model-name",
+            repeat=True,
+            help="a name the HTTP API serves the model as, besides --model and its basename "
+            "(repeat; the first is the id /v1/models lists)",
+        ),
     ),
 )
 
@@ -157,7 +177,7 @@ UPSTREAM_TLS = (
 
 SECURITY = Group("security", (AUTH_TOKEN_FILE, *UPSTREAM_TLS))
 
-FLEET = (ROUTING, ADMISSION, SECURITY)
+FLEET = (HTTP, ROUTING, ADMISSION, SECURITY)
 """What ``pdserve gateway`` and ``pdserve up`` both take."""
 
 GROUPS = (SERVER, MODEL, LOG, *FLEET, SERVER_TLS, DRAIN)
@@ -192,6 +212,8 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         prefill=split_addresses(args.prefill),
         decode=split_addresses(args.decode),
         metrics_port=args.metrics_port,
+        **HTTP.fields(args),
+        served_model_name=tuple(args.served_model_name),
         routing=RoutingConfig(**ROUTING.fields(args, "routing")),
         fleet=FleetConfig(**ROUTING.fields(args, "fleet")),
         admission=AdmissionConfig(

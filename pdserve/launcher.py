@@ -50,6 +50,7 @@ level as the launcher divides and quiets them)."""
 GATEWAY_FLAGS: tuple[Setting, ...] = (
     *MODEL,
     *LOG,
+    *gateway_settings.HTTP,
     *gateway_settings.ROUTING,
     *gateway_settings.ADMISSION,
     gateway_settings.AUTH_TOKEN_FILE,

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +68,8 @@ class Cluster:
     """How to reach the cluster's servers (CA, and a client certificate for the workers)."""
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
     """Processes a test started beside the cluster (stopped with it)."""
+    http: str | None = None
+    """Base URL of the gateway's OpenAI-compatible HTTP API (``http://127.0.0.1:port``), if on."""
 
     def children(self) -> dict[str, Child]:
         if self.state_path is None:
@@ -136,6 +140,17 @@ class Cluster:
                 proc.wait()
 
 
+def _http_healthy(base: str | None) -> bool:
+    """``GET /health`` answers 200 (True when the HTTP API is off)."""
+    if base is None:
+        return True
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=2) as reply:
+            return bool(reply.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def _idle(s: worker_pb2.WorkerStatus) -> bool:
     return (
         s.free_blocks == s.total_blocks
@@ -156,9 +171,12 @@ def start_cluster(
     extra: tuple[str, ...] = (),
     tls: TLSConfig | None = None,
     env: dict[str, str] | None = None,
+    http_port: int = 0,
 ) -> Cluster:
     """``pdserve up`` on free loopback ports. Pass ``tls`` (how to reach the servers) when
-    ``extra`` turns TLS on; ``env`` replaces the environment of ``up`` and its children."""
+    ``extra`` turns TLS on; ``env`` replaces the environment of ``up`` and its children.
+    The HTTP API is off unless ``http_port`` is given (say ``free_port_range(1)``): many
+    clusters run at once, and ``up``'s default port would collide."""
     gateway_port = free_port_range(1)
     base = free_port_range(prefill + 2 * decode)
     state_path = log_dir / f"cluster-{gateway_port}.json"
@@ -183,6 +201,8 @@ def start_cluster(
         "1",
         "--state-file",
         str(state_path),
+        "--http-port",
+        str(http_port),
         *extra,
     ]
     if cache_dir is not None:
@@ -198,10 +218,11 @@ def start_cluster(
         log_path=log_path,
         state_path=state_path,
         tls=tls,
+        http=f"http://127.0.0.1:{http_port}" if http_port else None,
     )
     deadline = time.monotonic() + READY_TIMEOUT_S
     addresses = [cluster.gateway, *cluster.prefill, *cluster.decode]
-    while not all(serving(a, tls) for a in addresses):
+    while not all(serving(a, tls) for a in addresses) or not _http_healthy(cluster.http):
         if proc.poll() is not None:
             raise RuntimeError(f"cluster exited with {proc.returncode}:\n{cluster.logs()}")
         if time.monotonic() > deadline:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -56,6 +56,20 @@ def _same_kind(
     return handler
 
 
+def bearer_refusal(header: str | None, tokens: Sequence[bytes]) -> str | None:
+    """None when ``header`` (an ``authorization`` value) names one of ``tokens``, else why
+    not (the gRPC interceptor and the HTTP API share this check)."""
+    if header is None:
+        return "missing credentials: send 'authorization: Bearer <token>'"
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return "malformed authorization: expected 'Bearer <token>'"
+    given = token.strip().encode()
+    # compare_digest against every token, no early exit: timing does not reveal which matched
+    matched = [hmac.compare_digest(given, known) for known in tokens]
+    return None if any(matched) else "invalid bearer token"
+
+
 class BearerAuth(grpc.aio.ServerInterceptor):
     """Bearer-token authentication of the methods under ``protected`` prefixes: a call without
     ``authorization: Bearer <token>`` naming a known token is refused (UNAUTHENTICATED) before
@@ -69,15 +83,7 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 
     def _allowed(self, header: str | None) -> str | None:
         """None when allowed, else why not."""
-        if header is None:
-            return "missing credentials: send 'authorization: Bearer <token>' metadata"
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return "malformed authorization metadata: expected 'Bearer <token>'"
-        given = token.strip().encode()
-        # compare_digest against every token, no early exit: timing does not reveal which matched
-        matched = [hmac.compare_digest(given, known) for known in self._tokens]
-        return None if any(matched) else "invalid bearer token"
+        return bearer_refusal(header, self._tokens)
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Handler]], details: Any

@@ -169,6 +169,17 @@ class GatewayMetrics:
             "Streams broken after their first token: resumed elsewhere, or failed (UNAVAILABLE).",
             "outcome",
         )
+        self._http = _TierCounter(
+            registry,
+            g,
+            "pdserve_http_requests",
+            "OpenAI-compatible HTTP API requests, by route and HTTP status.",
+            "route",
+            "status",
+        )
+
+    def http_request(self, route: str, status: int) -> None:
+        self._http.inc(route, str(status))
 
     def request_done(self, code: str) -> None:
         self._requests.inc(code)

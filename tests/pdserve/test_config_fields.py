@@ -15,7 +15,7 @@ from engine.config import CacheConfig, ModelConfig, SchedulerConfig
 from engine.settings import ENGINE, MODEL
 from gateway import settings as gateway_settings
 from gateway.router import RoutingConfig
-from gateway.server import AdmissionConfig, FleetConfig
+from gateway.server import AdmissionConfig, FleetConfig, GatewayConfig
 from kvtransfer.config import TransferConfig
 from kvtransfer.settings import TRANSFER
 from prefill_service import settings as prefill_settings
@@ -26,6 +26,7 @@ CONFIGS: list[tuple[Group, str, type[Any]]] = [
     (ENGINE, "cache", CacheConfig),
     (ENGINE, "scheduler", SchedulerConfig),
     (TRANSFER, "", TransferConfig),
+    (gateway_settings.HTTP, "", GatewayConfig),
     (gateway_settings.ROUTING, "routing", RoutingConfig),
     (gateway_settings.ROUTING, "fleet", FleetConfig),
     (gateway_settings.ADMISSION, "admission", AdmissionConfig),
