@@ -84,6 +84,8 @@ DISAGGREGATED = (
     "--max-attempts=2",
     "--stale-after=0.5",
     "--max-prompt-tokens=77",
+    "--http-port=8123",
+    "--served-model-name=tiny",
     "--auth-token-file=/tmp/pdserve-tokens",
     "--shutdown-grace=7",
     "--max-queue=3",
@@ -115,6 +117,7 @@ def test_disaggregated_ports_and_passed_on_values(monkeypatch: pytest.MonkeyPatc
     metrics = [child.metrics_port for child in children.values()]
     assert metrics == [9201, 9202, 9203, 9204, 9200]
     gateway = children["gateway"]
+    assert (gateway.http_port, gateway.served_model_name) == (8123, ["tiny"])
     assert gateway.prefill == ["127.0.0.1:40000", "127.0.0.1:40001", "10.0.0.1:1"]
     assert gateway.decode == ["127.0.0.1:40002", "127.0.0.1:40003", "10.0.0.2:2"]
     for name, child in children.items():
@@ -138,6 +141,7 @@ def test_colocated_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (decode.listen, decode.kv_bind) == ("127.0.0.1:40000", "tcp://127.0.0.1:40001")
     assert gateway.prefill == [] and gateway.decode == ["127.0.0.1:40000"]
     assert decode.metrics_port == 0 and gateway.metrics_port == 0
+    assert gateway.http_port == 8000 and gateway.served_model_name == []
     assert decode.threads == max(1, (os.cpu_count() or 1) // 1)
     assert decode.cpus is None and decode.no_prefix_caching is False
     assert all(c.tls_cert is None and not c.tls_require_client_cert for c in children.values())
