@@ -118,7 +118,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "include_stop_str_in_output": (False,),
     "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,),
-    "logprobs": (False, 0),
+    "logprobs": (False,),  # completions: any number asks for log-probabilities
     "top_logprobs": (0,),
     "echo": (False,),
     "suffix": ("",),
