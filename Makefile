@@ -27,7 +27,7 @@ setup: ## create/update .venv with the runtime dependencies and the default mode
 setup-dev: ## like setup, plus pytest, ruff and mypy
 	bash scripts/setup.sh --dev
 
-run: setup ## start all tiers locally and generate for PROMPT
+run: setup ## start all tiers locally and stream the chat answer to PROMPT
 	$(VENV)/bin/pdserve up --generate "$$PROMPT"
 
 # pytest exits 5 when it collects no tests; make treats that as a failure, as it should.

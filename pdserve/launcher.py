@@ -344,10 +344,13 @@ def _generate_once(gateway: str, args: argparse.Namespace) -> int:
 
     tls = _cluster_tls(args)
     tokens = auth_tokens(args.auth_token_file)
+    options = RequestOptions(max_tokens=args.max_tokens, temperature=0)
+    if not args.completion:
+        options["messages"] = [("user", args.generate)]
     return stream_completion(
         gateway,
-        args.generate,
-        RequestOptions(max_tokens=args.max_tokens, temperature=0),
+        args.generate if args.completion else None,
+        options,
         tls=tls,
         token=tokens[0] if tokens else None,
     )

@@ -38,7 +38,13 @@ CLUSTER = Group(
         Setting(
             "--generate",
             metavar="PROMPT",
-            help="stream one completion of PROMPT, then stop the cluster",
+            help="stream the model's answer to PROMPT (sent as a user chat message, so an "
+            "instruct model answers it), then stop the cluster",
+        ),
+        Setting(
+            "--completion",
+            switch=True,
+            help="with --generate: send PROMPT as raw text to continue, not as a chat message",
         ),
         Setting("--max-tokens", type=int, default=64, help="with --generate"),
     ),
