@@ -5,8 +5,11 @@
 1. **Added latency per token.** The synthetic worker emits each token exactly on a grid of
    CLOCK_MONOTONIC (every ``--grid-ms``), which every process on the machine shares, so a
    client's receive time modulo the grid is that token's delivery latency. Measured calling the
-   worker directly (``Decode.Generate``) and through the gateway, at 1 and at ``--streams``
-   concurrent streams; the difference of the percentiles is what the gateway adds.
+   worker directly (``Decode.Generate``), through the gateway's gRPC API, and through its
+   OpenAI-compatible HTTP API (``POST /v1/completions``, ``stream: true``, read by an
+   ``httpx`` client parsing the SSE with ``pdserve bench``'s parser; every event with text is a
+   token), at 1 and at ``--streams`` concurrent streams; the difference of the percentiles is
+   what the gateway adds, and ``http - grpc`` what the HTTP API adds on top of gRPC.
 2. **Relay throughput.** The worker streams tokens as fast as it can; the gateway, pinned to one
    core (``taskset``), relays them to ``--streams`` concurrent clients: tokens/s received.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -30,6 +34,8 @@ from pathlib import Path
 import grpc
 
 from core.pool_stats import PoolStats
+from pdserve.bench.openai_http import SseParser, make_client, served_model
+from pdserve.bench.runner import ClientOptions
 from pdserve.client import AsyncClient
 from pdserve.local_cluster import free_port_range
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -62,7 +68,11 @@ class SyntheticDecode(worker_pb2_grpc.DecodeServicer):
                 yield worker_pb2.DecodeResponse(
                     tokens=worker_pb2.TokenChunk(
                         token_ids=[3 + k % 200],
-                        finish_reason=common_pb2.FINISH_REASON_LENGTH if last else 0,
+                        finish_reason=(
+                            common_pb2.FINISH_REASON_LENGTH
+                            if last
+                            else common_pb2.FINISH_REASON_UNSPECIFIED
+                        ),
                         completion_tokens=k + 1,
                     )
                 )
@@ -137,6 +147,37 @@ async def gateway_latencies(address: str, streams: int, tokens: int, grid_s: flo
     return out
 
 
+async def http_latencies(base_url: str, streams: int, tokens: int, grid_s: float) -> list[float]:
+    """Per-token delivery latency through the HTTP API: one keep-alive connection per stream
+    (opened by the warm-up request), each SSE event with text is a token."""
+    out: list[float] = []
+    async with make_client(ClientOptions(), streams) as client:
+        model = await served_model(client, base_url)
+        body = {
+            "model": model,
+            "prompt": [5, 6, 7],
+            "max_tokens": tokens,
+            "ignore_eos": True,
+            "stream": True,
+        }
+
+        async def one(n: int, record: bool) -> None:
+            async with client.stream(
+                "POST", f"{base_url}/completions", json={**body, "max_tokens": n}
+            ) as response:
+                response.raise_for_status()
+                parser = SseParser()
+                async for chunk in response.aiter_raw():
+                    now = time.monotonic()
+                    for data in parser.feed(chunk):
+                        if record and data != "[DONE]" and json.loads(data)["choices"][0]["text"]:
+                            out.append(now % grid_s)
+
+        await asyncio.gather(*[one(2, False) for _ in range(streams)])  # open the connections
+        await asyncio.gather(*[one(tokens, True) for _ in range(streams)])
+    return out
+
+
 async def relay_throughput(address: str, streams: int, tokens: int) -> float:
     async with AsyncClient(address) as client:
         received = 0
@@ -169,18 +210,20 @@ def _wait_serving(address: str) -> None:
         time.sleep(0.2)
 
 
-def _start_pair(model: str, grid_ms: float) -> tuple[str, str, list[subprocess.Popen[bytes]]]:
-    base = free_port_range(2)
+def _start_pair(model: str, grid_ms: float) -> tuple[str, str, str, list[subprocess.Popen[bytes]]]:
+    """(worker, gateway, the gateway's HTTP API base URL up to /v1, processes)."""
+    base = free_port_range(3)
     worker, gateway = f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"
+    http = f"http://127.0.0.1:{base + 2}/v1"
     me = [sys.executable, str(Path(__file__).resolve())]
     procs = [_spawn([*me, "--worker", worker, "--grid-ms", str(grid_ms)], core=1)]
     gw = [sys.executable, "-m", "pdserve.cli", "gateway", "--listen", gateway, "--decode", worker]
     gw += ["--model", model, "--metrics-port", "0", "--log-level", "warning"]
-    gw += ["--max-concurrent-requests", "0"]
+    gw += ["--max-concurrent-requests", "0", "--http-port", str(base + 2)]
     procs.append(_spawn(gw, core=0))
     _wait_serving(worker)
     _wait_serving(gateway)
-    return worker, gateway, procs
+    return worker, gateway, http, procs
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -204,22 +247,32 @@ def main() -> None:
     if not args.model:
         parser.error("--model is required")
     grid = args.grid_ms / 1000
-    worker, gateway, procs = _start_pair(args.model, args.grid_ms)
+    worker, gateway, http, procs = _start_pair(args.model, args.grid_ms)
+    quantiles = (0.5, 0.9, 0.99)
     try:
         asyncio.run(gateway_latencies(gateway, 2, 20, grid))  # warm up
+        asyncio.run(http_latencies(http, 2, 20, grid))
         print(f"delivery latency per token (ms), worker emitting on a {args.grid_ms:g} ms grid")
-        print(f"{'path':<10}{'streams':>8}{'p50':>9}{'p99':>9}")
+        print(f"{'path':<14}{'streams':>8}{'tokens':>8}{'p50':>9}{'p90':>9}{'p99':>9}")
         for streams in (1, args.streams):
             rows = {
                 "direct": asyncio.run(direct_latencies(worker, streams, args.tokens, grid)),
-                "gateway": asyncio.run(gateway_latencies(gateway, streams, args.tokens, grid)),
+                "gateway grpc": asyncio.run(gateway_latencies(gateway, streams, args.tokens, grid)),
+                "gateway http": asyncio.run(http_latencies(http, streams, args.tokens, grid)),
             }
-            for path, values in rows.items():
-                p50, p99 = (_percentile(values, q) * 1000 for q in (0.5, 0.99))
-                print(f"{path:<10}{streams:>8}{p50:>9.3f}{p99:>9.3f}")
+            cells = {
+                path: [_percentile(values, q) * 1000 for q in quantiles]
+                for path, values in rows.items()
+            }
+            cells["http - grpc"] = [
+                h - g for h, g in zip(cells["gateway http"], cells["gateway grpc"], strict=True)
+            ]
+            for path, ms in cells.items():
+                n = len(rows[path]) if path in rows else ""
+                print(f"{path:<14}{streams:>8}{n:>8}" + "".join(f"{v:>9.3f}" for v in ms))
     finally:
         _stop(procs)
-    worker, gateway, procs = _start_pair(args.model, 0)
+    worker, gateway, _, procs = _start_pair(args.model, 0)
     try:
         asyncio.run(relay_throughput(gateway, 2, 50))  # warm up
         rate = asyncio.run(relay_throughput(gateway, args.streams, 1000))

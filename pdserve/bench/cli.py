@@ -4,10 +4,16 @@
     pdserve bench --request-rate-sweep 1,2,4 --goodput ttft:500 tpot:100 --plot-dir plots/
     pdserve bench --compare --num-prompts 24 --output-json compare.json
     pdserve bench --gateway gw:443 --tls-ca ca.pem --auth-token-file token --retries 5
+    pdserve bench --backend openai --base-url http://127.0.0.1:8000/v1 --num-prompts 64
+    pdserve bench --backend openai --base-url http://vllm:8000/v1 --endpoint chat \
+        --served-model-name SmolLM2-135M-Instruct
 
 The client is the SDK's (pdserve.client): ``--tls*`` and ``--auth-token-file`` (or
 ``PDSERVE_AUTH_TOKEN``) as ``pdserve generate`` takes them, and ``--retries`` of requests
-refused with RESOURCE_EXHAUSTED after the server's RetryInfo delay.
+refused with RESOURCE_EXHAUSTED after the server's RetryInfo delay. ``--backend openai`` sends
+the same requests to any OpenAI-compatible server instead (:mod:`pdserve.bench.openai_http`:
+SSE timed as the gRPC stream is, the token as a bearer header, 429s retried after
+``Retry-After``), so pdserve and another server are measured side by side with one command line.
 
 The flags are declared in :mod:`pdserve.bench.settings` (each also reads ``PDSERVE_<FLAG>``);
 the benchmark's own modules are imported when it runs.
@@ -33,8 +39,9 @@ from pdserve.bench.settings import (
 
 if TYPE_CHECKING:
     from pdserve.bench.datasets import BenchRequest
+    from pdserve.bench.load import LoadSpec
     from pdserve.bench.report import RunResult
-    from pdserve.bench.runner import ClientOptions
+    from pdserve.bench.runner import ClientOptions, RunSettings
 
 
 def _build_requests(args: argparse.Namespace, model_path: Path, seed: int) -> list[BenchRequest]:
@@ -135,6 +142,13 @@ def _run(args: argparse.Namespace, model_path: Path) -> tuple[list[RunResult], d
     )
     rates = args.request_rate_sweep or [args.request_rate]
     loads = [LoadSpec(r, args.burstiness, args.max_concurrency, args.seed) for r in rates]
+    if args.backend == "openai":
+        if args.compare:
+            raise ValueError("--compare starts its own clusters: --backend openai loads one server")
+        return [
+            _bench_openai(args, model_path, args.seed + i, load, settings, client)
+            for i, load in enumerate(loads)
+        ], {}
     if not args.compare:
         # Each rate of a sweep gets its own prompts (seed, seed + 1, ...): a server's prefix
         # cache must not serve a later rate from an earlier one.
@@ -173,6 +187,29 @@ def _run(args: argparse.Namespace, model_path: Path) -> tuple[list[RunResult], d
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
         runs = run_compare(requests, loads[0], settings, cfg)
     return runs, throughput_ratios(runs)
+
+
+def _bench_openai(
+    args: argparse.Namespace,
+    model_path: Path,
+    seed: int,
+    load: LoadSpec,
+    settings: RunSettings,
+    client: ClientOptions,
+) -> RunResult:
+    """One run against ``--base-url`` (the same prompts a ``--gateway`` run with this seed
+    sends; chat sends their decoded text)."""
+    from pdserve.bench.openai_http import OpenAITarget, bench_openai
+
+    target = OpenAITarget(args.base_url, args.endpoint, args.served_model_name)
+    requests = _build_requests(args, model_path, seed)
+    texts = None
+    if args.endpoint == "chat":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        texts = [str(tokenizer.decode(list(r.prompt_token_ids))) for r in requests]
+    return bench_openai(target, requests, load, settings, client_options=client, prompt_texts=texts)
 
 
 def _client_options(args: argparse.Namespace) -> ClientOptions:

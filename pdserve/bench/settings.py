@@ -15,6 +15,8 @@ from engine.config import DEFAULT_MODEL
 from server_runtime.settings import AUTH_TOKEN_ENV, CLIENT_TLS
 
 DATASETS = ("random", "shared-prefix", "sharegpt")
+BACKENDS = ("pdserve", "openai")
+ENDPOINTS = ("completions", "chat")
 SMOKE_NUM_PROMPTS = 4
 SMOKE_INPUT_LEN = "8,32"
 SMOKE_OUTPUT_LEN = "4,8"
@@ -40,9 +42,33 @@ TARGET = Group(
     "target",
     (
         Setting(
+            "--backend",
+            choices=BACKENDS,
+            default="pdserve",
+            help="pdserve: the gateway's gRPC API (--gateway); openai: any OpenAI-compatible "
+            "HTTP server (--base-url), streamed over SSE",
+        ),
+        Setting(
             "--gateway",
             default="127.0.0.1:50051",
             help="gateway address to load (ignored with --compare)",
+        ),
+        Setting(
+            "--base-url",
+            default="http://127.0.0.1:8000/v1",
+            help="--backend openai: the API's base URL, up to /v1",
+        ),
+        Setting(
+            "--endpoint",
+            choices=ENDPOINTS,
+            default="completions",
+            help="--backend openai: /completions (the prompts' token ids) or /chat/completions "
+            "(their text as one user message)",
+        ),
+        Setting(
+            "--served-model-name",
+            help="--backend openai: the requests' model field (default: the first id "
+            "GET /v1/models lists)",
         ),
         Setting(
             "--model",
