@@ -28,10 +28,27 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings: checked on text, by the gateway
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # logits processors (engine/sampler.py applies them in vLLM's order); defaults are neutral
+    repetition_penalty: float = 1.0  # > 0; over prompt + output; > 1 discourages repeats
+    presence_penalty: float = 0.0  # [-2, 2]; OpenAI's, over output tokens only
+    frequency_penalty: float = 0.0  # [-2, 2]; OpenAI's, over output tokens only
+    min_p: float = 0.0  # [0, 1]; drop tokens less likely than min_p x the likeliest
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens exist
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) pairs
+    include_stop_str_in_output: bool = False  # stop strings: checked on text, by the gateway
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        """Uses a penalty that reads the sequence's token ids."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
 
 
 @dataclass(frozen=True)

@@ -62,9 +62,13 @@ class DecodeServicer(LoadReporting, worker_pb2_grpc.DecodeServicer):
         if not local:
             remaining = context.time_remaining()
             lease = remaining if remaining is not None else float("inf")
-            handle, ticket = self.worker.reserve(request.request_id, prompt, sampling, lease)
+            handle, ticket = self.worker.reserve(
+                request.request_id, prompt, sampling, lease, request.resumed_tokens
+            )
         else:
-            handle = self.worker.generate_local(request.request_id, prompt, sampling)
+            handle = self.worker.generate_local(
+                request.request_id, prompt, sampling, request.resumed_tokens
+            )
         try:
             if not local:
                 yield worker_pb2.DecodeResponse(ticket=ticket_to_proto(ticket))

@@ -75,17 +75,27 @@ class DecodeWorker:
         self.engine.stop()
 
     def generate_local(
-        self, request_id: str, prompt: list[int], sampling: SamplingParams
+        self,
+        request_id: str,
+        prompt: list[int],
+        sampling: SamplingParams,
+        resumed_tokens: int = 0,
     ) -> RequestHandle:
         """Colocated: compute the prompt here and stream every token."""
-        return self.engine.submit(self.engine.new_sequence(request_id, prompt, sampling))
+        seq = self.engine.new_sequence(request_id, prompt, sampling, resumed_tokens)
+        return self.engine.submit(seq)
 
     def reserve(
-        self, request_id: str, prompt: list[int], sampling: SamplingParams, lease_s: float
+        self,
+        request_id: str,
+        prompt: list[int],
+        sampling: SamplingParams,
+        lease_s: float,
+        resumed_tokens: int = 0,
     ) -> tuple[RequestHandle, TransferTicket]:
         """Reserve blocks for a prompt a prefill worker computes; the ticket says where to push
         its pages. Raises OutOfBlocksError. The caller must :meth:`release` the handle."""
-        seq = self.engine.new_sequence(request_id, prompt, sampling)
+        seq = self.engine.new_sequence(request_id, prompt, sampling, resumed_tokens)
         handle, reservation = self.engine.reserve_import(seq)
         transfer_id = os.urandom(16)
         lease_s = min(lease_s, self.config.kv_lease_s)

@@ -74,15 +74,21 @@ class AsyncEngine:
         self.engine.stop()
 
     def new_sequence(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        resumed_tokens: int = 0,
     ) -> Sequence:
-        """A sequence keyed uniquely on this worker (callers may reuse request ids)."""
+        """A sequence keyed uniquely on this worker (callers may reuse request ids);
+        ``resumed_tokens``: trailing prompt tokens generated before a failover resume."""
         return Sequence(
             request_id=f"{request_id}#{uuid.uuid4().hex[:12]}",
             token_ids=list(prompt_token_ids),
             num_prompt_tokens=len(prompt_token_ids),
             sampling=sampling,
             eos_token_ids=self.spec.eos_token_ids,
+            resumed_tokens=min(max(0, resumed_tokens), len(prompt_token_ids)),
         )
 
     def submit(self, seq: Sequence, *, export_kv: bool = False) -> RequestHandle:

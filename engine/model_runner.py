@@ -26,6 +26,7 @@ from engine.linear import pack_linear, pack_linear_layers
 from engine.llama_forward import LlamaForward
 from engine.sampler import Sampler, SampleRequest
 from engine.scheduler import ScheduledBatch, ScheduledSeq
+from engine.sequence import Sequence as EngineSequence
 
 
 class ModelInputs(NamedTuple):
@@ -165,9 +166,7 @@ class ModelRunner:
             logits_index=torch.tensor(
                 [last_index[k] for k in sampled], dtype=torch.long, device=dev
             ),
-            sample_requests=[
-                SampleRequest(items[k].seq.sampling, items[k].seq.num_tokens) for k in sampled
-            ],
+            sample_requests=[sample_request(items[k].seq) for k in sampled],
             sample_items=[order[k] for k in sampled],
         )
 
@@ -253,6 +252,13 @@ class ModelRunner:
         if self._workspace.numel() < needed:
             self._workspace = torch.empty(needed, dtype=cache.dtype, device=self.device)
         return self._workspace
+
+
+def sample_request(seq: EngineSequence) -> SampleRequest:
+    """What the sampler needs of ``seq``: its token ids by reference (read only by penalties)."""
+    return SampleRequest(
+        seq.sampling, seq.num_tokens, seq.token_ids, seq.output_start, seq.eos_token_ids
+    )
 
 
 def _padded_block_tables(items: Sequence[ScheduledSeq], max_blocks: int) -> list[int]:

@@ -1,4 +1,10 @@
-"""Batched token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+"""Batched token sampling: logits processors, greedy, temperature, min-p, top-k, top-p, seeds.
+
+Order, as vLLM documents it: on the raw logits ``logit_bias``, the ``min_tokens`` mask, the
+repetition penalty, then the presence and frequency penalties; greedy rows take the argmax of
+that. Sampled rows then go through temperature, ``min_p``, top-k, top-p and the draw. Each
+processor is one tensor operation over the rows of the batch that use it, skipped entirely when
+no request in the batch does, so a batch of plain requests costs what it did before.
 
 Reproducibility: a seeded request draws its n-th token from a generator seeded with
 ``(seed, position)``, so the same seed gives the same output whichever worker or tier samples
@@ -24,6 +30,36 @@ class SampleRequest:
 
     params: SamplingParams
     position: int  # index of the token being sampled in the sequence
+    token_ids: Sequence[int] = ()
+    """The sequence's tokens so far, prompt then output (by reference; penalties read it)."""
+    output_start: int | None = None
+    """Index in ``token_ids`` of the first generated token; None: ``position`` (none yet)."""
+    eos_token_ids: frozenset[int] = frozenset()
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens generated before this one."""
+        return 0 if self.output_start is None else self.position - self.output_start
+
+    @property
+    def prompt_ids(self) -> Sequence[int]:
+        return self.token_ids[: self._start]
+
+    @property
+    def output_ids(self) -> Sequence[int]:
+        return self.token_ids[self._start :]
+
+    @property
+    def _start(self) -> int:
+        return self.position if self.output_start is None else self.output_start
+
+    def min_tokens_banned(self) -> tuple[int, ...]:
+        """Token ids masked now by ``min_tokens``: the stop tokens, EOS unless ignored."""
+        params = self.params
+        if self.num_output_tokens >= params.min_tokens:
+            return ()
+        eos = () if params.ignore_eos else tuple(sorted(self.eos_token_ids))
+        return tuple(dict.fromkeys((*params.stop_token_ids, *eos)))
 
 
 class Sampler:
@@ -37,10 +73,18 @@ class Sampler:
             self._rng.manual_seed(seed)
 
     def sample(self, logits: torch.Tensor, requests: Sequence[SampleRequest]) -> list[int]:
-        logits = logits.float()
+        logits = process_logits(logits.float(), requests)
         tokens = logits.max(dim=-1).indices  # (S,) greedy for every row; random rows overwrite
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if random_rows:
+            min_p_rows = [i for i in random_rows if requests[i].params.min_p > 0.0]
+            if min_p_rows:
+                logits = apply_min_p(
+                    logits,
+                    min_p_rows,
+                    [requests[i].params.temperature for i in min_p_rows],
+                    [requests[i].params.min_p for i in min_p_rows],
+                )
             out = tokens.tolist()
             for row in random_rows:
                 out[row] = self._sample_row(logits[row], requests[row])
@@ -59,6 +103,113 @@ class Sampler:
         generator = torch.Generator()
         generator.manual_seed(((request.params.seed + 1) * _SEED_MIX + request.position) & _MASK64)
         return generator
+
+
+def process_logits(logits: torch.Tensor, requests: Sequence[SampleRequest]) -> torch.Tensor:
+    """``logits`` (S, V) after the processors that act on raw logits (and so on greedy rows):
+    logit_bias, the min_tokens mask, then the penalties. Returns ``logits`` itself when no
+    request uses any of them; never writes into it."""
+    if any(r.params.logit_bias for r in requests):
+        logits = apply_logit_bias(logits, [r.params.logit_bias for r in requests])
+    if any(r.params.min_tokens for r in requests):
+        banned = [r.min_tokens_banned() if r.params.min_tokens else () for r in requests]
+        if any(banned):
+            logits = apply_banned_tokens(logits, banned)
+    rows = [i for i, r in enumerate(requests) if r.params.penalized]
+    if rows:
+        logits = apply_penalties(
+            logits,
+            rows,
+            [requests[i].prompt_ids for i in rows],
+            [requests[i].output_ids for i in rows],
+            [requests[i].params.repetition_penalty for i in rows],
+            [requests[i].params.presence_penalty for i in rows],
+            [requests[i].params.frequency_penalty for i in rows],
+        )
+    return logits
+
+
+def apply_logit_bias(
+    logits: torch.Tensor, biases: Sequence[Sequence[tuple[int, float]]]
+) -> torch.Tensor:
+    """Add each row's ``(token id, bias)`` pairs to its logits (ids inside the vocabulary)."""
+    rows = [i for i, bias in enumerate(biases) for _ in bias]
+    cols = [token for bias in biases for token, _ in bias]
+    values = [value for bias in biases for _, value in bias]
+    dev = logits.device
+    index = (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))
+    bias_t = torch.tensor(values, dtype=logits.dtype, device=dev)
+    return logits.index_put(index, bias_t, accumulate=True)
+
+
+def apply_banned_tokens(logits: torch.Tensor, banned: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Set each row's ``banned`` token ids to -inf (ids outside the vocabulary are ignored)."""
+    vocab = logits.shape[-1]
+    pairs = [(i, t) for i, ids in enumerate(banned) for t in ids if 0 <= t < vocab]
+    if not pairs:
+        return logits
+    dev = logits.device
+    index = (
+        torch.tensor([i for i, _ in pairs], device=dev),
+        torch.tensor([t for _, t in pairs], device=dev),
+    )
+    return logits.index_put(index, torch.tensor(float("-inf"), dtype=logits.dtype, device=dev))
+
+
+def token_counts(ids: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """``(len(ids), vocab)`` float counts of each token id in each row's ``ids``."""
+    width = max(1, max(len(row) for row in ids))
+    padded = [[*row, *([vocab] * (width - len(row)))] for row in ids]  # pad id: one past the end
+    index = torch.tensor(padded, dtype=torch.long, device=device)
+    counts = torch.zeros(len(ids), vocab + 1, device=device)
+    counts.scatter_add_(1, index, torch.ones(index.shape, device=device))
+    return counts[:, :vocab]
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    rows: Sequence[int],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+    repetition: Sequence[float],
+    presence: Sequence[float],
+    frequency: Sequence[float],
+) -> torch.Tensor:
+    """Penalties on ``rows`` of ``logits``, as vLLM applies them: the repetition penalty over
+    prompt and output tokens (a seen token's logit divided by it when positive, multiplied when
+    not), then OpenAI's ``logit -= frequency * count + presence * (count > 0)`` over output
+    tokens only."""
+    dev = logits.device
+    vocab = logits.shape[-1]
+    index = torch.tensor(rows, dtype=torch.long, device=dev)
+    sub = logits.index_select(0, index)  # (R, V)
+    output = token_counts(output_ids, vocab, dev)
+    seen = (token_counts(prompt_ids, vocab, dev) + output) > 0
+    rep = torch.tensor(repetition, dtype=sub.dtype, device=dev)[:, None]
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    freq = torch.tensor(frequency, dtype=sub.dtype, device=dev)[:, None]
+    pres = torch.tensor(presence, dtype=sub.dtype, device=dev)[:, None]
+    sub = sub - freq * output - pres * (output > 0).to(sub.dtype)
+    return logits.index_copy(0, index, sub)
+
+
+def apply_min_p(
+    logits: torch.Tensor,
+    rows: Sequence[int],
+    temperatures: Sequence[float],
+    min_ps: Sequence[float],
+) -> torch.Tensor:
+    """Mask (-inf) on ``rows`` the tokens whose probability after temperature is below
+    ``min_p`` times the likeliest token's (which always stays)."""
+    dev = logits.device
+    index = torch.tensor(rows, dtype=torch.long, device=dev)
+    sub = logits.index_select(0, index)
+    temps = torch.tensor(temperatures, dtype=sub.dtype, device=dev)[:, None]
+    probs = torch.softmax(sub / temps, dim=-1)
+    threshold = torch.tensor(min_ps, dtype=sub.dtype, device=dev)[:, None]
+    threshold = threshold * probs.max(dim=-1, keepdim=True).values
+    sub = sub.masked_fill(probs < threshold, float("-inf"))
+    return logits.index_copy(0, index, sub)
 
 
 def filtered_probs(

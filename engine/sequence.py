@@ -56,10 +56,18 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     export_kv: bool = False
     """Computed here for another worker: stops after its first token, its prompt's KV exported."""
+    resumed_tokens: int = 0
+    """Trailing prompt tokens this request generated before a failover resumed it here: output
+    for the presence and frequency penalties (see :attr:`output_start`)."""
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def output_start(self) -> int:
+        """Index in ``token_ids`` of the request's first generated token (a resume's included)."""
+        return self.num_prompt_tokens - self.resumed_tokens
 
     @property
     def num_completion_tokens(self) -> int:

@@ -57,6 +57,9 @@ class Delta:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    seed: int | None = None
+    """On the first delta of a sampled request: the seed it is drawn with (the caller's or the
+    one :func:`with_seed` chose); None otherwise."""
 
 
 class Deadline:
@@ -109,7 +112,7 @@ class GenerationCore:
                 f"prompt has {len(prompt)} tokens; this gateway accepts at most "
                 f"{self.max_prompt_tokens} (--max-prompt-tokens)"
             )
-        validate_sampling(sampling, len(prompt), self.max_model_len)
+        validate_sampling(sampling, len(prompt), self.max_model_len, self.prompts.vocab_size)
         return prompt
 
     async def generate(
@@ -120,7 +123,8 @@ class GenerationCore:
             sampling = with_seed(sampling)
             log.info("seed_assigned", seed=sampling.seed)
         detok = IncrementalDetokenizer(self.tokenizer, prompt)
-        stops = StopStringMatcher(sampling.stop)
+        stops = StopStringMatcher(sampling.stop, sampling.include_stop_str_in_output)
+        seed = None if sampling.greedy else sampling.seed  # reported on the first delta
         completion = 0
         events = self._events(request_id, prompt, sampling, deadline)
         try:
@@ -130,17 +134,23 @@ class GenerationCore:
                 if event.finish_reason is not None:
                     text += detok.flush()
                 match = stops.feed(text)
+                first_seed, seed = seed, None
                 if match.stopped:
                     yield Delta(
-                        event.token_ids, match.text, FinishReason.STOP, len(prompt), completion
+                        event.token_ids,
+                        match.text,
+                        FinishReason.STOP,
+                        len(prompt),
+                        completion,
+                        first_seed,
                     )
                     return
                 finish = event.finish_reason
                 if finish is not None:
                     text = match.text + stops.flush()
-                    yield Delta(event.token_ids, text, finish, len(prompt), completion)
+                    yield Delta(event.token_ids, text, finish, len(prompt), completion, first_seed)
                     return
-                yield Delta(event.token_ids, match.text, None, len(prompt), completion)
+                yield Delta(event.token_ids, match.text, None, len(prompt), completion, first_seed)
         finally:
             await events.aclose()
 
@@ -155,6 +165,10 @@ class GenerationCore:
 
             attempt 1:  prompt                  -> t1 t2 t3  x (decode worker died)
             attempt 2:  prompt + [t1 t2 t3]     -> t4 t5 ... (prefilled again, on other workers)
+
+        A resume asks for ``max_tokens`` and ``min_tokens`` less the tokens received and tells
+        the workers how many trailing prompt tokens are output (``resumed_tokens``), so the
+        penalties and the min_tokens mask continue as in an undisturbed run.
 
         Tokens already received are never asked for again, so the stream has no duplicated and
         no missing tokens. Output equals an undisturbed run's: greedy trivially; sampled because
@@ -191,9 +205,14 @@ class GenerationCore:
             attempt_events = self._attempt(
                 request_id,
                 prompt + generated,
-                dataclasses.replace(sampling, max_tokens=left),
+                dataclasses.replace(
+                    sampling,
+                    max_tokens=left,
+                    min_tokens=max(0, sampling.min_tokens - len(generated)),
+                ),
                 route,
                 deadline,
+                len(generated),
             )
             try:
                 async with contextlib.aclosing(attempt_events):  # ends worker calls at once
@@ -255,6 +274,7 @@ class GenerationCore:
         sampling: SamplingParams,
         route: Route,
         deadline: Deadline,
+        resumed_tokens: int = 0,
     ) -> AsyncGenerator[TokenEvent, None]:
         """One try on one route; raises UpstreamError naming the worker that failed.
 
@@ -272,7 +292,12 @@ class GenerationCore:
         timeout = deadline.remaining()
         decode.assign()
         stream = decode_client.open(
-            request_id, prompt, sampling, remote_prefill=prefill is not None, timeout=timeout
+            request_id,
+            prompt,
+            sampling,
+            remote_prefill=prefill is not None,
+            timeout=timeout,
+            resumed_tokens=resumed_tokens,
         )
         try:
             if prefill is not None:
@@ -280,7 +305,12 @@ class GenerationCore:
                 prefill.assign()
                 try:
                     first = await cast(PrefillClient, prefill.client).prefill(
-                        request_id, prompt, sampling, ticket, timeout=deadline.remaining()
+                        request_id,
+                        prompt,
+                        sampling,
+                        ticket,
+                        timeout=deadline.remaining(),
+                        resumed_tokens=resumed_tokens,
                     )
                 finally:
                     await self.router.registry.prefill.release(prefill)

@@ -73,6 +73,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     text=delta.text,
                     finish_reason=FINISH_TO_PROTO[delta.finish_reason],
                     usage=usage,
+                    seed=delta.seed,  # None (unset) but on a sampled request's first message
                 )
         except EngineError as exc:
             clock.failed(exc)

@@ -2,7 +2,8 @@
 
 Text is emitted as soon as it cannot be the start of a stop string. The stream stops at the stop
 string that *ends* first (ties: the one that starts first), so the result does not depend on how
-the text was split into deltas.
+the text was split into deltas. The matched stop string is cut off, or, with
+``include_stop_str_in_output`` (vLLM's option), kept as the end of the text.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import NamedTuple
 class StopMatch(NamedTuple):
     """What one ``feed`` produced."""
 
-    text: str  # text to emit now (never contains a stop string)
+    text: str  # text to emit now (contains a stop string only at its end, when included)
     stopped: bool  # a stop string was found: ``text`` is the last text of the stream
 
 
@@ -34,10 +35,11 @@ class StopStringMatcher:
     Stop strings must be non-empty (validated at the gateway's edge).
     """
 
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], include_stop_str_in_output: bool = False) -> None:
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
         self._stop: tuple[str, ...] = tuple(dict.fromkeys(stop))  # deduplicated, in order
+        self._include = include_stop_str_in_output
         self._held = ""
         self._stopped = False
 
@@ -52,11 +54,12 @@ class StopStringMatcher:
         if not self._stop:
             return StopMatch(text_delta, False)
         buffer = self._held + text_delta
-        match_start = self._first_match(buffer)
-        if match_start is not None:
+        match = self._first_match(buffer)
+        if match is not None:
             self._held = ""
             self._stopped = True
-            return StopMatch(buffer[:match_start], True)
+            start, end = match
+            return StopMatch(buffer[: end if self._include else start], True)
         hold = self._partial_match_len(buffer)
         self._held = buffer[len(buffer) - hold :]
         return StopMatch(buffer[: len(buffer) - hold], False)
@@ -66,14 +69,14 @@ class StopStringMatcher:
         held, self._held = self._held, ""
         return held
 
-    def _first_match(self, buffer: str) -> int | None:
-        """Start of the stop-string occurrence that ends first in ``buffer``, if any."""
+    def _first_match(self, buffer: str) -> tuple[int, int] | None:
+        """``(start, end)`` of the stop-string occurrence that ends first in ``buffer``."""
         best: tuple[int, int] | None = None  # (end, start)
         for s in self._stop:
             start = buffer.find(s)
             if start >= 0 and (best is None or (start + len(s), start) < best):
                 best = (start + len(s), start)
-        return None if best is None else best[1]
+        return None if best is None else (best[1], best[0])
 
     def _partial_match_len(self, buffer: str) -> int:
         """Length of the longest tail of ``buffer`` that is a proper prefix of a stop string."""

@@ -15,12 +15,19 @@ from core.sampling import SamplingParams
 DEFAULT_MAX_TOKENS = 16  # completion length when the client does not say
 MAX_STOP_STRINGS = 16  # more would make per-token stop checks costly
 MAX_STOP_STRING_CHARS = 256  # bounds the text the stop matcher may hold back
+MAX_PENALTY = 2.0  # presence and frequency penalties: OpenAI's [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # OpenAI's [-100, 100]
+MAX_LOGIT_BIAS_ENTRIES = 1024  # bounds the sampler's per-step work for one request
 
 
-def validate_sampling(params: SamplingParams, prompt_len: int, max_model_len: int) -> None:
-    """Raise InvalidRequestError unless ``params`` can be served for a ``prompt_len`` prompt."""
+def validate_sampling(
+    params: SamplingParams, prompt_len: int, max_model_len: int, vocab_size: int | None = None
+) -> None:
+    """Raise InvalidRequestError unless ``params`` can be served for a ``prompt_len`` prompt;
+    ``vocab_size`` bounds ``logit_bias``'s token ids (None: not checked)."""
     _check_sampling_ranges(params)
     _check_lengths(params.max_tokens, prompt_len, max_model_len)
+    _check_processors(params, vocab_size)
     _check_stop_strings(params.stop)
 
 
@@ -38,6 +45,50 @@ def _check_sampling_ranges(params: SamplingParams) -> None:
     for token_id in params.stop_token_ids:
         if token_id < 0:
             raise InvalidRequestError(f"stop_token_ids must be >= 0, got {token_id}")
+
+
+def _finite(name: str, value: float) -> None:
+    if math.isnan(value) or math.isinf(value):
+        raise InvalidRequestError(f"{name} must be a finite number, got {value}")
+
+
+def _check_processors(params: SamplingParams, vocab_size: int | None) -> None:
+    _finite("repetition_penalty", params.repetition_penalty)
+    if params.repetition_penalty <= 0:
+        raise InvalidRequestError(
+            f"repetition_penalty must be > 0 (1 disables it), got {params.repetition_penalty}"
+        )
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(params, name)
+        _finite(name, value)
+        if not -MAX_PENALTY <= value <= MAX_PENALTY:
+            raise InvalidRequestError(
+                f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}"
+            )
+    if math.isnan(params.min_p) or not 0 <= params.min_p <= 1:
+        raise InvalidRequestError(f"min_p must be in [0, 1], got {params.min_p}")
+    if params.min_tokens < 0:
+        raise InvalidRequestError(f"min_tokens must be >= 0, got {params.min_tokens}")
+    if params.min_tokens > params.max_tokens:
+        raise InvalidRequestError(
+            f"min_tokens ({params.min_tokens}) must be <= max_tokens ({params.max_tokens})"
+        )
+    if len(params.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidRequestError(
+            f"logit_bias may have at most {MAX_LOGIT_BIAS_ENTRIES} entries, "
+            f"got {len(params.logit_bias)}"
+        )
+    for token_id, bias in params.logit_bias:
+        if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+            bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+            raise InvalidRequestError(
+                f"logit_bias token id {token_id} is outside the model's vocabulary {bound}"
+            )
+        if math.isnan(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise InvalidRequestError(
+                f"logit_bias for token {token_id} must be in "
+                f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}"
+            )
 
 
 def _check_lengths(max_tokens: int, prompt_len: int, max_model_len: int) -> None:

@@ -231,11 +231,15 @@ class DecodeClient(_WorkerClient):
         *,
         remote_prefill: bool,
         timeout: float | None,
+        resumed_tokens: int = 0,
     ) -> DecodeStream:
+        """``resumed_tokens``: trailing ``prompt`` tokens the request generated before a
+        failover (output for the penalties)."""
         request = worker_pb2.DecodeRequest(
             request_id=request_id,
             prompt_token_ids=prompt,
             sampling=sampling_to_proto(sampling),
+            resumed_tokens=resumed_tokens,
             mode=worker_pb2.PREFILL_MODE_REMOTE
             if remote_prefill
             else worker_pb2.PREFILL_MODE_LOCAL,
@@ -269,12 +273,14 @@ class PrefillClient(_WorkerClient):
         sampling: SamplingParams,
         ticket: TransferTicket,
         timeout: float | None,
+        resumed_tokens: int = 0,
     ) -> PrefillOutcome:
         request = worker_pb2.PrefillRequest(
             request_id=request_id,
             prompt_token_ids=prompt,
             sampling=sampling_to_proto(sampling),
             ticket=ticket_to_proto(ticket),
+            resumed_tokens=resumed_tokens,
         )
         try:
             reply = await self._prefill.Prefill(

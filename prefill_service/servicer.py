@@ -57,6 +57,7 @@ class PrefillServicer(LoadReporting, worker_pb2_grpc.PrefillServicer):
                 prompt,
                 sampling_from_proto(request.sampling),
                 ticket_from_proto(request.ticket),
+                request.resumed_tokens,
             )
         except EngineError as exc:
             log.warning("prefill_failed", error=str(exc))

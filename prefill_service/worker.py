@@ -110,7 +110,12 @@ class PrefillWorker:
         self.sender.stop()
 
     async def prefill(
-        self, request_id: str, prompt: list[int], sampling: SamplingParams, ticket: TransferTicket
+        self,
+        request_id: str,
+        prompt: list[int],
+        sampling: SamplingParams,
+        ticket: TransferTicket,
+        resumed_tokens: int = 0,
     ) -> PrefillResult:
         """Compute the prompt while its pages stream out; answer with the first token.
 
@@ -118,7 +123,7 @@ class PrefillWorker:
         aborts the transfer (the decode worker frees its reservation at once)."""
         num_blocks = self.engine.blocks_for(len(prompt))
         check_ticket(ticket, self.fingerprint, num_blocks)
-        seq = self.engine.new_sequence(request_id, prompt, sampling)
+        seq = self.engine.new_sequence(request_id, prompt, sampling, resumed_tokens)
         transfer = TransferSpec(
             request_id, ticket.transfer_id, ticket.kv_endpoint, ticket.blocks_to_send
         )

@@ -33,6 +33,13 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         stop=tuple(msg.stop),
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
+        repetition_penalty=(msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0),
+        presence_penalty=msg.presence_penalty if msg.HasField("presence_penalty") else 0.0,
+        frequency_penalty=msg.frequency_penalty if msg.HasField("frequency_penalty") else 0.0,
+        min_p=msg.min_p if msg.HasField("min_p") else 0.0,
+        min_tokens=msg.min_tokens if msg.HasField("min_tokens") else 0,
+        logit_bias=tuple(sorted(msg.logit_bias.items())),
+        include_stop_str_in_output=msg.include_stop_str_in_output,
     )
 
 
@@ -45,9 +52,22 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         stop=list(params.stop),
         stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
+        logit_bias=dict(params.logit_bias),
+        include_stop_str_in_output=params.include_stop_str_in_output,
     )
     if params.seed is not None:
         msg.seed = params.seed
+    # neutral values stay unset: the default path's messages do not grow
+    if params.repetition_penalty != 1.0:
+        msg.repetition_penalty = params.repetition_penalty
+    if params.presence_penalty != 0.0:
+        msg.presence_penalty = params.presence_penalty
+    if params.frequency_penalty != 0.0:
+        msg.frequency_penalty = params.frequency_penalty
+    if params.min_p != 0.0:
+        msg.min_p = params.min_p
+    if params.min_tokens:
+        msg.min_tokens = params.min_tokens
     return msg
 
 

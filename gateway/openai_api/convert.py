@@ -2,7 +2,8 @@
 
 Range checks stay where gRPC's are (:func:`gateway.validation.validate_sampling`, run by
 :meth:`GenerationCore.prepare`); here only what is particular to the OpenAI shapes: options not
-supported yet, vLLM's spellings (``top_k=-1``), content parts, batched prompts.
+supported yet, vLLM's spellings (``top_k=-1``), ``logit_bias``'s string keys, content parts,
+batched prompts.
 """
 
 from __future__ import annotations
@@ -115,7 +116,40 @@ def sampling_of(
         stop=stops,
         stop_token_ids=tuple(request.stop_token_ids or ()),
         ignore_eos=request.ignore_eos,
+        repetition_penalty=_or(request.repetition_penalty, 1.0),
+        presence_penalty=_or(request.presence_penalty, 0.0),
+        frequency_penalty=_or(request.frequency_penalty, 0.0),
+        min_p=_or(request.min_p, 0.0),
+        min_tokens=request.min_tokens or 0,
+        logit_bias=logit_bias_of(request.logit_bias),
+        include_stop_str_in_output=bool(request.include_stop_str_in_output),
     )
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else float(value)
+
+
+def logit_bias_of(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}`` as sorted pairs; ranges are checked by validation."""
+    pairs: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise APIError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"logit_bias keys must be token ids (integers as strings), got {key!r}",
+                param="logit_bias",
+            ) from None
+        if token_id in pairs:
+            raise APIError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"logit_bias names token id {token_id} twice",
+                param="logit_bias",
+            )
+        pairs[token_id] = float(value)
+    return tuple(sorted(pairs.items()))
 
 
 def completion_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> PromptInput:

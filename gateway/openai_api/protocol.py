@@ -38,8 +38,8 @@ class _Generation(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # not supported yet: accepted at their neutral values only (UNSUPPORTED)
-    n: int | None = None
+    # logits processors: OpenAI's penalties and logit_bias (keys: token ids as strings), vLLM's
+    # repetition_penalty, min_p, min_tokens, include_stop_str_in_output
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -47,6 +47,8 @@ class _Generation(_Strict):
     min_p: float | None = None
     min_tokens: int | None = None
     include_stop_str_in_output: bool | None = None
+    # not supported yet: accepted at their neutral values only (UNSUPPORTED)
+    n: int | None = None
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
 
@@ -109,13 +111,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     # field: its neutral values (None is always neutral: the field was not set)
     "n": (1,),
     "best_of": (1,),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "repetition_penalty": (1, 1.0),
-    "logit_bias": ({},),
-    "min_p": (0, 0.0),
-    "min_tokens": (0,),
-    "include_stop_str_in_output": (False,),
     "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,),
     "logprobs": (False,),  # completions: any number asks for log-probabilities

@@ -7,6 +7,10 @@ tokenization, chat template, routing, failover, seeds, stop strings) and timed b
 for the first token, so a request refused or failing before it gets its HTTP status; a failure
 later is an ``error`` event in the stream. A client that goes away cancels the generation, which
 cancels every worker call and frees the request's blocks on each tier.
+
+The seed a sampled request is drawn with (the caller's, or the one the gateway chose) comes back
+in the ``x-pdserve-seed`` response header: neither OpenAI's nor vLLM's response bodies have a
+field for it.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 DONE = b"data: [DONE]\n\n"
 CLIENT_GONE = 499  # nginx's "client closed request": recorded, never seen by anyone
+SEED_HEADER = "x-pdserve-seed"
 
 
 @dataclass(frozen=True)
@@ -122,10 +127,12 @@ class OpenAIServing:
             if request.stream:
                 first = await _unless_gone(call.request, anext(deltas))
                 events = self._events(call.request_id, job, first, deltas)
-                return EventStream(events, deltas)
-            return JSONResponse(
-                await _unless_gone(call.request, self._whole(call.request_id, job, deltas))
+                return EventStream(events, deltas, _seed_header(first.seed))
+            seeds: list[int] = []
+            body = await _unless_gone(
+                call.request, self._whole(call.request_id, job, deltas, seeds)
             )
+            return JSONResponse(body, headers=_seed_header(seeds[0] if seeds else None))
         except ClientGone:
             await deltas.aclose()
             return Response(status_code=CLIENT_GONE)
@@ -141,7 +148,8 @@ class OpenAIServing:
         clock = RequestClock(self.metrics)
         try:
             if max_tokens_unset:  # vLLM's default: the rest of the context
-                prompt = self.core.prepare(inp, dataclasses.replace(sampling, max_tokens=1))
+                least = max(1, sampling.min_tokens)  # validated against the context here
+                prompt = self.core.prepare(inp, dataclasses.replace(sampling, max_tokens=least))
                 sampling = dataclasses.replace(
                     sampling, max_tokens=self.core.max_model_len - len(prompt)
                 )
@@ -161,13 +169,20 @@ class OpenAIServing:
             clock.done()
 
     async def _whole(
-        self, request_id: str, job: _Job, deltas: AsyncGenerator[Delta, None]
+        self,
+        request_id: str,
+        job: _Job,
+        deltas: AsyncGenerator[Delta, None],
+        seeds: list[int],
     ) -> dict[str, Any]:
+        """The whole response's body; the request's seed, if it has one, lands in ``seeds``."""
         text: list[str] = []
         last: Delta | None = None
         async with contextlib.aclosing(deltas):
             async for last in deltas:
                 text.append(last.text)
+                if last.seed is not None:
+                    seeds.append(last.seed)
         assert last is not None  # a stream always ends with a finish reason
         usage = _usage(last)
         finish = _finish(last.finish_reason)
@@ -229,6 +244,10 @@ class OpenAIServing:
         }
 
 
+def _seed_header(seed: int | None) -> dict[str, str]:
+    return {} if seed is None else {SEED_HEADER: str(seed)}
+
+
 def _usage(delta: Delta) -> p.Usage:
     # cached_tokens stays 0: the workers do not report prefix-cache hits per request yet
     return p.Usage(
@@ -272,13 +291,18 @@ class EventStream(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, events: AsyncGenerator[bytes, None], deltas: AsyncGenerator[Any, None]
+        self,
+        events: AsyncGenerator[bytes, None],
+        deltas: AsyncGenerator[Any, None],
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.events = events
         self.deltas = deltas
         self.status_code = 200
         self.background = None
-        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self.init_headers(
+            {"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})}
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = asyncio.ensure_future(self._send_all(send))

@@ -48,6 +48,8 @@ class Call:
     max_tokens: int
     remote: bool
     seed: int | None = None
+    resumed_tokens: int = 0
+    min_tokens: int = 0
 
 
 @dataclass
@@ -102,8 +104,18 @@ class FakeDecode:
         *,
         remote_prefill: bool,
         timeout: float | None,
+        resumed_tokens: int = 0,
     ) -> FakeDecodeStream:
-        self.calls.append(Call(list(prompt), sampling.max_tokens, remote_prefill, sampling.seed))
+        self.calls.append(
+            Call(
+                list(prompt),
+                sampling.max_tokens,
+                remote_prefill,
+                sampling.seed,
+                resumed_tokens,
+                sampling.min_tokens,
+            )
+        )
         stream = FakeDecodeStream(self, list(prompt), sampling, remote_prefill)
         self.streams.append(stream)
         return stream
@@ -126,8 +138,18 @@ class FakePrefill:
         sampling: SamplingParams,
         ticket: object,
         timeout: float | None,
+        resumed_tokens: int = 0,
     ) -> PrefillOutcome:
-        self.calls.append(Call(list(prompt), sampling.max_tokens, True, sampling.seed))
+        self.calls.append(
+            Call(
+                list(prompt),
+                sampling.max_tokens,
+                True,
+                sampling.seed,
+                resumed_tokens,
+                sampling.min_tokens,
+            )
+        )
         if self.fail is not None:
             raise self.fail
         finish = FinishReason.LENGTH if sampling.max_tokens == 1 else None

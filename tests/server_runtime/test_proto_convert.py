@@ -49,6 +49,16 @@ FINGERPRINT = Fingerprint(
             stop_token_ids=(2, 7),
             ignore_eos=True,
         ),
+        SamplingParams(  # every logits processor (float32-exact values: floats on the wire)
+            repetition_penalty=1.25,
+            presence_penalty=-1.5,
+            frequency_penalty=0.5,
+            min_p=0.125,
+            min_tokens=3,
+            logit_bias=((0, -100.0), (17, 2.5), (4095, 100.0)),
+            include_stop_str_in_output=True,
+        ),
+        SamplingParams(presence_penalty=2.0, frequency_penalty=-2.0, min_p=1.0),
     ],
 )
 def test_sampling_round_trips(params: SamplingParams) -> None:
@@ -60,6 +70,18 @@ def test_unset_sampling_fields_take_the_defaults() -> None:
     got = sampling_from_proto(common_pb2.SamplingParams())
     assert got == SamplingParams(max_tokens=DEFAULT_MAX_TOKENS)
     assert got.seed is None  # an unset seed is not seed 0
+
+
+def test_neutral_processors_stay_off_the_wire() -> None:
+    wire = sampling_to_proto(SamplingParams())
+    for name in ("repetition_penalty", "presence_penalty", "frequency_penalty", "min_p"):
+        assert not wire.HasField(name), name
+    assert not wire.HasField("min_tokens") and not wire.logit_bias
+
+
+def test_logit_bias_arrives_sorted_by_token_id() -> None:
+    wire = common_pb2.SamplingParams(logit_bias={9: 1.0, 2: -1.0})
+    assert sampling_from_proto(wire).logit_bias == ((2, -1.0), (9, 1.0))
 
 
 def test_seed_zero_is_kept() -> None:
