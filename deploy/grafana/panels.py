@@ -13,6 +13,11 @@ SEL = 'namespace=~"$namespace"'
 """Label matcher every query starts with (the namespace variable; all by default)."""
 QUANTILES = (0.5, 0.9, 0.99)
 NOT_OK = 'code!="OK"'
+NOT_HEALTH = 'route!="/health"'
+"""HTTP API matcher: leaves out /health, which load balancers' checks (Envoy's every 5 s per
+pod) call far more often than clients call anything else."""
+HTTP_5XX = NOT_HEALTH + ',status=~"5.."'
+HTTP_4XX = NOT_HEALTH + ',status=~"4.."'
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,38 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                     ),
                 ),
                 "Share of Generate calls that ended with a status other than OK.",
+            ),
+            Panel(
+                "HTTP requests / s by route and status",
+                "reqps",
+                (
+                    Target(
+                        f"sum by (route, status) ({rate('pdserve_http_requests_total')})",
+                        "{{route}} {{status}}",
+                    ),
+                ),
+                "OpenAI-compatible HTTP API requests at the gateway, by route and HTTP status "
+                '(route "other": paths the API does not serve). /health counts load '
+                "balancers' checks.",
+            ),
+            Panel(
+                "HTTP error ratio",
+                "percentunit",
+                (
+                    Target(
+                        f"sum({rate('pdserve_http_requests_total', HTTP_5XX)})"
+                        f" / sum({rate('pdserve_http_requests_total', NOT_HEALTH)})",
+                        "5xx",
+                    ),
+                    Target(
+                        f"sum({rate('pdserve_http_requests_total', HTTP_4XX)})"
+                        f" / sum({rate('pdserve_http_requests_total', NOT_HEALTH)})",
+                        "4xx",
+                    ),
+                ),
+                "Share of HTTP API requests (health checks left out) answered with a server "
+                "error (503 draining or no worker, 504 past the deadline) or a client error (400 "
+                "bad input, 401 token, 404 model, 429 shed by admission).",
             ),
             Panel(
                 "Tokens / s",

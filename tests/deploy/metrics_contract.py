@@ -51,6 +51,7 @@ METRICS: dict[str, MetricType] = {
     "pdserve_prefill_retries_total": MetricType.COUNTER,
     "pdserve_decode_resumes_total": MetricType.COUNTER,
     "pdserve_requests_total": MetricType.COUNTER,
+    "pdserve_http_requests_total": MetricType.COUNTER,
 }
 
 GPU_DEVICE_METRICS = frozenset(
@@ -83,6 +84,7 @@ GATEWAY_ONLY = frozenset(
         "pdserve_inter_token_latency_seconds",
         "pdserve_e2e_request_latency_seconds",
         "pdserve_requests_total",
+        "pdserve_http_requests_total",
         "pdserve_router_decisions_total",
         "pdserve_router_prefill_picks_total",
         "pdserve_router_fallbacks_total",

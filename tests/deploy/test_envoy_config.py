@@ -1,4 +1,5 @@
-"""deploy/envoy/envoy.yaml against Envoy's v3 API, the protos and the manifests.
+"""deploy/envoy/envoy.yaml against Envoy's v3 API, the protos, the manifests and the gateway's
+OpenAI-compatible HTTP routes.
 
 No Envoy binary can be installed here: the config is parsed into
 ``envoy.config.bootstrap.v3.Bootstrap`` with xds-protos (Envoy's own API, generated for Python)
@@ -21,6 +22,7 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2, json_format
 from google.protobuf.message import Message
 
+from gateway.openai_api.app import ROUTES as OPENAI_ROUTES
 from protos.build import DESCRIPTOR_SET
 from tests.deploy.manifests import DEPLOY, ROOT, by_kind, named_ports, only_container
 from tests.deploy.manifests import render_overlay as render
@@ -34,6 +36,16 @@ GRPC_SERVER_MIN_PING_INTERVAL_S = 300.0
 SAFE_RETRY_ON = {"connect-failure", "refused-stream", "unavailable", "resource-exhausted"}
 """Conditions that can only be seen before the gateway sent response headers, i.e. before any
 token reached the caller (gRPC conditions are read from headers; see envoy.yaml)."""
+
+STREAMING_ROUTES = ("/v1/completions", "/v1/chat/completions")
+"""OpenAI routes that stream (server-sent events with ``"stream": true``)."""
+SAFE_HTTP_RETRY_ON = {"connect-failure", "refused-stream", "retriable-status-codes"}
+SAFE_HTTP_RETRY_STATUSES = {429, 503}
+"""Answers the gateway gives before a stream starts (admission shed, draining or no worker);
+a started stream is a 200 whose failures arrive as events."""
+BUFFERING_FILTERS = ("envoy.filters.http.buffer", "envoy.filters.http.compressor")
+GRPC_CLUSTER = "pdserve_gateway"
+HTTP_CLUSTER = "pdserve_gateway_http"
 
 HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 TRANSCODER = "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder"
@@ -122,8 +134,24 @@ def test_every_envoy_api_module_imports() -> None:
     assert _import_envoy_api() > 500
 
 
+def _clusters(bootstrap: Any) -> dict[str, Any]:
+    return {c.name: c for c in bootstrap.static_resources.clusters}
+
+
+def _first_route(virtual_host: Any, path: str) -> Any:
+    """The route Envoy picks for ``path``: the first whose match (path or prefix) fits."""
+    for route in virtual_host.routes:
+        which = route.match.WhichOneof("path_specifier")
+        if which == "path" and path.split("?")[0] == route.match.path:
+            return route
+        if which == "prefix" and path.startswith(route.match.prefix):
+            return route
+        assert which in {"path", "prefix"}, f"{route.name}: {which} matches are not modelled"
+    raise AssertionError(f"no route for {path}")
+
+
 def test_config_parses_into_the_bootstrap_message(bootstrap: Any) -> None:
-    assert len(bootstrap.static_resources.clusters) == 1
+    assert set(_clusters(bootstrap)) == {GRPC_CLUSTER, HTTP_CLUSTER}
     assert bootstrap.admin.address.socket_address.address == "127.0.0.1", "admin stays local"
 
 
@@ -210,12 +238,14 @@ def test_cors_lets_grpc_web_callers_read_grpc_status(hcm: Any) -> None:
     assert {"content-type", "x-grpc-web", "grpc-timeout"} <= allowed
     assert {"grpc-status", "grpc-message"} <= exposed
     assert "POST" in policy.allow_methods
+    assert "GET" in policy.allow_methods, "GET /v1/models from browsers"
+    assert "authorization" in allowed and "retry-after" in exposed
 
 
 def test_gateway_cluster_is_http2_health_checked_and_points_at_the_gateway(
     bootstrap: Any,
 ) -> None:
-    (cluster,) = bootstrap.static_resources.clusters
+    cluster = _clusters(bootstrap)[GRPC_CLUSTER]
     options = _unpack(cluster.typed_extension_protocol_options[HTTP_OPTIONS])
     assert options.explicit_http_config.HasField("http2_protocol_options"), "gRPC needs HTTP/2"
     keepalive = options.explicit_http_config.http2_protocol_options.connection_keepalive
@@ -226,6 +256,12 @@ def test_gateway_cluster_is_http2_health_checked_and_points_at_the_gateway(
     assert cluster.outlier_detection.consecutive_local_origin_failure.value > 0
     assert cluster.outlier_detection.split_external_local_origin_errors
 
+    assert _gateway_port_of(cluster) == ("grpc", 50051)
+
+
+def _gateway_port_of(cluster: Any) -> tuple[str, int]:
+    """The gateway container port (name, number) a cluster's one endpoint reaches, through the
+    headless Service (every gateway pod)."""
     objects = render("cpu")
     (locality,) = cluster.load_assignment.endpoints
     (endpoint,) = locality.lb_endpoints
@@ -237,14 +273,88 @@ def test_gateway_cluster_is_http2_health_checked_and_points_at_the_gateway(
     assert service["spec"]["clusterIP"] == "None", "Envoy must see every gateway pod"
     (port,) = (p for p in service["spec"]["ports"] if p["port"] == address.port_value)
     gateway = by_kind(objects, "Deployment")["gateway"]
-    assert named_ports(only_container(gateway))[port["targetPort"]] == 50051
     assert service["spec"]["selector"].items() <= (
         gateway["spec"]["template"]["metadata"]["labels"].items()
     )
+    target = port["targetPort"]
+    return target, named_ports(only_container(gateway))[target]
 
 
-def test_proxy_idle_timeouts_exceed_the_worst_ttft() -> None:
+def test_openai_routes_reach_the_gateway_http_port_unbuffered(hcm: Any) -> None:
+    (virtual_host,) = hcm.route_config.virtual_hosts
+    for path in OPENAI_ROUTES:
+        route = _first_route(virtual_host, path)
+        assert route.match.path == path, f"{path}: match the exact path, not a prefix"
+        action = route.route
+        assert action.cluster == HTTP_CLUSTER, path
+        if path in STREAMING_ROUTES:
+            assert action.HasField("timeout") and _duration_s(action.timeout) == 0, (
+                f"{path}: a stream needs the whole-response timeout off (Envoy's default: 15 s)"
+            )
+            assert _duration_s(action.idle_timeout) > WORST_TTFT_S, path
+            assert _duration_s(action.max_stream_duration.max_stream_duration) >= 300, path
+        else:
+            assert 0 < _duration_s(action.timeout) <= 60, f"{path}: a short call, bounded"
+        retry = action.retry_policy
+        if retry.retry_on:
+            conditions = set(retry.retry_on.split(","))
+            assert conditions <= SAFE_HTTP_RETRY_ON, f"{path}: unsafe {conditions}"
+            assert set(retry.retriable_status_codes) <= SAFE_HTTP_RETRY_STATUSES, path
+            assert 1 <= retry.num_retries.value <= 3, path
+            assert retry.retry_back_off.HasField("base_interval"), path
+    # Server-sent events must flow event by event: nothing that holds back a response body.
+    names = {f.name for f in hcm.http_filters}
+    assert not names & set(BUFFERING_FILTERS), names & set(BUFFERING_FILTERS)
+    assert _duration_s(hcm.stream_idle_timeout) > WORST_TTFT_S
+
+
+def test_route_order_keeps_the_json_transcoding_and_grpc_routes(hcm: Any) -> None:
+    """The transcoder rewrites POST /v1/generate to the gRPC path and clears the route cache;
+    before that (CORS reads the route) and for everything it leaves alone, the first matching
+    route decides."""
+    (virtual_host,) = hcm.route_config.virtual_hosts
+    assert _first_route(virtual_host, "/pdserve.v1.Generation/Generate").route.cluster == (
+        GRPC_CLUSTER
+    )
+    assert _first_route(virtual_host, "/grpc.health.v1.Health/Check").route.cluster == (
+        GRPC_CLUSTER
+    )
+    for path in ("/v1/generate", "/v1/embeddings", "/v1/completions/x", "/v1/chat"):
+        route = _first_route(virtual_host, path)
+        assert route.name == "json_unmatched", f"{path} goes to {route.name}"
+        assert route.direct_response.status == 404
+    assert _first_route(virtual_host, "/v1/models?x=1").route.cluster == HTTP_CLUSTER
+
+
+def test_http_cluster_is_http1_health_checked_on_the_gateway_http_port(bootstrap: Any) -> None:
+    from gateway.openai_api.http_server import HttpServer
+
+    cluster = _clusters(bootstrap)[HTTP_CLUSTER]
+    options = _unpack(cluster.typed_extension_protocol_options[HTTP_OPTIONS])
+    assert options.explicit_http_config.HasField("http_protocol_options"), "HTTP/1.1 upstream"
+    # Reused connections must be dropped by Envoy before the gateway's keep-alive closes them.
+    server = HttpServer(lambda scope, receive, send: None, "127.0.0.1", 0)
+    try:
+        keep_alive_s = server.server.config.timeout_keep_alive
+    finally:
+        server.sock.close()
+    idle = options.common_http_protocol_options.idle_timeout
+    assert 0 < _duration_s(idle) < keep_alive_s, (
+        f"upstream idle timeout {_duration_s(idle)}s must be below the gateway's "
+        f"{keep_alive_s}s keep-alive"
+    )
+    (check,) = cluster.health_checks
+    assert check.http_health_check.path == "/health"
+    assert "/health" in OPENAI_ROUTES
+    assert cluster.outlier_detection.consecutive_local_origin_failure.value > 0
+    assert _gateway_port_of(cluster) == ("http", 8000)
+
+
+@pytest.mark.parametrize("directive", ["grpc_read_timeout", "proxy_read_timeout"])
+def test_proxy_idle_timeouts_exceed_the_worst_ttft(directive: str) -> None:
     snippet = NGINX_SNIPPET.read_text()
-    line = next(ln for ln in snippet.splitlines() if ln.strip().startswith("grpc_read_timeout"))
-    value = line.split()[1].rstrip(";")
-    assert value.endswith("s") and float(value[:-1]) > WORST_TTFT_S
+    lines = [ln for ln in snippet.splitlines() if ln.strip().startswith(directive + " ")]
+    assert lines, f"{directive} not set"
+    for line in lines:
+        value = line.split()[1].rstrip(";")
+        assert value.endswith("s") and float(value[:-1]) > WORST_TTFT_S, line

@@ -187,13 +187,43 @@ def test_probes_are_native_grpc_on_the_port_the_process_listens_on(objects: list
             probe = container[probe_name]
             assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, probe_name
             assert probe["grpc"]["port"] == listen_port, f"{tier} {probe_name}"
-        # Readiness follows the tier's own service, which goes NOT_SERVING first on SIGTERM.
+        # Readiness follows the tier's own service, which goes NOT_SERVING first on SIGTERM
+        # (the gateway's HTTP /health turns 503 at the same moment: one drain for both APIs).
         for probe_name in ("startupProbe", "readinessProbe"):
             assert container[probe_name]["grpc"]["service"] == HEALTH_SERVICE[tier], probe_name
         assert container["livenessProbe"]["grpc"].get("service", "") == ""
         startup = container["startupProbe"]
         budget = startup["periodSeconds"] * startup["failureThreshold"]
         assert budget >= MIN_STARTUP_BUDGET_S, f"{tier}: startup probe allows only {budget}s"
+
+
+def test_gateway_serves_the_http_api_on_its_http_port(objects: list[Obj]) -> None:
+    """The OpenAI-compatible API listens on --listen's host at --http-port: that must be the
+    container port named ``http``, reachable from other pods, and the gateway's only HTTP API
+    port (workers have none)."""
+    deployments = _deployments(objects)
+    container = only_container(deployments["gateway"])
+    args = parse_command_line(container, objects)
+    assert args.http_port, "the gateway's HTTP API is off (--http-port 0)"
+    assert args.http_port == cli_defaults("gateway").http_port, "not pdserve's default port"
+    ports = named_ports(container)
+    assert ports["http"] == args.http_port
+    assert len(set(ports.values())) == len(ports), f"gateway ports collide: {ports}"
+    assert args.listen.rpartition(":")[0] in {"0.0.0.0", "[::]"}, (
+        f"--listen={args.listen}: the HTTP API binds --listen's host; other pods cannot reach it"
+    )
+    for tier in ("prefill", "decode"):
+        assert "http" not in named_ports(only_container(deployments[tier])), tier
+
+
+def test_gateway_services_expose_the_http_api(objects: list[Obj]) -> None:
+    services = by_kind(objects, "Service")
+    gateway_port = named_ports(only_container(_deployments(objects)["gateway"]))["http"]
+    for name in ("gateway", "gateway-headless"):
+        (port,) = (p for p in services[name]["spec"]["ports"] if p["name"] == "http")
+        assert port["targetPort"] == "http" and port["port"] == gateway_port, name
+        # Plain HTTP/1.1 (SSE streams), not h2c like the gRPC port.
+        assert port.get("appProtocol") == "http", name
 
 
 def test_graceful_shutdown_fits_the_termination_grace_period(objects: list[Obj]) -> None:
