@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypedDict, Unpack
 
@@ -45,6 +45,9 @@ class Chunk:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    seed: int | None = None
+    """On a sampled request's first chunk: the seed it was drawn with (send it back to get the
+    same output); None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,13 @@ class RequestOptions(TypedDict, total=False):
     stop: Sequence[str]
     stop_token_ids: Sequence[int]
     ignore_eos: bool
+    repetition_penalty: float | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    min_p: float | None
+    min_tokens: int | None
+    logit_bias: Mapping[int, float] | None
+    include_stop_str_in_output: bool
 
 
 def build_request(
@@ -103,9 +113,22 @@ def build_request(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
+    repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    min_p: float | None = None,
+    min_tokens: int | None = None,
+    logit_bias: Mapping[int, float] | None = None,
+    include_stop_str_in_output: bool = False,
 ) -> generation_pb2.GenerateRequest:
+    """The request; unset (None) sampling fields take the server's defaults (see
+    ``common.proto`` SamplingParams for each field's meaning and range)."""
     sampling = common_pb2.SamplingParams(
-        stop=list(stop), stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos
+        stop=list(stop),
+        stop_token_ids=list(stop_token_ids),
+        ignore_eos=ignore_eos,
+        logit_bias=dict(logit_bias or {}),
+        include_stop_str_in_output=include_stop_str_in_output,
     )
     for name, value in (
         ("max_tokens", max_tokens),
@@ -113,6 +136,11 @@ def build_request(
         ("top_p", top_p),
         ("top_k", top_k),
         ("seed", seed),
+        ("repetition_penalty", repetition_penalty),
+        ("presence_penalty", presence_penalty),
+        ("frequency_penalty", frequency_penalty),
+        ("min_p", min_p),
+        ("min_tokens", min_tokens),
     ):
         if value is not None:
             setattr(sampling, name, value)
@@ -134,6 +162,7 @@ def chunk_from_proto(msg: generation_pb2.GenerateResponse) -> Chunk:
         finish_reason=_FINISH_NAMES.get(msg.finish_reason),
         prompt_tokens=msg.usage.prompt_tokens,
         completion_tokens=msg.usage.completion_tokens,
+        seed=msg.seed if msg.HasField("seed") else None,
     )
 
 

@@ -50,6 +50,7 @@ class Call:
     seed: int | None = None
     resumed_tokens: int = 0
     min_tokens: int = 0
+    sampling: SamplingParams | None = None  # all of it, as the worker receives it
 
 
 @dataclass
@@ -114,6 +115,7 @@ class FakeDecode:
                 sampling.seed,
                 resumed_tokens,
                 sampling.min_tokens,
+                sampling,
             )
         )
         stream = FakeDecodeStream(self, list(prompt), sampling, remote_prefill)
@@ -148,6 +150,7 @@ class FakePrefill:
                 sampling.seed,
                 resumed_tokens,
                 sampling.min_tokens,
+                sampling,
             )
         )
         if self.fail is not None:

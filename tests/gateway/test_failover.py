@@ -177,3 +177,41 @@ def test_retries_resumes_and_fallbacks_are_counted(tokenizer) -> None:
     assert count("pdserve_decode_resumes_total", outcome="failed") == 1
     fallbacks = "pdserve_router_fallbacks_total"
     assert count(fallbacks, reason="decode_failed_worker_reused") == 2  # attempts 2 and 3
+
+
+def test_a_resume_carries_the_options_and_the_tokens_it_already_generated(tokenizer) -> None:
+    """The resumed hop's penalties count the tokens received so far as output
+    (``resumed_tokens``) and its min_tokens is lowered by as many, as max_tokens is."""
+    prefill, dying, healthy = FakePrefill("p0"), FakeDecode("d0", die_after=3), FakeDecode("d1")
+    core = _core(tokenizer, [entry(prefill)], [entry(dying), entry(healthy, running=3)])
+    sampling = SamplingParams(
+        max_tokens=10, temperature=0.0, min_tokens=6, repetition_penalty=1.3, presence_penalty=1
+    )
+
+    async def run() -> list[int]:
+        return [t async for d in core.generate("r1", PROMPT, sampling, 10) for t in d.token_ids]
+
+    tokens = asyncio.run(run())
+    assert tokens == greedy(PROMPT, 10)
+    first_hop = [*prefill.calls[:1], *dying.calls]
+    assert [(c.resumed_tokens, c.min_tokens) for c in first_hop] == [(0, 6), (0, 6)]
+    [resumed] = healthy.calls
+    assert resumed.prompt == PROMPT + tokens[:4]
+    assert (resumed.resumed_tokens, resumed.min_tokens, resumed.max_tokens) == (4, 2, 6)
+    assert (prefill.calls[1].resumed_tokens, prefill.calls[1].min_tokens) == (4, 2)
+
+
+def test_the_seed_comes_back_on_the_first_delta_only(tokenizer) -> None:
+    core = _core(tokenizer, [], [entry(FakeDecode("d0"))])
+
+    async def seeds(sampling: SamplingParams) -> list[int | None]:
+        return [d.seed async for d in core.generate("r1", PROMPT, sampling, timeout=10)]
+
+    assigned = asyncio.run(seeds(SamplingParams(max_tokens=3, temperature=0.7)))
+    assert assigned[0] is not None and assigned[1:] == [None, None]
+    given = asyncio.run(seeds(SamplingParams(max_tokens=2, temperature=0.7, seed=42)))
+    assert given == [42, None]
+    assert asyncio.run(seeds(SamplingParams(max_tokens=2, temperature=0.0, seed=42))) == [
+        None,
+        None,
+    ]  # greedy: no seed in play

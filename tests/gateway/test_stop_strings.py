@@ -133,3 +133,33 @@ def test_result_does_not_depend_on_how_text_is_split(seed: int) -> None:
         cuts = sorted(rng.sample(range(len(full) + 1), k=min(len(full) + 1, rng.randint(0, 8))))
         deltas = [full[a:b] for a, b in zip([0, *cuts], [*cuts, len(full)], strict=True)]
         assert run(stop, deltas) == reference(stop, full), (stop, deltas)
+
+
+def run_including(stop: Sequence[str], deltas: Sequence[str]) -> tuple[str, bool]:
+    matcher = StopStringMatcher(stop, include_stop_str_in_output=True)
+    text = []
+    for delta in deltas:
+        match = matcher.feed(delta)
+        text.append(match.text)
+        if match.stopped:
+            return "".join(text), True
+    text.append(matcher.flush())
+    return "".join(text), False
+
+
+def test_include_stop_str_in_output_keeps_the_matched_string() -> None:
+    assert run_including(["END"], ["abc E", "N", "Dxyz"]) == ("abc END", True)
+    assert run_including(["\n\n", "STOP"], ["a\n", "\nSTOP"]) == ("a\n\n", True)
+    assert run_including(["END"], ["abc EN"]) == ("abc EN", False)  # no match: flushed
+
+
+def test_include_stop_str_in_output_against_the_reference_on_random_splits() -> None:
+    rng = random.Random(7)
+    stop = ["ab", "bca", "ccc"]
+    for _ in range(300):
+        full = "".join(rng.choice("abc ") for _ in range(rng.randint(0, 20)))
+        cuts = sorted(rng.sample(range(len(full) + 1), k=min(3, len(full) + 1)))
+        deltas = [full[i:j] for i, j in zip([0, *cuts], [*cuts, len(full)], strict=True)]
+        found = [(full.find(s) + len(s), full.find(s)) for s in stop if s in full]
+        want = (full[: min(found)[0]], True) if found else (full, False)
+        assert run_including(stop, deltas) == want, (full, deltas)

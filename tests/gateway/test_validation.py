@@ -16,6 +16,7 @@ from gateway.validation import (
 )
 
 MAX_MODEL_LEN = 2048
+VOCAB = 1000
 
 
 def test_defaults_are_valid() -> None:
@@ -33,10 +34,17 @@ def test_defaults_are_valid() -> None:
         SamplingParams(stop=tuple(str(i) for i in range(MAX_STOP_STRINGS))),
         SamplingParams(max_tokens=MAX_MODEL_LEN - 10),  # exactly fills the context
         SamplingParams(stop_token_ids=(0, 2), ignore_eos=True, seed=7),
+        SamplingParams(repetition_penalty=1e-3, presence_penalty=-2.0, frequency_penalty=2.0),
+        SamplingParams(repetition_penalty=10.0, presence_penalty=2.0, frequency_penalty=-2.0),
+        SamplingParams(min_p=0.0),
+        SamplingParams(min_p=1.0),
+        SamplingParams(max_tokens=5, min_tokens=5),
+        SamplingParams(logit_bias=((0, -100.0), (VOCAB - 1, 100.0))),
+        SamplingParams(include_stop_str_in_output=True, stop=("x",)),
     ],
 )
 def test_boundary_values_are_valid(params: SamplingParams) -> None:
-    validate_sampling(params, prompt_len=10, max_model_len=MAX_MODEL_LEN)
+    validate_sampling(params, prompt_len=10, max_model_len=MAX_MODEL_LEN, vocab_size=VOCAB)
 
 
 @pytest.mark.parametrize(
@@ -78,11 +86,72 @@ def test_boundary_values_are_valid(params: SamplingParams) -> None:
             "stop string 0 has 257 characters; at most 256 are allowed",
         ),
         (SamplingParams(stop_token_ids=(2, -3)), 10, "stop_token_ids must be >= 0, got -3"),
+        (
+            SamplingParams(repetition_penalty=0.0),
+            10,
+            "repetition_penalty must be > 0 (1 disables it), got 0.0",
+        ),
+        (
+            SamplingParams(repetition_penalty=math.inf),
+            10,
+            "repetition_penalty must be a finite number, got inf",
+        ),
+        (
+            SamplingParams(presence_penalty=2.01),
+            10,
+            "presence_penalty must be in [-2, 2], got 2.01",
+        ),
+        (
+            SamplingParams(frequency_penalty=-2.5),
+            10,
+            "frequency_penalty must be in [-2, 2], got -2.5",
+        ),
+        (
+            SamplingParams(frequency_penalty=math.nan),
+            10,
+            "frequency_penalty must be a finite number, got nan",
+        ),
+        (SamplingParams(min_p=-0.1), 10, "min_p must be in [0, 1], got -0.1"),
+        (SamplingParams(min_p=1.01), 10, "min_p must be in [0, 1], got 1.01"),
+        (SamplingParams(min_p=math.nan), 10, "min_p must be in [0, 1], got nan"),
+        (SamplingParams(min_tokens=-1), 10, "min_tokens must be >= 0, got -1"),
+        (
+            SamplingParams(max_tokens=4, min_tokens=5),
+            10,
+            "min_tokens (5) must be <= max_tokens (4)",
+        ),
+        (
+            SamplingParams(logit_bias=((VOCAB, 1.0),)),
+            10,
+            f"logit_bias token id {VOCAB} is outside the model's vocabulary [0, {VOCAB})",
+        ),
+        (
+            SamplingParams(logit_bias=((-1, 1.0),)),
+            10,
+            "logit_bias token id -1 is outside the model's vocabulary",
+        ),
+        (
+            SamplingParams(logit_bias=((3, 100.5),)),
+            10,
+            "logit_bias for token 3 must be in [-100, 100], got 100.5",
+        ),
+        (
+            SamplingParams(logit_bias=((3, math.nan),)),
+            10,
+            "logit_bias for token 3 must be in [-100, 100], got nan",
+        ),
+        (
+            SamplingParams(logit_bias=tuple((i, 1.0) for i in range(1025))),
+            10,
+            "logit_bias may have at most 1024 entries, got 1025",
+        ),
     ],
 )
 def test_invalid_values_are_rejected_with_a_precise_message(
     params: SamplingParams, prompt_len: int, message: str
 ) -> None:
     with pytest.raises(InvalidRequestError) as excinfo:
-        validate_sampling(params, prompt_len=prompt_len, max_model_len=MAX_MODEL_LEN)
+        validate_sampling(
+            params, prompt_len=prompt_len, max_model_len=MAX_MODEL_LEN, vocab_size=VOCAB
+        )
     assert message in str(excinfo.value)
