@@ -165,7 +165,7 @@ async def serve(config: GatewayConfig, grace_s: float = 5.0) -> None:
         )
         serving = OpenAIServing(core, lifecycle, served, metrics)
         app = build_app(serving, config.security.auth_tokens, metrics)
-        http = HttpServer(app, host_of(config.listen), config.http_port)
+        http = HttpServer(app, host_of(config.listen), config.http_port, tls=config.security.tls)
         await http.start()
     handle = await start_server(
         config.listen,

@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -69,7 +70,8 @@ class Cluster:
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
     """Processes a test started beside the cluster (stopped with it)."""
     http: str | None = None
-    """Base URL of the gateway's OpenAI-compatible HTTP API (``http://127.0.0.1:port``), if on."""
+    """Base URL of the gateway's OpenAI-compatible HTTP API (``http://127.0.0.1:port``, or
+    ``https://`` on a cluster started with ``tls``), if on."""
 
     def children(self) -> dict[str, Child]:
         if self.state_path is None:
@@ -140,12 +142,23 @@ class Cluster:
                 proc.wait()
 
 
-def _http_healthy(base: str | None) -> bool:
+def http_ssl_context(tls: TLSConfig | None) -> ssl.SSLContext | None:
+    """How a client reaches the cluster's HTTP API over TLS (its CA; its certificate for mTLS)."""
+    if tls is None:
+        return None
+    context = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
+    if tls.cert is not None and tls.key is not None:
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+    return context
+
+
+def _http_healthy(base: str | None, tls: TLSConfig | None = None) -> bool:
     """``GET /health`` answers 200 (True when the HTTP API is off)."""
     if base is None:
         return True
     try:
-        with urllib.request.urlopen(f"{base}/health", timeout=2) as reply:
+        context = http_ssl_context(tls)
+        with urllib.request.urlopen(f"{base}/health", timeout=2, context=context) as reply:
             return bool(reply.status == 200)
     except (urllib.error.URLError, OSError):
         return False
@@ -218,11 +231,11 @@ def start_cluster(
         log_path=log_path,
         state_path=state_path,
         tls=tls,
-        http=f"http://127.0.0.1:{http_port}" if http_port else None,
+        http=f"{'https' if tls else 'http'}://127.0.0.1:{http_port}" if http_port else None,
     )
     deadline = time.monotonic() + READY_TIMEOUT_S
     addresses = [cluster.gateway, *cluster.prefill, *cluster.decode]
-    while not all(serving(a, tls) for a in addresses) or not _http_healthy(cluster.http):
+    while not all(serving(a, tls) for a in addresses) or not _http_healthy(cluster.http, tls):
         if proc.poll() is not None:
             raise RuntimeError(f"cluster exited with {proc.returncode}:\n{cluster.logs()}")
         if time.monotonic() > deadline:

@@ -1,5 +1,7 @@
 """The HTTP API's server: uvicorn inside the gateway's own event loop, beside the gRPC server.
 
+With the gateway's ``--tls-cert``/``--tls-key`` the HTTP API is served over TLS with the same
+certificate as gRPC (and requires a client certificate signed by ``--tls-ca`` when gRPC does).
 uvicorn installs no signal handlers here (the gateway's ``serve_until_signalled`` owns SIGTERM).
 Draining is the gateway's: its :class:`~server_runtime.grpc_runtime.Lifecycle` refuses new work
 (503) and waits for streams in flight, HTTP ones included, for the grace period; then
@@ -11,11 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import Iterator
+from typing import Any
 
 import structlog
 import uvicorn
 from starlette.types import ASGIApp
+
+from core.tls import TLSConfig
 
 log = structlog.get_logger(__name__)
 
@@ -48,8 +54,21 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def tls_options(tls: TLSConfig | None) -> dict[str, Any]:
+    """uvicorn's TLS settings for the gateway's server-side TLS (none: plaintext)."""
+    if tls is None or tls.cert is None:
+        return {}
+    options: dict[str, Any] = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
+    if tls.ca is not None:
+        options["ssl_ca_certs"] = str(tls.ca)
+        options["ssl_cert_reqs"] = (
+            ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+        )
+    return options
+
+
 class HttpServer:
-    def __init__(self, app: ASGIApp, host: str, port: int) -> None:
+    def __init__(self, app: ASGIApp, host: str, port: int, tls: TLSConfig | None = None) -> None:
         self.sock = bind(host, port)
         self.host = host
         self.port = self.sock.getsockname()[1]
@@ -60,7 +79,9 @@ class HttpServer:
             lifespan="off",
             http="httptools",
             timeout_graceful_shutdown=1,
+            **tls_options(tls),
         )
+        self.tls = bool(tls_options(tls))
         self.server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 
@@ -71,7 +92,7 @@ class HttpServer:
                 self._task.result()  # raises what stopped it
                 raise OSError("the HTTP API server stopped while starting")
             await asyncio.sleep(0.01)
-        log.info("http_listening", host=self.host, port=self.port)
+        log.info("http_listening", host=self.host, port=self.port, tls=self.tls)
 
     async def stop(self) -> None:
         if self._task is None:

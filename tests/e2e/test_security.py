@@ -4,17 +4,20 @@ over a real cluster (tiny model): handshakes that succeed and the ones that must
 from __future__ import annotations
 
 import asyncio
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx2 as httpx
+import openai
 import pytest
 
 from core.tls import TLSConfig, sync_channel
 from pdserve.client import NO_RETRY, AsyncClient
-from pdserve.local_cluster import Cluster, start_cluster
+from pdserve.local_cluster import Cluster, free_port_range, start_cluster
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from tests.gateway.certs import Pki, make_pki
 from tests.support.tiny_models import build_tiny_model
@@ -39,6 +42,7 @@ def secure(
         prefill=1,
         decode=1,
         log_dir=cluster_logs,
+        http_port=free_port_range(1),
         extra=(
             "--tls-cert",
             str(pki.server_cert),
@@ -130,3 +134,32 @@ def test_cli_generate_with_tls_and_token(secure: tuple[Cluster, Pki, Path]) -> N
     assert "completion_tokens=4" in done.stderr
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+
+
+def _openai(cluster: Cluster, ca: Path | None, token: str) -> openai.OpenAI:
+    assert cluster.http is not None
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca)) if ca else True
+    return openai.OpenAI(
+        base_url=f"{cluster.http}/v1",
+        api_key=token,
+        max_retries=0,
+        http_client=httpx.Client(verify=verify),
+    )
+
+
+def test_http_api_is_served_over_tls_with_the_same_token(
+    secure: tuple[Cluster, Pki, Path],
+) -> None:
+    cluster, pki, _ = secure
+    assert cluster.http is not None and cluster.http.startswith("https://")
+    client = _openai(cluster, pki.ca, TOKEN)
+    model = client.models.list().data[0].id
+    reply = client.completions.create(model=model, prompt="hello", max_tokens=4, temperature=0)
+    assert reply.usage is not None and reply.usage.completion_tokens == 4
+    with pytest.raises(openai.AuthenticationError):
+        _openai(cluster, pki.ca, "not-the-token").models.list()
+    with pytest.raises(openai.APIConnectionError):  # a server the client's CA did not sign
+        _openai(cluster, pki.rogue_ca, TOKEN).models.list()
+    plain = cluster.http.replace("https://", "http://")
+    with pytest.raises(httpx.HTTPError):  # no plaintext beside TLS
+        httpx.get(f"{plain}/health", timeout=5)
