@@ -31,9 +31,9 @@ OVERLAYS = ("cpu", "gpu")
 EXAMPLE_SECRETS = K8S / "examples" / "secrets.example.yaml"
 
 TIERS = ("gateway", "prefill", "decode")
-PLANNED_FLAGS = {"api-tokens", "kv-key"}
-"""PDSERVE_* variables the manifests set that are no flag of pdserve: API tokens (planned) and
-the KV channel key, which pdserve reads from the environment only."""
+PLANNED_FLAGS = {"auth-token", "kv-key"}
+"""PDSERVE_* variables the manifests set that are no flag of pdserve: the API's bearer token and
+the KV channel key, secrets pdserve reads from the environment only."""
 FAKE_POD_IP = "10.12.34.56"
 
 
