@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -20,10 +22,22 @@ def tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 @torch.inference_mode()
-def greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation by ``generate`` (stops at the model's eos like pdserve does)."""
+def greedy(
+    path: Path,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int] = (),
+    **processors: Any,
+) -> list[int]:
+    """Greedy continuation by ``generate`` (stops at the model's eos like pdserve does, and at
+    ``stop_token_ids``); ``processors``: generate's own options (``repetition_penalty``,
+    ``min_new_tokens``, ``sequence_bias``, ``logits_processor``...)."""
     model = _model(str(path))
     ids = torch.tensor([prompt_ids])
+    if stop_token_ids:
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        processors["eos_token_id"] = [*eos, *stop_token_ids]
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -32,5 +46,6 @@ def greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         top_k=None,
         top_p=None,
         temperature=None,
+        **processors,
     )
     return out[0, len(prompt_ids) :].tolist()
