@@ -34,8 +34,9 @@ from pathlib import Path
 import grpc
 
 from core.pool_stats import PoolStats
-from pdserve.bench.openai_http import SseParser, make_client, served_model
+from pdserve.bench.openai_http import make_client, served_model
 from pdserve.bench.runner import ClientOptions
+from pdserve.bench.sse import SseParser
 from pdserve.client import AsyncClient
 from pdserve.local_cluster import free_port_range
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc

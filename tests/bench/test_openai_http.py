@@ -15,15 +15,9 @@ import pytest
 
 from pdserve.bench.datasets import BenchRequest
 from pdserve.bench.load import LoadSpec
-from pdserve.bench.openai_http import (
-    OpenAITarget,
-    SseParser,
-    StreamTimer,
-    bench_openai_async,
-    payload,
-    pool_size,
-)
+from pdserve.bench.openai_http import OpenAITarget, bench_openai_async, payload, pool_size
 from pdserve.bench.runner import ClientOptions, RunSettings
+from pdserve.bench.sse import SseParser, StreamTimer
 from pdserve.cli import build_parser
 from pdserve.client import RetryPolicy
 
