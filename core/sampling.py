@@ -36,6 +36,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens exist
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) pairs
     include_stop_str_in_output: bool = False  # stop strings: checked on text, by the gateway
+    logprobs: int | None = None  # top alternatives per token (0: the chosen one's); None: none
 
     @property
     def greedy(self) -> bool:
@@ -49,6 +50,16 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the likeliest alternatives, most likely first
+    (``SamplingParams.logprobs`` of them)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) pairs
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,12 @@ from decode_service.worker import DecodeWorker
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from server_runtime.grpc_runtime import BASE_STATUS_CODES, Lifecycle
 from server_runtime.metrics import WorkerMetrics
-from server_runtime.proto_convert import FINISH_TO_PROTO, sampling_from_proto, ticket_to_proto
+from server_runtime.proto_convert import (
+    FINISH_TO_PROTO,
+    logprobs_to_proto,
+    sampling_from_proto,
+    ticket_to_proto,
+)
 from server_runtime.worker_runtime import Tier
 from server_runtime.worker_servicer import LoadReporting
 
@@ -83,6 +88,7 @@ class DecodeServicer(LoadReporting, worker_pb2_grpc.DecodeServicer):
                         token_ids=out.token_ids,
                         finish_reason=FINISH_TO_PROTO[out.finish_reason],
                         completion_tokens=out.num_completion_tokens,
+                        logprobs=logprobs_to_proto(out.logprobs),
                     )
                 )
         finally:

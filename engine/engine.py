@@ -20,7 +20,7 @@ import torch
 
 from core.errors import EngineStoppedError
 from core.pool_stats import PoolStats
-from core.sampling import FinishReason
+from core.sampling import FinishReason, TokenLogprob
 from engine.attention import register_paged_attention
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
@@ -225,7 +225,7 @@ class Engine:
             return imported
         self.runner.layer_listener = self._layer_listener(batch)
         try:
-            sampled = self.runner.execute(batch)
+            sampled, logprobs = self.runner.execute_with_logprobs(batch)
         except Exception as exc:  # fail the batch's requests, keep serving
             log.exception("engine_step_failed", batch_size=len(batch.items))
             return self._fail_batch(batch, f"engine step failed: {exc}")
@@ -234,7 +234,7 @@ class Engine:
         with self._lock:
             self._in_flight = None
             finished = self.scheduler.update(batch, sampled)
-            outputs = self._collect(batch, sampled, finished)
+            outputs = self._collect(batch, sampled, finished, logprobs)
             outputs.extend(self._apply_pending_aborts())
         return imported + outputs
 
@@ -329,22 +329,27 @@ class Engine:
         return seq.block_table[: self.scheduler.blocks_for(seq.num_prompt_tokens)]
 
     def _collect(
-        self, batch: ScheduledBatch, sampled: list[int], finished: list[Finished]
+        self,
+        batch: ScheduledBatch,
+        sampled: list[int],
+        finished: list[Finished],
+        logprobs: list[TokenLogprob | None],
     ) -> list[RequestOutput]:
         reasons = {f.seq.request_id: f.reason for f in finished}
         outputs: list[RequestOutput] = []
-        for item, token in zip(batch.items, sampled, strict=True):
+        for item, token, lp in zip(batch.items, sampled, logprobs, strict=True):
             seq = item.seq
             if not item.sample or seq.is_finished:
                 continue
+            lps = () if lp is None else (lp,)
             reason = reasons.get(seq.request_id)
             if seq.export_kv:  # its work here ends with its first token, whatever comes next
                 streamed = self._exports_layerwise()
                 pages = None if streamed else self.kv_cache.gather_pages(self._prompt_blocks(seq))
-                outputs.append(output_for(seq, (token,), reason, pages, last=True))
+                outputs.append(output_for(seq, (token,), reason, pages, last=True, logprobs=lps))
                 self.scheduler.retire(seq, reason or FinishReason.STOP)
                 continue
-            outputs.append(output_for(seq, (token,), reason))
+            outputs.append(output_for(seq, (token,), reason, logprobs=lps))
             if reason is not None:
                 self.scheduler.release(seq, reason)
         return outputs

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from core.sampling import TokenLogprob
 from engine import llama_forward
 from engine.attention import (
     AttentionBatch,
@@ -93,6 +94,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int]:
         """Run the batch; returns one token per item (0 for items that do not sample)."""
+        return self.execute_with_logprobs(batch)[0]
+
+    @torch.inference_mode()
+    def execute_with_logprobs(
+        self, batch: ScheduledBatch
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """As :meth:`execute`, with each item's logprobs (None: not sampled or not asked)."""
         inputs = self.prepare(batch)
         if self.fast is not None:
             logits = self.fast(
@@ -111,11 +119,16 @@ class ModelRunner:
                 pdserve_batch=inputs.attention,
             )
             logits = out.logits[0]  # (S, V)
-        tokens = self.sampler.sample(logits, inputs.sample_requests) if len(logits) else []
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob | None] = []
+        if len(logits):
+            tokens, logprobs = self.sampler.sample_with_logprobs(logits, inputs.sample_requests)
         result = [0] * len(batch.items)
-        for row, token in zip(inputs.sample_items, tokens, strict=True):
+        result_lp: list[TokenLogprob | None] = [None] * len(batch.items)
+        for row, token, lp in zip(inputs.sample_items, tokens, logprobs, strict=True):
             result[row] = token
-        return result
+            result_lp[row] = lp
+        return result, result_lp
 
     def prepare(self, batch: ScheduledBatch) -> ModelInputs:
         bs = self.kv_cache.block_size

@@ -6,6 +6,10 @@ that. Sampled rows then go through temperature, ``min_p``, top-k, top-p and the 
 processor is one tensor operation over the rows of the batch that use it, skipped entirely when
 no request in the batch does, so a batch of plain requests costs what it did before.
 
+Log-probabilities (``SamplingParams.logprobs``): for the rows that ask, one batched
+``log_softmax`` of the processed logits divided by the temperature (greedy rows: 1), before
+``min_p``/top-k/top-p, and one ``topk`` for the alternatives; nothing when no row asks.
+
 Reproducibility: a seeded request draws its n-th token from a generator seeded with
 ``(seed, position)``, so the same seed gives the same output whichever worker or tier samples
 which position (a prefill worker samples the first token, a decode worker the rest).
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.sampling import SamplingParams
+from core.sampling import SamplingParams, TokenLogprob
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive positions apart
 _MASK64 = (1 << 63) - 1
@@ -73,7 +77,17 @@ class Sampler:
             self._rng.manual_seed(seed)
 
     def sample(self, logits: torch.Tensor, requests: Sequence[SampleRequest]) -> list[int]:
+        return self.sample_with_logprobs(logits, requests)[0]
+
+    def sample_with_logprobs(
+        self, logits: torch.Tensor, requests: Sequence[SampleRequest]
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One token per row, and its logprobs for the rows whose request asks (else None)."""
         logits = process_logits(logits.float(), requests)
+        tokens = self._choose(logits, requests)
+        return tokens, compute_logprobs(logits, requests, tokens)
+
+    def _choose(self, logits: torch.Tensor, requests: Sequence[SampleRequest]) -> list[int]:
         tokens = logits.max(dim=-1).indices  # (S,) greedy for every row; random rows overwrite
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if random_rows:
@@ -103,6 +117,36 @@ class Sampler:
         generator = torch.Generator()
         generator.manual_seed(((request.params.seed + 1) * _SEED_MIX + request.position) & _MASK64)
         return generator
+
+
+def compute_logprobs(
+    logits: torch.Tensor, requests: Sequence[SampleRequest], tokens: Sequence[int]
+) -> list[TokenLogprob | None]:
+    """For each row whose request sets ``logprobs``: ``tokens[row]``'s log-probability under
+    ``log_softmax(logits / temperature)`` (greedy: temperature 1) and the ``logprobs``
+    likeliest tokens; None for the other rows. ``logits`` are the processed ones."""
+    out: list[TokenLogprob | None] = [None] * len(requests)
+    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    if not rows:
+        return out
+    dev = logits.device
+    index = torch.tensor(rows, dtype=torch.long, device=dev)
+    temps = [r.params.temperature for r in (requests[i] for i in rows)]
+    scale = torch.tensor([t if t > 0 else 1.0 for t in temps], dtype=logits.dtype, device=dev)
+    logp = torch.log_softmax(logits.index_select(0, index) / scale[:, None], dim=-1)  # (R, V)
+    chosen_ids = torch.tensor([tokens[i] for i in rows], dtype=torch.long, device=dev)
+    chosen = logp.gather(1, chosen_ids[:, None])[:, 0].tolist()
+    k = min(max(requests[i].params.logprobs or 0 for i in rows), logp.shape[-1])
+    top_v: list[list[float]] = [[] for _ in rows]
+    top_i: list[list[int]] = [[] for _ in rows]
+    if k:
+        values, ids = torch.topk(logp, k, dim=-1)
+        top_v, top_i = values.tolist(), ids.tolist()
+    for j, row in enumerate(rows):
+        n = requests[row].params.logprobs or 0
+        top = tuple(zip(top_i[j][:n], top_v[j][:n], strict=True))
+        out[row] = TokenLogprob(tokens[row], chosen[j], top)
+    return out
 
 
 def process_logits(logits: torch.Tensor, requests: Sequence[SampleRequest]) -> torch.Tensor:

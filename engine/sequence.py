@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from core.sampling import FinishReason, RequestTimings, SamplingParams
+from core.sampling import FinishReason, RequestTimings, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     import torch
@@ -117,6 +117,7 @@ class RequestOutput:
     # for exporting sequences in ExportMode.AFTER_PREFILL (the default)
     error: str | None = None
     timings: RequestTimings | None = None  # on the last output of a request
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token when the request asked for them
 
 
 def output_for(
@@ -126,6 +127,7 @@ def output_for(
     pages: torch.Tensor | None = None,
     error: str | None = None,
     last: bool = False,
+    logprobs: tuple[TokenLogprob, ...] = (),
 ) -> RequestOutput:
     """``last``: the request's final output here even without a finish reason (export)."""
     return RequestOutput(
@@ -137,4 +139,5 @@ def output_for(
         pages=pages,
         error=error,
         timings=seq.timings(time.monotonic()) if last or reason is not None else None,
+        logprobs=logprobs,
     )

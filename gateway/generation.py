@@ -23,7 +23,7 @@ import structlog
 from transformers import PreTrainedTokenizerBase
 
 from core.errors import InvalidRequestError
-from core.sampling import FinishReason, SamplingParams
+from core.sampling import FinishReason, SamplingParams, TokenLogprob
 from gateway.detokenizer import IncrementalDetokenizer
 from gateway.errors import NoWorkersError, UpstreamError
 from gateway.prompts import PromptInput, PromptTokenizer
@@ -60,6 +60,8 @@ class Delta:
     seed: int | None = None
     """On the first delta of a sampled request: the seed it is drawn with (the caller's or the
     one :func:`with_seed` chose); None otherwise."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One per ``token_ids`` entry when the request asked for logprobs."""
 
 
 class Deadline:
@@ -143,14 +145,31 @@ class GenerationCore:
                         len(prompt),
                         completion,
                         first_seed,
+                        event.logprobs,
                     )
                     return
                 finish = event.finish_reason
                 if finish is not None:
                     text = match.text + stops.flush()
-                    yield Delta(event.token_ids, text, finish, len(prompt), completion, first_seed)
+                    yield Delta(
+                        event.token_ids,
+                        text,
+                        finish,
+                        len(prompt),
+                        completion,
+                        first_seed,
+                        event.logprobs,
+                    )
                     return
-                yield Delta(event.token_ids, match.text, None, len(prompt), completion, first_seed)
+                yield Delta(
+                    event.token_ids,
+                    match.text,
+                    None,
+                    len(prompt),
+                    completion,
+                    first_seed,
+                    event.logprobs,
+                )
         finally:
             await events.aclose()
 
@@ -314,7 +333,8 @@ class GenerationCore:
                     )
                 finally:
                     await self.router.registry.prefill.release(prefill)
-                yield TokenEvent((first.first_token_id,), first.finish_reason)
+                first_lps = () if first.first_logprob is None else (first.first_logprob,)
+                yield TokenEvent((first.first_token_id,), first.finish_reason, first_lps)
                 if first.finish_reason is not None:
                     return
             async for event in stream.events():

@@ -19,7 +19,7 @@ from gateway.generation import GenerationCore
 from gateway.prompts import ChatMessage, ChatPrompt, PromptInput, TextPrompt, TokenPrompt
 from protos.pdserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from server_runtime.metrics import GatewayMetrics
-from server_runtime.proto_convert import FINISH_TO_PROTO, sampling_from_proto
+from server_runtime.proto_convert import FINISH_TO_PROTO, logprobs_to_proto, sampling_from_proto
 
 __all__ = ["STATUS_CODES", "WORK_METHODS", "GenerationServicer", "prompt_from_proto"]
 
@@ -74,6 +74,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     finish_reason=FINISH_TO_PROTO[delta.finish_reason],
                     usage=usage,
                     seed=delta.seed,  # None (unset) but on a sampled request's first message
+                    logprobs=logprobs_to_proto(delta.logprobs),
                 )
         except EngineError as exc:
             clock.failed(exc)

@@ -18,6 +18,7 @@ MAX_STOP_STRING_CHARS = 256  # bounds the text the stop matcher may hold back
 MAX_PENALTY = 2.0  # presence and frequency penalties: OpenAI's [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's [-100, 100]
 MAX_LOGIT_BIAS_ENTRIES = 1024  # bounds the sampler's per-step work for one request
+MAX_LOGPROBS = 20  # top alternatives per token, as vLLM's and OpenAI's limit
 
 
 def validate_sampling(
@@ -45,6 +46,8 @@ def _check_sampling_ranges(params: SamplingParams) -> None:
     for token_id in params.stop_token_ids:
         if token_id < 0:
             raise InvalidRequestError(f"stop_token_ids must be >= 0, got {token_id}")
+    if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
+        raise InvalidRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {params.logprobs}")
 
 
 def _finite(name: str, value: float) -> None:

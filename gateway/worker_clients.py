@@ -15,13 +15,15 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core.rich_errors import retry_after_of
-from core.sampling import FinishReason, SamplingParams
+from core.sampling import FinishReason, SamplingParams, TokenLogprob
 from core.ticket import TransferTicket
 from core.tls import TLSConfig, secure_channel
 from gateway.errors import RETRYABLE_CODES, UpstreamError
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from server_runtime.proto_convert import (
     FINISH_FROM_PROTO,
+    logprob_from_proto,
+    logprobs_from_proto,
     sampling_to_proto,
     ticket_from_proto,
     ticket_to_proto,
@@ -57,6 +59,7 @@ class TokenEvent:
 
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token when the request asked
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,9 @@ class DecodeStream:
                     )
                 chunk = msg.tokens
                 finish = FINISH_FROM_PROTO[chunk.finish_reason]
-                yield TokenEvent(tuple(chunk.token_ids), finish)
+                yield TokenEvent(
+                    tuple(chunk.token_ids), finish, logprobs_from_proto(chunk.logprobs)
+                )
                 if finish is not None:
                     return
         except grpc.aio.AioRpcError as exc:
@@ -252,6 +257,7 @@ class DecodeClient(_WorkerClient):
 class PrefillOutcome:
     first_token_id: int
     finish_reason: FinishReason | None
+    first_logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 class PrefillClient(_WorkerClient):
@@ -288,7 +294,12 @@ class PrefillClient(_WorkerClient):
             )
         except grpc.aio.AioRpcError as exc:
             raise upstream_error("prefill", self.address, exc) from exc
-        return PrefillOutcome(reply.first_token_id, FINISH_FROM_PROTO[reply.finish_reason])
+        first_lp = (
+            logprob_from_proto(reply.first_logprob) if reply.HasField("first_logprob") else None
+        )
+        return PrefillOutcome(
+            reply.first_token_id, FINISH_FROM_PROTO[reply.finish_reason], first_lp
+        )
 
 
 WorkerClient = DecodeClient | PrefillClient

@@ -24,6 +24,7 @@ from typing import TypedDict, Unpack
 import grpc
 
 from core.rich_errors import retry_after_of
+from core.sampling import TokenLogprob
 from core.tls import TLSConfig, secure_channel, sync_channel
 from protos.pdserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
@@ -48,6 +49,9 @@ class Chunk:
     seed: int | None = None
     """On a sampled request's first chunk: the seed it was drawn with (send it back to get the
     same output); None otherwise."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """With ``logprobs=N``: per token, its log-probability and the N likeliest alternatives
+    ``(token id, logprob)``."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class RequestOptions(TypedDict, total=False):
     min_tokens: int | None
     logit_bias: Mapping[int, float] | None
     include_stop_str_in_output: bool
+    logprobs: int | None
 
 
 def build_request(
@@ -120,6 +125,7 @@ def build_request(
     min_tokens: int | None = None,
     logit_bias: Mapping[int, float] | None = None,
     include_stop_str_in_output: bool = False,
+    logprobs: int | None = None,
 ) -> generation_pb2.GenerateRequest:
     """The request; unset (None) sampling fields take the server's defaults (see
     ``common.proto`` SamplingParams for each field's meaning and range)."""
@@ -141,6 +147,7 @@ def build_request(
         ("frequency_penalty", frequency_penalty),
         ("min_p", min_p),
         ("min_tokens", min_tokens),
+        ("logprobs", logprobs),
     ):
         if value is not None:
             setattr(sampling, name, value)
@@ -163,6 +170,10 @@ def chunk_from_proto(msg: generation_pb2.GenerateResponse) -> Chunk:
         prompt_tokens=msg.usage.prompt_tokens,
         completion_tokens=msg.usage.completion_tokens,
         seed=msg.seed if msg.HasField("seed") else None,
+        logprobs=tuple(
+            TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+            for lp in msg.logprobs
+        ),
     )
 
 

@@ -15,7 +15,12 @@ from core.ticket import IncompatiblePeerError
 from prefill_service.worker import PrefillWorker
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from server_runtime.grpc_runtime import BASE_STATUS_CODES, Lifecycle
-from server_runtime.proto_convert import FINISH_TO_PROTO, sampling_from_proto, ticket_from_proto
+from server_runtime.proto_convert import (
+    FINISH_TO_PROTO,
+    logprob_to_proto,
+    sampling_from_proto,
+    ticket_from_proto,
+)
 from server_runtime.worker_runtime import Tier
 from server_runtime.worker_servicer import LoadReporting
 
@@ -62,8 +67,11 @@ class PrefillServicer(LoadReporting, worker_pb2_grpc.PrefillServicer):
         except EngineError as exc:
             log.warning("prefill_failed", error=str(exc))
             raise
-        return worker_pb2.PrefillResponse(
+        reply = worker_pb2.PrefillResponse(
             first_token_id=result.first_token_id,
             finish_reason=FINISH_TO_PROTO[result.finish_reason],
             prefill_ns=result.prefill_ns,
         )
+        if result.first_logprob is not None:
+            reply.first_logprob.CopyFrom(logprob_to_proto(result.first_logprob))
+        return reply

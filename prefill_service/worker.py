@@ -17,7 +17,7 @@ import torch
 
 from core.errors import EngineError
 from core.pool_stats import PoolStats
-from core.sampling import FinishReason, SamplingParams
+from core.sampling import FinishReason, SamplingParams, TokenLogprob
 from core.ticket import TransferTicket, check_ticket
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
@@ -41,6 +41,7 @@ class PrefillResult:
     first_token_id: int
     finish_reason: FinishReason | None  # set when the first token already ends the request
     prefill_ns: int  # arrival to first token on this worker (queue + compute)
+    first_logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 class SenderExport:
@@ -154,7 +155,10 @@ class PrefillWorker:
             if out.pages is not None:  # send-after-prefill mode
                 await asyncio.to_thread(self.export.send_all, transfer, out.pages[:, :, skip:])
             self.sender.finish(transfer.transfer_id, first)
-        return PrefillResult(first, out.finish_reason, prefill_ns=done - start)
+        first_lp = out.logprobs[0] if out.logprobs else None
+        return PrefillResult(
+            first, out.finish_reason, prefill_ns=done - start, first_logprob=first_lp
+        )
 
     def stats(self) -> PoolStats:
         return self.engine.stats()

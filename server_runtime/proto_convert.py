@@ -5,8 +5,10 @@ Servicers and worker clients call these; nothing else imports generated classes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 from core.pool_stats import PoolStats
-from core.sampling import FinishReason, SamplingParams
+from core.sampling import FinishReason, SamplingParams, TokenLogprob
 from core.ticket import Fingerprint, TransferTicket
 from protos.pdserve.v1 import common_pb2, worker_pb2
 
@@ -40,6 +42,7 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         min_tokens=msg.min_tokens if msg.HasField("min_tokens") else 0,
         logit_bias=tuple(sorted(msg.logit_bias.items())),
         include_stop_str_in_output=msg.include_stop_str_in_output,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
     )
 
 
@@ -68,7 +71,29 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         msg.min_p = params.min_p
     if params.min_tokens:
         msg.min_tokens = params.min_tokens
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
     return msg
+
+
+def logprob_to_proto(lp: TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+    )
+
+
+def logprob_from_proto(msg: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(msg.token_id, msg.logprob, tuple((t.token_id, t.logprob) for t in msg.top))
+
+
+def logprobs_to_proto(lps: Sequence[TokenLogprob]) -> list[common_pb2.TokenLogprob]:
+    return [logprob_to_proto(lp) for lp in lps]
+
+
+def logprobs_from_proto(msgs: Iterable[common_pb2.TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    return tuple(logprob_from_proto(m) for m in msgs)
 
 
 def ticket_from_proto(msg: worker_pb2.TransferTicket) -> TransferTicket:

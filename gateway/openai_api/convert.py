@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from core.errors import InvalidRequestError
 from core.sampling import SamplingParams
 from gateway.openai_api.errors import APIError
+from gateway.openai_api.logprobs import chat_logprobs_of, completion_logprobs_of
 from gateway.openai_api.protocol import (
     UNSUPPORTED,
     ChatCompletionRequest,
@@ -76,7 +77,7 @@ def unsupported(message: str, param: str) -> APIError:
 
 
 def _neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
-    # type-exact: completions' logprobs=0 asks for log-probabilities, chat's False does not
+    # type-exact: 0 and False are different values (an option may take either)
     return value is None or any(type(value) is type(n) and value == n for n in neutral)
 
 
@@ -123,6 +124,9 @@ def sampling_of(
         min_tokens=request.min_tokens or 0,
         logit_bias=logit_bias_of(request.logit_bias),
         include_stop_str_in_output=bool(request.include_stop_str_in_output),
+        logprobs=chat_logprobs_of(request)
+        if isinstance(request, ChatCompletionRequest)
+        else completion_logprobs_of(request),
     )
 
 

@@ -86,9 +86,9 @@ class ChatCompletionRequest(_Generation):
     prompt_cache_retention: str | None = None
     prompt_cache_options: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    # not supported yet
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    # not supported yet
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -113,8 +113,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (1,),
     "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,),
-    "logprobs": (False,),  # completions: any number asks for log-probabilities
-    "top_logprobs": (0,),
     "echo": (False,),
     "suffix": ("",),
     "response_format": ({"type": "text"},),
@@ -171,10 +169,33 @@ class _Response(BaseModel):
     system_fingerprint: str
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -194,7 +215,7 @@ class ChatMessageOut(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -212,7 +233,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from core.errors import EngineError
-from core.sampling import FinishReason, SamplingParams
+from core.sampling import FinishReason, SamplingParams, TokenLogprob
 from gateway.accounting import RequestClock
 from gateway.generation import Delta, GenerationCore
 from gateway.openai_api import protocol as p
@@ -42,6 +42,7 @@ from gateway.openai_api.convert import (
     sampling_of,
 )
 from gateway.openai_api.errors import error_response, stream_error_event
+from gateway.openai_api.logprobs import LogprobFormatter
 from gateway.prompts import PromptInput
 from server_runtime.grpc_runtime import Lifecycle, Refused
 from server_runtime.metrics import GatewayMetrics
@@ -73,6 +74,7 @@ class _Job:
     model: str
     created: int
     include_usage: bool
+    logprobs: LogprobFormatter | None = None  # when the request asked for logprobs
 
 
 class ClientGone(Exception):
@@ -121,7 +123,9 @@ class OpenAIServing:
             request.max_tokens is None and getattr(request, "max_completion_tokens", None) is None
         )
         options = request.stream_options
-        job = _Job(kind, model, self.served.created, bool(options and options.include_usage))
+        formatter = None if sampling.logprobs is None else LogprobFormatter(self.core.tokenizer)
+        usage = bool(options and options.include_usage)
+        job = _Job(kind, model, self.served.created, usage, formatter)
         deltas = self._run(call, inp, sampling, max_tokens_unset)
         try:
             if request.stream:
@@ -177,10 +181,12 @@ class OpenAIServing:
     ) -> dict[str, Any]:
         """The whole response's body; the request's seed, if it has one, lands in ``seeds``."""
         text: list[str] = []
+        logprobs: list[TokenLogprob] = []
         last: Delta | None = None
         async with contextlib.aclosing(deltas):
             async for last in deltas:
                 text.append(last.text)
+                logprobs.extend(last.logprobs)
                 if last.seed is not None:
                     seeds.append(last.seed)
         assert last is not None  # a stream always ends with a finish reason
@@ -188,12 +194,17 @@ class OpenAIServing:
         finish = _finish(last.finish_reason)
         head = self._head(request_id, job)
         body: BaseModel
+        lp = job.logprobs
         if job.kind == "chat":
             message = p.ChatMessageOut(content="".join(text))
-            choice = p.ChatChoice(message=message, finish_reason=finish)
+            chat_lp = None if lp is None else lp.chat(logprobs) or p.ChatLogprobs()
+            choice = p.ChatChoice(message=message, logprobs=chat_lp, finish_reason=finish)
             body = p.ChatCompletionResponse(**head, choices=[choice], usage=usage)
         else:
-            completion = p.CompletionChoice(text="".join(text), finish_reason=finish)
+            text_lp = None if lp is None else lp.completion(logprobs) or p.CompletionLogprobs()
+            completion = p.CompletionChoice(
+                text="".join(text), logprobs=text_lp, finish_reason=finish
+            )
             body = p.CompletionResponse(**head, choices=[completion], usage=usage)
         return body.model_dump()
 
@@ -209,14 +220,21 @@ class OpenAIServing:
             exclude = None if job.include_usage else {"usage"}
             return b"data: " + body.model_dump_json(exclude=exclude).encode() + b"\n\n"
 
+        lp = job.logprobs
+
         def message(delta: Delta) -> bytes | None:
             finish = _finish(delta.finish_reason)
-            if not delta.text and finish is None:
+            if not delta.text and finish is None and not (lp and delta.logprobs):
                 return None  # the detokenizer holds back an incomplete character
             if chat:
                 content = p.ChatDelta(content=delta.text)
-                return chunk([p.ChatChunkChoice(delta=content, finish_reason=finish)])
-            return chunk([p.CompletionChoice(text=delta.text, finish_reason=finish)])
+                chat_lp = lp.chat(delta.logprobs) if lp else None
+                choice = p.ChatChunkChoice(delta=content, logprobs=chat_lp, finish_reason=finish)
+                return chunk([choice])
+            text_lp = lp.completion(delta.logprobs) if lp else None
+            return chunk(
+                [p.CompletionChoice(text=delta.text, logprobs=text_lp, finish_reason=finish)]
+            )
 
         last = first
         try:

@@ -9,7 +9,7 @@ import pytest
 
 from engine.config import ModelConfig
 from engine.model_files import default_cache_dir, resolve_model_path
-from pdserve.local_cluster import Cluster, start_cluster
+from pdserve.local_cluster import Cluster, free_port_range, start_cluster
 from tests.support.tiny_models import build_tiny_model
 
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gpt2")
@@ -27,9 +27,11 @@ def cluster_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cluster(
-    model: str, prefill: int, logs: Path, extra: tuple[str, ...] = ()
+    model: str, prefill: int, logs: Path, extra: tuple[str, ...] = (), http_port: int = 0
 ) -> Iterator[Cluster]:
-    cluster = start_cluster(model, prefill=prefill, decode=1, log_dir=logs, extra=extra)
+    cluster = start_cluster(
+        model, prefill=prefill, decode=1, log_dir=logs, extra=extra, http_port=http_port
+    )
     try:
         yield cluster
     finally:
@@ -40,8 +42,12 @@ def _cluster(
 def default_cluster(
     request: pytest.FixtureRequest, default_model_path: Path, cluster_logs: Path
 ) -> Iterator[Cluster]:
+    """With the HTTP API too (``cluster.http``)."""
     yield from _cluster(
-        str(default_model_path), 1 if request.param == "disaggregated" else 0, cluster_logs
+        str(default_model_path),
+        1 if request.param == "disaggregated" else 0,
+        cluster_logs,
+        http_port=free_port_range(1),
     )
 
 

@@ -49,3 +49,26 @@ def greedy(
         **processors,
     )
     return out[0, len(prompt_ids) :].tolist()
+
+
+@torch.inference_mode()
+def greedy_logprobs(
+    path: Path, prompt_ids: list[int], max_new_tokens: int
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and each step's float32 ``log_softmax`` of the raw logits (``generate``'s
+    ``output_logits``), as pdserve's logprobs of a greedy request without processors."""
+    model = _model(str(path))
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        top_k=None,
+        top_p=None,
+        temperature=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    steps = [torch.log_softmax(step[0].float(), dim=-1) for step in out.logits]
+    return out.sequences[0, len(prompt_ids) :].tolist(), steps

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from core.sampling import FinishReason, SamplingParams
+from core.sampling import FinishReason, SamplingParams, TokenLogprob
 from gateway.errors import UpstreamError
 from gateway.registry import Registry, TierRegistry, WorkerEntry
 from gateway.worker_clients import PrefillOutcome, TokenEvent, WorkerStatus
@@ -30,6 +30,14 @@ def greedy(prompt: Sequence[int], n: int) -> list[int]:
     for _ in range(n):
         seq.append(next_token(seq))
     return seq[len(prompt) :]
+
+
+def fake_logprob(token: int, n: int | None) -> tuple[TokenLogprob, ...]:
+    """What a worker would report with ``logprobs=n``: the token likeliest, then token+1..."""
+    if n is None:
+        return ()
+    top = tuple((token + i, -0.25 - i) for i in range(n))
+    return (TokenLogprob(token, -0.25, top),)
 
 
 def dead(tier: str, address: str) -> UpstreamError:
@@ -81,7 +89,8 @@ class FakeDecodeStream:
             emitted += 1
             self.client.produced += 1
             done = emitted == self.sampling.max_tokens
-            yield TokenEvent((token,), FinishReason.LENGTH if done else None)
+            finish = FinishReason.LENGTH if done else None
+            yield TokenEvent((token,), finish, fake_logprob(token, self.sampling.logprobs))
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -156,7 +165,9 @@ class FakePrefill:
         if self.fail is not None:
             raise self.fail
         finish = FinishReason.LENGTH if sampling.max_tokens == 1 else None
-        return PrefillOutcome(next_token(prompt), finish)
+        first = next_token(prompt)
+        lps = fake_logprob(first, sampling.logprobs)
+        return PrefillOutcome(first, finish, lps[0] if lps else None)
 
     async def close(self) -> None:
         pass

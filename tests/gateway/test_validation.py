@@ -41,6 +41,8 @@ def test_defaults_are_valid() -> None:
         SamplingParams(max_tokens=5, min_tokens=5),
         SamplingParams(logit_bias=((0, -100.0), (VOCAB - 1, 100.0))),
         SamplingParams(include_stop_str_in_output=True, stop=("x",)),
+        SamplingParams(logprobs=0),
+        SamplingParams(logprobs=20),
     ],
 )
 def test_boundary_values_are_valid(params: SamplingParams) -> None:
@@ -145,6 +147,8 @@ def test_boundary_values_are_valid(params: SamplingParams) -> None:
             10,
             "logit_bias may have at most 1024 entries, got 1025",
         ),
+        (SamplingParams(logprobs=21), 10, "logprobs must be in [0, 20]"),
+        (SamplingParams(logprobs=-1), 10, "logprobs must be in [0, 20]"),
     ],
 )
 def test_invalid_values_are_rejected_with_a_precise_message(

@@ -8,13 +8,17 @@ import dataclasses
 import pytest
 
 from core.pool_stats import PoolStats
-from core.sampling import FinishReason, SamplingParams
+from core.sampling import FinishReason, SamplingParams, TokenLogprob
 from core.ticket import Fingerprint, TransferTicket
-from protos.pdserve.v1 import common_pb2, worker_pb2
+from protos.pdserve.v1 import common_pb2, generation_pb2, worker_pb2
 from server_runtime.proto_convert import (
     DEFAULT_MAX_TOKENS,
     FINISH_FROM_PROTO,
     FINISH_TO_PROTO,
+    logprob_from_proto,
+    logprob_to_proto,
+    logprobs_from_proto,
+    logprobs_to_proto,
     sampling_from_proto,
     sampling_to_proto,
     status_to_proto,
@@ -59,6 +63,8 @@ FINGERPRINT = Fingerprint(
             include_stop_str_in_output=True,
         ),
         SamplingParams(presence_penalty=2.0, frequency_penalty=-2.0, min_p=1.0),
+        SamplingParams(logprobs=0),
+        SamplingParams(temperature=0, logprobs=20),
     ],
 )
 def test_sampling_round_trips(params: SamplingParams) -> None:
@@ -77,6 +83,29 @@ def test_neutral_processors_stay_off_the_wire() -> None:
     for name in ("repetition_penalty", "presence_penalty", "frequency_penalty", "min_p"):
         assert not wire.HasField(name), name
     assert not wire.HasField("min_tokens") and not wire.logit_bias
+    assert not wire.HasField("logprobs")  # unset: none; 0 asks for the chosen token's
+
+
+def test_logprobs_round_trip_through_every_message() -> None:
+    """The prefill reply (first token), the decode chunk and the public response carry
+    per-token logprobs unchanged (float32-exact values: floats on the wire)."""
+    lps = (
+        TokenLogprob(7, -0.5, ((7, -0.5), (3, -1.25), (9, -4.0))),
+        TokenLogprob(3, -12.125, ()),
+        TokenLogprob(0, float("-inf"), ((5, -0.0078125),)),
+    )
+    reply = worker_pb2.PrefillResponse(first_token_id=7)
+    reply.first_logprob.CopyFrom(logprob_to_proto(lps[0]))
+    reply = worker_pb2.PrefillResponse.FromString(reply.SerializeToString())
+    assert reply.HasField("first_logprob") and logprob_from_proto(reply.first_logprob) == lps[0]
+    assert not worker_pb2.PrefillResponse(first_token_id=7).HasField("first_logprob")
+    chunk = worker_pb2.TokenChunk(token_ids=[7, 3, 0], logprobs=logprobs_to_proto(lps))
+    chunk = worker_pb2.TokenChunk.FromString(chunk.SerializeToString())
+    assert logprobs_from_proto(chunk.logprobs) == lps
+    response = generation_pb2.GenerateResponse(token_ids=[7, 3, 0], logprobs=logprobs_to_proto(lps))
+    response = generation_pb2.GenerateResponse.FromString(response.SerializeToString())
+    assert logprobs_from_proto(response.logprobs) == lps
+    assert logprobs_from_proto(worker_pb2.TokenChunk(token_ids=[1]).logprobs) == ()
 
 
 def test_logit_bias_arrives_sorted_by_token_id() -> None:
