@@ -8,6 +8,7 @@ the server against ``ca`` (the system roots when unset) and presents ``cert``/``
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,14 @@ class TLSConfig:
             raise TLSConfigError("a TLS certificate and its key must be given together")
         if self.require_client_cert and self.ca is None:
             raise TLSConfigError("requiring client certificates needs a CA bundle to check them")
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """An HTTPS client's side of this config: ``ca`` (else the system roots) to check the
+        server, ``cert``/``key`` to present for mutual TLS."""
+        context = ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
+        if self.cert is not None and self.key is not None:
+            context.load_cert_chain(str(self.cert), str(self.key))
+        return context
 
     def server_credentials(self) -> grpc.ServerCredentials:
         if self.cert is None or self.key is None:

@@ -12,7 +12,6 @@ import os
 import random
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -142,22 +141,12 @@ class Cluster:
                 proc.wait()
 
 
-def http_ssl_context(tls: TLSConfig | None) -> ssl.SSLContext | None:
-    """How a client reaches the cluster's HTTP API over TLS (its CA; its certificate for mTLS)."""
-    if tls is None:
-        return None
-    context = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
-    if tls.cert is not None and tls.key is not None:
-        context.load_cert_chain(str(tls.cert), str(tls.key))
-    return context
-
-
 def _http_healthy(base: str | None, tls: TLSConfig | None = None) -> bool:
     """``GET /health`` answers 200 (True when the HTTP API is off)."""
     if base is None:
         return True
     try:
-        context = http_ssl_context(tls)
+        context = None if tls is None else tls.client_ssl_context()
         with urllib.request.urlopen(f"{base}/health", timeout=2, context=context) as reply:
             return bool(reply.status == 200)
     except (urllib.error.URLError, OSError):

@@ -162,13 +162,7 @@ async def _consume(chunks: AsyncIterator[bytes], timer: StreamTimer) -> None:
 
 def ssl_context(options: ClientOptions) -> ssl.SSLContext | bool:
     """``--tls-ca``/``--tls-cert``/``--tls-key`` for an https base URL (system roots else)."""
-    tls = options.tls
-    if tls is None:
-        return True
-    context = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
-    if tls.cert is not None:
-        context.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
-    return context
+    return True if options.tls is None else options.tls.client_ssl_context()
 
 
 def make_client(options: ClientOptions, connections: int) -> httpx.AsyncClient:

@@ -138,7 +138,7 @@ def test_cli_generate_with_tls_and_token(secure: tuple[Cluster, Pki, Path]) -> N
 
 def _openai(cluster: Cluster, ca: Path | None, token: str) -> openai.OpenAI:
     assert cluster.http is not None
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca)) if ca else True
+    verify: ssl.SSLContext | bool = TLSConfig(ca=ca).client_ssl_context() if ca else True
     return openai.OpenAI(
         base_url=f"{cluster.http}/v1",
         api_key=token,
