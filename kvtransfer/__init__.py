@@ -12,7 +12,8 @@
 - ``handshake``: HELLO contents and the replay guard (:class:`HelloGuard`).
 - ``wire``: the versioned binary frames (PAGE, DONE, ABORT, ACK, HELLO/WELCOME/REFUSE).
 - ``frame_auth``: frame tags: AES-256-GMAC with the fleet key, else XXH3-64 or none.
-- ``datapath``: the :class:`Backend` enum (zmq, stream, gloo, nccl) and pair groups.
+- ``modes``: the :class:`Backend` (zmq, stream, gloo, nccl) and :class:`Streaming` enums.
+- ``datapath``: the backends' data paths and torch.distributed pair groups.
 - ``pair_link``: the per-pair payload channel interface (:class:`PairLink`, :class:`PairHost`).
 - ``stream_link``: the stream backend's sized records on a plain socket per pair.
 - ``metrics``: per-endpoint transfer counters (:class:`TransferStats`).

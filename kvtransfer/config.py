@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 from core.ticket import Fingerprint
 from engine.kv_cache import KVCache
 from engine.model_files import ModelSpec
 from kvtransfer import wire
-from kvtransfer.datapath import Backend
-
-
-class Streaming(enum.Enum):
-    LAYERWISE = "layerwise"  # push each layer's pages as soon as that layer is computed
-    AFTER_PREFILL = "after-prefill"  # push everything once the prefill is done (comparison)
+from kvtransfer.modes import Backend as Backend
+from kvtransfer.modes import Streaming as Streaming
 
 
 @dataclass(frozen=True)

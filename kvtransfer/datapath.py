@@ -9,13 +9,13 @@ blocks until the peer joins) and joined by the sender's :func:`join_pair`.
 from __future__ import annotations
 
 import datetime
-import enum
 import os
 from typing import Any, TypeAlias
 
 import torch
 import torch.distributed as dist
 
+from kvtransfer.modes import Backend as Backend
 from kvtransfer.pair_link import PairHost as PairHost
 from kvtransfer.pair_link import PairLink as PairLink
 from kvtransfer.pair_link import PairLinkError as PairLinkError
@@ -24,29 +24,6 @@ from kvtransfer.stream_link import RECORD as RECORD
 from kvtransfer.stream_link import Prove, join_stream
 from kvtransfer.stream_link import StreamHost as StreamHost
 from kvtransfer.stream_link import StreamLink as StreamLink
-
-
-class Backend(enum.Enum):
-    # The payload is the second frame of the PAGE message (zero-copy on both ends; the receiver
-    # copies it from ZeroMQ's message into the reserved blocks).
-    ZMQ = "zmq"
-    # After the handshake (on ZeroMQ), a transfer's frames (PAGE with its payload, DONE, ABORT)
-    # go as records on a plain stream socket made for this one pair (tcp, or a unix socket when
-    # the control endpoint is ipc; ``kvtransfer.stream_link``), and the receiver reads each
-    # payload straight into the reserved blocks: the kernel's copy is the only one on the
-    # receiving side (libzmq owns its receive buffer, so ZeroMQ forces a second copy into the
-    # pool), and no ZeroMQ I/O thread hand-off is paid per page. Acks return on ZeroMQ.
-    STREAM = "stream"
-    # The payload goes over a torch.distributed two-rank group made for this one pair on
-    # demand (see GroupHost): no global world, no fixed world size, so workers join and leave
-    # without restarting the fleet.
-    GLOO = "gloo"  # CPU tensors
-    NCCL = "nccl"  # CUDA tensors; untested without a GPU pair
-
-    @property
-    def out_of_band(self) -> bool:
-        return self is not Backend.ZMQ
-
 
 # A two-rank group, rank 0 the decode worker, rank 1 the prefill worker: a ProcessGroupGloo or
 # ProcessGroupNCCL (typed Any: torch's stubs for them lack send/recv).

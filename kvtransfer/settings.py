@@ -1,9 +1,8 @@
 """The KV channel's settings (flags and ``PDSERVE_*`` variables), declared once, and the
 :class:`~kvtransfer.config.TransferConfig` built from them.
 
-Torch-free, so ``pdserve``'s parser can declare them: the backend and streaming choices are
-spelled here (a test keeps them equal to :class:`kvtransfer.datapath.Backend` and
-:class:`kvtransfer.config.Streaming`), and the configuration's modules are imported when it is
+Torch-free, so ``pdserve``'s parser can declare them: the backend and streaming choices come
+from :mod:`kvtransfer.modes`, and the configuration's modules (torch) are imported when it is
 built. The key comes from ``--kv-key-file`` or ``PDSERVE_KV_KEY``, never from a flag's value.
 """
 
@@ -14,15 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.settings import Group, Setting, env_value
+from kvtransfer.modes import Backend, Streaming
 
 if TYPE_CHECKING:
     from kvtransfer.config import TransferConfig
 
 KEY_ENV = "PDSERVE_KV_KEY"
-BACKENDS = ("zmq", "stream", "gloo", "nccl")
-"""The values of :class:`kvtransfer.datapath.Backend`."""
-STREAMING = ("layerwise", "after-prefill")
-"""The values of :class:`kvtransfer.config.Streaming`."""
+BACKENDS = tuple(b.value for b in Backend)
+STREAMING = tuple(s.value for s in Streaming)
 
 TRANSFER = Group(
     "KV transfer",
@@ -86,8 +84,7 @@ TRANSFER = Group(
 
 def transfer_config(args: argparse.Namespace) -> TransferConfig:
     """The channel's configuration (imports torch: call it in a worker process)."""
-    from kvtransfer.config import Streaming, TransferConfig
-    from kvtransfer.datapath import Backend
+    from kvtransfer.config import TransferConfig
 
     key = env_value(KEY_ENV)
     if args.kv_key_file:
