@@ -6,6 +6,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from core.structured_output import StructuredOutput
+
 
 class FinishReason(enum.Enum):
     """Why a sequence ended (mirrors ``pdserve.v1.FinishReason``)."""
@@ -37,6 +39,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) pairs
     include_stop_str_in_output: bool = False  # stop strings: checked on text, by the gateway
     logprobs: int | None = None  # top alternatives per token (0: the chosen one's); None: none
+    structured: StructuredOutput | None = None  # constrains the output to a grammar; None: free
 
     @property
     def greedy(self) -> bool:

@@ -26,6 +26,7 @@ from core.errors import InvalidRequestError
 from core.sampling import FinishReason, SamplingParams, TokenLogprob
 from gateway.detokenizer import IncrementalDetokenizer
 from gateway.errors import NoWorkersError, UpstreamError
+from gateway.grammar import GrammarValidator
 from gateway.prompts import PromptInput, PromptTokenizer
 from gateway.router import Route, Router
 from gateway.stop_strings import StopStringMatcher
@@ -105,6 +106,7 @@ class GenerationCore:
         self.metrics = metrics
         self.max_prompt_tokens = max_prompt_tokens
         self.failover = failover or FailoverConfig()
+        self.grammars = GrammarValidator(tokenizer)
 
     def prepare(self, inp: PromptInput, sampling: SamplingParams) -> list[int]:
         """Tokenize and validate; raises InvalidRequestError before any worker is involved."""
@@ -115,6 +117,8 @@ class GenerationCore:
                 f"{self.max_prompt_tokens} (--max-prompt-tokens)"
             )
         validate_sampling(sampling, len(prompt), self.max_model_len, self.prompts.vocab_size)
+        if sampling.structured is not None:
+            self.grammars.check(sampling.structured)
         return prompt
 
     async def generate(

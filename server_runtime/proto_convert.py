@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 
 from core.pool_stats import PoolStats
 from core.sampling import FinishReason, SamplingParams, TokenLogprob
+from core.structured_output import GrammarKind, StructuredOutput
 from core.ticket import Fingerprint, TransferTicket
 from protos.pdserve.v1 import common_pb2, worker_pb2
 
@@ -43,7 +44,41 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         logit_bias=tuple(sorted(msg.logit_bias.items())),
         include_stop_str_in_output=msg.include_stop_str_in_output,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        structured=structured_from_proto(msg.structured_output)
+        if msg.HasField("structured_output")
+        else None,
     )
+
+
+_STRING_KINDS = {
+    "json_schema": GrammarKind.JSON_SCHEMA,
+    "regex": GrammarKind.REGEX,
+    "grammar": GrammarKind.LARK,
+}
+
+
+def structured_from_proto(msg: common_pb2.StructuredOutput) -> StructuredOutput | None:
+    """None when no kind is set (or ``json_object`` is false)."""
+    kind = msg.WhichOneof("kind")
+    if kind == "json_object":
+        return StructuredOutput(GrammarKind.JSON_OBJECT) if msg.json_object else None
+    if kind == "choice":
+        return StructuredOutput(GrammarKind.CHOICE, choices=tuple(msg.choice.choices))
+    if kind in _STRING_KINDS:
+        return StructuredOutput(_STRING_KINDS[kind], spec=getattr(msg, kind))
+    return None
+
+
+def structured_to_proto(constraint: StructuredOutput) -> common_pb2.StructuredOutput:
+    kind = constraint.kind
+    if kind is GrammarKind.JSON_OBJECT:
+        return common_pb2.StructuredOutput(json_object=True)
+    if kind is GrammarKind.CHOICE:
+        return common_pb2.StructuredOutput(
+            choice=common_pb2.Choices(choices=list(constraint.choices))
+        )
+    field = next(name for name, k in _STRING_KINDS.items() if k is kind)
+    return common_pb2.StructuredOutput(**{field: constraint.spec})
 
 
 def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
@@ -73,6 +108,8 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         msg.min_tokens = params.min_tokens
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.structured is not None:
+        msg.structured_output.CopyFrom(structured_to_proto(params.structured))
     return msg
 
 

@@ -8,6 +8,7 @@ batched prompts.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pydantic import BaseModel
 
 from core.errors import InvalidRequestError
 from core.sampling import SamplingParams
+from core.structured_output import GrammarKind, StructuredOutput
 from gateway.openai_api.errors import APIError
 from gateway.openai_api.logprobs import chat_logprobs_of, completion_logprobs_of
 from gateway.openai_api.protocol import (
@@ -25,6 +27,8 @@ from gateway.openai_api.protocol import (
     ChatCompletionRequest,
     ChatMessageIn,
     CompletionRequest,
+    ResponseFormat,
+    StructuredOutputs,
 )
 from gateway.prompts import ChatMessage, ChatPrompt, PromptInput, TextPrompt, TokenPrompt
 
@@ -72,8 +76,12 @@ class ServedModel:
         return requested
 
 
-def unsupported(message: str, param: str) -> APIError:
+def invalid(message: str, param: str) -> APIError:
+    """A 400 naming the request field at fault."""
     return APIError(grpc.StatusCode.INVALID_ARGUMENT, message, param=param)
+
+
+unsupported = invalid  # an option set to a value pdserve cannot honour yet
 
 
 def _neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
@@ -127,7 +135,65 @@ def sampling_of(
         logprobs=chat_logprobs_of(request)
         if isinstance(request, ChatCompletionRequest)
         else completion_logprobs_of(request),
+        structured=structured_of(request.response_format, request.structured_outputs),
     )
+
+
+def structured_of(
+    response_format: ResponseFormat | None, structured: StructuredOutputs | None
+) -> StructuredOutput | None:
+    """The one constraint ``response_format`` (OpenAI) or ``structured_outputs`` (vLLM) sets;
+    None for plain text. Whether it compiles is checked later, with gRPC's checks."""
+    from_format = _from_response_format(response_format)
+    from_vllm = _from_structured_outputs(structured)
+    if from_format is not None and from_vllm is not None:
+        raise invalid("set response_format or structured_outputs, not both", "response_format")
+    return from_format or from_vllm
+
+
+def _from_response_format(fmt: ResponseFormat | None) -> StructuredOutput | None:
+    if fmt is None or fmt.type == "text":
+        if fmt is not None and fmt.json_schema is not None:
+            raise InvalidRequestError(
+                "response_format.json_schema is only allowed with type 'json_schema'",
+                "response_format",
+            )
+        return None
+    if fmt.type == "json_object":
+        return StructuredOutput(GrammarKind.JSON_OBJECT)
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise invalid(
+            "response_format of type 'json_schema' needs json_schema.schema",
+            "response_format",
+        )
+    return StructuredOutput(GrammarKind.JSON_SCHEMA, json.dumps(fmt.json_schema.schema_))
+
+
+def _from_structured_outputs(so: StructuredOutputs | None) -> StructuredOutput | None:
+    if so is None:
+        return None
+    given = [
+        name
+        for name in ("json", "json_object", "regex", "choice", "grammar")
+        if getattr(so, "json_" if name == "json" else name) not in (None, False)
+    ]
+    if len(given) != 1:
+        what = "none" if not given else " and ".join(given)
+        raise invalid(
+            f"structured_outputs takes exactly one of json, json_object, regex, choice and "
+            f"grammar, got {what}",
+            "structured_outputs",
+        )
+    if so.json_ is not None:
+        spec = so.json_ if isinstance(so.json_, str) else json.dumps(so.json_)
+        return StructuredOutput(GrammarKind.JSON_SCHEMA, spec)
+    if so.json_object:
+        return StructuredOutput(GrammarKind.JSON_OBJECT)
+    if so.regex is not None:
+        return StructuredOutput(GrammarKind.REGEX, so.regex)
+    if so.choice is not None:
+        return StructuredOutput(GrammarKind.CHOICE, choices=tuple(so.choice))
+    return StructuredOutput(GrammarKind.LARK, so.grammar or "")
 
 
 def _or(value: float | None, default: float) -> float:

@@ -8,7 +8,7 @@ engine cannot honour yet, accepted only at their neutral value (:data:`UNSUPPORT
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,6 +21,32 @@ class StreamOptions(_Strict):
     include_usage: bool | None = False
     include_obfuscation: bool | None = None  # the SDK's; nothing to obfuscate here
     continuous_usage_stats: bool | None = False
+
+
+class JsonSchemaFormat(_Strict):
+    """OpenAI's ``response_format.json_schema``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced; accepted for the SDK's sake
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's ``structured_outputs``: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class _Generation(_Strict):
@@ -47,6 +73,9 @@ class _Generation(_Strict):
     min_p: float | None = None
     min_tokens: int | None = None
     include_stop_str_in_output: bool | None = None
+    # structured output: OpenAI's response_format, vLLM's structured_outputs (one of the two)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     # not supported yet: accepted at their neutral values only (UNSUPPORTED)
     n: int | None = None
     skip_special_tokens: bool | None = None
@@ -89,7 +118,6 @@ class ChatCompletionRequest(_Generation):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     # not supported yet
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -115,7 +143,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "spaces_between_special_tokens": (True,),
     "echo": (False,),
     "suffix": ("",),
-    "response_format": ({"type": "text"},),
     "tools": ([],),
     "tool_choice": ("none",),
     "functions": ([],),

@@ -75,8 +75,48 @@ def _error(r: Any, status: int) -> dict[str, Any]:
         ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "only allowed when logprobs is"),
         (
             "/v1/chat/completions",
-            {**CHAT, "response_format": {"type": "json_object"}},
-            "response_format",
+            {**CHAT, "response_format": {"type": "xml"}},
+            "response_format.type",
+        ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "response_format": {"type": "json_schema"}},
+            "needs json_schema.schema",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                **CHAT,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "frobnicate"}},
+                },
+            },
+            "invalid json_schema",
+        ),
+        (
+            "/v1/completions",
+            {**OK, "structured_outputs": {"regex": "a(b"}},
+            "invalid regex",
+        ),
+        (
+            "/v1/completions",
+            {**OK, "structured_outputs": {"regex": "a", "choice": ["x"]}},
+            "exactly one of json, json_object, regex, choice and grammar, got regex and choice",
+        ),
+        (
+            "/v1/completions",
+            {**OK, "structured_outputs": {"grammar": "start: nothing_here"}},
+            "invalid grammar",
+        ),
+        (
+            "/v1/completions",
+            {
+                **OK,
+                "response_format": {"type": "json_object"},
+                "structured_outputs": {"regex": "a"},
+            },
+            "not both",
         ),
         ("/v1/chat/completions", {**CHAT, "messages": []}, "no messages"),
         (
