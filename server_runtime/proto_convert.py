@@ -77,8 +77,9 @@ def structured_to_proto(constraint: StructuredOutput) -> common_pb2.StructuredOu
         return common_pb2.StructuredOutput(
             choice=common_pb2.Choices(choices=list(constraint.choices))
         )
-    field = next(name for name, k in _STRING_KINDS.items() if k is kind)
-    return common_pb2.StructuredOutput(**{field: constraint.spec})
+    msg = common_pb2.StructuredOutput()
+    setattr(msg, next(name for name, k in _STRING_KINDS.items() if k is kind), constraint.spec)
+    return msg
 
 
 def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
