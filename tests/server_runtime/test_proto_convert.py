@@ -9,6 +9,7 @@ import pytest
 
 from core.pool_stats import PoolStats
 from core.sampling import FinishReason, SamplingParams, TokenLogprob
+from core.structured_output import GrammarKind, StructuredOutput
 from core.ticket import Fingerprint, TransferTicket
 from protos.pdserve.v1 import common_pb2, generation_pb2, worker_pb2
 from server_runtime.proto_convert import (
@@ -162,3 +163,24 @@ def test_status_carries_the_pool_and_queue() -> None:
     )
     assert (msg.total_blocks, msg.free_blocks, msg.running, msg.waiting) == (2048, 2000, 3, 1)
     assert msg.pending_transfers == 2 and msg.pool_ok
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        StructuredOutput(GrammarKind.JSON_SCHEMA, '{"type": "object"}'),
+        StructuredOutput(GrammarKind.JSON_OBJECT),
+        StructuredOutput(GrammarKind.REGEX, "[0-9]+"),
+        StructuredOutput(GrammarKind.CHOICE, choices=("a", "b")),
+        StructuredOutput(GrammarKind.LARK, 'start: "x"'),
+    ],
+)
+def test_structured_output_round_trips(constraint: StructuredOutput) -> None:
+    params = SamplingParams(structured=constraint)
+    assert sampling_from_proto(sampling_to_proto(params)) == params
+
+
+def test_no_structured_output_stays_unset() -> None:
+    msg = sampling_to_proto(SamplingParams())
+    assert not msg.HasField("structured_output")
+    assert sampling_from_proto(msg).structured is None
