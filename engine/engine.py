@@ -6,6 +6,8 @@ methods below, which take ``self._lock``; the forward pass runs *outside* the lo
 only blocks of sequences in the batch, which nobody else may free until ``update`` has run (aborts
 of in-flight sequences are deferred to then). KV export and import go through the connectors of
 ``engine.kv_connector``: finished imports are taken before ``schedule``, layers saved during run.
+Structured output: a constrained sequence gets its grammar state on arrival (``add``,
+``reserve_import``); the runner masks its rows (see :mod:`engine.structured`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from engine.native import load_attention_kernel, load_layer_ops, load_linear_ker
 from engine.sampler import Sampler
 from engine.scheduler import Finished, ScheduledBatch, Scheduler
 from engine.sequence import RequestOutput, Sequence, output_for
+from engine.structured import GrammarManager
 
 __all__ = ["Engine", "LayerSink", "OutputSink", "RequestOutput"]
 
@@ -102,7 +105,10 @@ class Engine:
         kernel = load_attention_kernel(config, weights.dtype, weights.device)
         linear = load_linear_kernel(config, weights.dtype, weights.device)
         ops = load_layer_ops(config, weights.dtype, weights.device)
-        self.runner = ModelRunner(model, self.kv_cache, Sampler(), kernel, linear, ops)
+        self.grammars = GrammarManager.for_model(spec.path, spec.vocab_size, spec.eos_token_ids)
+        self.runner = ModelRunner(
+            model, self.kv_cache, Sampler(), kernel, linear, ops, grammars=self.grammars
+        )
         self.runner.install_layer_hooks()
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -123,6 +129,7 @@ class Engine:
             self.scheduler.check_fits(seq, export_kv)
             seq.arrival_time = time.monotonic()
             seq.export_kv = export_kv
+            self.grammars.attach(seq)
             self.scheduler.add(seq)
             self._wakeup.notify()
 
@@ -138,6 +145,7 @@ class Engine:
             self._check_running()
             self.scheduler.check_fits(seq, export_kv=False)
             seq.arrival_time = time.monotonic()
+            self.grammars.attach(seq)
             block_ids = self.scheduler.reserve(seq)
             cached = seq.num_cached_tokens // self.kv_cache.block_size
             return Reservation(seq.request_id, tuple(block_ids), cached)
@@ -341,15 +349,16 @@ class Engine:
             seq = item.seq
             if not item.sample or seq.is_finished:
                 continue
-            lps = () if lp is None else (lp,)
             reason = reasons.get(seq.request_id)
+            failed = reason is FinishReason.ERROR  # (its grammar rejected the token)
+            tokens, lps = ((), ()) if failed else ((token,), () if lp is None else (lp,))
             if seq.export_kv:  # its work here ends with its first token, whatever comes next
                 streamed = self._exports_layerwise()
                 pages = None if streamed else self.kv_cache.gather_pages(self._prompt_blocks(seq))
-                outputs.append(output_for(seq, (token,), reason, pages, last=True, logprobs=lps))
+                outputs.append(output_for(seq, tokens, reason, pages, last=True, logprobs=lps))
                 self.scheduler.retire(seq, reason or FinishReason.STOP)
                 continue
-            outputs.append(output_for(seq, (token,), reason, logprobs=lps))
+            outputs.append(output_for(seq, tokens, reason, logprobs=lps))
             if reason is not None:
                 self.scheduler.release(seq, reason)
         return outputs

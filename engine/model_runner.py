@@ -2,7 +2,9 @@
 
 The batch is packed: the new tokens of all sequences form one row ``(1, N)``, decode tokens (one
 per sequence) first, then prefill chunks; attention finds each sequence's context through its
-block table (see :mod:`engine.attention`).
+block table (see :mod:`engine.attention`). When sampled rows carry a grammar, their
+allowed-token mask is computed on a helper thread during the forward pass and applied before
+sampling (see :mod:`engine.structured`); batches without one pay nothing for it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from engine.llama_forward import LlamaForward
 from engine.sampler import Sampler, SampleRequest
 from engine.scheduler import ScheduledBatch, ScheduledSeq
 from engine.sequence import Sequence as EngineSequence
+from engine.structured import GrammarManager, PendingMask
 
 
 class ModelInputs(NamedTuple):
@@ -51,14 +54,17 @@ class ModelRunner:
         kernel: PagedAttentionKernel | None = None,
         linear: LinearKernel | None = None,
         layer_ops: LayerOps | None = None,
+        grammars: GrammarManager | None = None,
     ) -> None:
         """Takes the model over: Llama-family models run through :class:`LlamaForward` (fused
         projections, no per-step module overhead), others through transformers with
         :func:`paged_attention`; on CPU the float32 linear layers run from weights packed once,
         through the ``linear`` kernel or else oneDNN (see :mod:`engine.linear`), and Llama-family
         norms, RoPE and SiLU through ``layer_ops`` when given. With ``kernel``, decode tokens
-        attend through it (see :mod:`engine.kernels`)."""
+        attend through it (see :mod:`engine.kernels`). ``grammars`` masks the rows of
+        sequences with a structured-output constraint (required to run any)."""
         self.model = model
+        self.grammars = grammars
         self.kernel = kernel
         self.fast: LlamaForward | None = None
         self.kv_cache = kv_cache
@@ -102,33 +108,55 @@ class ModelRunner:
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         """As :meth:`execute`, with each item's logprobs (None: not sampled or not asked)."""
         inputs = self.prepare(batch)
-        if self.fast is not None:
-            logits = self.fast(
-                inputs.input_ids[0],
-                inputs.position_ids[0],
-                inputs.attention,
-                inputs.logits_index,
-                self.layer_listener,
-            )
-        else:
-            out = self.model(
-                input_ids=inputs.input_ids,
-                position_ids=inputs.position_ids,
-                use_cache=False,
-                logits_to_keep=inputs.logits_index,
-                pdserve_batch=inputs.attention,
-            )
-            logits = out.logits[0]  # (S, V)
+        pending = self._start_masks(batch, inputs.sample_items)  # runs during the forward
+        try:
+            logits = self._forward(inputs)  # (S, V)
+        finally:  # joined even when the forward fails: the helper touches the batch's matchers
+            mask = pending.wait() if pending is not None else None
         tokens: list[int] = []
         logprobs: list[TokenLogprob | None] = []
         if len(logits):
-            tokens, logprobs = self.sampler.sample_with_logprobs(logits, inputs.sample_requests)
+            tokens, logprobs = self.sampler.sample_with_logprobs(
+                logits, inputs.sample_requests, mask
+            )
         result = [0] * len(batch.items)
         result_lp: list[TokenLogprob | None] = [None] * len(batch.items)
         for row, token, lp in zip(inputs.sample_items, tokens, logprobs, strict=True):
             result[row] = token
             result_lp[row] = lp
         return result, result_lp
+
+    def _forward(self, inputs: ModelInputs) -> torch.Tensor:
+        """The logits ``(S, V)`` of the sampled rows."""
+        if self.fast is not None:
+            return self.fast(
+                inputs.input_ids[0],
+                inputs.position_ids[0],
+                inputs.attention,
+                inputs.logits_index,
+                self.layer_listener,
+            )
+        out = self.model(
+            input_ids=inputs.input_ids,
+            position_ids=inputs.position_ids,
+            use_cache=False,
+            logits_to_keep=inputs.logits_index,
+            pdserve_batch=inputs.attention,
+        )
+        return out.logits[0]
+
+    def _start_masks(self, batch: ScheduledBatch, sample_items: list[int]) -> PendingMask | None:
+        """Start the sampled rows' grammar masks (None when no row is constrained)."""
+        seqs = [batch.items[i].seq for i in sample_items]
+        if all(seq.sampling.structured is None for seq in seqs):
+            return None
+        if self.grammars is None:
+            raise RuntimeError("a constrained sequence reached a runner without grammars")
+        for seq in seqs:
+            self.grammars.attach(seq)
+        return self.grammars.start_masks(
+            [seq.grammar for seq in seqs], [(seq.token_ids, seq.output_start) for seq in seqs]
+        )
 
     def prepare(self, batch: ScheduledBatch) -> ModelInputs:
         bs = self.kv_cache.block_size

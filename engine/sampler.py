@@ -1,10 +1,12 @@
 """Batched token sampling: logits processors, greedy, temperature, min-p, top-k, top-p, seeds.
 
-Order, as vLLM documents it: on the raw logits ``logit_bias``, the ``min_tokens`` mask, the
-repetition penalty, then the presence and frequency penalties; greedy rows take the argmax of
-that. Sampled rows then go through temperature, ``min_p``, top-k, top-p and the draw. Each
-processor is one tensor operation over the rows of the batch that use it, skipped entirely when
-no request in the batch does, so a batch of plain requests costs what it did before.
+Order, as vLLM documents it: on the raw logits first the structured-output mask (the tokens
+the request's grammar disallows go to -inf, see :mod:`engine.structured`), then ``logit_bias``,
+the ``min_tokens`` mask, the repetition penalty, then the presence and frequency penalties;
+greedy rows take the argmax of that. Sampled rows then go through temperature, ``min_p``,
+top-k, top-p and the draw. Each processor is one tensor operation over the rows of the batch
+that use it, skipped entirely when no request in the batch does, so a batch of plain requests
+costs what it did before.
 
 Log-probabilities (``SamplingParams.logprobs``): for the rows that ask, one batched
 ``log_softmax`` of the processed logits divided by the temperature (greedy rows: 1), before
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from core.sampling import SamplingParams, TokenLogprob
+from engine.structured import TokenMask, apply_token_mask
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive positions apart
 _MASK64 = (1 << 63) - 1
@@ -76,14 +79,23 @@ class Sampler:
         else:
             self._rng.manual_seed(seed)
 
-    def sample(self, logits: torch.Tensor, requests: Sequence[SampleRequest]) -> list[int]:
-        return self.sample_with_logprobs(logits, requests)[0]
+    def sample(
+        self,
+        logits: torch.Tensor,
+        requests: Sequence[SampleRequest],
+        mask: TokenMask | None = None,
+    ) -> list[int]:
+        return self.sample_with_logprobs(logits, requests, mask)[0]
 
     def sample_with_logprobs(
-        self, logits: torch.Tensor, requests: Sequence[SampleRequest]
+        self,
+        logits: torch.Tensor,
+        requests: Sequence[SampleRequest],
+        mask: TokenMask | None = None,
     ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """One token per row, and its logprobs for the rows whose request asks (else None)."""
-        logits = process_logits(logits.float(), requests)
+        """One token per row, and its logprobs for the rows whose request asks (else None);
+        ``mask``: the allowed tokens of the constrained rows."""
+        logits = process_logits(logits.float(), requests, mask)
         tokens = self._choose(logits, requests)
         return tokens, compute_logprobs(logits, requests, tokens)
 
@@ -149,10 +161,14 @@ def compute_logprobs(
     return out
 
 
-def process_logits(logits: torch.Tensor, requests: Sequence[SampleRequest]) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, requests: Sequence[SampleRequest], mask: TokenMask | None = None
+) -> torch.Tensor:
     """``logits`` (S, V) after the processors that act on raw logits (and so on greedy rows):
-    logit_bias, the min_tokens mask, then the penalties. Returns ``logits`` itself when no
-    request uses any of them; never writes into it."""
+    the grammar ``mask``, logit_bias, the min_tokens mask, then the penalties. Returns
+    ``logits`` itself when no request uses any of them; never writes into it."""
+    if mask is not None:
+        logits = apply_token_mask(logits, mask)
     if any(r.params.logit_bias for r in requests):
         logits = apply_logit_bias(logits, [r.params.logit_bias for r in requests])
     if any(r.params.min_tokens for r in requests):

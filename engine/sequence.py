@@ -3,7 +3,9 @@
 
 The scheduler moves a sequence between statuses and owns its ``block_table``; the engine reads
 ``export_kv`` to decide whether the sequence's work here ends with its first token (the prompt's
-KV pages leave through the engine's export connector, see ``engine.kv_connector``).
+KV pages leave through the engine's export connector, see ``engine.kv_connector``). A sequence
+with a structured-output constraint carries its matcher in ``grammar`` (``engine.structured``):
+:meth:`Sequence.append_token` ends it when the grammar completes or rejects a token.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from core.sampling import FinishReason, RequestTimings, SamplingParams, TokenLogprob
+from engine.structured import GrammarState, GrammarStatus
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +62,11 @@ class Sequence:
     resumed_tokens: int = 0
     """Trailing prompt tokens this request generated before a failover resumed it here: output
     for the presence and frequency penalties (see :attr:`output_start`)."""
+    grammar: GrammarState | None = None
+    """The structured-output matcher over the output (set by the engine when constrained)."""
+    error: str | None = None
+    """Why the request itself cannot go on (its grammar failed): another worker would fail it
+    the same way, so it is the caller's INVALID_ARGUMENT, not a worker failure."""
 
     @property
     def num_tokens(self) -> int:
@@ -92,12 +100,21 @@ class Sequence:
         )
 
     def append_token(self, token_id: int) -> FinishReason | None:
-        """Append a sampled token and return why the sequence must stop now, if it must."""
+        """Append a sampled token and return why the sequence must stop now, if it must: ERROR
+        when the grammar rejects it (``error`` says why), STOP on a stop token or EOS or when
+        the grammar is complete, LENGTH at ``max_tokens``."""
         self.token_ids.append(token_id)
+        grammar = self.grammar
+        synced = grammar.sync(self.token_ids, self.output_start) if grammar else None
+        if grammar is not None and synced is GrammarStatus.FAILED:
+            self.error = grammar.error
+            return FinishReason.ERROR
         stop_ids = self.sampling.stop_token_ids
         if token_id in stop_ids or (
             not self.sampling.ignore_eos and token_id in self.eos_token_ids
         ):
+            return FinishReason.STOP
+        if synced is GrammarStatus.COMPLETE:
             return FinishReason.STOP
         if self.num_completion_tokens >= self.sampling.max_tokens:
             return FinishReason.LENGTH
@@ -118,6 +135,10 @@ class RequestOutput:
     error: str | None = None
     timings: RequestTimings | None = None  # on the last output of a request
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token when the request asked for them
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from this worker's prefix cache
+    invalid_request: bool = False
+    """With ``error``: the request's own failure (its grammar), INVALID_ARGUMENT to the caller,
+    never retried on another worker (which would fail it the same way)."""
 
 
 def output_for(
@@ -129,7 +150,9 @@ def output_for(
     last: bool = False,
     logprobs: tuple[TokenLogprob, ...] = (),
 ) -> RequestOutput:
-    """``last``: the request's final output here even without a finish reason (export)."""
+    """``last``: the request's final output here even without a finish reason (export). An
+    ERROR without ``error`` reports the sequence's own (:attr:`Sequence.error`)."""
+    own = reason is FinishReason.ERROR and error is None and seq.error is not None
     return RequestOutput(
         request_id=seq.request_id,
         token_ids=tokens,
@@ -137,7 +160,9 @@ def output_for(
         num_prompt_tokens=seq.num_prompt_tokens,
         num_completion_tokens=seq.num_completion_tokens,
         pages=pages,
-        error=error,
+        error=seq.error if own else error,
         timings=seq.timings(time.monotonic()) if last or reason is not None else None,
         logprobs=logprobs,
+        num_cached_tokens=seq.num_cached_tokens,
+        invalid_request=own,
     )
