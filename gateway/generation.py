@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import secrets
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -29,6 +28,7 @@ from gateway.errors import NoWorkersError, UpstreamError
 from gateway.grammar import GrammarValidator
 from gateway.prompts import PromptInput, PromptTokenizer
 from gateway.router import Route, Router
+from gateway.seeds import with_seed
 from gateway.stop_strings import StopStringMatcher
 from gateway.validation import validate_sampling
 from gateway.worker_clients import DecodeClient, PrefillClient, TokenEvent
@@ -37,16 +37,6 @@ from server_runtime.metrics import GatewayMetrics
 log = structlog.get_logger(__name__)
 
 RETRY_PAUSE_S = 0.05  # before attempt n+1: n x this (lets the registry see a death)
-SEED_BITS = 63  # assigned seeds fit the proto's uint64 and a signed 64-bit int alike
-
-
-def with_seed(sampling: SamplingParams) -> SamplingParams:
-    """``sampling`` with a random seed when it samples (temperature > 0) without one, so every
-    worker that samples part of the request (prefill, decode, a resume elsewhere) draws from
-    the same seeded stream; greedy and already-seeded requests are returned as they are."""
-    if sampling.greedy or sampling.seed is not None:
-        return sampling
-    return dataclasses.replace(sampling, seed=secrets.randbits(SEED_BITS))
 
 
 @dataclass(frozen=True)
@@ -63,6 +53,10 @@ class Delta:
     one :func:`with_seed` chose); None otherwise."""
     logprobs: tuple[TokenLogprob, ...] = ()
     """One per ``token_ids`` entry when the request asked for logprobs."""
+    index: int = 0
+    """Which of the request's samples this delta belongs to (``n`` > 1: :mod:`gateway.fanout`)."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from a worker's prefix cache (the first attempt's report)."""
 
 
 class Deadline:
@@ -122,8 +116,20 @@ class GenerationCore:
         return prompt
 
     async def generate(
-        self, request_id: str, prompt: list[int], sampling: SamplingParams, timeout: float | None
+        self,
+        request_id: str,
+        prompt: list[int],
+        sampling: SamplingParams,
+        timeout: float | None,
+        *,
+        index: int = 0,
+        pin: Route | None = None,
+        on_cached: Callable[[Route], None] | None = None,
     ) -> AsyncGenerator[Delta, None]:
+        """One sample's deltas (``index``: which of the request's samples, for the deltas).
+        ``pin``: try this route first (see :meth:`Router.pinned`); ``on_cached``: called with
+        the route once the prompt's KV is in its workers' prefix caches (see :meth:`_attempt`).
+        """
         deadline = Deadline(timeout)
         if sampling.seed is None and not sampling.greedy:
             sampling = with_seed(sampling)
@@ -132,53 +138,47 @@ class GenerationCore:
         stops = StopStringMatcher(sampling.stop, sampling.include_stop_str_in_output)
         seed = None if sampling.greedy else sampling.seed  # reported on the first delta
         completion = 0
-        events = self._events(request_id, prompt, sampling, deadline)
+        cached: int | None = None  # the first event's: the prompt as the request sent it
+        events = self._events(request_id, prompt, sampling, deadline, pin, on_cached)
         try:
             async for event in events:
+                if cached is None:
+                    cached = min(event.cached_tokens, len(prompt))
                 completion += len(event.token_ids)
                 text = detok.add(event.token_ids)
                 if event.finish_reason is not None:
                     text += detok.flush()
                 match = stops.feed(text)
                 first_seed, seed = seed, None
-                if match.stopped:
-                    yield Delta(
-                        event.token_ids,
-                        match.text,
-                        FinishReason.STOP,
-                        len(prompt),
-                        completion,
-                        first_seed,
-                        event.logprobs,
-                    )
-                    return
-                finish = event.finish_reason
-                if finish is not None:
+                finish = FinishReason.STOP if match.stopped else event.finish_reason
+                if finish is not None and not match.stopped:
                     text = match.text + stops.flush()
-                    yield Delta(
-                        event.token_ids,
-                        text,
-                        finish,
-                        len(prompt),
-                        completion,
-                        first_seed,
-                        event.logprobs,
-                    )
-                    return
+                else:
+                    text = match.text
                 yield Delta(
                     event.token_ids,
-                    match.text,
-                    None,
+                    text,
+                    finish,
                     len(prompt),
                     completion,
                     first_seed,
                     event.logprobs,
+                    index,
+                    cached,
                 )
+                if finish is not None:
+                    return
         finally:
             await events.aclose()
 
     async def _events(
-        self, request_id: str, prompt: list[int], sampling: SamplingParams, deadline: Deadline
+        self,
+        request_id: str,
+        prompt: list[int],
+        sampling: SamplingParams,
+        deadline: Deadline,
+        pin: Route | None = None,
+        on_cached: Callable[[Route], None] | None = None,
     ) -> AsyncGenerator[TokenEvent, None]:
         """Every token of the request, across as many attempts as failures need.
 
@@ -199,7 +199,8 @@ class GenerationCore:
         (:mod:`engine.sampler`) and every sampled request carries a seed (:func:`with_seed`) on
         every hop, resumes included. Before the first token this is a plain retry. After
         ``FailoverConfig.max_attempts`` the request fails (:func:`_final_error`): UNAVAILABLE
-        saying how many tokens arrived if any did, else the last error's code.
+        saying how many tokens arrived if any did, else the last error's code. ``pin`` is the
+        first attempt's route while its workers are routable; retries route afresh.
         """
         generated: list[int] = []
         avoid_decode: set[str] = set()
@@ -214,7 +215,9 @@ class GenerationCore:
                 yield TokenEvent((), FinishReason.LENGTH)
                 return
             try:
-                route = self.router.route(prompt + generated, avoid_decode, avoid_prefill)
+                route = (self.router.pinned(pin) if pin is not None and attempt == 1 else None) or (
+                    self.router.route(prompt + generated, avoid_decode, avoid_prefill)
+                )
             except NoWorkersError as exc:
                 if not generated:
                     raise
@@ -236,6 +239,7 @@ class GenerationCore:
                 route,
                 deadline,
                 len(generated),
+                on_cached,
             )
             try:
                 async with contextlib.aclosing(attempt_events):  # ends worker calls at once
@@ -298,6 +302,7 @@ class GenerationCore:
         route: Route,
         deadline: Deadline,
         resumed_tokens: int = 0,
+        on_cached: Callable[[Route], None] | None = None,
     ) -> AsyncGenerator[TokenEvent, None]:
         """One try on one route; raises UpstreamError naming the worker that failed.
 
@@ -308,7 +313,10 @@ class GenerationCore:
                                                  pushes KV pages to the ticket's endpoint meanwhile
             gateway <--tokens 2..n-------------- decode: admits the sequence once pages arrive
 
-        Otherwise one ``Decode.Generate(LOCAL)`` call streams every token.
+        Otherwise one ``Decode.Generate(LOCAL)`` call streams every token. Once the decode
+        stream's first token is out, the prompt's full blocks are in the prefix caches of every
+        worker of the route (the decode worker registered them on computing or receiving them):
+        ``on_cached(route)`` is called then (or when the prefill's first token ends the request).
         """
         decode, prefill = route.decode, route.prefill
         decode_client = cast(DecodeClient, decode.client)  # the decode tier holds DecodeClients
@@ -338,10 +346,20 @@ class GenerationCore:
                 finally:
                     await self.router.registry.prefill.release(prefill)
                 first_lps = () if first.first_logprob is None else (first.first_logprob,)
-                yield TokenEvent((first.first_token_id,), first.finish_reason, first_lps)
+                first_event = TokenEvent(
+                    (first.first_token_id,), first.finish_reason, first_lps, first.cached_tokens
+                )
+                if first.finish_reason is not None and on_cached is not None:
+                    on_cached(route)  # the prefill worker's cache holds it, at least
+                yield first_event
                 if first.finish_reason is not None:
                     return
             async for event in stream.events():
+                if on_cached is not None:
+                    on_cached(route)  # before the yield: the consumer may stop at this event
+                    on_cached = None
+                if prefill is not None and event.cached_tokens:
+                    event = dataclasses.replace(event, cached_tokens=0)  # the prefill's counts
                 yield event
         finally:
             stream.cancel()

@@ -30,6 +30,7 @@ RECENT_ROUTE = "recent_route"
 SHORTEST_QUEUE = "shortest_queue"
 LEAST_LOADED = "least_loaded"
 ROUND_ROBIN = "round_robin"
+SIBLING_SAMPLE = "sibling_sample"  # another sample of a prompt this prefill worker computed
 
 
 class Pick(NamedTuple):
@@ -260,6 +261,21 @@ class Router:
             decode, pick.worker, "disaggregated", pick.reason, (*fallbacks, *pick.fallbacks)
         )
 
+    def pinned(self, route: Route) -> Route | None:
+        """``route``'s workers again, for another sample of the same prompt (its KV is in their
+        prefix caches: :mod:`gateway.fanout`), while each is routable and below its admission
+        limit; None when one is not (the caller routes afresh). A disaggregated pin's prefill
+        pick is counted as ``sibling_sample``."""
+        decode = _still_open(self.registry.decode.routable(), route.decode)
+        if decode is None:
+            return None
+        if route.prefill is None:
+            return Route(decode, None, route.decision)
+        prefill = _still_open(self.registry.prefill.routable(), route.prefill)
+        if prefill is None:
+            return None
+        return Route(decode, prefill, route.decision, SIBLING_SAMPLE)
+
     def _decode_candidates(self, avoid: Collection[str], fallbacks: list[str]) -> list[WorkerEntry]:
         tier = self.registry.decode
         routable = _prefer_not(tier.routable(), avoid, fallbacks, "decode")
@@ -281,6 +297,12 @@ def _prefer_not(
     if entries and not preferred:
         fallbacks.append(f"{tier}_failed_worker_reused")
     return preferred or entries
+
+
+def _still_open(routable: list[WorkerEntry], entry: WorkerEntry) -> WorkerEntry | None:
+    if entry not in routable or (entry.load is not None and entry.load.full):
+        return None
+    return entry
 
 
 def _has_headroom(entry: WorkerEntry) -> bool:

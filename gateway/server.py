@@ -148,12 +148,12 @@ async def serve(config: GatewayConfig, grace_s: float = 5.0) -> None:
     register_gpu_metrics(registry, "gateway")
     spec = model_spec(config)
     core = build_core(config, metrics, spec)
-    servicer = GenerationServicer(core, metrics)
-    serve_metrics(config.metrics_port, registry)
     admission = config.admission
     lifecycle = Lifecycle(
         admission.max_concurrent_requests, admission.max_queued_requests, admission.retry_after_s
     )
+    servicer = GenerationServicer(core, metrics, lifecycle)
+    serve_metrics(config.metrics_port, registry)
     interceptors = [CallScope(lifecycle, WORK_METHODS, STATUS_CODES)]
     if config.security.auth_tokens:
         interceptors.insert(0, BearerAuth(config.security.auth_tokens))

@@ -2,7 +2,8 @@
 
 Failures are raised as domain errors; the server's :class:`~server_runtime.interceptors.CallScope`
 maps them to a status (with :data:`STATUS_CODES`) once, binds the request id, and admits the
-call through the gateway's bounded :class:`~server_runtime.grpc_runtime.Lifecycle`.
+call through the gateway's bounded :class:`~server_runtime.grpc_runtime.Lifecycle`; a request
+with ``n`` samples takes ``n - 1`` more slots there (:class:`~gateway.fanout.SampleSlots`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,21 @@ import grpc
 from core.errors import EngineError, InvalidRequestError
 from gateway.accounting import RequestClock
 from gateway.errors import STATUS_CODES
+from gateway.fanout import SampleSlots, generate_samples, validate_samples
 from gateway.generation import GenerationCore
 from gateway.prompts import ChatMessage, ChatPrompt, PromptInput, TextPrompt, TokenPrompt
 from protos.pdserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from server_runtime.grpc_runtime import Lifecycle, Refused
 from server_runtime.metrics import GatewayMetrics
 from server_runtime.proto_convert import FINISH_TO_PROTO, logprobs_to_proto, sampling_from_proto
 
-__all__ = ["STATUS_CODES", "WORK_METHODS", "GenerationServicer", "prompt_from_proto"]
+__all__ = [
+    "STATUS_CODES",
+    "WORK_METHODS",
+    "GenerationServicer",
+    "prompt_from_proto",
+    "samples_from_proto",
+]
 
 WORK_METHODS = ("/pdserve.v1.Generation/Generate",)
 
@@ -47,25 +56,49 @@ def prompt_from_proto(request: generation_pb2.GenerateRequest) -> PromptInput:
     return ChatPrompt(tuple(ChatMessage(m.role, m.content) for m in request.messages))
 
 
+def samples_from_proto(request: generation_pb2.GenerateRequest) -> int:
+    """``n``, checked: unset is 1."""
+    n = request.n if request.HasField("n") else 1
+    validate_samples(n)
+    return n
+
+
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, core: GenerationCore, metrics: GatewayMetrics | None = None) -> None:
+    """``lifecycle``: the server's (the interceptor admits each call once; samples beyond the
+    first take their slots here); None: samples are not bounded separately."""
+
+    def __init__(
+        self,
+        core: GenerationCore,
+        metrics: GatewayMetrics | None = None,
+        lifecycle: Lifecycle | None = None,
+    ) -> None:
         self.core = core
         self.metrics = metrics
+        self.lifecycle = lifecycle
 
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         request_id = request.request_id or uuid.uuid4().hex
         clock = RequestClock(self.metrics)
+        slots = SampleSlots(None, 1)
         try:
             sampling = sampling_from_proto(request.sampling)
+            n = samples_from_proto(request)
             prompt = self.core.prepare(prompt_from_proto(request), sampling)
-            clock.accepted(prompt, sampling)
-            stream = self.core.generate(request_id, prompt, sampling, context.time_remaining())
+            slots = SampleSlots(self.lifecycle, n)
+            await slots.take()
+            clock.accepted(prompt, sampling, n)
+            stream = generate_samples(
+                self.core, request_id, prompt, sampling, n, context.time_remaining()
+            )
             async for delta in stream:
                 clock.delta(delta)
                 usage = common_pb2.Usage(
-                    prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens
+                    prompt_tokens=delta.prompt_tokens,
+                    completion_tokens=delta.completion_tokens,
+                    cached_tokens=delta.cached_tokens,
                 )
                 yield generation_pb2.GenerateResponse(
                     request_id=request_id,
@@ -73,11 +106,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     text=delta.text,
                     finish_reason=FINISH_TO_PROTO[delta.finish_reason],
                     usage=usage,
-                    seed=delta.seed,  # None (unset) but on a sampled request's first message
+                    seed=delta.seed,  # None (unset) but on a sampled sample's first message
                     logprobs=logprobs_to_proto(delta.logprobs),
+                    index=delta.index,
                 )
-        except EngineError as exc:
+        except (EngineError, Refused) as exc:
             clock.failed(exc)
             raise
         finally:
+            slots.release()
             clock.done()

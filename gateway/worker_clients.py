@@ -60,6 +60,10 @@ class TokenEvent:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token when the request asked
+    cached_tokens: int = 0
+    """Prompt tokens the worker that computed the prompt took from its prefix cache (on the
+    event carrying the first token: the prefill worker's answer, or a LOCAL call's first
+    chunk); 0 elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,10 @@ class DecodeStream:
                 chunk = msg.tokens
                 finish = FINISH_FROM_PROTO[chunk.finish_reason]
                 yield TokenEvent(
-                    tuple(chunk.token_ids), finish, logprobs_from_proto(chunk.logprobs)
+                    tuple(chunk.token_ids),
+                    finish,
+                    logprobs_from_proto(chunk.logprobs),
+                    chunk.cached_tokens,
                 )
                 if finish is not None:
                     return
@@ -258,6 +265,7 @@ class PrefillOutcome:
     first_token_id: int
     finish_reason: FinishReason | None
     first_logprob: TokenLogprob | None = None  # when the request asked for logprobs
+    cached_tokens: int = 0  # prompt tokens the prefill worker took from its prefix cache
 
 
 class PrefillClient(_WorkerClient):
@@ -298,7 +306,10 @@ class PrefillClient(_WorkerClient):
             logprob_from_proto(reply.first_logprob) if reply.HasField("first_logprob") else None
         )
         return PrefillOutcome(
-            reply.first_token_id, FINISH_FROM_PROTO[reply.finish_reason], first_lp
+            reply.first_token_id,
+            FINISH_FROM_PROTO[reply.finish_reason],
+            first_lp,
+            reply.cached_tokens,
         )
 
 

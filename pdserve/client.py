@@ -5,6 +5,10 @@
         for chunk in client.generate("The capital of France is", max_tokens=8):
             print(chunk.text, end="", flush=True)
 
+``n=`` asks for several samples of the prompt (sample ``i`` drawn from ``seed + i``): their
+chunks interleave on one stream, told apart by :attr:`Chunk.index`, and each sample ends with
+its own chunk carrying ``finish_reason``.
+
 ``timeout=`` (seconds) bounds the whole call, retries included; every tier gets what is left of
 it. Leaving the loop (``break``, closing the generator, cancelling the asyncio task) cancels the
 call, which stops the work and frees its KV blocks on every tier. Only calls refused before
@@ -52,6 +56,11 @@ class Chunk:
     logprobs: tuple[TokenLogprob, ...] = ()
     """With ``logprobs=N``: per token, its log-probability and the N likeliest alternatives
     ``(token id, logprob)``."""
+    index: int = 0
+    """Which of the request's ``n`` samples this chunk belongs to (0 .. n-1); the counts and
+    ``seed`` above are that sample's."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV a worker found in its prefix cache (not computed again)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,7 @@ class RequestOptions(TypedDict, total=False):
     logit_bias: Mapping[int, float] | None
     include_stop_str_in_output: bool
     logprobs: int | None
+    n: int | None  # samples of the prompt (server default 1, at most 16)
 
 
 def build_request(
@@ -126,6 +136,7 @@ def build_request(
     logit_bias: Mapping[int, float] | None = None,
     include_stop_str_in_output: bool = False,
     logprobs: int | None = None,
+    n: int | None = None,
 ) -> generation_pb2.GenerateRequest:
     """The request; unset (None) sampling fields take the server's defaults (see
     ``common.proto`` SamplingParams for each field's meaning and range)."""
@@ -152,6 +163,8 @@ def build_request(
         if value is not None:
             setattr(sampling, name, value)
     request = generation_pb2.GenerateRequest(request_id=request_id, sampling=sampling)
+    if n is not None:
+        request.n = n
     if prompt is not None:
         request.prompt = prompt
     if messages:
@@ -174,6 +187,8 @@ def chunk_from_proto(msg: generation_pb2.GenerateResponse) -> Chunk:
             TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
             for lp in msg.logprobs
         ),
+        index=msg.index,
+        cached_tokens=msg.usage.cached_tokens,
     )
 
 

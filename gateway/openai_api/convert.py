@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from core.errors import InvalidRequestError
 from core.sampling import SamplingParams
 from core.structured_output import GrammarKind, StructuredOutput
+from gateway.fanout import validate_samples
 from gateway.openai_api.errors import APIError
 from gateway.openai_api.logprobs import chat_logprobs_of, completion_logprobs_of
 from gateway.openai_api.protocol import (
@@ -95,6 +96,15 @@ def check_supported(request: BaseModel) -> None:
         value = getattr(request, name)
         if not _neutral(value, UNSUPPORTED[name]):
             raise unsupported(f"{name}={value!r} is not supported yet by pdserve", name)
+    echo = getattr(request, "echo", None)
+    if echo and isinstance(request, ChatCompletionRequest):
+        raise unsupported("echo=True is not supported yet by pdserve for chat completions", "echo")
+    if echo and getattr(request, "logprobs", None) is not None:
+        raise unsupported(
+            "echo with logprobs is not supported yet by pdserve (it needs the prompt tokens' "
+            "logprobs, which the workers do not compute)",
+            "echo",
+        )
     options = getattr(request, "stream_options", None)
     if options is not None:
         if not request.stream:  # type: ignore[attr-defined]
@@ -104,6 +114,16 @@ def check_supported(request: BaseModel) -> None:
                 "stream_options.continuous_usage_stats is not supported yet by pdserve",
                 "stream_options",
             )
+
+
+def samples_of(request: CompletionRequest | ChatCompletionRequest) -> int:
+    """``n``, checked (unset: 1)."""
+    n = 1 if request.n is None else request.n
+    try:
+        validate_samples(n)
+    except InvalidRequestError as exc:
+        raise invalid(str(exc), "n") from None
+    return n
 
 
 def sampling_of(

@@ -76,8 +76,8 @@ class _Generation(_Strict):
     # structured output: OpenAI's response_format, vLLM's structured_outputs (one of the two)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    n: int | None = None  # samples (choices) of the prompt, in [1, 16]
     # not supported yet: accepted at their neutral values only (UNSUPPORTED)
-    n: int | None = None
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
 
@@ -85,7 +85,7 @@ class _Generation(_Strict):
 class CompletionRequest(_Generation):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
-    echo: bool | None = None
+    echo: bool | None = None  # the prompt's text before each choice's
     best_of: int | None = None
     suffix: str | None = None
     add_special_tokens: bool | None = None
@@ -130,18 +130,16 @@ class ChatCompletionRequest(_Generation):
     web_search_options: Any = None
     moderation: Any = None
     continue_final_message: bool | None = None
-    echo: bool | None = None
+    echo: bool | None = None  # vLLM's (the last message echoed): refused by check_supported
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     # field: its neutral values (None is always neutral: the field was not set)
-    "n": (1,),
     "best_of": (1,),
     "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,),
-    "echo": (False,),
     "suffix": ("",),
     "tools": ([],),
     "tool_choice": ("none",),

@@ -10,7 +10,8 @@ cancels every worker call and frees the request's blocks on each tier.
 
 The seed a sampled request is drawn with (the caller's, or the one the gateway chose) comes back
 in the ``x-pdserve-seed`` response header: neither OpenAI's nor vLLM's response bodies have a
-field for it.
+field for it. With ``n`` > 1 it is the base seed: choice ``i`` is drawn from it + ``i``
+(:mod:`gateway.fanout`; :mod:`gateway.openai_api.choices` builds the choices).
 """
 
 from __future__ import annotations
@@ -28,22 +29,25 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
+from transformers import PreTrainedTokenizerBase
 
 from core.errors import EngineError
-from core.sampling import FinishReason, SamplingParams, TokenLogprob
+from core.sampling import SamplingParams
 from gateway.accounting import RequestClock
+from gateway.fanout import SampleSlots, generate_samples
 from gateway.generation import Delta, GenerationCore
 from gateway.openai_api import protocol as p
+from gateway.openai_api.choices import Choices
 from gateway.openai_api.convert import (
     ServedModel,
     chat_prompt,
     check_supported,
     completion_prompt,
+    samples_of,
     sampling_of,
 )
 from gateway.openai_api.errors import error_response, stream_error_event
-from gateway.openai_api.logprobs import LogprobFormatter
-from gateway.prompts import PromptInput
+from gateway.prompts import PromptInput, TextPrompt, TokenPrompt
 from server_runtime.grpc_runtime import Lifecycle, Refused
 from server_runtime.metrics import GatewayMetrics
 
@@ -74,7 +78,12 @@ class _Job:
     model: str
     created: int
     include_usage: bool
-    logprobs: LogprobFormatter | None = None  # when the request asked for logprobs
+    n: int = 1
+    logprobs: bool = False  # the request asked for logprobs
+    echo: str = ""  # completions' echo: the prompt's text, before each choice's
+
+    def choices(self, tokenizer: PreTrainedTokenizerBase) -> Choices:
+        return Choices(self.n, self.kind == "chat", tokenizer, self.logprobs, self.echo)
 
 
 class ClientGone(Exception):
@@ -99,7 +108,8 @@ class OpenAIServing:
         check_supported(request)
         sampling = sampling_of(request, request.max_tokens)
         inp = completion_prompt(request.prompt)
-        return await self._respond(call, request, "completion", model, inp, sampling)
+        echo = self._echo(inp) if request.echo else ""
+        return await self._respond(call, request, "completion", model, inp, sampling, echo)
 
     async def chat(self, request: p.ChatCompletionRequest, call: Call) -> Response:
         model = self.served.resolve(request.model)
@@ -110,6 +120,13 @@ class OpenAIServing:
         sampling = sampling_of(request, max_tokens)
         return await self._respond(call, request, "chat", model, chat_prompt(request), sampling)
 
+    def _echo(self, inp: PromptInput) -> str:
+        """The prompt's text as completions' ``echo`` shows it (token ids decoded, as vLLM)."""
+        if isinstance(inp, TokenPrompt):
+            return str(self.core.tokenizer.decode(list(inp.token_ids)))
+        assert isinstance(inp, TextPrompt)  # completions take text or token ids
+        return inp.text
+
     async def _respond(
         self,
         call: Call,
@@ -118,15 +135,16 @@ class OpenAIServing:
         model: str,
         inp: PromptInput,
         sampling: SamplingParams,
+        echo: str = "",
     ) -> Response:
         max_tokens_unset = (
             request.max_tokens is None and getattr(request, "max_completion_tokens", None) is None
         )
+        n = samples_of(request)
         options = request.stream_options
-        formatter = None if sampling.logprobs is None else LogprobFormatter(self.core.tokenizer)
         usage = bool(options and options.include_usage)
-        job = _Job(kind, model, self.served.created, usage, formatter)
-        deltas = self._run(call, inp, sampling, max_tokens_unset)
+        job = _Job(kind, model, self.served.created, usage, n, sampling.logprobs is not None, echo)
+        deltas = self._run(call, inp, sampling, n, max_tokens_unset)
         try:
             if request.stream:
                 first = await _unless_gone(call.request, anext(deltas))
@@ -145,11 +163,18 @@ class OpenAIServing:
             return error_response(exc)
 
     async def _run(
-        self, call: Call, inp: PromptInput, sampling: SamplingParams, max_tokens_unset: bool
+        self,
+        call: Call,
+        inp: PromptInput,
+        sampling: SamplingParams,
+        n: int,
+        max_tokens_unset: bool,
     ) -> AsyncGenerator[Delta, None]:
-        """The request's deltas, admitted and accounted as the gRPC servicer's are."""
+        """The request's deltas (of ``n`` samples), admitted and accounted as the gRPC
+        servicer's are."""
         await self.lifecycle.enter(call.remaining())
         clock = RequestClock(self.metrics)
+        slots = SampleSlots(self.lifecycle, n)
         try:
             if max_tokens_unset:  # vLLM's default: the rest of the context
                 least = max(1, sampling.min_tokens)  # validated against the context here
@@ -159,16 +184,20 @@ class OpenAIServing:
                 )
             else:
                 prompt = self.core.prepare(inp, sampling)
-            clock.accepted(prompt, sampling)
-            stream = self.core.generate(call.request_id, prompt, sampling, call.remaining())
+            await slots.take()
+            clock.accepted(prompt, sampling, n)
+            stream = generate_samples(
+                self.core, call.request_id, prompt, sampling, n, call.remaining()
+            )
             async with contextlib.aclosing(stream):
                 async for delta in stream:
                     clock.delta(delta)
                     yield delta
-        except EngineError as exc:
+        except (EngineError, Refused) as exc:
             clock.failed(exc)
             raise
         finally:
+            slots.release()
             self.lifecycle.leave()
             clock.done()
 
@@ -180,32 +209,26 @@ class OpenAIServing:
         seeds: list[int],
     ) -> dict[str, Any]:
         """The whole response's body; the request's seed, if it has one, lands in ``seeds``."""
-        text: list[str] = []
-        logprobs: list[TokenLogprob] = []
-        last: Delta | None = None
+        choices = job.choices(self.core.tokenizer)
         async with contextlib.aclosing(deltas):
-            async for last in deltas:
-                text.append(last.text)
-                logprobs.extend(last.logprobs)
-                if last.seed is not None:
-                    seeds.append(last.seed)
-        assert last is not None  # a stream always ends with a finish reason
-        usage = _usage(last)
-        finish = _finish(last.finish_reason)
+            async for delta in deltas:
+                choices.collect(delta)
+                if delta.seed is not None and delta.index == 0:
+                    seeds.append(delta.seed)
         head = self._head(request_id, job)
         body: BaseModel
-        lp = job.logprobs
         if job.kind == "chat":
-            message = p.ChatMessageOut(content="".join(text))
-            chat_lp = None if lp is None else lp.chat(logprobs) or p.ChatLogprobs()
-            choice = p.ChatChoice(message=message, logprobs=chat_lp, finish_reason=finish)
-            body = p.ChatCompletionResponse(**head, choices=[choice], usage=usage)
-        else:
-            text_lp = None if lp is None else lp.completion(logprobs) or p.CompletionLogprobs()
-            completion = p.CompletionChoice(
-                text="".join(text), logprobs=text_lp, finish_reason=finish
+            body = p.ChatCompletionResponse(
+                **head,
+                choices=choices.whole(),  # type: ignore[arg-type]
+                usage=choices.usage(),
             )
-            body = p.CompletionResponse(**head, choices=[completion], usage=usage)
+        else:
+            body = p.CompletionResponse(
+                **head,
+                choices=choices.whole(),  # type: ignore[arg-type]
+                usage=choices.usage(),
+            )
         return body.model_dump()
 
     async def _events(
@@ -213,41 +236,30 @@ class OpenAIServing:
     ) -> AsyncGenerator[bytes, None]:
         head = self._head(request_id, job)
         chat = job.kind == "chat"
+        choices = job.choices(self.core.tokenizer)
 
-        def chunk(choices: list[Any], usage: p.Usage | None = None) -> bytes:
+        def chunk(items: list[Any], usage: p.Usage | None = None) -> bytes:
             cls = p.ChatCompletionChunk if chat else p.CompletionChunk
-            body = cls(**head, choices=choices, usage=usage)
+            body = cls(**head, choices=items, usage=usage)
             exclude = None if job.include_usage else {"usage"}
             return b"data: " + body.model_dump_json(exclude=exclude).encode() + b"\n\n"
 
-        lp = job.logprobs
-
         def message(delta: Delta) -> bytes | None:
-            finish = _finish(delta.finish_reason)
-            if not delta.text and finish is None and not (lp and delta.logprobs):
-                return None  # the detokenizer holds back an incomplete character
-            if chat:
-                content = p.ChatDelta(content=delta.text)
-                chat_lp = lp.chat(delta.logprobs) if lp else None
-                choice = p.ChatChunkChoice(delta=content, logprobs=chat_lp, finish_reason=finish)
-                return chunk([choice])
-            text_lp = lp.completion(delta.logprobs) if lp else None
-            return chunk(
-                [p.CompletionChoice(text=delta.text, logprobs=text_lp, finish_reason=finish)]
-            )
+            item = choices.stream(delta)
+            return None if item is None else chunk([item])
 
-        last = first
         try:
             if chat:
-                yield chunk([p.ChatChunkChoice(delta=p.ChatDelta(role="assistant", content=""))])
+                for index in range(job.n):
+                    role = p.ChatDelta(role="assistant", content="")
+                    yield chunk([p.ChatChunkChoice(index=index, delta=role)])
             if (data := message(first)) is not None:
                 yield data
-            if first.finish_reason is None:
-                async for last in deltas:
-                    if (data := message(last)) is not None:
-                        yield data
+            async for delta in deltas:
+                if (data := message(delta)) is not None:
+                    yield data
             if job.include_usage:
-                yield chunk([], _usage(last))
+                yield chunk([], choices.usage())
         except (EngineError, Refused) as exc:
             yield stream_error_event(exc)
         yield DONE
@@ -264,19 +276,6 @@ class OpenAIServing:
 
 def _seed_header(seed: int | None) -> dict[str, str]:
     return {} if seed is None else {SEED_HEADER: str(seed)}
-
-
-def _usage(delta: Delta) -> p.Usage:
-    # cached_tokens stays 0: the workers do not report prefix-cache hits per request yet
-    return p.Usage(
-        prompt_tokens=delta.prompt_tokens,
-        completion_tokens=delta.completion_tokens,
-        total_tokens=delta.prompt_tokens + delta.completion_tokens,
-    )
-
-
-def _finish(reason: FinishReason | None) -> str | None:
-    return None if reason is None else reason.value
 
 
 async def _wait_disconnect(receive: Receive) -> None:

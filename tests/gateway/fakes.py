@@ -1,8 +1,10 @@
 """In-process stand-ins for worker clients, for routing and failover tests without processes.
 
-The fake "model" is deterministic: the next token of a sequence is a hash of the whole sequence,
-so recomputing a prefix anywhere continues exactly as an undisturbed run would (as greedy
-decoding does on the real tiers)."""
+The fake "model" is deterministic: the next token of a sequence is a hash of the whole sequence
+(and of the seed, for a seeded request that samples), so recomputing a prefix anywhere continues
+exactly as an undisturbed run would (as the real tiers do). Each fake keeps the prompts it saw
+as its "prefix cache" and reports the full blocks of a new prompt found there as
+``cached_tokens``, as the workers do."""
 
 from __future__ import annotations
 
@@ -25,11 +27,37 @@ def next_token(seq: Sequence[int]) -> int:
     return 3 + h % 400
 
 
-def greedy(prompt: Sequence[int], n: int) -> list[int]:
+BLOCK = 16  # the fakes' block size, for cached_tokens
+
+
+def sampled_token(seq: Sequence[int], sampling: SamplingParams) -> int:
+    """The next token: greedy's, or for a seeded request that samples, one drawn from
+    ``(seed, seq)`` (the same wherever it is computed, as the real sampler's)."""
+    if sampling.greedy or sampling.seed is None:
+        return next_token(seq)
+    return next_token([*seq, sampling.seed % 1_000_003])
+
+
+def greedy(prompt: Sequence[int], n: int, sampling: SamplingParams | None = None) -> list[int]:
+    """``n`` tokens after ``prompt`` (drawn as ``sampling`` says; default greedy)."""
     seq = list(prompt)
     for _ in range(n):
-        seq.append(next_token(seq))
+        seq.append(next_token(seq) if sampling is None else sampled_token(seq, sampling))
     return seq[len(prompt) :]
+
+
+def cached_prefix(seen: list[list[int]], prompt: Sequence[int]) -> int:
+    """Full blocks of ``prompt`` a cache holding ``seen`` has, in tokens (at least one token
+    left to compute, as the scheduler leaves)."""
+    best = 0
+    for other in seen:
+        common = 0
+        for a, b in zip(other, prompt, strict=False):
+            if a != b:
+                break
+            common += 1
+        best = max(best, common)
+    return min(best, len(prompt) - 1) // BLOCK * BLOCK
 
 
 def fake_logprob(token: int, n: int | None) -> tuple[TokenLogprob, ...]:
@@ -59,6 +87,7 @@ class Call:
     resumed_tokens: int = 0
     min_tokens: int = 0
     sampling: SamplingParams | None = None  # all of it, as the worker receives it
+    produced_before: int = 0  # tokens the worker had produced (for anyone) when this came
 
 
 @dataclass
@@ -67,6 +96,7 @@ class FakeDecodeStream:
     prompt: list[int]
     sampling: SamplingParams
     remote: bool
+    cached: int = 0  # prompt tokens found in the client's cache (reserved or computed)
     cancelled: bool = False
 
     async def ticket(self) -> object:
@@ -77,20 +107,23 @@ class FakeDecodeStream:
     async def events(self) -> AsyncIterator[TokenEvent]:
         seq = list(self.prompt)
         emitted = 0
+        cached = self.cached
         if self.remote:  # the prefill worker sampled the first token
-            seq.append(next_token(seq))
+            seq.append(sampled_token(seq, self.sampling))
             emitted = 1
         while emitted < self.sampling.max_tokens:
             if self.client.die_after is not None and self.client.produced >= self.client.die_after:
                 raise dead("decode", self.client.address)
             await asyncio.sleep(0)
-            token = next_token(seq)
+            token = sampled_token(seq, self.sampling)
             seq.append(token)
             emitted += 1
             self.client.produced += 1
             done = emitted == self.sampling.max_tokens
             finish = FinishReason.LENGTH if done else None
-            yield TokenEvent((token,), finish, fake_logprob(token, self.sampling.logprobs))
+            lps = fake_logprob(token, self.sampling.logprobs)
+            yield TokenEvent((token,), finish, lps, cached)
+            cached = 0  # on the first chunk only
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -105,6 +138,7 @@ class FakeDecode:
     produced: int = 0
     calls: list[Call] = field(default_factory=list)
     streams: list[FakeDecodeStream] = field(default_factory=list)
+    seen: list[list[int]] = field(default_factory=list)  # its "prefix cache"
 
     def open(
         self,
@@ -125,9 +159,12 @@ class FakeDecode:
                 resumed_tokens,
                 sampling.min_tokens,
                 sampling,
+                self.produced,
             )
         )
-        stream = FakeDecodeStream(self, list(prompt), sampling, remote_prefill)
+        cached = cached_prefix(self.seen, prompt)
+        self.seen.append(list(prompt))
+        stream = FakeDecodeStream(self, list(prompt), sampling, remote_prefill, cached)
         self.streams.append(stream)
         return stream
 
@@ -141,6 +178,7 @@ class FakePrefill:
     tier: str = "prefill"
     fail: UpstreamError | None = None
     calls: list[Call] = field(default_factory=list)
+    seen: list[list[int]] = field(default_factory=list)  # its "prefix cache"
 
     async def prefill(
         self,
@@ -165,9 +203,11 @@ class FakePrefill:
         if self.fail is not None:
             raise self.fail
         finish = FinishReason.LENGTH if sampling.max_tokens == 1 else None
-        first = next_token(prompt)
+        first = sampled_token(prompt, sampling)
         lps = fake_logprob(first, sampling.logprobs)
-        return PrefillOutcome(first, finish, lps[0] if lps else None)
+        cached = cached_prefix(self.seen, prompt)
+        self.seen.append(list(prompt))
+        return PrefillOutcome(first, finish, lps[0] if lps else None, cached)
 
     async def close(self) -> None:
         pass

@@ -1,5 +1,6 @@
 """The SDK's generation options: build_request sets them (and only them) on the wire, the
-gateway reads them back as sent, and a response's seed reaches the Chunk."""
+gateway reads them back as sent, and a response's seed, sample index and cached tokens reach the
+Chunk."""
 
 from __future__ import annotations
 
@@ -48,3 +49,13 @@ def test_the_seed_of_the_first_message_reaches_the_chunk() -> None:
     first = generation_pb2.GenerateResponse(request_id="r", token_ids=[1], seed=2**63 - 1)
     assert chunk_from_proto(first).seed == 2**63 - 1
     assert chunk_from_proto(generation_pb2.GenerateResponse(request_id="r")).seed is None
+
+
+def test_n_goes_on_the_wire_only_when_given_and_the_index_comes_back() -> None:
+    assert not build_request("hi").HasField("n")
+    assert build_request("hi", n=3).n == 3
+    msg = generation_pb2.GenerateResponse(request_id="r", index=2)
+    msg.usage.cached_tokens = 32
+    chunk = chunk_from_proto(msg)
+    assert (chunk.index, chunk.cached_tokens) == (2, 32)
+    assert chunk_from_proto(generation_pb2.GenerateResponse()).index == 0
