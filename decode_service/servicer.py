@@ -77,20 +77,25 @@ class DecodeServicer(LoadReporting, worker_pb2_grpc.DecodeServicer):
         try:
             if not local:
                 yield worker_pb2.DecodeResponse(ticket=ticket_to_proto(ticket))
+            first = True
             async for out in handle.outputs():
                 if out.finish_reason is FinishReason.ERROR:
+                    if out.invalid_request:  # e.g. its grammar: the same on any worker
+                        raise InvalidRequestError(out.error or "invalid request")
                     raise DecodeFailedError(out.error or "decode failed")
                 if out.timings is not None and self.metrics is not None:
                     generated = out.num_completion_tokens - (0 if local else 1)
                     self.metrics.observe(out.timings, len(prompt) if local else 0, generated)
-                yield worker_pb2.DecodeResponse(
-                    tokens=worker_pb2.TokenChunk(
-                        token_ids=out.token_ids,
-                        finish_reason=FINISH_TO_PROTO[out.finish_reason],
-                        completion_tokens=out.num_completion_tokens,
-                        logprobs=logprobs_to_proto(out.logprobs),
-                    )
+                chunk = worker_pb2.TokenChunk(
+                    token_ids=out.token_ids,
+                    finish_reason=FINISH_TO_PROTO[out.finish_reason],
+                    completion_tokens=out.num_completion_tokens,
+                    logprobs=logprobs_to_proto(out.logprobs),
                 )
+                if local and first:  # the prefix-cache hit of the prompt computed here
+                    chunk.cached_tokens = out.num_cached_tokens
+                first = False
+                yield worker_pb2.DecodeResponse(tokens=chunk)
         finally:
             self.worker.release(handle)
 

@@ -71,6 +71,7 @@ class PrefillServicer(LoadReporting, worker_pb2_grpc.PrefillServicer):
             first_token_id=result.first_token_id,
             finish_reason=FINISH_TO_PROTO[result.finish_reason],
             prefill_ns=result.prefill_ns,
+            cached_tokens=result.cached_tokens,
         )
         if result.first_logprob is not None:
             reply.first_logprob.CopyFrom(logprob_to_proto(result.first_logprob))

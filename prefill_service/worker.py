@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import structlog
 import torch
 
-from core.errors import EngineError
+from core.errors import EngineError, InvalidRequestError
 from core.pool_stats import PoolStats
 from core.sampling import FinishReason, SamplingParams, TokenLogprob
 from core.ticket import TransferTicket, check_ticket
@@ -42,6 +42,7 @@ class PrefillResult:
     finish_reason: FinishReason | None  # set when the first token already ends the request
     prefill_ns: int  # arrival to first token on this worker (queue + compute)
     first_logprob: TokenLogprob | None = None  # when the request asked for logprobs
+    cached_tokens: int = 0  # prompt tokens taken from this worker's prefix cache
 
 
 class SenderExport:
@@ -147,6 +148,8 @@ class PrefillWorker:
             self.metrics.observe(out.timings, len(prompt), len(out.token_ids))
         if out.finish_reason is FinishReason.ERROR:
             self.sender.abort(transfer.transfer_id, out.error or "prefill failed")
+            if out.invalid_request:  # e.g. its grammar: INVALID_ARGUMENT, not retried elsewhere
+                raise InvalidRequestError(out.error or "invalid request")
             raise EngineError(out.error or "prefill failed")
         first = out.token_ids[0]
         if out.finish_reason is not None:  # nothing left to decode: release the reservation
@@ -157,7 +160,11 @@ class PrefillWorker:
             self.sender.finish(transfer.transfer_id, first)
         first_lp = out.logprobs[0] if out.logprobs else None
         return PrefillResult(
-            first, out.finish_reason, prefill_ns=done - start, first_logprob=first_lp
+            first,
+            out.finish_reason,
+            prefill_ns=done - start,
+            first_logprob=first_lp,
+            cached_tokens=out.num_cached_tokens,
         )
 
     def stats(self) -> PoolStats:

@@ -10,12 +10,14 @@ import os
 import pytest
 import torch
 
+from core.errors import InvalidRequestError
 from core.sampling import FinishReason, SamplingParams
+from core.structured_output import GrammarKind, StructuredOutput
 from core.ticket import IncompatiblePeerError, TransferTicket
 from engine.async_engine import AsyncEngine
 from kvtransfer.config import Streaming, TransferConfig
 from kvtransfer.sender import TransferSpec
-from prefill_service.worker import PrefillConfig, PrefillWorker
+from prefill_service.worker import PrefillConfig, PrefillResult, PrefillWorker
 from tests.engine.tiny_engine import engine_config, greedy_reference, tiny_model
 
 PROMPT = list(range(10, 31))  # 21 tokens: 6 blocks of 4
@@ -150,3 +152,40 @@ def test_cancelling_the_prefill_aborts_the_transfer_and_frees_the_blocks(tiny) -
     assert [c[0] for c in fake.calls] == ["open", "abort"]
     stats = worker.stats()
     assert stats.waiting == 0 and stats.free_blocks == stats.total_blocks
+
+
+def test_the_prefix_cache_hit_is_reported_with_the_first_token(tiny) -> None:
+    worker, _ = _worker(tiny, Streaming.LAYERWISE)
+
+    async def go() -> list[int]:
+        worker.start()
+        try:
+            sampling = SamplingParams(max_tokens=4, temperature=0)
+            results = [await worker.prefill("r", PROMPT, sampling, _ticket(worker)) for _ in "ab"]
+            return [r.cached_tokens for r in results]
+        finally:
+            worker.stop()
+
+    assert asyncio.run(go()) == [0, 20]  # 5 full blocks of 4 the second time
+
+
+def test_a_first_token_the_grammar_constrains_or_refuses(tiny) -> None:
+    worker, fake = _worker(tiny, Streaming.LAYERWISE)
+    ticket = _ticket(worker)
+    digits = SamplingParams(max_tokens=4, structured=StructuredOutput(GrammarKind.REGEX, "7"))
+    bad = SamplingParams(max_tokens=4, structured=StructuredOutput(GrammarKind.REGEX, "(7"))
+
+    async def go() -> PrefillResult:
+        worker.start()
+        try:
+            result = await worker.prefill("r", PROMPT, digits, ticket)
+            with pytest.raises(InvalidRequestError, match="structured output failed"):
+                await worker.prefill("r", PROMPT, bad, _ticket(worker))
+            return result
+        finally:
+            worker.stop()
+
+    result = asyncio.run(go())
+    # "7" is the whole grammar: its one token completes it, so the request ends here
+    assert result.finish_reason is FinishReason.STOP
+    assert fake.calls[1] == ("abort", ticket.transfer_id, "request finished at its first token")
