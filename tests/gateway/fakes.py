@@ -97,6 +97,7 @@ class FakeDecodeStream:
     sampling: SamplingParams
     remote: bool
     cached: int = 0  # prompt tokens found in the client's cache (reserved or computed)
+    fail: UpstreamError | None = None  # raised on the first read of tokens
     cancelled: bool = False
 
     async def ticket(self) -> object:
@@ -105,6 +106,8 @@ class FakeDecodeStream:
         return object()
 
     async def events(self) -> AsyncIterator[TokenEvent]:
+        if self.fail is not None:
+            raise self.fail
         seq = list(self.prompt)
         emitted = 0
         cached = self.cached
@@ -139,6 +142,8 @@ class FakeDecode:
     calls: list[Call] = field(default_factory=list)
     streams: list[FakeDecodeStream] = field(default_factory=list)
     seen: list[list[int]] = field(default_factory=list)  # its "prefix cache"
+    fail_streams: dict[int, UpstreamError] = field(default_factory=dict)
+    """The stream of call k (0-based) raises this when read."""
 
     def open(
         self,
@@ -164,7 +169,14 @@ class FakeDecode:
         )
         cached = cached_prefix(self.seen, prompt)
         self.seen.append(list(prompt))
-        stream = FakeDecodeStream(self, list(prompt), sampling, remote_prefill, cached)
+        stream = FakeDecodeStream(
+            self,
+            list(prompt),
+            sampling,
+            remote_prefill,
+            cached,
+            self.fail_streams.get(len(self.streams)),
+        )
         self.streams.append(stream)
         return stream
 
