@@ -69,8 +69,7 @@ def _seq(
 
 
 def _allowed(mask: TokenMask, k: int) -> set[int]:
-    bits = mask.bitmask[k]
-    return {w * 32 + b for w in range(bits.numel()) for b in range(32) if (int(bits[w]) >> b) & 1}
+    return set(mask.allowed[k].nonzero().flatten().tolist())
 
 
 def _masks(manager: GrammarManager, seqs: list[Sequence]) -> TokenMask | None:
