@@ -135,7 +135,8 @@ class GrammarManager:
     def __init__(self, build_tokenizer: Callable[[], LLTokenizer]) -> None:
         self._build = build_tokenizer
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        # the mask helper: one thread, started on the first submit
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         self._tokenizer: Future[LLTokenizer] | None = None
         self._executor: LLExecutor | None = None
 
@@ -159,10 +160,21 @@ class GrammarManager:
         return GrammarState(self, constraint)
 
     def prefetch(self) -> None:
-        """Start building the tokenizer on the helper thread (once)."""
+        """Start building the tokenizer on a thread of its own (once; a mask waiting for it on
+        the helper thread cannot block the build)."""
         with self._lock:
-            if self._tokenizer is None:
-                self._tokenizer = self._helper().submit(self._build)
+            if self._tokenizer is not None:
+                return
+            future: Future[LLTokenizer] = Future()
+            self._tokenizer = future
+
+        def build() -> None:
+            try:
+                future.set_result(self._build())
+            except BaseException as exc:  # the first constrained request reports it
+                future.set_exception(exc)
+
+        threading.Thread(target=build, name="grammar-tokenizer", daemon=True).start()
 
     def tokenizer(self) -> LLTokenizer:
         """The tokenizer, built (or waited for) on first use."""
@@ -177,7 +189,7 @@ class GrammarManager:
         row's ``(token_ids, output_start)``. None, at no cost, when no row has a state."""
         if all(state is None for state in states):
             return None
-        return PendingMask(self._helper().submit(self.compute_masks, states, tokens))
+        return PendingMask(self._pool.submit(self.compute_masks, states, tokens))
 
     def compute_masks(
         self, states: Sequence[GrammarState | None], tokens: Sequence[tuple[Sequence[int], int]]
@@ -201,11 +213,6 @@ class GrammarManager:
         # unpacked here, off the critical path (numpy: ~30 us for 8 x 49k; torch's shifts: ms)
         allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
         return TokenMask(rows, torch.from_numpy(allowed.view(np.bool_)))  # (R, 32 * W)
-
-    def _helper(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
-        return self._pool
 
     def _llg_executor(self) -> LLExecutor:
         if self._executor is None:

@@ -193,3 +193,23 @@ def test_logit_bias_applies_after_the_mask(manager) -> None:
     assert mask is not None and 300 not in _allowed(mask, 0)
     token = Sampler().sample(torch.zeros(1, WIDTH), [SampleRequest(seq.sampling, 1)], mask)[0]
     assert token in _allowed(mask, 0)
+
+
+def test_tokenizer_is_built_once_and_a_failed_build_fails_requests_clearly(llg) -> None:
+    builds: list[int] = []
+
+    def build() -> LLTokenizer:
+        builds.append(1)
+        return llg
+
+    manager = GrammarManager(build)
+    seqs = [_seq(manager, CHOICE, [5]) for _ in range(3)]
+    assert _masks(manager, seqs) is not None and len(builds) == 1
+
+    def broken() -> LLTokenizer:
+        raise OSError("no tokenizer.json")
+
+    seq = _seq(GrammarManager(broken), CHOICE, [5])
+    assert seq.append_token(5) is FinishReason.ERROR
+    assert seq.error is not None and "cannot load its tokenizer" in seq.error
+    assert "no tokenizer.json" in seq.error
