@@ -6,6 +6,7 @@ local prefill is one decode call (:meth:`GenerationCore._attempt`). Across failo
 stream has no duplicated and no missing tokens and equals an undisturbed run's
 (:meth:`GenerationCore._events`). Leaving the generator early (client cancel, deadline, stop
 string) cancels every open worker call, which aborts the work and frees its blocks on each tier.
+A request with ``n`` samples runs this once per sample (:mod:`gateway.fanout`).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class Delta:
     prompt_tokens: int
     completion_tokens: int
     seed: int | None = None
-    """On the first delta of a sampled request: the seed it is drawn with (the caller's or the
-    one :func:`with_seed` chose); None otherwise."""
+    """On the first delta of a sampled request (of each sample): the seed it is drawn with (the
+    caller's or the one :func:`with_seed` chose; sample i's is that + i); None otherwise."""
     logprobs: tuple[TokenLogprob, ...] = ()
     """One per ``token_ids`` entry when the request asked for logprobs."""
     index: int = 0

@@ -132,7 +132,7 @@ def test_chat_matches_transformers(client: openai.OpenAI, default_model_path: Pa
         ({"prompt": "hi", "max_tokens": 10**6}, "exceeds the model's context length"),
         ({"prompt": "hi", "temperature": -0.5}, "temperature must be >= 0"),
         ({"prompt": "", "max_tokens": 4}, "prompt text is empty"),
-        ({"prompt": "hi", "n": 2}, "n=2 is not supported yet"),
+        ({"prompt": "hi", "n": 17}, "n must be in [1, 16], got 17"),
         ({"prompt": "hi", "logprobs": 21}, "logprobs must be in [0, 20], got 21"),
         ({"prompt": "hi", "extra_body": {"bogus": 1}}, "unknown field 'bogus'"),
     ],
