@@ -32,7 +32,8 @@ JSON_OPTIONS: JsonCompileOptions = {
 
 
 class GrammarKind(enum.Enum):
-    """What :attr:`StructuredOutput.spec` holds."""
+    """What :attr:`StructuredOutput.spec` holds. Values are the field names of the proto's
+    ``StructuredOutput.kind`` oneof."""
 
     JSON_SCHEMA = "json_schema"  # a JSON Schema, as JSON text
     JSON_OBJECT = "json_object"  # any JSON object (spec unused)

@@ -29,6 +29,7 @@ import grpc
 
 from core.rich_errors import retry_after_of
 from core.sampling import TokenLogprob
+from core.structured_output import GrammarKind, StructuredOutput
 from core.tls import TLSConfig, secure_channel, sync_channel
 from protos.pdserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
@@ -112,6 +113,7 @@ class RequestOptions(TypedDict, total=False):
     include_stop_str_in_output: bool
     logprobs: int | None
     n: int | None  # samples of the prompt (server default 1, at most 16)
+    structured_output: StructuredOutput | None  # constrain the output to a grammar
 
 
 def build_request(
@@ -137,6 +139,7 @@ def build_request(
     include_stop_str_in_output: bool = False,
     logprobs: int | None = None,
     n: int | None = None,
+    structured_output: StructuredOutput | None = None,
 ) -> generation_pb2.GenerateRequest:
     """The request; unset (None) sampling fields take the server's defaults (see
     ``common.proto`` SamplingParams for each field's meaning and range)."""
@@ -162,6 +165,8 @@ def build_request(
     ):
         if value is not None:
             setattr(sampling, name, value)
+    if structured_output is not None:
+        _set_structured(sampling.structured_output, structured_output)
     request = generation_pb2.GenerateRequest(request_id=request_id, sampling=sampling)
     if n is not None:
         request.n = n
@@ -172,6 +177,16 @@ def build_request(
     if prompt_token_ids:
         request.prompt_token_ids.extend(prompt_token_ids)
     return request
+
+
+def _set_structured(msg: common_pb2.StructuredOutput, constraint: StructuredOutput) -> None:
+    """``constraint`` into ``msg`` (the proto's oneof field named as ``GrammarKind.value``)."""
+    if constraint.kind is GrammarKind.JSON_OBJECT:
+        msg.json_object = True
+    elif constraint.kind is GrammarKind.CHOICE:
+        msg.choice.choices.extend(constraint.choices)
+    else:
+        setattr(msg, constraint.kind.value, constraint.spec)
 
 
 def chunk_from_proto(msg: generation_pb2.GenerateResponse) -> Chunk:

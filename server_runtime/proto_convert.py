@@ -50,35 +50,27 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
     )
 
 
-_STRING_KINDS = {
-    "json_schema": GrammarKind.JSON_SCHEMA,
-    "regex": GrammarKind.REGEX,
-    "grammar": GrammarKind.LARK,
-}
-
-
 def structured_from_proto(msg: common_pb2.StructuredOutput) -> StructuredOutput | None:
     """None when no kind is set (or ``json_object`` is false)."""
     kind = msg.WhichOneof("kind")
-    if kind == "json_object":
-        return StructuredOutput(GrammarKind.JSON_OBJECT) if msg.json_object else None
-    if kind == "choice":
-        return StructuredOutput(GrammarKind.CHOICE, choices=tuple(msg.choice.choices))
-    if kind in _STRING_KINDS:
-        return StructuredOutput(_STRING_KINDS[kind], spec=getattr(msg, kind))
-    return None
+    if kind is None or (kind == "json_object" and not msg.json_object):
+        return None
+    grammar_kind = GrammarKind(kind)  # the oneof's field names are GrammarKind's values
+    if grammar_kind is GrammarKind.JSON_OBJECT:
+        return StructuredOutput(grammar_kind)
+    if grammar_kind is GrammarKind.CHOICE:
+        return StructuredOutput(grammar_kind, choices=tuple(msg.choice.choices))
+    return StructuredOutput(grammar_kind, spec=getattr(msg, kind))
 
 
 def structured_to_proto(constraint: StructuredOutput) -> common_pb2.StructuredOutput:
-    kind = constraint.kind
-    if kind is GrammarKind.JSON_OBJECT:
-        return common_pb2.StructuredOutput(json_object=True)
-    if kind is GrammarKind.CHOICE:
-        return common_pb2.StructuredOutput(
-            choice=common_pb2.Choices(choices=list(constraint.choices))
-        )
     msg = common_pb2.StructuredOutput()
-    setattr(msg, next(name for name, k in _STRING_KINDS.items() if k is kind), constraint.spec)
+    if constraint.kind is GrammarKind.JSON_OBJECT:
+        msg.json_object = True
+    elif constraint.kind is GrammarKind.CHOICE:
+        msg.choice.choices.extend(constraint.choices)
+    else:
+        setattr(msg, constraint.kind.value, constraint.spec)
     return msg
 
 

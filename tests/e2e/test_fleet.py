@@ -20,9 +20,12 @@ from datetime import datetime
 from pathlib import Path
 
 import grpc
+import jsonschema
 import pytest
+from transformers import AutoTokenizer
 
 from core.rich_errors import retry_after_of
+from core.structured_output import GrammarKind, StructuredOutput
 from pdserve.client import NO_RETRY, AsyncClient, RetryPolicy
 from pdserve.local_cluster import Cluster, free_port_range, start_cluster
 from tests.e2e.prometheus import Samples, sample, scrape
@@ -121,6 +124,8 @@ async def _stream(
     timeout: float = 120,
     temperature: float = 0.0,
     seed: int | None = None,
+    structured: StructuredOutput | None = None,
+    request_id: str = "",
 ) -> Outcome:
     out = Outcome([])
     try:
@@ -131,6 +136,8 @@ async def _stream(
             seed=seed,
             ignore_eos=True,
             timeout=timeout,
+            structured_output=structured,
+            request_id=request_id,
         ):
             out.tokens.extend(chunk.token_ids)
             if progress is not None:
@@ -389,10 +396,46 @@ def _log_count(cluster: Cluster, event: str, address: str) -> int:
     )
 
 
+def _routed_decode(cluster: Cluster, request_id: str) -> str:
+    """The decode worker the gateway last routed ``request_id`` to."""
+    routed = [
+        json.loads(line)["decode"]
+        for line in cluster.log_path.read_text(errors="replace").splitlines()
+        if '"request_routed"' in line and f'"{request_id}"' in line
+    ]
+    assert routed, f"{request_id} was not routed"
+    return str(routed[-1])
+
+
 def _total(samples: Samples, name: str, **labels: str) -> float:
     """Sum of ``name``'s samples whose labels include ``labels``."""
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+ITEMS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer", "minimum": 0, "maximum": 999},
+                    "tag": {"enum": ["alpha", "beta", "gamma"]},
+                    "note": {"type": "string", "maxLength": 16},
+                },
+                "required": ["id", "tag", "note"],
+                "additionalProperties": False,
+            },
+            "minItems": 4,
+            "maxItems": 8,
+        }
+    },
+    "required": ["items"],
+    "additionalProperties": False,
+}
+STRUCTURED = StructuredOutput(GrammarKind.JSON_SCHEMA, json.dumps(ITEMS_SCHEMA))
 
 
 @dataclass(frozen=True)
@@ -400,11 +443,14 @@ class StreamSpec:
     prompt: list[int]
     temperature: float = 0.0
     seed: int | None = None
+    structured: StructuredOutput | None = None
+    request_id: str = ""
 
 
 def _decode_kill_specs() -> list[StreamSpec]:
-    """Greedy streams, sampled ones with a seed (comparable with an undisturbed run), and
-    sampled ones without (the gateway seeds them: they must survive, with every token)."""
+    """Greedy streams, sampled ones with a seed (comparable with an undisturbed run), sampled
+    ones without (the gateway seeds them: they must survive, with every token), and seeded
+    sampled ones under a JSON schema (a resume continues the grammar from the tokens so far)."""
     specs = []
     for i in range(16):
         prompt = _prompt(500 + i, 60)
@@ -413,6 +459,10 @@ def _decode_kill_specs() -> list[StreamSpec]:
             StreamSpec(prompt)
             if kind == 0
             else StreamSpec(prompt, 0.9, 1000 + i if kind == 1 else None)
+        )
+    for i in range(MAX_CONCURRENT - len(specs)):  # the gateway admits MAX_CONCURRENT at once
+        specs.append(
+            StreamSpec(_prompt(700 + i, 40), 1.0, 2000 + i, STRUCTURED, f"structured-kill-{i}")
         )
     return specs
 
@@ -425,21 +475,29 @@ def test_kill_decode_with_streams_running(fleet: Fleet) -> None:
     async def undisturbed() -> list[Outcome]:
         async with AsyncClient(cluster.gateway) as client:
             streams = [
-                _stream(client, s.prompt, max_tokens, temperature=s.temperature, seed=s.seed)
+                _stream(
+                    client,
+                    s.prompt,
+                    max_tokens,
+                    temperature=s.temperature,
+                    seed=s.seed,
+                    structured=s.structured,
+                )
                 for s in specs
             ]
             return list(await asyncio.gather(*streams))
 
     seeded_before = _log_count(cluster, "seed_assigned", "seed")
     expected = asyncio.run(undisturbed())
-    assert all(r.error is None for r in expected), expected
+    assert all(r.error is None for r in expected), [(r.error, r.details) for r in expected]
     unseeded = sum(1 for s in specs if s.temperature > 0 and s.seed is None)
     assert _log_count(cluster, "seed_assigned", "seed") - seeded_before == unseeded
-    victim = cluster.decode[0]
     time.sleep(1.0)  # fresh load reports: the streams spread over both workers
     resumes_before = fleet.gateway_metrics()
+    resumed_before = {a: _log_count(cluster, "stream_resuming", a) for a in cluster.decode}
 
     killed_at = [0.0]
+    victims: list[str] = []
 
     async def run() -> list[Outcome]:
         progress: list[list[int]] = [[] for _ in specs]
@@ -453,23 +511,32 @@ def test_kill_decode_with_streams_running(fleet: Fleet) -> None:
                         progress[i],
                         temperature=s.temperature,
                         seed=s.seed,
+                        structured=s.structured,
+                        request_id=s.request_id,
                     )
                 )
                 for i, s in enumerate(specs)
             ]
             await _wait_for(lambda: all(sum(p) >= 4 for p in progress), poll_s=0.005)
+            # the worker serving a JSON-schema stream: a resume must continue its grammar
+            victims.append(_routed_decode(cluster, specs[-1].request_id))
             killed_at[0] = time.time()
-            cluster.kill("decode-0")
+            cluster.kill(f"decode-{cluster.decode.index(victims[0])}")
             return list(await asyncio.gather(*tasks))
 
-    resumed_before = _log_count(cluster, "stream_resuming", victim)
     results = asyncio.run(run())
+    victim = victims[0]
     fleet.dead.add(victim)
     survived = 0
+    tokenizer = AutoTokenizer.from_pretrained(fleet.model)
     for spec, got, want in zip(specs, results, expected, strict=True):
         comparable = spec.temperature == 0 or spec.seed is not None
         if got.error is None:
-            assert len(got.tokens) == max_tokens, got
+            if spec.structured is None:
+                assert len(got.tokens) == max_tokens, got
+            else:  # ends when its JSON does, valid however often it was resumed
+                assert got.finish == "stop", got
+                jsonschema.validate(json.loads(tokenizer.decode(got.tokens)), ITEMS_SCHEMA)
             if comparable:  # resumed: no duplicated, no missing, no different tokens
                 assert got.tokens == want.tokens, spec
             survived += 1
@@ -477,8 +544,12 @@ def test_kill_decode_with_streams_running(fleet: Fleet) -> None:
             assert got.error == grpc.StatusCode.UNAVAILABLE, got
             if comparable:
                 assert got.tokens == want.tokens[: len(got.tokens)]
-    resumed = _log_count(cluster, "stream_resuming", victim) - resumed_before
+    resumed = _log_count(cluster, "stream_resuming", victim) - resumed_before[victim]
     assert resumed > 0, "no stream ran on the killed worker"
+    structured_resumed = sum(
+        _log_count(cluster, "stream_resuming", s.request_id) for s in specs if s.request_id
+    )
+    assert structured_resumed > 0, "no structured-output stream was resumed"
     metrics = fleet.gateway_metrics()
     name = "pdserve_decode_resumes_total"
     counted = sample(metrics, name, outcome="resumed") - sample(
@@ -488,11 +559,13 @@ def test_kill_decode_with_streams_running(fleet: Fleet) -> None:
     assert sample(metrics, name, outcome="failed") == sample(resumes_before, name, outcome="failed")
     print(
         f"\ndecode kill: {survived}/{len(specs)} streams survived ({resumed} were resumed from "
-        f"the dead worker; greedy and seeded-sampled streams all equal an undisturbed run); "
+        f"the dead worker, {structured_resumed} of them under a JSON schema; greedy and "
+        f"seeded-sampled streams all equal an undisturbed run); "
         f"gateway routed around it "
         f"{_noticed_after(cluster, victim, killed_at[0]):.3f} s after the kill"
     )
-    assert survived == len(specs)  # the other decode worker can take every stream
+    failed = [(r.error, r.details) for r in results if r.error is not None]
+    assert survived == len(specs), failed  # the other decode worker can take every stream
     fleet.assert_idle()
 
 
