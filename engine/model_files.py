@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.errors import ModelLoadError
 from engine.config import DEFAULT_MODEL, ModelConfig
+from engine.weights_digest import weights_digest
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -44,7 +45,9 @@ class ModelSpec:
     max_model_len: int
     eos_token_ids: frozenset[int]
     fingerprint: str
-    """Hash of the config and weights file sizes/names: peers must agree on it."""
+    """Hash of the config and of the weight files' names and content
+    (:func:`engine.weights_digest.weights_digest`, cached beside the model): KV peers must
+    agree on it, so two fine-tunes of one architecture refuse each other's pages."""
 
 
 def default_cache_dir() -> Path:
@@ -159,6 +162,5 @@ def _generation_config(path: Path) -> dict[str, Any]:
 def _fingerprint(path: Path) -> str:
     digest = hashlib.sha256()
     digest.update((path / "config.json").read_bytes())
-    for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    digest.update(f"weights:{weights_digest(path)}".encode())
     return digest.hexdigest()[:16]
