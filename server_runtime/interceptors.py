@@ -2,15 +2,23 @@
 
     BearerAuth (public API only)  ->  CallScope  ->  servicer method
 
-Only ``pdserve.v1`` methods are intercepted: health, reflection and anything else pass through
-untouched, so probes work without a token and during a drain. An exception a servicer raises is
-mapped to a status once, here (:class:`CallScope`).
+Only ``pdserve.v1`` methods are intercepted, but for one thing: request bytes that do not parse
+as the method's message are answered INVALID_ARGUMENT on every unary-request method, health
+included (grpc.aio itself would answer UNKNOWN, before any servicer code runs). Health,
+reflection and anything else otherwise pass through untouched, so probes work without a token
+and during a drain. An exception a servicer raises is mapped to a status once, here
+(:class:`CallScope`).
+
+Request ids travel from the gateway to every worker as ``x-request-id`` metadata, so they must
+be valid metadata values: :func:`request_id_problem` states the rule the gateway enforces.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
@@ -27,6 +35,62 @@ REQUEST_ID_KEY = "x-request-id"
 
 Handler = Any  # grpc.RpcMethodHandler (untyped in grpc)
 
+MAX_REQUEST_ID_CHARS = 128
+REQUEST_ID_RULE = (
+    f"1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces "
+    "(a UUID, 'cmpl-...' and the like)"
+)
+_REQUEST_ID_CHAR = re.compile(r"[\x21-\x7e]")
+
+
+def request_id_problem(value: str) -> str | None:
+    """None when ``value`` can serve as a request id (:data:`REQUEST_ID_RULE`: it must travel
+    as gRPC metadata and sit on log lines as it is), else what is wrong with it."""
+    if not value:
+        return "is empty"
+    if len(value) > MAX_REQUEST_ID_CHARS:
+        return f"has {len(value)} characters (at most {MAX_REQUEST_ID_CHARS})"
+    for index, char in enumerate(value):
+        if not _REQUEST_ID_CHAR.fullmatch(char):
+            return f"has the character {char!a} at index {index}"
+    return None
+
+
+def loggable_request_id(value: str) -> str:
+    """``value`` if it is a valid request id, else an escaped, bounded rendering of it (a
+    client's newline must not start a log line)."""
+    if request_id_problem(value) is None:
+        return value
+    return ascii(value[:MAX_REQUEST_ID_CHARS])
+
+
+class UndecodableRequest:
+    """Stands in for a request whose bytes do not parse as the method's message, so the call
+    reaches :class:`CallScope`, which answers INVALID_ARGUMENT with :attr:`message`."""
+
+    def __init__(self, method: str, error: Exception) -> None:
+        self.message = f"the request to {method} could not be decoded: {error}"
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Any:
+    """``deserializer`` returning an :class:`UndecodableRequest` where it would raise."""
+    if deserializer is None:
+        return None
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # protobuf's DecodeError, or any parser's complaint
+            return UndecodableRequest(method, exc)
+
+    return deserialize
+
+
+async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, UndecodableRequest):
+        log.info("request_undecodable", error=request.message)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
 
 def metadata_value(metadata: Iterable[Any] | None, key: str) -> str | None:
     for item in metadata or ():
@@ -40,19 +104,45 @@ def _same_kind(
     handler: Handler,
     unary: Callable[..., Awaitable[Any]] | None,
     stream: Callable[..., AsyncIterator[Any]] | None,
+    request_deserializer: Any = None,
 ) -> Handler:
+    """``handler`` with its behaviour replaced by ``unary`` or ``stream`` (whichever matches its
+    kind) and, if given, its ``request_deserializer``; other kinds are returned as they are."""
+    deserializer = request_deserializer or handler.request_deserializer
     if handler.unary_stream is not None and stream is not None:
         return grpc.unary_stream_rpc_method_handler(
             stream,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
     if handler.unary_unary is not None and unary is not None:
         return grpc.unary_unary_rpc_method_handler(
             unary,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
+    return handler
+
+
+def _decoding_guarded(handler: Handler, method: str) -> Handler:
+    """A method outside ``pdserve.v1`` (health): only undecodable requests are intercepted;
+    a synchronous behaviour, or one with a request stream, is left as it is."""
+    inner_stream, inner_unary = handler.unary_stream, handler.unary_unary
+    deserializer = _tolerant(handler.request_deserializer, method)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await _refuse_undecodable(request, context)
+        async for message in inner_stream(request, context):
+            yield message
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await _refuse_undecodable(request, context)
+        return await inner_unary(request, context)
+
+    if inner_stream is not None and inspect.isasyncgenfunction(inner_stream):
+        return _same_kind(handler, None, stream, deserializer)
+    if inner_unary is not None and inspect.iscoroutinefunction(inner_unary):
+        return _same_kind(handler, unary, None, deserializer)
     return handler
 
 
@@ -109,10 +199,14 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 
 
 class CallScope(grpc.aio.ServerInterceptor):
-    """Request-id binding, admission of work calls, and the one exception-to-status mapping.
+    """Request decoding, request-id binding, admission of work calls, and the one
+    exception-to-status mapping.
 
+    Request bytes that do not parse end the call with INVALID_ARGUMENT (any unary-request
+    method, not only ``pdserve.v1``'s), before admission.
     The request id (the request's ``request_id`` field, else the ``x-request-id`` metadata, else
-    a fresh one, written back into an empty field) is bound on every log line of the call.
+    a fresh one, written back into an empty field) is bound on every log line of the call
+    (escaped if it breaks :data:`REQUEST_ID_RULE`; the gateway refuses such ids).
     ``work_methods`` are admitted through the server's :class:`Lifecycle` (bounded work in
     flight, refusal while draining). An exception becomes its own ``code`` if it carries one,
     else the most specific ``status_table`` entry (INTERNAL, logged, when none), with a RetryInfo
@@ -133,14 +227,18 @@ class CallScope(grpc.aio.ServerInterceptor):
         self, continuation: Callable[[Any], Awaitable[Handler]], details: Any
     ) -> Handler:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(OWN_PREFIX):
+        if handler is None:
             return handler
+        if not details.method.startswith(OWN_PREFIX):
+            return _decoding_guarded(handler, details.method)
         work = details.method in self.work_methods
         given_id = metadata_value(details.invocation_metadata, REQUEST_ID_KEY)
         inner_stream, inner_unary = handler.unary_stream, handler.unary_unary
+        deserializer = _tolerant(handler.request_deserializer, details.method)
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             with structlog.contextvars.bound_contextvars(request_id=_request_id(request, given_id)):
+                await _refuse_undecodable(request, context)
                 entered = False
                 try:
                     if work:
@@ -158,6 +256,7 @@ class CallScope(grpc.aio.ServerInterceptor):
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             with structlog.contextvars.bound_contextvars(request_id=_request_id(request, given_id)):
+                await _refuse_undecodable(request, context)
                 entered = False
                 try:
                     if work:
@@ -172,7 +271,7 @@ class CallScope(grpc.aio.ServerInterceptor):
                     if entered:
                         self.lifecycle.leave()
 
-        return _same_kind(handler, unary, stream)
+        return _same_kind(handler, unary, stream, deserializer)
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         code = status_for(exc, self.table)
@@ -182,11 +281,12 @@ class CallScope(grpc.aio.ServerInterceptor):
 
 
 def _request_id(request: Any, given: str | None) -> str:
-    """The call's request id; an empty ``request_id`` field is filled in."""
+    """The call's request id for its log lines (see :func:`loggable_request_id`); an empty
+    ``request_id`` field is filled in."""
     current = getattr(request, "request_id", None)
     if current:
-        return str(current)
+        return loggable_request_id(str(current))
     rid = given or uuid.uuid4().hex
     if current is not None:
         request.request_id = rid
-    return rid
+    return loggable_request_id(rid)
