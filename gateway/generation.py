@@ -183,9 +183,11 @@ class GenerationCore:
     ) -> AsyncGenerator[TokenEvent, None]:
         """Every token of the request, across as many attempts as failures need.
 
-        An attempt that fails in a way another worker may not (the worker died, drains, is full,
-        or broke the transfer: ``UpstreamError.retryable``) is retried on another route, avoiding
-        the workers that failed, with the tokens received so far appended to the prompt::
+        An attempt that failed where another worker may succeed (the worker died, drains, is
+        full, or broke the transfer: ``UpstreamError.retryable``, see
+        :func:`~gateway.errors.worker_failure`) is retried on another route, avoiding the
+        workers that failed, with the tokens received so far appended to the prompt; any other
+        failure ends the request at once with its own status (it is the same everywhere)::
 
             attempt 1:  prompt                  -> t1 t2 t3  x (decode worker died)
             attempt 2:  prompt + [t1 t2 t3]     -> t4 t5 ... (prefilled again, on other workers)

@@ -19,8 +19,10 @@ from gateway.errors import STATUS_CODES
 from gateway.fanout import SampleSlots, generate_samples, validate_samples
 from gateway.generation import GenerationCore
 from gateway.prompts import ChatMessage, ChatPrompt, PromptInput, TextPrompt, TokenPrompt
+from gateway.validation import validate_request_id
 from protos.pdserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from server_runtime.grpc_runtime import Lifecycle, Refused
+from server_runtime.interceptors import REQUEST_ID_KEY, metadata_value
 from server_runtime.metrics import GatewayMetrics
 from server_runtime.proto_convert import FINISH_TO_PROTO, logprobs_to_proto, sampling_from_proto
 
@@ -63,6 +65,12 @@ def samples_from_proto(request: generation_pb2.GenerateRequest) -> int:
     return n
 
 
+def _request_id_source(request_id: str, context: grpc.aio.ServicerContext) -> str:
+    """Where the client put the request id: the field, or the metadata it was copied from."""
+    given = metadata_value(context.invocation_metadata(), REQUEST_ID_KEY)
+    return f"{REQUEST_ID_KEY} metadata" if given == request_id else "request_id"
+
+
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     """``lifecycle``: the server's (the interceptor admits each call once; samples beyond the
     first take their slots here); None: samples are not bounded separately."""
@@ -80,10 +88,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request.request_id or uuid.uuid4().hex  # CallScope fills it in, normally
         clock = RequestClock(self.metrics)
         slots = SampleSlots(None, 1)
         try:
+            validate_request_id(request_id, _request_id_source(request_id, context))
             sampling = sampling_from_proto(request.sampling)
             n = samples_from_proto(request)
             prompt = self.core.prepare(prompt_from_proto(request), sampling)

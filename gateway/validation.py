@@ -1,4 +1,4 @@
-"""Validation of sampling parameters at the gateway's edge.
+"""Validation of sampling parameters and request ids at the gateway's edge.
 
 The engine trusts :class:`~engine.sequence.SamplingParams`; every check a client can fail lives
 here and raises :class:`~core.errors.InvalidRequestError` with a message naming the field,
@@ -11,6 +11,7 @@ import math
 
 from core.errors import InvalidRequestError
 from core.sampling import SamplingParams
+from server_runtime.interceptors import REQUEST_ID_RULE, request_id_problem
 
 DEFAULT_MAX_TOKENS = 16  # completion length when the client does not say
 MAX_STOP_STRINGS = 16  # more would make per-token stop checks costly
@@ -19,6 +20,15 @@ MAX_PENALTY = 2.0  # presence and frequency penalties: OpenAI's [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's [-100, 100]
 MAX_LOGIT_BIAS_ENTRIES = 1024  # bounds the sampler's per-step work for one request
 MAX_LOGPROBS = 20  # top alternatives per token, as vLLM's and OpenAI's limit
+
+
+def validate_request_id(value: str, field: str = "request_id") -> None:
+    """Raise InvalidRequestError unless ``value`` can be a request id (it travels to every
+    worker as gRPC metadata; :data:`~server_runtime.interceptors.REQUEST_ID_RULE`); ``field``
+    names where the client put it."""
+    problem = request_id_problem(value)
+    if problem is not None:
+        raise InvalidRequestError(f"{field} {problem}; a request id must be {REQUEST_ID_RULE}")
 
 
 def validate_sampling(

@@ -2,8 +2,9 @@
 
 This is the gateway's proto boundary towards workers; RPC failures become :class:`UpstreamError`
 naming the worker, with the status code the client should see and whether another worker may
-succeed. Every call carries the request id as ``x-request-id`` metadata and the caller's
-remaining deadline; channels use TLS (mutual, with a client certificate) when configured.
+succeed (:func:`gateway.errors.worker_failure`). Every call carries the request id as
+``x-request-id`` metadata and the caller's remaining deadline; channels use TLS (mutual, with a
+client certificate) when configured.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from core.rich_errors import retry_after_of
 from core.sampling import FinishReason, SamplingParams, TokenLogprob
 from core.ticket import TransferTicket
 from core.tls import TLSConfig, secure_channel
-from gateway.errors import RETRYABLE_CODES, UpstreamError
+from gateway.errors import UpstreamError, worker_failure
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from server_runtime.proto_convert import (
     FINISH_FROM_PROTO,
@@ -28,15 +29,6 @@ from server_runtime.proto_convert import (
     ticket_from_proto,
     ticket_to_proto,
 )
-
-# Codes a worker may return that the client should see as they are; anything else means the
-# tier failed, which the client sees as UNAVAILABLE.
-_PASS_THROUGH = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-}
 
 CHANNEL_OPTIONS: list[tuple[str, object]] = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -94,15 +86,18 @@ class WorkerStatus:
 
 
 def upstream_error(tier: str, address: str, exc: grpc.aio.AioRpcError) -> UpstreamError:
+    """A failed worker call (the worker's answer, or the gRPC library's own, local refusal) as
+    the gateway reports it, classified by :func:`worker_failure`."""
     code = exc.code()
-    message = f"{tier} worker {address}: {exc.details()}"
+    retry_after = retry_after_of(exc) if code is grpc.StatusCode.RESOURCE_EXHAUSTED else None
+    failure = worker_failure(code, retry_after is not None)
     return UpstreamError(
-        code if code in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE,
-        message,
+        failure.code,
+        f"{tier} worker {address}: {exc.details()}",
         tier=tier,
         address=address,
-        retryable=code in RETRYABLE_CODES,
-        retry_after_s=retry_after_of(exc) if code is grpc.StatusCode.RESOURCE_EXHAUSTED else None,
+        retryable=failure.retryable,
+        retry_after_s=retry_after,
     )
 
 

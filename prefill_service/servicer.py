@@ -26,8 +26,11 @@ from server_runtime.worker_servicer import LoadReporting
 
 log = structlog.get_logger(__name__)
 
-STATUS_CODES = {**BASE_STATUS_CODES, IncompatiblePeerError: grpc.StatusCode.FAILED_PRECONDITION}
-# (IncompatiblePeerError is an EngineError: the most specific entry wins in status_for)
+STATUS_CODES = {**BASE_STATUS_CODES, IncompatiblePeerError: grpc.StatusCode.ABORTED}
+# IncompatiblePeerError (a ticket this worker cannot serve: another model, block layout or KV
+# endpoint) is ABORTED: the caller should restart the sequence elsewhere, as the gateway does
+# (reserve on another decode worker), not give up. It is an EngineError: the most specific entry
+# wins in status_for.
 WORK_METHODS = ("/pdserve.v1.Prefill/Prefill",)
 TIER = Tier(
     "prefill",

@@ -5,7 +5,8 @@ Routes (OpenAI's and vLLM's shapes): ``POST /v1/completions``, ``POST /v1/chat/c
 
 :class:`RequestScope` wraps every request (a plain ASGI middleware, so streams are not buffered):
 the request id (``x-request-id``, else a fresh one) is bound on every log line and returned as
-the ``x-request-id`` header; bearer tokens are checked (the gRPC API's, ``/health`` stays open);
+the ``x-request-id`` header (one that breaks the request-id rule is refused with 400, and a
+fresh one returned); bearer tokens are checked (the gRPC API's, ``/health`` stays open);
 ``pdserve_http_requests_total{route,status}`` counts each request.
 """
 
@@ -32,6 +33,7 @@ from gateway.openai_api.convert import chat_messages, unsupported
 from gateway.openai_api.errors import APIError, error_body, error_response
 from gateway.openai_api.serving import CLIENT_GONE, Call, OpenAIServing
 from gateway.prompts import ChatPrompt, PromptInput, TextPrompt, TokenPrompt
+from gateway.validation import validate_request_id
 from server_runtime.grpc_runtime import Refused
 from server_runtime.interceptors import REQUEST_ID_KEY, bearer_refusal
 from server_runtime.metrics import GatewayMetrics
@@ -208,7 +210,15 @@ class RequestScope:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        request_id = headers.get(REQUEST_ID_KEY) or uuid.uuid4().hex
+        given = headers.get(REQUEST_ID_KEY)
+        refusal: APIError | None = None
+        try:
+            if given:
+                validate_request_id(given, REQUEST_ID_KEY)
+        except InvalidRequestError as exc:
+            refusal = APIError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), REQUEST_ID_KEY)
+            given = None  # neither echoed nor logged: the response carries a fresh one
+        request_id = given or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         status = CLIENT_GONE  # unless a response starts
 
@@ -225,12 +235,12 @@ class RequestScope:
         path = scope["path"]
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
-                refusal = None
                 if self.tokens and path not in OPEN_ROUTES:
-                    refusal = bearer_refusal(headers.get("authorization"), self.tokens)
+                    why = bearer_refusal(headers.get("authorization"), self.tokens)
+                    if why is not None:  # authentication first, as on the gRPC API
+                        refusal = APIError(grpc.StatusCode.UNAUTHENTICATED, why)
                 if refusal is not None:
-                    denied = error_response(APIError(grpc.StatusCode.UNAUTHENTICATED, refusal))
-                    await denied(scope, receive, send_with_id)
+                    await error_response(refusal)(scope, receive, send_with_id)
                 else:
                     await self.app(scope, receive, send_with_id)
             finally:

@@ -29,8 +29,8 @@ HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
     grpc.StatusCode.CANCELLED: (499, "server_error", "cancelled"),
     grpc.StatusCode.UNIMPLEMENTED: (501, "server_error", "not_implemented"),
     grpc.StatusCode.UNAVAILABLE: (503, "server_error", "service_unavailable"),
-    # a worker refusing the request's state (its grace ran out, a transfer it rejected) after
-    # failover gave up: the server's trouble, not the client's
+    # not the client's to fix: a worker refusing the state it is in (FAILED_PRECONDITION is never
+    # retried elsewhere; ABORTED, a transfer it rejected, only until failover gives up)
     grpc.StatusCode.FAILED_PRECONDITION: (503, "server_error", "service_unavailable"),
     grpc.StatusCode.ABORTED: (503, "server_error", "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),

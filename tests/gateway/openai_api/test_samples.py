@@ -137,6 +137,9 @@ class _Context:
     def time_remaining(self) -> float | None:
         return 10.0
 
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
 
 async def _grpc(h: Harness, request: generation_pb2.GenerateRequest) -> list[Any]:
     servicer = GenerationServicer(h.core, h.metrics, h.lifecycle)
