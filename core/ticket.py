@@ -9,7 +9,9 @@ from typing import Any
 
 from core.errors import EngineError
 
-KV_PROTOCOL_VERSION = 3  # 3: XXH3-64 checksums, the stream backend (kvtransfer.wire frames)
+# 3: XXH3-64 checksums, the stream backend (kvtransfer.wire frames); 4: keys derived by
+# HKDF-SHA256, counter nonces, encrypted pages (FLAG_ENCRYPTED), secret gloo/nccl store prefixes
+KV_PROTOCOL_VERSION = 4
 LAYOUT = "L,2,NB,bs,KVH,D"  # engine.kv_cache.KVCache's tensor layout
 
 
@@ -19,14 +21,15 @@ class IncompatiblePeerError(EngineError):
 
 @dataclass(frozen=True)
 class Fingerprint:
-    model: str  # the model's fingerprint (config + weight files), not its name
+    model: str  # the model's fingerprint (config + weight files' content), not its name
     dtype: str
     block_size: int
     num_layers: int
     num_kv_heads: int
     head_dim: int
     backend: str
-    integrity: str = "xxh3-64"  # "aes-256-gmac" with the fleet key, "xxh3-64", or "none"
+    integrity: str = "xxh3-64"
+    """"aes-256-gcm" (encrypted pages) or "aes-256-gmac" with the fleet key, "xxh3-64", "none"."""
     layout: str = LAYOUT
     protocol_version: int = KV_PROTOCOL_VERSION
 

@@ -16,10 +16,14 @@ from kvtransfer.modes import Streaming as Streaming
 class TransferConfig:
     backend: Backend = Backend.ZMQ
     key: bytes | None = None
-    """Shared secret of the fleet: every frame is MACed with it. None only with ``insecure``."""
+    """Shared secret of the fleet: every frame is MACed with keys derived from it (HKDF-SHA256,
+    ``kvtransfer.keys``). None only with ``insecure``."""
     insecure: bool = False
     """Run without a key (local development only); frames then carry an XXH3-64 checksum at most."""
     checksum: bool = True
+    encrypt: bool = False
+    """Encrypt page payloads (AES-256-GCM under a key derived from the fleet key): needs the
+    key, and a backend that carries payloads through the host (zmq, stream)."""
     streaming: Streaming = Streaming.LAYERWISE
     max_queued_bytes: int = 512 << 20
     ack_timeout_s: float = 30.0
@@ -31,9 +35,16 @@ class TransferConfig:
                 "the KV channel needs the fleet's key (--kv-key-file or PDSERVE_KV_KEY); "
                 "pass --kv-insecure to run without one (local development only)"
             )
+        if self.encrypt and self.key is None:
+            raise ValueError("--kv-encrypt needs the fleet's key (--kv-key-file or PDSERVE_KV_KEY)")
+        if self.encrypt and self.backend in (Backend.GLOO, Backend.NCCL):
+            raise ValueError(
+                f"--kv-encrypt is not available with --kv-backend {self.backend.value}: its "
+                "payloads go through torch.distributed unencrypted; use zmq or stream"
+            )
 
     def auth(self) -> wire.FrameAuth:
-        return wire.FrameAuth(self.key, self.checksum)
+        return wire.FrameAuth(self.key, self.checksum, self.encrypt)
 
     @property
     def integrity(self) -> str:

@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 import torch
 import torch.distributed as dist
 
+from kvtransfer.frame_auth import FrameAuth
 from kvtransfer.modes import Backend as Backend
 from kvtransfer.pair_link import PairHost as PairHost
 from kvtransfer.pair_link import PairLink as PairLink
@@ -45,6 +46,15 @@ class GroupLink(PairLink):
         buffer = torch.empty(shape, dtype=dtype, device=device)
         self.group.recv([buffer], self.peer_rank, PAYLOAD_TAG).wait()
         return buffer
+
+
+def refuse_encryption(backend: Backend, auth: FrameAuth) -> None:
+    """Raise ValueError if ``auth`` encrypts and ``backend`` cannot carry ciphertext: gloo and
+    nccl hand the page tensor itself to torch.distributed (on a GPU, without a host copy)."""
+    if auth.encrypt and backend in (Backend.GLOO, Backend.NCCL):
+        raise ValueError(
+            f"encrypted KV pages cannot travel over {backend.value}: use zmq or stream"
+        )
 
 
 def make_host(

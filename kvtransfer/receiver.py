@@ -30,7 +30,7 @@ import zmq
 from core.ticket import Fingerprint, IncompatiblePeerError, check_match
 from engine.kv_cache import KVCache
 from kvtransfer import wire
-from kvtransfer.datapath import Backend, PairLinkError, StreamLink, make_host
+from kvtransfer.datapath import Backend, PairLinkError, StreamLink, make_host, refuse_encryption
 from kvtransfer.handshake import HelloGuard, StaleHelloError
 from kvtransfer.metrics import TransferStats, failure_label
 from kvtransfer.out_of_band import skip_group_payload, take_group_payload, take_record
@@ -77,6 +77,7 @@ class KVReceiver:
         self._on_ready = on_ready
         self._on_failed = on_failed
         self.backend = Backend(fingerprint.backend)
+        refuse_encryption(self.backend, auth)
         unix_path = None
         if bind_endpoint.startswith("ipc://"):  # the payload stream sits beside the endpoint
             unix_path = bind_endpoint[len("ipc://") :] + ".pages"

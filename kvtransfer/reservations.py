@@ -94,7 +94,8 @@ class Reservations:
     ) -> bool:
         """Read a ``nbytes`` payload from ``link`` into ``views`` (pool memory of the
         reservation's blocks), at most :data:`READ_CHUNK_BYTES` at a time, while the transfer
-        still owns them, passing each piece to ``on_read`` as it lands; once the transfer does
+        still owns them, passing each piece to ``on_read`` as it lands (a cancel waits for
+        both); once the transfer does
         not own them (cancelled, expired), the rest of the payload is read and dropped.
         Returns whether every byte landed. Raises :class:`PairLinkError` if the link breaks or
         stalls."""
@@ -109,14 +110,14 @@ class Reservations:
                 if not owned:
                     link.discard(left)
                     return False
-                try:
+                try:  # on_read may write too (decrypt in place): while the blocks are ours
                     count = link.read_some(view[filled : filled + READ_CHUNK_BYTES])
+                    if count:
+                        on_read(view[filled : filled + count])
                 finally:
                     with self.lock:
                         self._writing = None
                         self.lock.notify_all()
-                if count:
-                    on_read(view[filled : filled + count])
                 filled += count
                 left -= count
                 now = time.monotonic()

@@ -130,8 +130,8 @@ class Peer:
         layer_start: int,
         pages: torch.Tensor,
     ) -> int:
-        """One PAGE frame and its payload, where ``backend`` carries payloads; returns the
-        payload's bytes."""
+        """One PAGE frame and its payload (encrypted on an encrypting channel), where
+        ``backend`` carries payloads; returns the payload's bytes."""
         out_of_band = backend.out_of_band
         if backend in (Backend.ZMQ, Backend.STREAM) and pages.device.type != "cpu":
             pages = pages.cpu()  # host staging for the socket backends
@@ -149,16 +149,16 @@ class Peer:
             payload_nbytes=pages.numel() * pages.element_size(),
             out_of_band=out_of_band,
         )
-        payload = tensor_bytes(pages) if pages.device.type == "cpu" else None
-        frame = wire.encode(header, auth, payload)
+        plain = tensor_bytes(pages) if pages.device.type == "cpu" else None
+        frame, payload = wire.seal(header, auth, plain)  # the ciphertext, if encrypting
         if isinstance(self.link, StreamLink):
-            assert payload is not None
+            assert isinstance(payload, memoryview)
             self.link.send_record(frame, payload)
         elif out_of_band:
-            assert self.link is not None
+            assert self.link is not None and not auth.encrypt  # refused by TransferConfig
             self.sock.send(frame)
             self.link.send(pages)
         else:
-            assert payload is not None
+            assert isinstance(payload, memoryview)
             self.sock.send_multipart([frame, payload], copy=False)
         return header.payload_nbytes

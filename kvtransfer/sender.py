@@ -27,7 +27,7 @@ import zmq
 
 from core.ticket import Fingerprint
 from kvtransfer import wire
-from kvtransfer.datapath import Backend
+from kvtransfer.datapath import Backend, refuse_encryption
 from kvtransfer.metrics import TransferStats
 from kvtransfer.send_budget import SendBudget, TransferSpec, check_pages
 from kvtransfer.send_commands import Abort, Command, Finish, Open, SendPages
@@ -81,6 +81,7 @@ class KVSender:
     ) -> None:
         self.fingerprint = fingerprint
         self.backend = Backend(fingerprint.backend)
+        refuse_encryption(self.backend, auth)
         self._auth = auth
         self._ack_timeout = ack_timeout_s
         self._handshake_timeout = handshake_timeout_s

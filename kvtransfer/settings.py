@@ -44,13 +44,21 @@ TRANSFER = Group(
             "--kv-key-file",
             type=Path,
             help=f"file holding the fleet's KV channel secret (or set {KEY_ENV}); every frame "
-            "is MACed with it",
+            "is MACed with keys derived from it (HKDF-SHA256)",
         ),
         Setting(
             "--kv-insecure",
             field="insecure",
             switch=True,
             help="run the KV channel without a key (local development only)",
+        ),
+        Setting(
+            "--kv-encrypt",
+            field="encrypt",
+            switch=True,
+            help="encrypt KV page payloads (AES-256-GCM under a key derived from the fleet's "
+            "key; needs --kv-key-file, and --kv-backend zmq or stream): pages reveal the "
+            "prompts, so use it when they cross an untrusted network; both tiers must agree",
         ),
         Setting(
             "--no-kv-checksum",

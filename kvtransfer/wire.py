@@ -19,12 +19,14 @@ import torch
 
 from core.ticket import KV_PROTOCOL_VERSION
 from kvtransfer.frame_auth import FLAG_CHECKSUM as FLAG_CHECKSUM
+from kvtransfer.frame_auth import FLAG_ENCRYPTED as FLAG_ENCRYPTED
 from kvtransfer.frame_auth import FLAG_MAC as FLAG_MAC
 from kvtransfer.frame_auth import TAG_BYTES as TAG_BYTES
 from kvtransfer.frame_auth import FrameAuth as FrameAuth
 from kvtransfer.frame_auth import MalformedFrameError as MalformedFrameError
 from kvtransfer.frame_auth import Payload as Payload
 from kvtransfer.frame_auth import PayloadCheck as PayloadCheck
+from kvtransfer.frame_auth import Sealed as Sealed
 from kvtransfer.frame_auth import UnauthenticatedFrameError as UnauthenticatedFrameError
 
 MAGIC = b"PDKV"
@@ -37,9 +39,11 @@ MAX_PAYLOAD_BYTES = 1 << 32  # one page; far above any real layer range
 # The header frame::
 #
 #     prefix   magic "PDKV" | version u16 | kind u8 | flags u8 | transfer_id 16 bytes | body
-#     tag      32 bytes, last: with the fleet key, a random 96-bit nonce and an AES-256-GMAC over
-#              prefix + payload (keys derived from the fleet key); else the XXH3-64 checksum of
-#              prefix + payload (first 8 bytes) when checksums are on; else zeros
+#     tag      32 bytes, last: with the fleet key, a 96-bit nonce and an AES-256-GMAC over
+#              prefix + payload (keys derived from the fleet key by HKDF); encrypted, the nonce
+#              and the AES-256-GCM tag of the payload with the prefix as associated data (the
+#              payload is sent as ciphertext); else the XXH3-64 checksum of prefix + payload
+#              (first 8 bytes) when checksums are on; else zeros (then 4 zero bytes)
 #
 #     PAGE     layer_start u16 | layer_end u16 | num_blocks u32 | block_size u16 | kv_heads u16
 #              | head_dim u16 | dtype u8 | payload_nbytes u64 | block_ids u32 x n
@@ -145,7 +149,22 @@ Header = PageHeader | DoneHeader | AbortHeader | AckHeader | HandshakeHeader
 
 
 def encode(header: Header, auth: FrameAuth, payload: Payload | None = None) -> bytes:
-    """Serialize a header frame, sealing it (with its payload, if any) by ``auth``."""
+    """Serialize a header frame, sealing it (with its payload, if any) by ``auth``; a payload
+    on an encrypting channel goes through :func:`seal` instead (its ciphertext is sent)."""
+    prefix = _prefix(header, auth)
+    return prefix + auth.tag(prefix, payload)
+
+
+def seal(header: Header, auth: FrameAuth, payload: Payload | None) -> Sealed:
+    """Serialize a header frame sealed with its payload: ``(frame, payload to send)``, the
+    payload being its ciphertext on an encrypting channel, else ``payload`` itself."""
+    prefix = _prefix(header, auth)
+    tag, sent = auth.seal(prefix, payload)
+    return Sealed(prefix + tag, sent)
+
+
+def _prefix(header: Header, auth: FrameAuth) -> bytes:
+    """A header frame without its tag."""
     flags = auth.flags
     if isinstance(header, PageHeader):
         if header.out_of_band:
@@ -174,8 +193,7 @@ def encode(header: Header, auth: FrameAuth, payload: Payload | None = None) -> b
             raise ValueError("handshake fields too large")
     if len(header.transfer_id) != TRANSFER_ID_BYTES:
         raise ValueError(f"transfer id must be {TRANSFER_ID_BYTES} bytes")
-    prefix = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind, flags, header.transfer_id) + body
-    return prefix + auth.tag(prefix, payload)
+    return _PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind, flags, header.transfer_id) + body
 
 
 def split(frame: bytes | memoryview) -> tuple[int, bytes, bytes]:

@@ -344,7 +344,8 @@ class RawPeer:
         layer_start: int = 0,
         auth: wire.FrameAuth | None = None,
     ) -> tuple[bytes, bytes]:
-        """``(header, payload)`` of a PAGE as a correct sender of this backend builds it."""
+        """``(header, payload)`` of a PAGE as a correct sender of this backend builds it (the
+        payload encrypted, on an encrypting channel)."""
         payload = bits(pages).numpy().tobytes()
         header = wire.PageHeader(
             transfer_id=transfer_id,
@@ -358,7 +359,9 @@ class RawPeer:
             payload_nbytes=len(payload),
             out_of_band=self.backend.out_of_band,
         )
-        return wire.encode(header, auth or self.auth, memoryview(payload)), payload
+        frame, sent = wire.seal(header, auth or self.auth, memoryview(payload))
+        assert isinstance(sent, memoryview)
+        return frame, bytes(sent)  # the ciphertext on an encrypting channel
 
     def send_page(self, header: bytes, payload: bytes) -> None:
         """Send a (possibly tampered) PAGE the way the receiver will read it: the payload goes

@@ -123,3 +123,77 @@ def test_mac_padding_must_be_zero() -> None:
     tag[-1] = 1
     with pytest.raises(UnauthenticatedFrameError):
         _check(auth, bytes(tag), [memoryview(PAYLOAD)])
+
+
+# -- encrypted pages (--kv-encrypt) ------------------------------------------------------------
+
+GCM = FrameAuth(KEY, encrypt=True)
+
+
+def _sealed_copy() -> tuple[bytes, bytearray]:
+    """A frame tag and a writable copy of the ciphertext it covers (as it lands in a pool)."""
+    tag, sent = GCM.seal(PREFIX, memoryview(PAYLOAD))
+    assert isinstance(sent, memoryview) and bytes(sent) != PAYLOAD
+    return tag, bytearray(sent)
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_encrypted_payload_decrypts_in_place_however_split(split: str) -> None:
+    tag, landed = _sealed_copy()
+    _check(GCM, tag, _split(landed, SPLITS[split]))  # type: ignore[arg-type]
+    assert landed == PAYLOAD
+    tag, landed = _sealed_copy()
+    GCM.verify(GCM.flags, PREFIX, tag, memoryview(landed))
+    assert landed == PAYLOAD
+
+
+def test_sealed_in_pieces_decrypts_whole() -> None:
+    tag, sent = GCM.seal(PREFIX, _split(PAYLOAD, SPLITS["odd"]))
+    assert isinstance(sent, memoryview)
+    landed = bytearray(sent)
+    _check(GCM, tag, [memoryview(landed)])
+    assert landed == PAYLOAD
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "prefix", "tag", "padding"])
+def test_encrypted_payload_refuses_damage(damage: str) -> None:
+    tag, landed = _sealed_copy()
+    prefix = PREFIX
+    pieces = [memoryview(landed)]
+    if damage == "flip":
+        landed[123_456] ^= 0x01
+    elif damage == "truncate":
+        pieces = [memoryview(landed)[:-1]]
+    elif damage == "prefix":
+        prefix = PREFIX[:-1] + b"!"
+    elif damage == "tag":
+        tag = tag[:20] + bytes([tag[20] ^ 1]) + tag[21:]
+    else:
+        tag = tag[:-1] + b"\x01"
+    with pytest.raises(UnauthenticatedFrameError):
+        _check(GCM, tag, pieces, prefix)
+
+
+def test_encryption_must_be_on_at_both_ends() -> None:
+    keyed = AUTHS["gmac"]
+    assert GCM.integrity == "aes-256-gcm" != keyed.integrity
+    tag = keyed.tag(PREFIX, memoryview(PAYLOAD))
+    check = GCM.check(keyed.flags, PREFIX, tag)
+    check.update(memoryview(bytearray(PAYLOAD)))
+    with pytest.raises(UnauthenticatedFrameError, match="not encrypted"):
+        check.verify()
+    tag, landed = _sealed_copy()
+    check = keyed.check(GCM.flags, PREFIX, tag)
+    check.update(memoryview(landed))
+    with pytest.raises(UnauthenticatedFrameError, match="does not decrypt"):
+        check.verify()
+    for auth in (GCM, keyed):  # headers without a payload: DONE, ACK, handshake
+        auth.verify(auth.flags, PREFIX, auth.tag(PREFIX, None), None)
+    with pytest.raises(ValueError, match="seal"):
+        GCM.tag(PREFIX, memoryview(PAYLOAD))
+
+
+def test_a_read_only_encrypted_payload_is_refused() -> None:
+    tag, landed = _sealed_copy()
+    with pytest.raises(MalformedFrameError, match="read-only"):
+        _check(GCM, tag, [memoryview(bytes(landed))])

@@ -45,3 +45,20 @@ def test_transfer_config(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = transfer_config(_args(["--kv-backend", "stream", "--kv-max-queued-mb", "2"]))
     assert (cfg.backend, cfg.key, cfg.checksum) == (Backend.STREAM, b"s" * 32, False)
     assert cfg.max_queued_bytes == 2 << 20 and cfg.streaming is Streaming.LAYERWISE
+
+
+def test_kv_encrypt_needs_a_key_and_a_host_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    for setting in TRANSFER:
+        monkeypatch.delenv(setting.env_var, raising=False)
+    monkeypatch.delenv("PDSERVE_KV_KEY", raising=False)
+    with pytest.raises(ValueError, match="--kv-encrypt needs the fleet's key"):
+        transfer_config(_args(["--kv-encrypt", "--kv-insecure"]))
+    monkeypatch.setenv("PDSERVE_KV_KEY", "s" * 32)
+    for backend in ("gloo", "nccl"):
+        with pytest.raises(ValueError, match=f"not available with --kv-backend {backend}"):
+            transfer_config(_args(["--kv-encrypt", "--kv-backend", backend]))
+    cfg = transfer_config(_args(["--kv-backend", "stream"]))
+    assert not cfg.encrypt and cfg.integrity == "aes-256-gmac"
+    monkeypatch.setenv("PDSERVE_KV_ENCRYPT", "on")
+    cfg = transfer_config(_args(["--kv-backend", "stream"]))
+    assert cfg.encrypt and cfg.auth().encrypt and cfg.integrity == "aes-256-gcm"

@@ -3,14 +3,15 @@ corrupted, truncated or forged frame is refused before anything reads its body."
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 
 import pytest
 import torch
 import xxhash
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from kvtransfer import wire
 from kvtransfer.wire import (
@@ -35,6 +36,7 @@ AUTHS = {
     "plain": FrameAuth(None, checksum=False),
     "hmac": FrameAuth(KEY),
 }
+GCM = FrameAuth(KEY, encrypt=True)  # pages go through wire.seal: its own tests
 SHAPE = (2, 2, 3, 4, 2, 8)  # layers 2..4, K and V, 3 blocks, block size 4, 2 heads, dim 8
 
 
@@ -152,30 +154,76 @@ def test_frame_layout() -> None:
     assert len(frame) == PREFIX.size + 8 + wire.TAG_BYTES
 
 
+def _hkdf(purpose: str) -> AESGCM:
+    """The key for ``purpose`` as RFC 5869 HKDF-SHA256 derives it, spelled out here."""
+    info = f"pdserve kv v{wire.PROTOCOL_VERSION} {purpose}".encode()
+    hkdf = HKDF(hashes.SHA256(), 32, salt=b"pdserve kv channel key derivation", info=info)
+    return AESGCM(hkdf.derive(KEY))
+
+
 def test_tags() -> None:
-    """XXH3-64 of prefix + payload (big-endian digest, zero padded); with a key a random nonce and
-    an AES-256-GMAC over prefix + GMAC(payload) under keys derived from the fleet key; zeros
-    when checksums are off. Flags say which."""
+    """XXH3-64 of prefix + payload (big-endian digest, zero padded); with a key a nonce and an
+    AES-256-GMAC over prefix + GMAC(payload) under keys derived from the fleet key by HKDF;
+    encrypted, the nonce and the AES-256-GCM tag of the payload with the prefix as associated
+    data, the payload sent as ciphertext; zeros when checksums are off. Flags say which."""
     header = page_header()
     payload = bytes(payload_for(header))
-    for name, flags in [("crc", wire.FLAG_CHECKSUM), ("plain", 0), ("hmac", wire.FLAG_MAC)]:
-        auth = AUTHS[name]
+    modes = [
+        ("crc", wire.FLAG_CHECKSUM),
+        ("plain", 0),
+        ("hmac", wire.FLAG_MAC),
+        ("gcm", wire.FLAG_MAC | wire.FLAG_ENCRYPTED),
+    ]
+    for name, flags in modes:
+        auth = GCM if name == "gcm" else AUTHS[name]
         assert auth.flags == flags
-        frame = wire.encode(header, auth, memoryview(payload))
+        frame, sent = wire.seal(header, auth, memoryview(payload))
         assert frame[7] == flags
         body, tag = frame[: -wire.TAG_BYTES], frame[-wire.TAG_BYTES :]
         if name == "crc":
             assert tag == xxhash.xxh3_64_digest(body + payload) + bytes(24)
         elif name == "hmac":
             nonce = tag[:12]
-            kp = AESGCM(hashlib.sha256(b"pdserve-kv-payload\0" + KEY).digest())
-            kh = AESGCM(hashlib.sha256(b"pdserve-kv-header\0" + KEY).digest())
-            inner = kp.encrypt(nonce, b"", payload)
-            assert tag[12:28] == kh.encrypt(nonce, b"", body + inner) and tag[28:] == bytes(4)
-            again = wire.encode(header, auth, memoryview(payload))
-            assert again[-wire.TAG_BYTES : -20] != nonce  # a fresh nonce per frame
+            inner = _hkdf("payload-mac").encrypt(nonce, b"", payload)
+            expected = _hkdf("header-mac").encrypt(nonce, b"", body + inner)
+            assert tag[12:28] == expected and tag[28:] == bytes(4)
+        elif name == "gcm":
+            nonce = tag[:12]
+            sealed = _hkdf("payload-encryption").encrypt(nonce, payload, body)
+            assert isinstance(sent, memoryview) and bytes(sent) == sealed[:-16] != payload
+            assert tag[12:28] == sealed[-16:] and tag[28:] == bytes(4)
         else:
             assert tag == bytes(32)
+        if name in ("hmac", "gcm"):
+            assert sent is not None and (name == "gcm" or bytes(sent) == payload)
+            again, _ = wire.seal(header, auth, memoryview(payload))
+            # a nonce never repeats for one sealer: its random prefix, and a counter
+            assert again[-32:-24] == tag[:8] and again[-24:-20] != tag[8:12]
+
+
+def test_an_encrypting_channel_round_trips_and_refuses_plain_frames() -> None:
+    """Pages decrypt in place as they are verified; a frame sealed by any other mode, or
+    by another key, is refused as unauthenticated, and ``encode`` will not send plaintext."""
+    gcm = GCM
+    header = page_header()
+    payload = payload_for(header)
+    frame, sent = wire.seal(header, gcm, memoryview(payload))
+    assert isinstance(sent, memoryview)
+    received = bytearray(sent)
+    wire.verify_page(frame, gcm, memoryview(received))
+    assert received == payload
+    with pytest.raises(ValueError, match="seal"):
+        wire.encode(header, gcm, memoryview(payload))
+    others = [AUTHS["hmac"], FrameAuth(b"another key, 16+ bytes long", encrypt=True)]
+    for other in others:
+        forged, forged_payload = wire.seal(header, other, memoryview(payload))
+        assert forged_payload is not None
+        with pytest.raises(UnauthenticatedFrameError):
+            wire.verify_page(forged, gcm, memoryview(bytearray(forged_payload)))
+    with pytest.raises(UnauthenticatedFrameError, match="does not decrypt"):
+        wire.verify_page(frame, AUTHS["hmac"], memoryview(bytearray(sent)))
+    with pytest.raises(ValueError, match="needs the fleet's key"):
+        FrameAuth(None, encrypt=True)
 
 
 def test_long_texts_are_capped() -> None:
@@ -220,7 +268,7 @@ def test_bad_magic() -> None:
         wire.decode(seal(prefix(magic=b"PDKX") + page_body()), AUTHS["crc"])
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 4, 0xFFFF])
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 5, 0xFFFF])
 def test_wrong_version(version: int) -> None:
     with pytest.raises(MalformedFrameError, match="version"):
         wire.decode(seal(prefix(version=version) + page_body()), AUTHS["crc"])
