@@ -2,8 +2,10 @@
 
 Used by end-to-end tests and benchmarks: it picks free ports, waits until every tier is SERVING,
 and can check that every worker is idle (all KV blocks free, nothing pending). ``up`` writes a
-state file of its children, so a test can find a worker's pid (to kill it) and its command line
-(to start it again, or a copy of it on new ports)."""
+state file of its children (rewritten whenever the launcher starts, restarts or gives up on
+one), so a test can find a worker's pid (to kill it), its state and restarts, and its command
+line (to start a copy of it on new ports). Ports are picked below the kernel's ephemeral range
+(32768 and up), where no outgoing connection can be holding one."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from pdserve.launcher import serving
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 READY_TIMEOUT_S = 240.0
+PORT_RANGE = range(10000, 32768)  # below Linux's default ephemeral range
 
 
 def _port_free(port: int) -> bool:
@@ -40,7 +44,7 @@ def free_port_range(count: int) -> int:
     """First port of ``count`` consecutive free ports."""
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     for _ in range(200):
-        base = rng.randrange(20000, 60000)
+        base = rng.randrange(PORT_RANGE.start, PORT_RANGE.stop - count)
         if all(_port_free(base + i) for i in range(count)):
             return base
     raise RuntimeError("no free port range")
@@ -52,8 +56,12 @@ class Child:
 
     name: str
     pid: int
+    """0 while the launcher has no process for it (waiting to restart it, or given up)."""
     address: str
     argv: tuple[str, ...]
+    state: str = "serving"
+    """The launcher's view: ``starting``, ``serving``, ``backoff`` or ``gave_up``."""
+    restarts: int = 0
 
 
 @dataclass
@@ -77,9 +85,56 @@ class Cluster:
             raise RuntimeError("start the cluster with a state file to see its children")
         data = json.loads(self.state_path.read_text())
         return {
-            c["name"]: Child(c["name"], int(c["pid"]), c["address"], tuple(c["argv"]))
+            c["name"]: Child(
+                c["name"],
+                int(c["pid"]),
+                c["address"],
+                tuple(c["argv"]),
+                c.get("state", "serving"),
+                int(c.get("restarts", 0)),
+            )
             for c in data["children"]
         }
+
+    def wait_child(
+        self, name: str, until: Callable[[Child], bool], timeout_s: float = 60.0
+    ) -> Child:
+        """Child ``name`` once ``until`` holds for it (as the state file says)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            child = self.children()[name]
+            if until(child):
+                return child
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} still {child} after {timeout_s:.0f}s")
+            time.sleep(0.1)
+
+    def events(self, event: str) -> list[dict[str, object]]:
+        """The JSON log lines of ``event`` so far (the launcher's and its children's)."""
+        found = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if f'"{event}"' not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == event:
+                found.append(record)
+        return found
+
+    def wait_event(
+        self, event: str, timeout_s: float = 60.0, **fields: object
+    ) -> dict[str, object]:
+        """The first log line of ``event`` whose fields include ``fields``, waiting for it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for record in self.events(event):
+                if all(record.get(k) == v for k, v in fields.items()):
+                    return record
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no {event} {fields} in {timeout_s:.0f}s:\n{self.logs()}")
+            time.sleep(0.1)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
         """Send ``sig`` to child ``name`` (SIGKILL by default); returns its pid."""
@@ -174,13 +229,17 @@ def start_cluster(
     tls: TLSConfig | None = None,
     env: dict[str, str] | None = None,
     http_port: int = 0,
+    worker_base_port: int | None = None,
+    skip_wait: Collection[str] = (),
 ) -> Cluster:
     """``pdserve up`` on free loopback ports. Pass ``tls`` (how to reach the servers) when
     ``extra`` turns TLS on; ``env`` replaces the environment of ``up`` and its children.
     The HTTP API is off unless ``http_port`` is given (say ``free_port_range(1)``): many
-    clusters run at once, and ``up``'s default port would collide."""
+    clusters run at once, and ``up``'s default port would collide. ``worker_base_port``
+    fixes the workers' ports (picked free otherwise); addresses in ``skip_wait`` are not
+    waited for (a worker the test expects never to serve)."""
     gateway_port = free_port_range(1)
-    base = free_port_range(prefill + 2 * decode)
+    base = worker_base_port or free_port_range(prefill + 2 * decode)
     state_path = log_dir / f"cluster-{gateway_port}.json"
     argv = [
         sys.executable,
@@ -223,7 +282,8 @@ def start_cluster(
         http=f"{'https' if tls else 'http'}://127.0.0.1:{http_port}" if http_port else None,
     )
     deadline = time.monotonic() + READY_TIMEOUT_S
-    addresses = [cluster.gateway, *cluster.prefill, *cluster.decode]
+    everyone = [cluster.gateway, *cluster.prefill, *cluster.decode]
+    addresses = [a for a in everyone if a not in skip_wait]
     while not all(serving(a, tls) for a in addresses) or not _http_healthy(cluster.http, tls):
         if proc.poll() is not None:
             raise RuntimeError(f"cluster exited with {proc.returncode}:\n{cluster.logs()}")
