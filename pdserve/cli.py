@@ -31,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
         "up",
         help="start a local cluster: gateway + N prefill + M decode workers",
         description="Start a gateway, N prefill and M decode workers on this "
-        "machine. Ctrl-C stops them all; a worker that dies is reported and "
-        "stops the cluster. --prefill 0 runs colocated (decode workers prefill).",
+        "machine. Ctrl-C stops them all. A worker that dies is restarted on the same "
+        "ports (with backoff; given up on after a crash loop) while the rest keep serving; "
+        "the gateway's death stops the cluster (--fail-fast: any child's). "
+        "--prefill 0 runs colocated (decode workers prefill).",
     )
     add_settings(up, *pdserve_settings.UP)
 

@@ -1,27 +1,28 @@
-"""``pdserve up``: the tiers as separate processes on one machine, started and stopped together.
+"""``pdserve up``: the tiers as separate processes on one machine, started, supervised and
+stopped together.
 
-Each worker is the same command Kubernetes runs (``pdserve prefill`` / ``decode`` / ``gateway``),
-so what runs here is what runs there. A child that dies is reported and stops the cluster
-(with ``--keep-going``, only the gateway's death does: the gateway routes around dead workers).
-``--state-file`` records each child's name, pid, address and command line as JSON, so tests and
-operators can find (and kill, or restart) one worker.
+Each worker is the same command Kubernetes runs (``pdserve prefill`` / ``decode`` /
+``gateway``), so what runs here is what runs there. This module plans the children (ports,
+command lines, TLS per role) and runs them under :class:`pdserve.supervisor.Supervisor`: a
+worker that dies is restarted on the same addresses with backoff and given up on after a
+crash loop, while the gateway routes around it; the gateway's death stops the cluster
+(exit status 1). ``--fail-fast`` stops the cluster on any child's failure, ``--keep-going``
+never restarts. ``--state-file`` records each child's name, pid, address, command line,
+state and restarts as JSON, rewritten on every change, so tests and operators can find (and
+kill) one worker.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import structlog
@@ -34,14 +35,17 @@ from engine.model_files import resolve_model_path
 from engine.settings import ENGINE, MODEL, model_config
 from gateway import settings as gateway_settings
 from kvtransfer.settings import KEY_ENV, TRANSFER
+from pdserve.ports import ephemeral_range, overlap
 from pdserve.settings import UP
+from pdserve.supervisor import Bind, ClusterFailed, ProcessSpec, RestartPolicy, Supervisor
+from pdserve.supervisor_metrics import SupervisorMetrics
 from prefill_service import settings as prefill_settings
 from server_runtime.settings import DRAIN, LOG, SERVER_TLS, auth_tokens
 from server_runtime.worker_settings import WORKER_ADMISSION
 
 log = structlog.get_logger(__name__)
 
-READY_TIMEOUT_S = 300.0
+TICK_S = 0.2  # how often the supervisor looks at its children
 STOP_MARGIN_S = 5.0  # beyond the children's own --shutdown-grace before they are killed
 
 WORKER_FLAGS: tuple[Setting, ...] = (*MODEL, *LOG, *ENGINE, *TRANSFER, *DRAIN, *WORKER_ADMISSION)
@@ -61,12 +65,7 @@ TLS_FLAGS: tuple[Setting, ...] = (*SERVER_TLS, *gateway_settings.UPSTREAM_TLS)
 UP_VARIABLES = env_vars(*UP)
 
 
-@dataclass(frozen=True)
-class ProcessSpec:
-    name: str
-    address: str  # gRPC address, for the readiness check
-    argv: tuple[str, ...]
-    cpus: tuple[int, ...] = ()  # pinned by the launcher after start (the gateway has no flag)
+__all__ = ["GATEWAY_FLAGS", "WORKER_FLAGS", "ProcessSpec", "plan_cluster", "run_cluster", "serving"]
 
 
 def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
@@ -85,7 +84,9 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
     metrics = _metrics_ports(args)
     cores = _pinned_cores(args)
     for i, addr in enumerate(prefill_addrs):
-        own = {"listen": addr, "metrics_port": next(metrics)}
+        metrics_port = next(metrics)
+        own = {"listen": addr, "metrics_port": metrics_port}
+        binds = _binds(host, base + i, metrics_port)
         argv = (
             *me,
             "prefill",
@@ -93,14 +94,19 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
             *to_argv(WORKER_FLAGS, args, {**shared, "cpus": next(cores)}),
             *worker_tls,
         )
-        specs.append(ProcessSpec(f"prefill-{i}", addr, argv))
+        specs.append(ProcessSpec(f"prefill-{i}", addr, argv, binds=binds))
     ipc_dir = tempfile.gettempdir()
     for i, addr in enumerate(decode_addrs):
+        kv_port = base + args.prefill + args.decode + i
         if args.kv_transport == "ipc":
             kv = f"ipc://{ipc_dir}/pdserve-{os.getpid()}-decode-{i}.sock"
         else:
-            kv = f"tcp://{host}:{base + args.prefill + args.decode + i}"
-        own = {"listen": addr, "kv_bind": kv, "metrics_port": next(metrics)}
+            kv = f"tcp://{host}:{kv_port}"
+        metrics_port = next(metrics)
+        own = {"listen": addr, "kv_bind": kv, "metrics_port": metrics_port}
+        binds = _binds(host, base + args.prefill + i, metrics_port)
+        if args.kv_transport == "tcp":
+            binds += (Bind(host, kv_port),)
         argv = (
             *me,
             "decode",
@@ -108,7 +114,7 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
             *to_argv(WORKER_FLAGS, args, {**shared, "cpus": next(cores)}),
             *worker_tls,
         )
-        specs.append(ProcessSpec(f"decode-{i}", addr, argv))
+        specs.append(ProcessSpec(f"decode-{i}", addr, argv, binds=binds))
     gateway_addr = f"{host}:{args.port}"
     own = {
         "listen": gateway_addr,
@@ -126,8 +132,32 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
     # with --pin-cpus the gateway shares the first core (the first prefill worker's), so the
     # decode workers' cores carry nothing but decode
     gateway_cpus = (sorted(os.sched_getaffinity(0))[0],) if args.pin_cpus else ()
-    specs.append(ProcessSpec("gateway", gateway_addr, gw, gateway_cpus))
+    binds = _binds(host, args.port, args.metrics_base_port)
+    if args.http_port:
+        binds += (Bind(host, args.http_port),)
+    specs.append(ProcessSpec("gateway", gateway_addr, gw, gateway_cpus, binds))
     return specs
+
+
+def _binds(host: str, port: int, metrics_port: int) -> tuple[Bind, ...]:
+    """A child's gRPC address, and its metrics port (on every interface) when on."""
+    return (Bind(host, port), *((Bind("0.0.0.0", metrics_port),) if metrics_port else ()))
+
+
+def launcher_metrics_port(args: argparse.Namespace) -> int:
+    """The launcher's own /metrics: after the workers' (0: off, as theirs are)."""
+    base = args.metrics_base_port
+    return base + 1 + args.prefill + args.decode if base else 0
+
+
+def restart_policy(args: argparse.Namespace) -> RestartPolicy:
+    """From the supervision settings; ``--keep-going`` is a limit of 0 (never restart)."""
+    return RestartPolicy(
+        delay_s=args.restart_delay,
+        max_delay_s=args.restart_max_delay,
+        limit=0 if args.keep_going else args.restart_limit,
+        window_s=args.restart_window,
+    )
 
 
 def cluster_tls(args: argparse.Namespace, role: str) -> dict[str, object]:
@@ -175,79 +205,6 @@ def _threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-class Cluster:
-    def __init__(
-        self,
-        specs: list[ProcessSpec],
-        env: dict[str, str],
-        *,
-        tls: TLSConfig | None = None,
-        stop_grace_s: float = 5.0 + STOP_MARGIN_S,
-    ) -> None:
-        self.specs = specs
-        self.env = env
-        self.tls = tls
-        self.stop_grace_s = stop_grace_s
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.reported: set[str] = set()
-
-    def start(self) -> None:
-        for spec in self.specs:
-            self.procs[spec.name] = subprocess.Popen(spec.argv, env=self.env)
-            if spec.cpus:
-                os.sched_setaffinity(self.procs[spec.name].pid, spec.cpus)
-            log.info(
-                "process_started",
-                name=spec.name,
-                pid=self.procs[spec.name].pid,
-                address=spec.address,
-            )
-
-    def write_state(self, path: Path) -> None:
-        """The children as JSON (written atomically): name, pid, address, command line."""
-        children = [
-            {
-                "name": spec.name,
-                "pid": self.procs[spec.name].pid,
-                "address": spec.address,
-                "argv": list(spec.argv),
-            }
-            for spec in self.specs
-        ]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "children": children}, indent=1))
-        tmp.replace(path)
-
-    def dead(self) -> list[tuple[str, int]]:
-        return [(n, p.returncode) for n, p in self.procs.items() if p.poll() is not None]
-
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        pending = list(self.specs)
-        while pending:
-            if self.dead():
-                name, code = self.dead()[0]
-                raise RuntimeError(f"{name} exited with code {code} during start-up")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"not ready after {timeout_s:.0f}s: {[s.name for s in pending]}")
-            pending = [s for s in pending if not serving(s.address, self.tls)]
-            if pending:
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_grace_s
-        for name, proc in self.procs.items():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("process_killed", name=name)
-                proc.kill()
-                proc.wait()
-
-
 def serving(address: str, tls: TLSConfig | None = None, service: str = "") -> bool:
     """Whether the server at ``address`` reports SERVING (over TLS, with a client
     certificate for mTLS, when ``tls`` is given)."""
@@ -268,27 +225,69 @@ def _cluster_tls(args: argparse.Namespace) -> TLSConfig | None:
     return TLSConfig(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
 
 
-def run_cluster(args: argparse.Namespace) -> int:
+def _refused(args: argparse.Namespace) -> str | None:
+    """Why ``up`` refuses these settings (None: it does not)."""
     if args.decode < 1 or args.prefill < 0:
-        print("pdserve up: need --decode >= 1 and --prefill >= 0", file=sys.stderr)
-        return 2
+        return "need --decode >= 1 and --prefill >= 0"
     if (args.tls_cert is None) != (args.tls_key is None) or (
         args.tls_cert is not None and args.tls_ca is None
     ):
-        print(
-            "pdserve up: TLS needs --tls-cert, --tls-key and --tls-ca (the CA that signed them; "
-            "the tiers authenticate each other with it)",
-            file=sys.stderr,
+        return (
+            "TLS needs --tls-cert, --tls-key and --tls-ca (the CA that signed them; "
+            "the tiers authenticate each other with it)"
         )
+    if args.fail_fast and args.keep_going:
+        return "--fail-fast stops on a worker's death, --keep-going serves on: pick one"
+    if args.restart_limit < 0 or min(args.restart_delay, args.restart_window) <= 0:
+        return "need --restart-limit >= 0, --restart-delay > 0 and --restart-window > 0"
+    return None
+
+
+def _warn_if_ephemeral(args: argparse.Namespace) -> None:
+    """Worker ports inside the kernel's ephemeral range can be held by any outgoing
+    connection; say so (they still work while they are free)."""
+    ports = range(args.worker_base_port, args.worker_base_port + args.prefill + 2 * args.decode)
+    inside = overlap(ports, ephemeral_range())
+    if inside is not None:
+        log.warning(
+            "worker_ports_in_ephemeral_range",
+            first=inside.start,
+            last=inside.stop - 1,
+            hint="an outgoing connection may hold one; pick --worker-base-port below the "
+            "range in /proc/sys/net/ipv4/ip_local_port_range",
+        )
+
+
+def _supervisor(args: argparse.Namespace, log_level: str, metrics: SupervisorMetrics) -> Supervisor:
+    tls = _cluster_tls(args)
+    return Supervisor(
+        plan_cluster(args, log_level),
+        cluster_env(args),
+        probe=lambda spec: serving(spec.address, tls),
+        policy=restart_policy(args),
+        fail_fast=args.fail_fast,
+        start_timeout_s=args.worker_start_timeout,
+        stop_grace_s=float(args.shutdown_grace) + STOP_MARGIN_S,
+        metrics=metrics,
+        state_file=args.state_file,
+    )
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    refused = _refused(args)
+    if refused is not None:
+        print(f"pdserve up: {refused}", file=sys.stderr)
         return 2
     resolve_model_path(model_config(args))  # convert the default model once, before the workers
     quiet = args.generate is not None and args.log_level == "info"
-    cluster = Cluster(
-        plan_cluster(args, "warning" if quiet else args.log_level),
-        cluster_env(args),
-        tls=_cluster_tls(args),
-        stop_grace_s=float(args.shutdown_grace) + STOP_MARGIN_S,
-    )
+    _warn_if_ephemeral(args)
+    metrics = SupervisorMetrics()
+    supervisor = _supervisor(args, "warning" if quiet else args.log_level, metrics)
+    try:
+        metrics.serve(launcher_metrics_port(args))
+    except OSError as exc:
+        print(f"pdserve up: metrics port {launcher_metrics_port(args)}: {exc}", file=sys.stderr)
+        return 1
     stop = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -297,45 +296,43 @@ def run_cluster(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    cluster.start()
-    if args.state_file is not None:
-        cluster.write_state(Path(args.state_file))
+
+    def stopping() -> bool:
+        """Sleep a tick, then look at the children unless a signal came meanwhile (the
+        children got it too, and their exits are no failures)."""
+        time.sleep(TICK_S)
+        if not stop:
+            supervisor.tick()
+        return stop
+
     try:
-        cluster.wait_ready()
+        supervisor.start()
+        while not supervisor.ready:
+            if stopping():
+                return 0
         gateway = f"{args.host}:{args.port}"
         mode = "disaggregated" if args.prefill else "colocated"
         log.info(
-            "cluster_ready", gateway=gateway, prefill=args.prefill, decode=args.decode, mode=mode
+            "cluster_ready",
+            gateway=gateway,
+            prefill=args.prefill,
+            decode=args.decode,
+            mode=mode,
+            gave_up=supervisor.gave_up(),
+            launcher_metrics_port=launcher_metrics_port(args),
         )
         if args.generate is not None:
             return _generate_once(gateway, args)
         print(f"pdserve is up ({mode}): gateway at {gateway}. Ctrl-C to stop.", file=sys.stderr)
-        while not stop:
-            if _report_dead(cluster, args.keep_going):
-                return 1
-            time.sleep(0.2)
+        while not stopping():
+            pass
         return 0
-    except RuntimeError as exc:
+    except ClusterFailed as exc:
+        log.error("cluster_failed", error=str(exc))
         print(f"pdserve up: {exc}", file=sys.stderr)
         return 1
     finally:
-        cluster.stop()
-
-
-def _report_dead(cluster: Cluster, keep_going: bool) -> bool:
-    """Report children that died since the last call; True when the cluster must stop."""
-    must_stop = False
-    for name, code in cluster.dead():
-        if name in cluster.reported:
-            continue
-        cluster.reported.add(name)
-        log.error("process_died", name=name, exit_code=code)
-        if keep_going and name != "gateway":
-            print(f"pdserve up: {name} exited with code {code}; continuing", file=sys.stderr)
-        else:
-            print(f"pdserve up: {name} exited with code {code}; stopping", file=sys.stderr)
-            must_stop = True
-    return must_stop
+        supervisor.stop()
 
 
 def _generate_once(gateway: str, args: argparse.Namespace) -> int:

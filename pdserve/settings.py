@@ -12,6 +12,7 @@ from core.settings import Group, Setting
 from engine.settings import ENGINE, MODEL
 from gateway.settings import FLEET
 from kvtransfer.settings import TRANSFER
+from pdserve.ports import WORKER_BASE_PORT
 from server_runtime.settings import (
     AUTH_TOKEN_ENV,
     CLIENT_TLS,
@@ -31,8 +32,10 @@ CLUSTER = Group(
         Setting(
             "--worker-base-port",
             type=int,
-            default=50061,
-            help="first port for workers' gRPC and KV endpoints",
+            default=WORKER_BASE_PORT,
+            help="first port for workers' gRPC and KV endpoints (prefill workers, then decode "
+            "workers, then decode KV endpoints); the default keeps them below the kernel's "
+            "ephemeral range, where an outgoing connection could be holding one",
         ),
         Setting("--kv-transport", choices=["tcp", "ipc"], default="tcp"),
         Setting(
@@ -69,12 +72,6 @@ LAUNCHER = Group(
             help="write the children's names, pids, addresses and command lines here (JSON)",
         ),
         Setting(
-            "--keep-going",
-            switch=True,
-            help="a worker that dies is reported and the rest keep serving (the gateway routes "
-            "around it); without it the cluster stops",
-        ),
-        Setting(
             "--pin-cpus",
             switch=True,
             help="give each worker a CPU core of its own (round-robin over this process's "
@@ -85,7 +82,48 @@ LAUNCHER = Group(
             type=int,
             default=0,
             help="serve /metrics: gateway on this port, workers on the next ones (prefill "
-            "first, then decode); 0: off",
+            "first, then decode), then the launcher's own (restarts, exits); 0: off",
+        ),
+    ),
+)
+
+SUPERVISION = Group(
+    "supervision (a worker that dies is restarted; the gateway's death stops the cluster)",
+    (
+        Setting(
+            "--fail-fast",
+            switch=True,
+            help="any child that fails (exits, or cannot start) stops the whole cluster, "
+            "with exit status 1",
+        ),
+        Setting(
+            "--keep-going",
+            switch=True,
+            help="never restart a worker: one that dies stays down and the rest keep serving "
+            "(the gateway routes around it); the same as --restart-limit 0",
+        ),
+        Setting(
+            "--restart-delay",
+            type=float,
+            default=0.5,
+            help="seconds before a failed worker starts again; doubles with each restart "
+            "within --restart-window, up to --restart-max-delay",
+        ),
+        Setting("--restart-max-delay", type=float, default=30.0, help="seconds"),
+        Setting(
+            "--restart-limit",
+            type=int,
+            default=5,
+            help="restarts of one worker within --restart-window; one more failure and the "
+            "launcher gives up on it (it stays down, the rest keep serving)",
+        ),
+        Setting("--restart-window", type=float, default=60.0, help="seconds"),
+        Setting(
+            "--worker-start-timeout",
+            type=float,
+            default=300.0,
+            help="seconds a (re)started worker has to report SERVING before it is killed "
+            "and counts as failed",
         ),
     ),
 )
@@ -101,6 +139,7 @@ UP = (
     DRAIN,
     WORKER_ADMISSION,
     LAUNCHER,
+    SUPERVISION,
 )
 """Every setting of ``pdserve up``."""
 

@@ -218,3 +218,53 @@ def test_up_variables_reach_children_as_flags_only(monkeypatch: pytest.MonkeyPat
 def test_a_fresh_key_unless_one_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(cluster_env(_up())["PDSERVE_KV_KEY"]) == 64
     assert "PDSERVE_KV_KEY" not in cluster_env(_up("--kv-insecure"))
+
+
+def test_every_port_a_child_binds_is_checked_before_it_starts() -> None:
+    specs = _plan(_up(*DISAGGREGATED))
+    binds = {name: [tuple(b) for b in spec.binds] for name, spec in specs.items()}
+    assert binds == {
+        "prefill-0": [("127.0.0.1", 40000), ("0.0.0.0", 9201)],
+        "prefill-1": [("127.0.0.1", 40001), ("0.0.0.0", 9202)],
+        "decode-0": [("127.0.0.1", 40002), ("0.0.0.0", 9203), ("127.0.0.1", 40004)],
+        "decode-1": [("127.0.0.1", 40003), ("0.0.0.0", 9204), ("127.0.0.1", 40005)],
+        "gateway": [("127.0.0.1", 40100), ("0.0.0.0", 9200), ("127.0.0.1", 8123)],
+    }
+    assert launcher.launcher_metrics_port(_up(*DISAGGREGATED)) == 9205  # after the workers'
+    ipc = _plan(_up("--decode=1", "--kv-transport=ipc", "--http-port=0"))
+    assert [tuple(b) for b in ipc["decode-0"].binds] == [("127.0.0.1", 40001)]
+    assert [tuple(b) for b in ipc["gateway"].binds] == [("127.0.0.1", 40100)]
+    assert launcher.launcher_metrics_port(_up()) == 0
+
+
+def test_the_default_worker_ports_are_below_the_ephemeral_range() -> None:
+    args = build_parser().parse_args(["up", "--prefill=8", "--decode=8"])
+    ports = range(args.worker_base_port, args.worker_base_port + 8 + 2 * 8)
+    assert ports.stop <= 30000  # below Linux's 32768-60999 and Kubernetes' NodePorts too
+    assert args.port == 50051  # the gateway keeps its conventional port
+
+
+def test_supervision_settings_make_the_restart_policy() -> None:
+    policy = launcher.restart_policy(_up())
+    assert (policy.delay_s, policy.max_delay_s, policy.limit, policy.window_s) == (
+        0.5,
+        30.0,
+        5,
+        60.0,
+    )
+    custom = _up("--restart-delay=0.1", "--restart-limit=2", "--restart-window=5")
+    assert launcher.restart_policy(custom).limit == 2
+    assert launcher.restart_policy(custom).delay(1) == 0.2
+    assert launcher.restart_policy(_up("--keep-going")).limit == 0
+    assert not _up().fail_fast and _up("--fail-fast").fail_fast
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [("--fail-fast", "--keep-going"), ("--restart-limit=-1",), ("--restart-delay=0",)],
+)
+def test_contradictory_supervision_settings_are_refused(
+    flags: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert launcher.run_cluster(_up(*flags)) == 2
+    assert "pdserve up: " in capsys.readouterr().err
