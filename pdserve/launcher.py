@@ -270,6 +270,7 @@ def _supervisor(args: argparse.Namespace, log_level: str, metrics: SupervisorMet
         stop_grace_s=float(args.shutdown_grace) + STOP_MARGIN_S,
         metrics=metrics,
         state_file=args.state_file,
+        decode_elsewhere=bool(args.also_decode),
     )
 
 

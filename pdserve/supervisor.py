@@ -20,7 +20,8 @@ Invariants:
   that served for a whole window starts again from the first delay); the ``limit``-th + 1
   failure inside the window gives up on that worker, which stays down while the rest serve;
 * the gateway's failure, any failure under ``fail_fast``, and the loss of every decode worker
-  raise :class:`ClusterFailed`: the caller stops the cluster and exits non-zero;
+  (unless the gateway also routes to decode workers started elsewhere) raise
+  :class:`ClusterFailed`: the caller stops the cluster and exits non-zero;
 * each exit, restart and give-up is a structlog event naming the worker, and is counted in
   :class:`pdserve.supervisor_metrics.SupervisorMetrics`.
 
@@ -133,7 +134,8 @@ class Child:
 
 class Supervisor:
     """Runs ``specs`` as child processes under ``policy``; ``probe`` says whether a child's
-    server is SERVING (called while it starts)."""
+    server is SERVING (called while it starts); ``decode_elsewhere``: the gateway also routes
+    to decode workers this supervisor does not run."""
 
     def __init__(
         self,
@@ -147,6 +149,7 @@ class Supervisor:
         stop_grace_s: float = 10.0,
         metrics: SupervisorMetrics | None = None,
         state_file: Path | None = None,
+        decode_elsewhere: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.children = {spec.name: Child(spec) for spec in specs}
@@ -158,6 +161,7 @@ class Supervisor:
         self.stop_grace_s = stop_grace_s
         self.metrics = metrics or SupervisorMetrics()
         self.state_file = state_file
+        self.decode_elsewhere = decode_elsewhere
         self.clock = clock
 
     def start(self) -> None:
@@ -177,7 +181,8 @@ class Supervisor:
             self._advance(child, now)
             changed |= (child.state, child.pid) != before
         decode = [c for c in self.children.values() if c.spec.role == "decode"]
-        if decode and all(c.state is ChildState.GAVE_UP for c in decode):
+        lost = decode and all(c.state is ChildState.GAVE_UP for c in decode)
+        if lost and not self.decode_elsewhere:
             raise ClusterFailed("every decode worker gave up; nothing can serve")
         if changed:
             self._changed()

@@ -241,6 +241,17 @@ def test_losing_every_decode_worker_stops_the_cluster(make: Callable[..., Superv
         _tick_until(sup, lambda: False)
 
 
+def test_decode_workers_elsewhere_keep_the_cluster_up(make: Callable[..., Supervisor]) -> None:
+    sup = make(
+        [_spec("gateway"), _spec("decode-0", CRASHER)],
+        decode_elsewhere=True,
+        probe=lambda spec: spec.name == "gateway",
+    )
+    sup.start()
+    _tick_until(sup, lambda: sup.ready)
+    assert sup.gave_up() == ["decode-0"]
+
+
 def test_a_worker_that_never_serves_is_killed_after_the_start_timeout(
     make: Callable[..., Supervisor], registry: CollectorRegistry
 ) -> None:
