@@ -8,6 +8,7 @@ the value and the allowed range (it reaches the client as gRPC INVALID_ARGUMENT)
 from __future__ import annotations
 
 import math
+import struct
 
 from core.errors import InvalidRequestError
 from core.sampling import SamplingParams
@@ -20,6 +21,17 @@ MAX_PENALTY = 2.0  # presence and frequency penalties: OpenAI's [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's [-100, 100]
 MAX_LOGIT_BIAS_ENTRIES = 1024  # bounds the sampler's per-step work for one request
 MAX_LOGPROBS = 20  # top alternatives per token, as vLLM's and OpenAI's limit
+MAX_UINT32 = 2**32 - 1  # top_k and token ids travel to the workers as uint32
+FLOAT32_MAX = 3.4028234663852886e38  # the floats travel as 32-bit floats
+
+
+def as_sent(value: float) -> float:
+    """``value`` as the workers receive it, a 32-bit float: 1e39 arrives as inf, 1e-50 as 0.
+    Ranges are checked on this value (the HTTP API parses 64-bit floats)."""
+    try:
+        return float(struct.unpack("f", struct.pack("f", value))[0])
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def validate_request_id(value: str, field: str = "request_id") -> None:
@@ -35,39 +47,47 @@ def validate_sampling(
     params: SamplingParams, prompt_len: int, max_model_len: int, vocab_size: int | None = None
 ) -> None:
     """Raise InvalidRequestError unless ``params`` can be served for a ``prompt_len`` prompt;
-    ``vocab_size`` bounds ``logit_bias``'s token ids (None: not checked)."""
-    _check_sampling_ranges(params)
+    ``vocab_size`` bounds the token ids of ``logit_bias`` and ``stop_token_ids`` (None: only
+    what the wire can carry)."""
+    _check_sampling_ranges(params, vocab_size)
     _check_lengths(params.max_tokens, prompt_len, max_model_len)
     _check_processors(params, vocab_size)
     _check_stop_strings(params.stop)
 
 
-def _check_sampling_ranges(params: SamplingParams) -> None:
-    if math.isnan(params.temperature) or math.isinf(params.temperature):
-        raise InvalidRequestError(f"temperature must be a finite number, got {params.temperature}")
+def _check_sampling_ranges(params: SamplingParams, vocab_size: int | None) -> None:
+    _finite("temperature", params.temperature)
     if params.temperature < 0:
         raise InvalidRequestError(
             f"temperature must be >= 0 (0 means greedy), got {params.temperature}"
         )
-    if math.isnan(params.top_p) or not 0 < params.top_p <= 1:
+    if math.isnan(params.top_p) or not 0 < as_sent(params.top_p) <= 1:
         raise InvalidRequestError(f"top_p must be in (0, 1], got {params.top_p}")
     if params.top_k < 0:
         raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {params.top_k}")
+    if params.top_k > MAX_UINT32:
+        raise InvalidRequestError(f"top_k must be at most {MAX_UINT32}, got {params.top_k}")
     for token_id in params.stop_token_ids:
         if token_id < 0:
             raise InvalidRequestError(f"stop_token_ids must be >= 0, got {token_id}")
+        bound = MAX_UINT32 + 1 if vocab_size is None else vocab_size
+        if token_id >= bound:
+            raise InvalidRequestError(
+                f"stop_token_ids entry {token_id} is outside the model's vocabulary [0, {bound})"
+            )
     if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
         raise InvalidRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {params.logprobs}")
 
 
 def _finite(name: str, value: float) -> None:
-    if math.isnan(value) or math.isinf(value):
-        raise InvalidRequestError(f"{name} must be a finite number, got {value}")
+    if math.isnan(value) or math.isinf(as_sent(value)):
+        bound = f" (at most {FLOAT32_MAX:.6g} in size)" if math.isfinite(value) else ""
+        raise InvalidRequestError(f"{name} must be a finite number{bound}, got {value}")
 
 
 def _check_processors(params: SamplingParams, vocab_size: int | None) -> None:
     _finite("repetition_penalty", params.repetition_penalty)
-    if params.repetition_penalty <= 0:
+    if as_sent(params.repetition_penalty) <= 0:
         raise InvalidRequestError(
             f"repetition_penalty must be > 0 (1 disables it), got {params.repetition_penalty}"
         )

@@ -157,17 +157,25 @@ def call_of(request: Request) -> Call:
 
 
 async def parse(request: Request, model: type[M]) -> M:
-    """The body as ``model``: 400 naming malformed JSON, unknown fields, or bad values."""
+    """The body as ``model``: 400 naming malformed JSON (nested too deeply, or a string that
+    is not Unicode text: an escaped lone surrogate), a body that is not an object, unknown
+    fields, or bad values."""
     raw = await request.body()
     try:
         data = json.loads(raw)
+        if b"\\u" in raw:  # only an escape can make a lone surrogate: UTF-8 cannot carry one
+            json.dumps(data, ensure_ascii=False).encode()
     except json.JSONDecodeError as exc:
         raise APIError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"malformed JSON body: {exc.msg} at line {exc.lineno} column {exc.colno}",
         ) from None
-    except UnicodeDecodeError as exc:
+    except UnicodeError as exc:
         raise APIError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise APIError(
+            grpc.StatusCode.INVALID_ARGUMENT, "malformed JSON body: nested too deeply"
+        ) from None
     if not isinstance(data, dict):
         raise APIError(grpc.StatusCode.INVALID_ARGUMENT, "the request body must be a JSON object")
     try:

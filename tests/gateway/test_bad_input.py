@@ -297,3 +297,51 @@ def test_retryable_failures_still_fail_over() -> None:
         core = _core([entry(p0), entry(p1, waiting=3)], [entry(FakeDecode("d0"))])
         assert len(asyncio.run(_drain(core))) == 6
         assert len(p1.calls) == 1
+
+
+# ---- HTTP bodies ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[" * 100_000, "nested too deeply"),  # was RecursionError: 500
+        (b'{"prompt":' * 5000 + b'"x"' + b"}" * 5000, "nested too deeply"),
+        (b'{"prompt":"\\ud800","max_tokens":2}', "surrogates not allowed"),  # was TypeError: 500
+        (b'{"prompt":["\\udfff"],"max_tokens":2}', "surrogates not allowed"),
+        (b'{"prompt":"hi","max_tokens":2,"top_k":99999999999999999999}', "top_k must be at most"),
+        (b'{"prompt":"hi","max_tokens":2,"stop_token_ids":[4294967296]}', "stop_token_ids entry"),
+        (b'{"prompt":"hi","max_tokens":2,"temperature":1e39}', "temperature must be a finite"),
+        (b'{"prompt":"hi","max_tokens":2,"top_p":1e-50}', "top_p must be in (0, 1]"),
+        (b"\xff\xfe\x00garbage", "malformed JSON body"),
+        (b"[]", "must be a JSON object"),
+        (b"null", "must be a JSON object"),
+        (b'"text"', "must be a JSON object"),
+    ],
+)
+def test_hostile_http_bodies_are_400_with_a_message(body: bytes, message: str) -> None:
+    h = Harness()
+
+    async def go() -> object:
+        async with h.client() as c:
+            return await c.post(
+                "/v1/completions", content=body, headers={"content-type": "application/json"}
+            )
+
+    r = asyncio.run(go())
+    assert r.status_code == 400, r.text  # type: ignore[attr-defined]
+    assert message in r.json()["error"]["message"]  # type: ignore[attr-defined]
+    assert not h.decode.calls
+
+
+def test_a_valid_surrogate_pair_escape_is_text() -> None:
+    h = Harness()
+
+    async def go() -> object:
+        async with h.client() as c:
+            body = b'{"prompt":"smile \\ud83d\\ude00","max_tokens":2}'
+            return await c.post(
+                "/v1/completions", content=body, headers={"content-type": "application/json"}
+            )
+
+    assert asyncio.run(go()).status_code == 200  # type: ignore[attr-defined]

@@ -149,6 +149,13 @@ def test_boundary_values_are_valid(params: SamplingParams) -> None:
         ),
         (SamplingParams(logprobs=21), 10, "logprobs must be in [0, 20]"),
         (SamplingParams(logprobs=-1), 10, "logprobs must be in [0, 20]"),
+        # what the wire cannot carry: uint32 ids, 32-bit floats (1e39 -> inf, 1e-50 -> 0)
+        (SamplingParams(top_k=2**32), 10, "top_k must be at most 4294967295, got 4294967296"),
+        (SamplingParams(stop_token_ids=(VOCAB,)), 10, f"stop_token_ids entry {VOCAB} is outside"),
+        (SamplingParams(temperature=1e39), 10, "temperature must be a finite number (at most"),
+        (SamplingParams(top_p=1e-50), 10, "top_p must be in (0, 1], got 1e-50"),
+        (SamplingParams(repetition_penalty=1e-50), 10, "repetition_penalty must be > 0"),
+        (SamplingParams(repetition_penalty=-1e39), 10, "repetition_penalty must be a finite"),
     ],
 )
 def test_invalid_values_are_rejected_with_a_precise_message(
