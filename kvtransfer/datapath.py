@@ -9,7 +9,9 @@ blocks until the peer joins) and joined by the sender's :func:`join_pair`.
 from __future__ import annotations
 
 import datetime
+import hmac
 import os
+import socket
 from typing import Any, TypeAlias
 
 import torch
@@ -70,18 +72,31 @@ def make_host(
     ``stream_port``; 0 takes an ephemeral one); ``prove``: how a joiner proves its token."""
     if backend is Backend.STREAM:
         return StreamHost(host, timeout_s, unix_path, stream_port, prove)
-    return GroupHost(backend, host, timeout_s)
+    return GroupHost(backend, host, timeout_s, prove)
 
 
 class GroupHost(PairHost):
     """The store that pairs rendezvous on, and the groups made on it: the decode worker hosts
-    a ``TCPStore`` and names a fresh key prefix in each WELCOME, both ends build a two-rank
-    group on it."""
+    a ``TCPStore`` and each WELCOME names a fresh token; both ends build a two-rank group on
+    the store under a key prefix derived from it.
 
-    def __init__(self, backend: Backend, host: str, timeout_s: float) -> None:
+    torch's ``TCPStore`` has no authentication (and lists its keys to anyone who asks), so:
+
+    - it is confined: it listens on ``host`` only (the worker's KV address; torch's own
+      listener would take every interface), through a socket made here;
+    - its key prefix is secret on a keyed channel: ``prove(token)`` (an HMAC under a key
+      derived from the fleet key), so a token read off the wire does not name it;
+    - the pair is authenticated over the group itself before any page moves: the decode side
+      sends a random challenge, the joiner must answer ``prove(challenge)``
+      (:func:`_challenge`, :func:`_answer`), so a peer that slipped into the rendezvous
+      without the fleet key is refused. Without a key only the confinement holds.
+    """
+
+    def __init__(self, backend: Backend, host: str, timeout_s: float, prove: Prove = bytes) -> None:
         self.backend = backend
         self.host = host
         self.timeout = datetime.timedelta(seconds=timeout_s)
+        self._prove = prove
         self._store: dist.TCPStore | None = None
 
     def close(self) -> None:
@@ -89,33 +104,92 @@ class GroupHost(PairHost):
 
     def offer(self) -> dict[str, object]:
         if self._store is None:
-            self._store = dist.TCPStore(
-                self.host, 0, is_master=True, wait_for_workers=False, timeout=self.timeout
-            )
+            self._store = _confined_store(self.host, self.timeout)
         return {
             "store_host": self.host,
             "store_port": self._store.port,
-            "prefix": os.urandom(8).hex(),
+            "token": os.urandom(PAIR_TOKEN_BYTES).hex(),
         }
 
     def accept(self, offer: dict[str, object]) -> PairLink:
         assert self._store is not None
-        store = dist.PrefixStore(f"{offer['prefix']}/", self._store)
-        return GroupLink(make_group(self.backend, store, 0, self.timeout), 1)
+        store = dist.PrefixStore(_store_prefix(offer, self._prove), self._store)
+        link = GroupLink(make_group(self.backend, store, 0, self.timeout), 1)
+        _challenge(link, self.backend, self._prove)
+        return link
+
+
+PAIR_TOKEN_BYTES = 16
+
+
+def _confined_store(host: str, timeout: datetime.timedelta) -> dist.TCPStore:
+    """A master ``TCPStore`` listening on ``host`` only (an ephemeral port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.bind((host, 0))
+        listener.listen(64)
+    except OSError:
+        listener.close()
+        raise
+    port = listener.getsockname()[1]
+    return dist.TCPStore(  # takes the socket over (and closes it when it stops)
+        host,
+        port,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timeout,
+        master_listen_fd=listener.detach(),
+    )
+
+
+def _store_prefix(offer: dict[str, object], prove: Prove) -> str:
+    token = bytes.fromhex(str(offer["token"]))
+    if len(token) != PAIR_TOKEN_BYTES:
+        raise ValueError("pair offer carries a malformed token")
+    return prove(token).hex() + "/"
+
+
+def _device(backend: Backend) -> torch.device:
+    if backend is Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _challenge(link: GroupLink, backend: Backend, prove: Prove) -> None:
+    """Decode side: refuse the pair unless its peer answers a fresh challenge with its
+    proof (it holds the fleet key)."""
+    challenge = os.urandom(PAIR_TOKEN_BYTES)
+    device = _device(backend)
+    link.send(torch.frombuffer(bytearray(challenge), dtype=torch.uint8).to(device))
+    answer = link.receive((PAIR_TOKEN_BYTES,), torch.uint8, device).cpu().numpy().tobytes()
+    if not hmac.compare_digest(answer, prove(challenge)):
+        raise PairLinkError("pair group: the peer could not prove the fleet key")
+
+
+def _answer(link: GroupLink, backend: Backend, prove: Prove) -> None:
+    """Joiner side: answer the decode side's challenge with its proof."""
+    device = _device(backend)
+    challenge = link.receive((PAIR_TOKEN_BYTES,), torch.uint8, device).cpu().numpy().tobytes()
+    proof = prove(challenge)
+    link.send(torch.frombuffer(bytearray(proof), dtype=torch.uint8).to(device))
 
 
 def join_pair(
     backend: Backend, offer: dict[str, object], timeout_s: float, prove: Prove = bytes
 ) -> PairLink:
-    """Sender side: join the pair the decode worker offered in its WELCOME."""
+    """Sender side: join the pair the decode worker offered in its WELCOME (and, for a pair
+    group, answer its challenge)."""
     if backend is Backend.STREAM:
         return join_stream(offer, timeout_s, prove)
+    prefix = _store_prefix(offer, prove)
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(
         str(offer["store_host"]), int(str(offer["store_port"])), is_master=False, timeout=timeout
     )
-    group = make_group(backend, dist.PrefixStore(f"{offer['prefix']}/", store), 1, timeout)
-    return GroupLink(group, 0)
+    link = GroupLink(make_group(backend, dist.PrefixStore(prefix, store), 1, timeout), 0)
+    _answer(link, backend, prove)
+    return link
 
 
 def make_group(

@@ -102,7 +102,7 @@ class FrameAuth:
         if key is not None:
             self._payload_key = derive_key(key, Purpose.PAYLOAD_MAC)
             self._header_key = derive_key(key, Purpose.HEADER_MAC)
-            self._stream_key = derive_key(key, Purpose.STREAM_PROOF)
+            self._stream_key = derive_key(key, Purpose.PAIR_PROOF)
             self._payload_mac = AESGCM(self._payload_key)
             self._header_mac = AESGCM(self._header_key)
             if encrypt:
@@ -164,9 +164,10 @@ class FrameAuth:
         return bytes(TAG_BYTES)
 
     def stream_proof(self, token: bytes) -> bytes:
-        """What a sender presents to claim the stream link offered with ``token``: with a key,
-        a MAC of the token (so a token read off the wire is useless without the key); without
-        one, the token itself."""
+        """What a pair link's joiner presents for a one-time ``token`` (the stream backend's
+        claim on its socket; a gloo/nccl pair's store prefix and its answer to the decode
+        side's challenge): with a key, a MAC of the token (so a token read off the wire is
+        useless without the key); without one, the token itself."""
         if self.key is None:
             return token
         return hmac.new(self._stream_key, token, hashlib.sha256).digest()[: len(token)]

@@ -38,8 +38,8 @@ class Purpose(enum.Enum):
     HEADER_MAC = "header-mac"  # AES-256-GMAC over a frame's prefix and payload MAC
     PAYLOAD_MAC = "payload-mac"  # AES-256-GMAC over a page's payload (integrity only)
     PAYLOAD_ENCRYPTION = "payload-encryption"  # AES-256-GCM of a frame (with --kv-encrypt)
-    STREAM_PROOF = "stream-proof"  # HMAC-SHA256 of a stream backend's one-time token
-    STORE_PREFIX = "store-prefix"  # HMAC-SHA256 naming a gloo/nccl pair's store keys
+    PAIR_PROOF = "pair-proof"  # HMAC-SHA256 of a pair link's token or challenge (stream
+    # socket claim; gloo/nccl store prefix and group challenge: kvtransfer.datapath)
 
 
 def info(purpose: Purpose, version: int = KV_PROTOCOL_VERSION) -> bytes:
