@@ -11,9 +11,12 @@
 - ``out_of_band``: the decode side's reads of payloads off a pair's stream or group.
 - ``handshake``: HELLO contents and the replay guard (:class:`HelloGuard`).
 - ``wire``: the versioned binary frames (PAGE, DONE, ABORT, ACK, HELLO/WELCOME/REFUSE).
-- ``frame_auth``: frame tags: AES-256-GMAC with the fleet key, else XXH3-64 or none.
+- ``frame_auth``: frame tags: AES-256-GMAC with the fleet key (AES-256-GCM encrypted pages
+  with ``--kv-encrypt``), else XXH3-64 or none.
+- ``keys``: keys derived from the fleet key (HKDF-SHA256, one per purpose) and nonces.
 - ``modes``: the :class:`Backend` (zmq, stream, gloo, nccl) and :class:`Streaming` enums.
-- ``datapath``: the backends' data paths and torch.distributed pair groups.
+- ``datapath``: the backends' data paths and torch.distributed pair groups (a confined,
+  authenticated rendezvous).
 - ``pair_link``: the per-pair payload channel interface (:class:`PairLink`, :class:`PairHost`).
 - ``stream_link``: the stream backend's sized records on a plain socket per pair.
 - ``metrics``: per-endpoint transfer counters (:class:`TransferStats`).

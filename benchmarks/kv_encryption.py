@@ -1,0 +1,188 @@
+"""What encrypting KV pages (``--kv-encrypt``) costs, beside the plain MAC, in one run.
+
+Two measurements, both on the default model's KV geometry (read from its config):
+
+1. **crypto**: one core sealing a layer's page and verifying it (decrypting in place, for
+   AES-256-GCM) as the receiver does, in GB/s, for the MAC (AES-256-GMAC) and encryption;
+2. **channel**: whole requests through a real :class:`KVSender` -> :class:`KVReceiver` pair on
+   loopback tcp (zmq and stream backends), layer by layer, timed from ``open`` to the decode
+   side's ``on_ready``: median ms per request, goodput in GB/s, and the ms encryption adds.
+
+Sender and receiver share this process (two threads); the figures are for this machine only.
+
+    .venv/bin/python benchmarks/kv_encryption.py [--tokens 512,2048] [--requests 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.ticket import Fingerprint  # noqa: E402
+from engine.kv_cache import KVCache  # noqa: E402
+from kvtransfer.receiver import KVReceiver  # noqa: E402
+from kvtransfer.sender import KVSender, TransferSpec  # noqa: E402
+from kvtransfer.wire import FrameAuth  # noqa: E402
+
+KEY = b"pdserve-kv-benchmark-fleet-key-0123456789"
+MODES = {"gmac": FrameAuth(KEY), "gcm": FrameAuth(KEY, encrypt=True)}
+BACKENDS = ("zmq", "stream")
+
+
+def geometry(dtype: torch.dtype, block_size: int) -> dict[str, Any]:
+    """The default model's KV layout (its config only: no weights are loaded)."""
+    from engine.config import ModelConfig
+    from engine.model_files import describe_model, resolve_model_path
+
+    path = resolve_model_path(ModelConfig())
+    spec = describe_model(str(path), path)
+    return {
+        "num_layers": spec.num_layers,
+        "num_kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "block_size": block_size,
+        "dtype": dtype,
+    }
+
+
+def _cache(geo: dict[str, Any], num_blocks: int) -> KVCache:
+    return KVCache(
+        geo["num_layers"],
+        num_blocks,
+        geo["block_size"],
+        geo["num_kv_heads"],
+        geo["head_dim"],
+        geo["dtype"],
+        torch.device("cpu"),
+    )
+
+
+def crypto(geo: dict[str, Any], tokens: int, seconds: float = 1.0) -> dict[str, float]:
+    """GB/s of seal + verify of one layer's page (decrypting in place for gcm), one core."""
+    blocks = -(-tokens // geo["block_size"])
+    page = _cache(geo, blocks).kv[0:1]  # (1, 2, n, bs, KVH, D)
+    page.copy_(torch.randn(page.shape))
+    data = memoryview(page.contiguous().view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+    prefix = os.urandom(64)
+    result = {}
+    for name, auth in MODES.items():
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            tag, sent = auth.seal(prefix, data)
+            assert isinstance(sent, memoryview)
+            landed = memoryview(bytearray(sent)) if auth.encrypt else sent
+            auth.verify(auth.flags, prefix, tag, landed)
+            count += 1
+        result[name] = count * data.nbytes / (time.perf_counter() - start) / 1e9
+    return result
+
+
+def channel(
+    backend: str, mode: str, geo: dict[str, Any], tokens: int, requests: int
+) -> dict[str, float]:
+    """Median ms per request and goodput through a real sender/receiver pair."""
+    blocks = -(-tokens // geo["block_size"])
+    fp = Fingerprint(
+        model="bench",
+        dtype=str(geo["dtype"]).removeprefix("torch."),
+        block_size=geo["block_size"],
+        num_layers=geo["num_layers"],
+        num_kv_heads=geo["num_kv_heads"],
+        head_dim=geo["head_dim"],
+        backend=backend,
+        integrity=MODES[mode].integrity,
+    )
+    ready: dict[str, float] = {}
+    done = threading.Condition()
+
+    def on_ready(request_id: str, _token: int) -> None:
+        with done:
+            ready[request_id] = time.perf_counter()
+            done.notify_all()
+
+    def on_failed(request_id: str, reason: str) -> None:
+        raise SystemExit(f"{backend}/{mode}: transfer {request_id} failed: {reason}")
+
+    auth = MODES[mode]
+    receiver = KVReceiver("tcp://127.0.0.1:0", _cache(geo, blocks), fp, auth, on_ready, on_failed)
+    sender = KVSender(fp, FrameAuth(KEY, encrypt=auth.encrypt))
+    endpoint = receiver.start()
+    sender.start()
+    source = _cache(geo, blocks)
+    source.kv.copy_(torch.randn(source.kv.shape))
+    pages = source.gather_pages(range(blocks))  # (L, 2, n, bs, KVH, D)
+    times = []
+    try:
+        for n in range(requests + 2):  # two warm-ups: handshake, first allocations
+            tid = n.to_bytes(16, "big")
+            request = f"r{n}"
+            receiver.expect(tid, request, list(range(blocks)), 60.0)
+            start = time.perf_counter()
+            sender.open(TransferSpec(request, tid, endpoint, tuple(range(blocks))))
+            for layer in range(geo["num_layers"]):
+                sender.send_pages(tid, layer, pages[layer : layer + 1])
+            sender.finish(tid, 1)
+            with done:
+                if not done.wait_for(lambda request=request: request in ready, timeout=60):
+                    raise SystemExit(f"{backend}/{mode}: request {request} timed out")
+            if n >= 2:
+                times.append(ready[request] - start)
+        assert torch.equal(receiver._kv.kv.view(torch.uint8), source.kv.view(torch.uint8))
+    finally:
+        sender.stop()
+        receiver.stop()
+    median = statistics.median(times)
+    return {"ms": median * 1e3, "gbps": pages.numel() * pages.element_size() / median / 1e9}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="512,2048", help="prompt lengths (comma-separated)")
+    parser.add_argument("--requests", type=int, default=20, help="timed requests per cell")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--block-size", type=int, default=16)
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    torch.set_num_threads(1)
+    geo = geometry(getattr(torch, args.dtype), args.block_size)
+    per_token = 2 * geo["num_layers"] * geo["num_kv_heads"] * geo["head_dim"]
+    per_token *= torch.empty((), dtype=geo["dtype"]).element_size()
+    print(f"default model KV: {geo} ({per_token} bytes per token), {os.cpu_count()} CPUs")
+    print("\ncrypto, one core, seal + verify one layer's page (GB/s)")
+    print(f"{'tokens':>7} {'page MB':>8} {'gmac':>7} {'gcm':>7}")
+    sizes = [int(t) for t in args.tokens.split(",")]
+    for tokens in sizes:
+        rates = crypto(geo, tokens)
+        mb = per_token * tokens / geo["num_layers"] / 1e6
+        print(f"{tokens:>7} {mb:>8.2f} {rates['gmac']:>7.2f} {rates['gcm']:>7.2f}")
+    print(f"\nchannel, loopback tcp, layerwise, median of {args.requests} requests")
+    print(
+        f"{'backend':>8} {'tokens':>7} {'MB':>7} {'gmac ms':>8} {'gcm ms':>8} "
+        f"{'added ms':>9} {'gmac GB/s':>10} {'gcm GB/s':>9}"
+    )
+    for backend in BACKENDS:
+        for tokens in sizes:
+            cells = {m: channel(backend, m, geo, tokens, args.requests) for m in MODES}
+            added = cells["gcm"]["ms"] - cells["gmac"]["ms"]
+            mb = per_token * tokens / 1e6
+            print(
+                f"{backend:>8} {tokens:>7} {mb:>7.1f} {cells['gmac']['ms']:>8.2f} "
+                f"{cells['gcm']['ms']:>8.2f} {added:>+9.2f} {cells['gmac']['gbps']:>10.2f} "
+                f"{cells['gcm']['gbps']:>9.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
