@@ -19,22 +19,18 @@ import argparse
 import logging
 import os
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import structlog
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core.ticket import Fingerprint  # noqa: E402
-from engine.kv_cache import KVCache  # noqa: E402
-from kvtransfer.receiver import KVReceiver  # noqa: E402
-from kvtransfer.sender import KVSender, TransferSpec  # noqa: E402
-from kvtransfer.wire import FrameAuth  # noqa: E402
+from core.ticket import Fingerprint
+from engine.kv_cache import KVCache
+from kvtransfer.receiver import KVReceiver
+from kvtransfer.sender import KVSender, TransferSpec
+from kvtransfer.wire import FrameAuth
 
 KEY = b"pdserve-kv-benchmark-fleet-key-0123456789"
 MODES = {"gmac": FrameAuth(KEY), "gcm": FrameAuth(KEY, encrypt=True)}
