@@ -247,6 +247,9 @@ class Engine:
         return imported + outputs
 
     def start(self) -> None:
+        """Start the step loop; the grammar tokenizer builds meanwhile (off this thread), so
+        the first constrained request does not wait for it."""
+        self.grammars.prefetch()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
