@@ -6,7 +6,8 @@ Two measurements, both on the default model's KV geometry (read from its config)
    AES-256-GCM) as the receiver does, in GB/s, for the MAC (AES-256-GMAC) and encryption;
 2. **channel**: whole requests through a real :class:`KVSender` -> :class:`KVReceiver` pair on
    loopback tcp (zmq and stream backends), layer by layer, timed from ``open`` to the decode
-   side's ``on_ready``: median ms per request, goodput in GB/s, and the ms encryption adds.
+   side's ``on_ready``: median ms per request, goodput in GB/s, and the ms encryption adds
+   (the two modes' requests alternate, so other load on the machine falls on both alike).
 
 Sender and receiver share this process (two threads); the figures are for this machine only.
 
@@ -85,62 +86,90 @@ def crypto(geo: dict[str, Any], tokens: int, seconds: float = 1.0) -> dict[str, 
     return result
 
 
-def channel(
-    backend: str, mode: str, geo: dict[str, Any], tokens: int, requests: int
-) -> dict[str, float]:
-    """Median ms per request and goodput through a real sender/receiver pair."""
+class Pair:
+    """A started sender/receiver pair on loopback tcp for one backend and auth mode."""
+
+    def __init__(self, backend: str, mode: str, geo: dict[str, Any], blocks: int) -> None:
+        self.name = f"{backend}/{mode}"
+        self.layers = geo["num_layers"]
+        self.blocks = blocks
+        fp = Fingerprint(
+            model="bench",
+            dtype=str(geo["dtype"]).removeprefix("torch."),
+            block_size=geo["block_size"],
+            num_layers=geo["num_layers"],
+            num_kv_heads=geo["num_kv_heads"],
+            head_dim=geo["head_dim"],
+            backend=backend,
+            integrity=MODES[mode].integrity,
+        )
+        self.ready: dict[str, float] = {}
+        self.done = threading.Condition()
+        auth = MODES[mode]
+        self.dst = _cache(geo, blocks)
+        self.receiver = KVReceiver(
+            "tcp://127.0.0.1:0", self.dst, fp, auth, self._on_ready, self._on_failed
+        )
+        self.sender = KVSender(fp, FrameAuth(KEY, encrypt=auth.encrypt))
+        self.endpoint = self.receiver.start()
+        self.sender.start()
+        self.count = 0
+
+    def _on_ready(self, request_id: str, _token: int) -> None:
+        with self.done:
+            self.ready[request_id] = time.perf_counter()
+            self.done.notify_all()
+
+    def _on_failed(self, request_id: str, reason: str) -> None:
+        raise SystemExit(f"{self.name}: transfer {request_id} failed: {reason}")
+
+    def request(self, pages: torch.Tensor) -> float:
+        """Seconds from ``open`` to the decode side's ``on_ready`` for one request."""
+        self.count += 1
+        tid, request = self.count.to_bytes(16, "big"), f"r{self.count}"
+        blocks = list(range(self.blocks))
+        self.receiver.expect(tid, request, blocks, 60.0)
+        start = time.perf_counter()
+        self.sender.open(TransferSpec(request, tid, self.endpoint, tuple(blocks)))
+        for layer in range(self.layers):
+            self.sender.send_pages(tid, layer, pages[layer : layer + 1])
+        self.sender.finish(tid, 1)
+        with self.done:
+            if not self.done.wait_for(lambda: request in self.ready, timeout=60):
+                raise SystemExit(f"{self.name}: request {request} timed out")
+        return self.ready[request] - start
+
+    def stop(self) -> None:
+        self.sender.stop()
+        self.receiver.stop()
+
+
+def channel(backend: str, geo: dict[str, Any], tokens: int, requests: int) -> dict[str, Any]:
+    """Median ms per request and goodput for every mode, their requests interleaved (so load
+    from elsewhere on the machine falls on both alike)."""
     blocks = -(-tokens // geo["block_size"])
-    fp = Fingerprint(
-        model="bench",
-        dtype=str(geo["dtype"]).removeprefix("torch."),
-        block_size=geo["block_size"],
-        num_layers=geo["num_layers"],
-        num_kv_heads=geo["num_kv_heads"],
-        head_dim=geo["head_dim"],
-        backend=backend,
-        integrity=MODES[mode].integrity,
-    )
-    ready: dict[str, float] = {}
-    done = threading.Condition()
-
-    def on_ready(request_id: str, _token: int) -> None:
-        with done:
-            ready[request_id] = time.perf_counter()
-            done.notify_all()
-
-    def on_failed(request_id: str, reason: str) -> None:
-        raise SystemExit(f"{backend}/{mode}: transfer {request_id} failed: {reason}")
-
-    auth = MODES[mode]
-    receiver = KVReceiver("tcp://127.0.0.1:0", _cache(geo, blocks), fp, auth, on_ready, on_failed)
-    sender = KVSender(fp, FrameAuth(KEY, encrypt=auth.encrypt))
-    endpoint = receiver.start()
-    sender.start()
     source = _cache(geo, blocks)
     source.kv.copy_(torch.randn(source.kv.shape))
     pages = source.gather_pages(range(blocks))  # (L, 2, n, bs, KVH, D)
-    times = []
+    pairs = {mode: Pair(backend, mode, geo, blocks) for mode in MODES}
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
     try:
         for n in range(requests + 2):  # two warm-ups: handshake, first allocations
-            tid = n.to_bytes(16, "big")
-            request = f"r{n}"
-            receiver.expect(tid, request, list(range(blocks)), 60.0)
-            start = time.perf_counter()
-            sender.open(TransferSpec(request, tid, endpoint, tuple(range(blocks))))
-            for layer in range(geo["num_layers"]):
-                sender.send_pages(tid, layer, pages[layer : layer + 1])
-            sender.finish(tid, 1)
-            with done:
-                if not done.wait_for(lambda request=request: request in ready, timeout=60):
-                    raise SystemExit(f"{backend}/{mode}: request {request} timed out")
-            if n >= 2:
-                times.append(ready[request] - start)
-        assert torch.equal(receiver._kv.kv.view(torch.uint8), source.kv.view(torch.uint8))
+            for mode, pair in pairs.items():
+                elapsed = pair.request(pages)
+                if n >= 2:
+                    times[mode].append(elapsed)
+        for pair in pairs.values():  # pages landed bit-exact, decrypted
+            assert torch.equal(pair.dst.kv.view(torch.uint8), source.kv.view(torch.uint8))
     finally:
-        sender.stop()
-        receiver.stop()
-    median = statistics.median(times)
-    return {"ms": median * 1e3, "gbps": pages.numel() * pages.element_size() / median / 1e9}
+        for pair in pairs.values():
+            pair.stop()
+    nbytes = pages.numel() * pages.element_size()
+    result = {}
+    for mode, samples in times.items():
+        median = statistics.median(samples)
+        result[mode] = {"ms": median * 1e3, "gbps": nbytes / median / 1e9}
+    return result
 
 
 def main() -> None:
@@ -170,7 +199,7 @@ def main() -> None:
     )
     for backend in BACKENDS:
         for tokens in sizes:
-            cells = {m: channel(backend, m, geo, tokens, args.requests) for m in MODES}
+            cells = channel(backend, geo, tokens, args.requests)
             added = cells["gcm"]["ms"] - cells["gmac"]["ms"]
             mb = per_token * tokens / 1e6
             print(
