@@ -10,6 +10,7 @@ from engine.model_files import ModelSpec
 from kvtransfer import wire
 from kvtransfer.modes import Backend as Backend
 from kvtransfer.modes import Streaming as Streaming
+from kvtransfer.modes import encryption_refusal
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,9 @@ class TransferConfig:
                 "the KV channel needs the fleet's key (--kv-key-file or PDSERVE_KV_KEY); "
                 "pass --kv-insecure to run without one (local development only)"
             )
-        if self.encrypt and self.key is None:
-            raise ValueError("--kv-encrypt needs the fleet's key (--kv-key-file or PDSERVE_KV_KEY)")
-        if self.encrypt and self.backend in (Backend.GLOO, Backend.NCCL):
-            raise ValueError(
-                f"--kv-encrypt is not available with --kv-backend {self.backend.value}: its "
-                "payloads go through torch.distributed unencrypted; use zmq or stream"
-            )
+        refusal = encryption_refusal(self.encrypt, self.key is not None, self.backend)
+        if refusal is not None:
+            raise ValueError(refusal)
 
     def auth(self) -> wire.FrameAuth:
         return wire.FrameAuth(self.key, self.checksum, self.encrypt)

@@ -29,6 +29,20 @@ class Backend(enum.Enum):
         return self is not Backend.ZMQ
 
 
+def encryption_refusal(encrypt: bool, keyed: bool, backend: Backend) -> str | None:
+    """Why ``--kv-encrypt`` cannot run with this key and backend, or None when it can."""
+    if not encrypt:
+        return None
+    if not keyed:
+        return "--kv-encrypt needs the fleet's key (--kv-key-file or PDSERVE_KV_KEY)"
+    if backend in (Backend.GLOO, Backend.NCCL):
+        return (
+            f"--kv-encrypt is not available with --kv-backend {backend.value}: its payloads "
+            "go through torch.distributed unencrypted; use zmq or stream"
+        )
+    return None
+
+
 class Streaming(enum.Enum):
     LAYERWISE = "layerwise"  # push each layer's pages as soon as that layer is computed
     AFTER_PREFILL = "after-prefill"  # push everything once the prefill is done (comparison)

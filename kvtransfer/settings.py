@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.settings import Group, Setting, env_value
-from kvtransfer.modes import Backend, Streaming
+from kvtransfer.modes import Backend, Streaming, encryption_refusal
 
 if TYPE_CHECKING:
     from kvtransfer.config import TransferConfig
@@ -88,6 +88,15 @@ TRANSFER = Group(
         ),
     ),
 )
+
+
+def check_flags(args: argparse.Namespace, keyed: bool) -> None:
+    """Raise ValueError for a combination of the channel's flags that no worker could start
+    with (torch-free: a launcher checks before it starts any; ``keyed``: whether the workers
+    will have the fleet key, which a launcher may generate)."""
+    refusal = encryption_refusal(args.kv_encrypt, keyed, Backend(args.kv_backend))
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 def transfer_config(args: argparse.Namespace) -> TransferConfig:

@@ -12,7 +12,7 @@ import pytest
 from core.settings import add_settings
 from kvtransfer.config import Streaming
 from kvtransfer.datapath import Backend
-from kvtransfer.settings import BACKENDS, STREAMING, TRANSFER, transfer_config
+from kvtransfer.settings import BACKENDS, STREAMING, TRANSFER, check_flags, transfer_config
 
 
 def test_choices_are_the_enums_values() -> None:
@@ -57,6 +57,11 @@ def test_kv_encrypt_needs_a_key_and_a_host_backend(monkeypatch: pytest.MonkeyPat
     for backend in ("gloo", "nccl"):
         with pytest.raises(ValueError, match=f"not available with --kv-backend {backend}"):
             transfer_config(_args(["--kv-encrypt", "--kv-backend", backend]))
+        with pytest.raises(ValueError, match=f"not available with --kv-backend {backend}"):
+            check_flags(_args(["--kv-encrypt", "--kv-backend", backend]), keyed=True)
+    with pytest.raises(ValueError, match="needs the fleet's key"):
+        check_flags(_args(["--kv-encrypt"]), keyed=False)
+    check_flags(_args(["--kv-encrypt", "--kv-backend", "stream"]), keyed=True)
     cfg = transfer_config(_args(["--kv-backend", "stream"]))
     assert not cfg.encrypt and cfg.integrity == "aes-256-gmac"
     monkeypatch.setenv("PDSERVE_KV_ENCRYPT", "on")
