@@ -69,7 +69,12 @@ __all__ = ["GATEWAY_FLAGS", "WORKER_FLAGS", "ProcessSpec", "plan_cluster", "run_
 
 
 def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
-    """Ports: prefill workers first, then decode workers, then decode KV endpoints.
+    """Ports: prefill workers first, then decode workers, from ``--worker-base-port``: fixed,
+    because the gateway's worker list is static and a restarted worker must come back on its
+    address. A decode worker's KV endpoint (tcp) is left to the kernel: every transfer
+    ticket carries it, so nothing needs to know it beforehand, it cannot collide, and a
+    restarted worker gets a fresh one (a prefill worker then handshakes with it anew rather
+    than reusing the handshake it made with the dead process).
 
     Each child's command line is written from the settings' declarations: what ``up`` was
     given (``WORKER_FLAGS``, ``GATEWAY_FLAGS``), this layout's addresses, and TLS per role."""
@@ -97,16 +102,13 @@ def plan_cluster(args: argparse.Namespace, log_level: str) -> list[ProcessSpec]:
         specs.append(ProcessSpec(f"prefill-{i}", addr, argv, binds=binds))
     ipc_dir = tempfile.gettempdir()
     for i, addr in enumerate(decode_addrs):
-        kv_port = base + args.prefill + args.decode + i
         if args.kv_transport == "ipc":
             kv = f"ipc://{ipc_dir}/pdserve-{os.getpid()}-decode-{i}.sock"
-        else:
-            kv = f"tcp://{host}:{kv_port}"
+        else:  # the kernel picks it; each ticket carries it (see plan_cluster's docstring)
+            kv = f"tcp://{host}:0"
         metrics_port = next(metrics)
         own = {"listen": addr, "kv_bind": kv, "metrics_port": metrics_port}
         binds = _binds(host, base + args.prefill + i, metrics_port)
-        if args.kv_transport == "tcp":
-            binds += (Bind(host, kv_port),)
         argv = (
             *me,
             "decode",
@@ -246,7 +248,7 @@ def _refused(args: argparse.Namespace) -> str | None:
 def _warn_if_ephemeral(args: argparse.Namespace) -> None:
     """Worker ports inside the kernel's ephemeral range can be held by any outgoing
     connection; say so (they still work while they are free)."""
-    ports = range(args.worker_base_port, args.worker_base_port + args.prefill + 2 * args.decode)
+    ports = range(args.worker_base_port, args.worker_base_port + args.prefill + args.decode)
     inside = overlap(ports, ephemeral_range())
     if inside is not None:
         log.warning(

@@ -33,9 +33,9 @@ CLUSTER = Group(
             "--worker-base-port",
             type=int,
             default=WORKER_BASE_PORT,
-            help="first port for workers' gRPC and KV endpoints (prefill workers, then decode "
-            "workers, then decode KV endpoints); the default keeps them below the kernel's "
-            "ephemeral range, where an outgoing connection could be holding one",
+            help="first port of the workers' gRPC servers (prefill workers, then decode "
+            "workers; KV endpoints are picked by the kernel); the default keeps them below "
+            "the kernel's ephemeral range, where an outgoing connection could be holding one",
         ),
         Setting("--kv-transport", choices=["tcp", "ipc"], default="tcp"),
         Setting(
