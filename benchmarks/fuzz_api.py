@@ -65,6 +65,36 @@ MAX_TOKENS = st.one_of(st.integers(0, 3), st.integers(2**20, 2**32 - 1))
 
 
 # ---- strategies ---------------------------------------------------------------------------
+#
+# Every input is drawn in one of three moods: all fields valid (so requests are served and the
+# engine runs), one field hostile (the validation path of that field), or all hostile. Each
+# field has a (valid, hostile) pair of strategies.
+
+VOCAB = 49_152  # the default model's; ids past it are hostile
+VALID_IDS = st.integers(0, VOCAB - 1)
+NICE_TEXT = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=16
+)
+Pair = tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]
+
+
+@st.composite
+def moods(draw: st.DrawFn, fields: list[str]) -> frozenset[str]:
+    """The fields to draw hostile: none, one, or all."""
+    mood = draw(st.sampled_from(["valid", "valid", "one", "one", "all"]))
+    if mood == "valid":
+        return frozenset()
+    if mood == "one":
+        return frozenset({draw(st.sampled_from(fields))})
+    return frozenset(fields)
+
+
+def _draw_fields(draw: st.DrawFn, pairs: dict[str, Pair]) -> dict[str, Any]:
+    """One value per field (None: leave it unset), hostile for the fields the mood picked."""
+    hostile = draw(moods(sorted(pairs)))
+    return {
+        name: draw(pair[1] if name in hostile else _maybe(pair[0])) for name, pair in pairs.items()
+    }
 
 
 def _maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -72,8 +102,19 @@ def _maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 
 
 @st.composite
-def structured_outputs(draw: st.DrawFn) -> common_pb2.StructuredOutput:
+def structured_outputs(draw: st.DrawFn, valid: bool) -> common_pb2.StructuredOutput:
     msg = common_pb2.StructuredOutput()
+    if valid:
+        choice = draw(st.sampled_from(["json_object", "regex", "choice", "grammar"]))
+        if choice == "json_object":
+            msg.json_object = True
+        elif choice == "regex":
+            msg.regex = draw(st.sampled_from(["[a-z]{1,3}", "(yes|no)", "[0-9]+"]))
+        elif choice == "choice":
+            msg.choice.choices.extend(draw(st.lists(NICE_TEXT, min_size=1, max_size=3)))
+        else:
+            msg.grammar = 'start: "yes" | "no"'
+        return msg
     kind = draw(st.sampled_from(["json_schema", "json_object", "regex", "choice", "grammar"]))
     if kind == "json_object":
         msg.json_object = draw(st.booleans())
@@ -89,60 +130,110 @@ def structured_outputs(draw: st.DrawFn) -> common_pb2.StructuredOutput:
     return msg
 
 
+def _floats(low: float, high: float) -> st.SearchStrategy[float]:
+    return st.floats(low, high, width=32)
+
+
+SAMPLING_FIELDS: dict[str, Pair] = {
+    "max_tokens": (st.integers(1, 3), MAX_TOKENS),
+    "temperature": (_floats(0, 2), st.one_of(NICE_FLOATS, FLOATS)),
+    "top_p": (_floats(0.0625, 1), st.one_of(NICE_FLOATS, FLOATS)),
+    "top_k": (st.integers(0, 50), U32),
+    "seed": (U64, U64),
+    "repetition_penalty": (_floats(0.5, 2.0), st.one_of(NICE_FLOATS, FLOATS)),
+    "presence_penalty": (_floats(-2, 2), st.one_of(NICE_FLOATS, FLOATS)),
+    "frequency_penalty": (_floats(-2, 2), st.one_of(NICE_FLOATS, FLOATS)),
+    "min_p": (_floats(0, 1), st.one_of(NICE_FLOATS, FLOATS)),
+    "min_tokens": (st.integers(0, 1), U32),
+    "logprobs": (st.integers(0, 5), U32),
+    "stop": (st.lists(NICE_TEXT, max_size=3), st.lists(TEXT, max_size=20)),
+    "stop_token_ids": (
+        st.lists(VALID_IDS, max_size=3),
+        st.lists(st.one_of(VOCABISH, U32), max_size=4),
+    ),
+    "logit_bias": (
+        st.dictionaries(VALID_IDS, _floats(-100, 100), max_size=3),
+        st.dictionaries(st.one_of(VOCABISH, U32), FLOATS, max_size=4),
+    ),
+    "ignore_eos": (st.booleans(), st.booleans()),
+    "include_stop_str_in_output": (st.booleans(), st.booleans()),
+    "structured_output": (
+        st.one_of(st.none(), structured_outputs(True)),
+        structured_outputs(False),
+    ),
+}
+
+
 @st.composite
 def sampling_params(draw: st.DrawFn) -> common_pb2.SamplingParams:
-    msg = common_pb2.SamplingParams(max_tokens=draw(MAX_TOKENS))
-    optional: dict[str, st.SearchStrategy[Any]] = {
-        "temperature": st.one_of(NICE_FLOATS, FLOATS),
-        "top_p": st.one_of(NICE_FLOATS, FLOATS),
-        "top_k": st.one_of(st.integers(0, 5), U32),
-        "seed": U64,
-        "repetition_penalty": st.one_of(NICE_FLOATS, FLOATS),
-        "presence_penalty": st.one_of(NICE_FLOATS, FLOATS),
-        "frequency_penalty": st.one_of(NICE_FLOATS, FLOATS),
-        "min_p": st.one_of(NICE_FLOATS, FLOATS),
-        "min_tokens": st.one_of(st.integers(0, 3), U32),
-        "logprobs": st.one_of(st.integers(0, 3), U32),
-    }
-    for name, strategy in optional.items():
-        value = draw(_maybe(strategy))
-        if value is not None:
+    msg = common_pb2.SamplingParams(max_tokens=2)
+    for name, value in _draw_fields(draw, SAMPLING_FIELDS).items():
+        if value is None:
+            continue
+        if name in ("stop", "stop_token_ids"):
+            getattr(msg, name).extend(value)
+        elif name == "logit_bias":
+            msg.logit_bias.update(value)
+        elif name == "structured_output":
+            msg.structured_output.CopyFrom(value)
+        else:
             setattr(msg, name, value)
-    msg.stop.extend(draw(st.lists(TEXT, max_size=20)))
-    msg.stop_token_ids.extend(draw(st.lists(st.one_of(VOCABISH, U32), max_size=4)))
-    msg.ignore_eos = draw(st.booleans())
-    msg.include_stop_str_in_output = draw(st.booleans())
-    for token, bias in draw(st.dictionaries(st.one_of(VOCABISH, U32), FLOATS, max_size=4)).items():
-        msg.logit_bias[token] = bias
-    if draw(st.integers(0, 4)) == 0:
-        msg.structured_output.CopyFrom(draw(structured_outputs()))
     return msg
 
 
 REQUEST_IDS = st.one_of(
     st.just(""),
-    st.from_regex(r"[!-~]{1,40}", fullmatch=True),
     st.text(max_size=20),  # newlines, spaces, non-ASCII
     st.sampled_from(["x" * 129, "y" * 9000]),
 )
+VALID_IDS_TEXT = st.from_regex(r"[!-~]{1,40}", fullmatch=True)
 ROLES = st.sampled_from(["system", "user", "assistant", "tool", "", "bogus"])
+VALID_ROLES = st.sampled_from(["system", "user", "assistant"])
+
+
+@st.composite
+def _messages(draw: st.DrawFn, valid: bool) -> list[tuple[str, str]]:
+    if valid:
+        return draw(
+            st.lists(st.tuples(VALID_ROLES, NICE_TEXT), min_size=1, max_size=3).map(
+                lambda ms: [*ms[:-1], ("user", ms[-1][1])]
+            )
+        )
+    return draw(st.lists(st.tuples(ROLES, TEXT), max_size=3))
 
 
 @st.composite
 def generate_requests(draw: st.DrawFn) -> generation_pb2.GenerateRequest:
     """GenerateRequest messages, valid and not: no input, two inputs, ids outside the
     vocabulary, empty messages, bad request ids, every sampling field at random."""
-    req = generation_pb2.GenerateRequest(request_id=draw(REQUEST_IDS))
-    inputs = draw(st.sets(st.sampled_from(["prompt", "ids", "messages"]), max_size=3))
+    fields: dict[str, Pair] = {
+        "request_id": (VALID_IDS_TEXT, REQUEST_IDS),
+        "input": (
+            st.sampled_from(["prompt", "ids", "messages"]).map(lambda k: {k}),
+            st.sets(st.sampled_from(["prompt", "ids", "messages"]), max_size=3),
+        ),
+        "n": (st.integers(1, 3), st.one_of(st.just(0), st.integers(17, 2**32 - 1))),
+    }
+    hostile = draw(moods(["request_id", "input", "n", "values"]))
+    req = generation_pb2.GenerateRequest()
+    rid = draw(fields["request_id"][1] if "request_id" in hostile else fields["request_id"][0])
+    req.request_id = rid
+    inputs = draw(fields["input"][1] if "input" in hostile else fields["input"][0])
+    bad = "values" in hostile
     if "prompt" in inputs:
-        req.prompt = draw(TEXT)
+        req.prompt = draw(TEXT if bad else NICE_TEXT)
     if "ids" in inputs:
-        req.prompt_token_ids.extend(draw(st.lists(st.one_of(VOCABISH, U32), max_size=12)))
+        ids = (
+            st.lists(st.one_of(VOCABISH, U32), max_size=12)
+            if bad
+            else st.lists(VALID_IDS, min_size=1, max_size=12)
+        )
+        req.prompt_token_ids.extend(draw(ids))
     if "messages" in inputs:
-        for role, content in draw(st.lists(st.tuples(ROLES, TEXT), max_size=3)):
+        for role, content in draw(_messages(not bad)):
             req.messages.add(role=role, content=content)
     req.sampling.CopyFrom(draw(sampling_params()))
-    n = draw(_maybe(st.one_of(st.integers(0, 3), st.integers(17, 2**32 - 1))))
+    n = draw(fields["n"][1] if "n" in hostile else _maybe(fields["n"][0]))
     if n is not None:
         req.n = n
     return req
@@ -160,34 +251,49 @@ JSON_VALUES = st.recursive(
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3)),
     max_leaves=8,
 )
-OPENAI_FIELDS: dict[str, st.SearchStrategy[Any]] = {
-    "max_tokens": st.one_of(MAX_TOKENS, JSON_LEAVES),
-    "temperature": st.one_of(NICE_FLOATS, JSON_LEAVES),
-    "top_p": st.one_of(NICE_FLOATS, JSON_LEAVES),
-    "top_k": st.one_of(st.integers(-2, 5), JSON_LEAVES),
-    "n": st.one_of(st.integers(0, 3), JSON_LEAVES),
-    "seed": st.one_of(st.integers(-5, 2**65), JSON_LEAVES),
-    "stop": st.one_of(TEXT, st.lists(TEXT, max_size=20), JSON_LEAVES),
-    "stream": st.booleans(),
-    "logprobs": st.one_of(st.booleans(), st.integers(-1, 25), JSON_LEAVES),
-    "logit_bias": st.one_of(
-        st.dictionaries(st.from_regex(r"-?[0-9]{1,7}", fullmatch=True), FLOATS, max_size=3),
-        JSON_VALUES,
+OPENAI_FIELDS: dict[str, Pair] = {
+    "max_tokens": (st.integers(1, 3), st.one_of(MAX_TOKENS, JSON_LEAVES)),
+    "temperature": (st.floats(0, 2), st.one_of(NICE_FLOATS, JSON_LEAVES)),
+    "top_p": (st.floats(0.05, 1), st.one_of(NICE_FLOATS, JSON_LEAVES)),
+    "top_k": (st.integers(-1, 50), st.one_of(st.integers(-5, 2**70), JSON_LEAVES)),
+    "n": (st.integers(1, 3), st.one_of(st.integers(-1, 2**40), JSON_LEAVES)),
+    "seed": (st.integers(0, 2**63), st.one_of(st.integers(-5, 2**65), JSON_LEAVES)),
+    "stop": (
+        st.lists(NICE_TEXT, max_size=3),
+        st.one_of(TEXT, st.lists(TEXT, max_size=20), JSON_LEAVES),
     ),
-    "presence_penalty": st.one_of(NICE_FLOATS, JSON_LEAVES),
-    "frequency_penalty": st.one_of(NICE_FLOATS, JSON_LEAVES),
-    "repetition_penalty": st.one_of(NICE_FLOATS, JSON_LEAVES),
-    "min_tokens": st.one_of(st.integers(-1, 3), JSON_LEAVES),
-    "stop_token_ids": st.one_of(st.lists(st.integers(-1, 2**33), max_size=3), JSON_VALUES),
-    "response_format": st.one_of(
-        st.sampled_from([{"type": "json_object"}, {"type": "text"}, {"type": "nope"}]),
-        st.builds(
-            lambda schema: {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    "stream": (st.booleans(), JSON_LEAVES),
+    "logprobs": (st.integers(0, 5), st.one_of(st.integers(-1, 25), JSON_LEAVES)),
+    "logit_bias": (
+        st.dictionaries(VALID_IDS.map(str), st.floats(-100, 100), max_size=3),
+        st.one_of(
+            st.dictionaries(st.from_regex(r"-?[0-9]{1,7}", fullmatch=True), FLOATS, max_size=3),
             JSON_VALUES,
         ),
-        JSON_VALUES,
     ),
-    "frobnicate": JSON_VALUES,
+    "presence_penalty": (st.floats(-2, 2), st.one_of(NICE_FLOATS, JSON_LEAVES)),
+    "frequency_penalty": (st.floats(-2, 2), st.one_of(NICE_FLOATS, JSON_LEAVES)),
+    "repetition_penalty": (st.floats(0.5, 2), st.one_of(NICE_FLOATS, JSON_LEAVES)),
+    "min_tokens": (st.integers(0, 1), st.one_of(st.integers(-1, 2**40), JSON_LEAVES)),
+    "stop_token_ids": (
+        st.lists(VALID_IDS, max_size=3),
+        st.one_of(st.lists(st.integers(-1, 2**33), max_size=3), JSON_VALUES),
+    ),
+    "response_format": (
+        st.sampled_from([{"type": "json_object"}, {"type": "text"}]),
+        st.one_of(
+            st.sampled_from([{"type": "nope"}, {"type": "json_schema"}]),
+            st.builds(
+                lambda schema: {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": schema},
+                },
+                JSON_VALUES,
+            ),
+            JSON_VALUES,
+        ),
+    ),
+    "frobnicate": (st.nothing(), JSON_VALUES),
 }
 CONTENT_TYPES = st.sampled_from(
     ["application/json", "application/json; charset=utf-8", "text/plain", "", "multipart/form-data"]
@@ -201,10 +307,15 @@ class HttpInput:
     content_type: str
 
 
+def _valid_messages() -> st.SearchStrategy[list[dict[str, str]]]:
+    return _messages(True).map(lambda ms: [{"role": r, "content": c} for r, c in ms])
+
+
 @st.composite
 def openai_inputs(draw: st.DrawFn, model: str) -> HttpInput:
-    """OpenAI bodies for the completions, chat and tokenizer routes: mostly objects with
-    hostile field values, some not objects, not JSON, not UTF-8, or nested deeply."""
+    """OpenAI bodies for the completions, chat and tokenizer routes: valid objects, objects
+    with hostile field values, and bodies that are not objects, not JSON, not UTF-8, or
+    nested deeply."""
     path = draw(
         st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"])
     )
@@ -217,28 +328,41 @@ def openai_inputs(draw: st.DrawFn, model: str) -> HttpInput:
         depth = draw(st.sampled_from([200, 5_000, 100_000]))
         body = (b"[" * depth) + (b"]" * depth)
     else:
-        obj: dict[str, Any] = {"model": draw(st.one_of(st.just(model), JSON_LEAVES))}
-        if path in ("/v1/chat/completions",) or draw(st.integers(0, 5)) == 0:
-            messages = st.lists(
-                st.fixed_dictionaries(
-                    {"role": st.one_of(ROLES, JSON_LEAVES)},
-                    optional={"content": st.one_of(TEXT, JSON_VALUES)},
-                ),
-                max_size=3,
-            )
-            obj["messages"] = draw(st.one_of(messages, JSON_VALUES))
-        else:
-            prompt = st.one_of(TEXT, st.lists(st.integers(-1, 60_000), max_size=8), JSON_VALUES)
-            obj["prompt"] = draw(prompt)
-        if path == "/detokenize":
-            obj["tokens"] = draw(
-                st.one_of(st.lists(st.integers(-1, 2**40), max_size=6), JSON_VALUES)
-            )
-        for name in draw(st.sets(st.sampled_from(sorted(OPENAI_FIELDS)), max_size=5)):
-            obj[name] = draw(OPENAI_FIELDS[name])
+        body = json.dumps(draw(_openai_object(path, model)), allow_nan=True).encode()
+    content_type = "application/json" if shape > 3 else draw(CONTENT_TYPES)
+    return HttpInput(path, body, content_type)
+
+
+@st.composite
+def _openai_object(draw: st.DrawFn, path: str, model: str) -> dict[str, Any]:
+    hostile = draw(moods(["model", "input", *OPENAI_FIELDS]))
+    obj: dict[str, Any] = {"model": draw(JSON_LEAVES) if "model" in hostile else model}
+    bad_input = "input" in hostile
+    if path == "/v1/chat/completions" or (path == "/tokenize" and draw(st.booleans())):
+        hostile_messages = st.lists(
+            st.fixed_dictionaries(
+                {"role": st.one_of(ROLES, JSON_LEAVES)},
+                optional={"content": st.one_of(TEXT, JSON_VALUES)},
+            ),
+            max_size=3,
+        )
+        obj["messages"] = draw(
+            st.one_of(hostile_messages, JSON_VALUES) if bad_input else _valid_messages()
+        )
+    elif path == "/detokenize":
+        hostile_tokens = st.one_of(st.lists(st.integers(-1, 2**40), max_size=6), JSON_VALUES)
+        obj["tokens"] = draw(hostile_tokens if bad_input else st.lists(VALID_IDS, max_size=6))
+    else:
+        valid_prompt = st.one_of(NICE_TEXT, st.lists(VALID_IDS, min_size=1, max_size=8))
+        hostile_prompt = st.one_of(TEXT, st.lists(st.integers(-1, 60_000), max_size=8), JSON_VALUES)
+        obj["prompt"] = draw(hostile_prompt if bad_input else valid_prompt)
+    if path.startswith("/v1/"):
+        for name, (valid, bad) in OPENAI_FIELDS.items():
+            value = draw(bad if name in hostile else _maybe(valid))
+            if value is not None:
+                obj[name] = value
         obj.setdefault("max_tokens", 2)
-        body = json.dumps(obj, allow_nan=True).encode()
-    return HttpInput(path, body, draw(CONTENT_TYPES))
+    return obj
 
 
 def _fingerprint(draw: st.DrawFn) -> worker_pb2.KVFingerprint:
@@ -259,7 +383,7 @@ def _fingerprint(draw: st.DrawFn) -> worker_pb2.KVFingerprint:
 @st.composite
 def tickets(draw: st.DrawFn) -> worker_pb2.TransferTicket:
     return worker_pb2.TransferTicket(
-        transfer_id=draw(st.binary(min_size=0, max_size=20)),
+        transfer_id=draw(st.one_of(st.binary(min_size=16, max_size=16), st.binary(max_size=20))),
         kv_endpoint=draw(
             st.one_of(st.sampled_from(["tcp://127.0.0.1:1", "ipc:///nope", ""]), TEXT)
         ),
@@ -270,12 +394,21 @@ def tickets(draw: st.DrawFn) -> worker_pb2.TransferTicket:
     )
 
 
+def _worker_prompt(draw: st.DrawFn) -> list[int]:
+    bad = draw(st.booleans())
+    return draw(
+        st.lists(st.one_of(VOCABISH, U32), max_size=12)
+        if bad
+        else st.lists(VALID_IDS, min_size=1, max_size=12)
+    )
+
+
 @st.composite
 def decode_requests(draw: st.DrawFn) -> worker_pb2.DecodeRequest:
     """Straight to a decode worker, LOCAL mode (REMOTE would wait for pages until its lease)."""
     return worker_pb2.DecodeRequest(
-        request_id=draw(st.from_regex(r"[!-~]{1,20}", fullmatch=True)),
-        prompt_token_ids=draw(st.lists(st.one_of(VOCABISH, U32), max_size=12)),
+        request_id=draw(VALID_IDS_TEXT),
+        prompt_token_ids=_worker_prompt(draw),
         sampling=draw(sampling_params()),
         mode=worker_pb2.PREFILL_MODE_LOCAL,
         resumed_tokens=draw(st.one_of(st.integers(0, 3), U32)),
@@ -285,8 +418,8 @@ def decode_requests(draw: st.DrawFn) -> worker_pb2.DecodeRequest:
 @st.composite
 def prefill_requests(draw: st.DrawFn) -> worker_pb2.PrefillRequest:
     return worker_pb2.PrefillRequest(
-        request_id=draw(st.from_regex(r"[!-~]{1,20}", fullmatch=True)),
-        prompt_token_ids=draw(st.lists(st.one_of(VOCABISH, U32), max_size=12)),
+        request_id=draw(VALID_IDS_TEXT),
+        prompt_token_ids=_worker_prompt(draw),
         sampling=draw(sampling_params()),
         ticket=draw(tickets()),
         resumed_tokens=draw(st.one_of(st.integers(0, 3), U32)),

@@ -21,6 +21,8 @@ MAX_PENALTY = 2.0  # presence and frequency penalties: OpenAI's [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's [-100, 100]
 MAX_LOGIT_BIAS_ENTRIES = 1024  # bounds the sampler's per-step work for one request
 MAX_LOGPROBS = 20  # top alternatives per token, as vLLM's and OpenAI's limit
+MIN_TEMPERATURE = 1e-4  # smaller (but not 0) overflows logits / temperature: NaN in the sampler
+MIN_REPETITION_PENALTY = 1e-4  # the same: positive logits are divided by it
 MAX_UINT32 = 2**32 - 1  # top_k and token ids travel to the workers as uint32
 FLOAT32_MAX = 3.4028234663852886e38  # the floats travel as 32-bit floats
 
@@ -61,6 +63,11 @@ def _check_sampling_ranges(params: SamplingParams, vocab_size: int | None) -> No
         raise InvalidRequestError(
             f"temperature must be >= 0 (0 means greedy), got {params.temperature}"
         )
+    if 0 < params.temperature < MIN_TEMPERATURE:
+        raise InvalidRequestError(
+            f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, "
+            f"got {params.temperature}"
+        )
     if math.isnan(params.top_p) or not 0 < as_sent(params.top_p) <= 1:
         raise InvalidRequestError(f"top_p must be in (0, 1], got {params.top_p}")
     if params.top_k < 0:
@@ -90,6 +97,11 @@ def _check_processors(params: SamplingParams, vocab_size: int | None) -> None:
     if as_sent(params.repetition_penalty) <= 0:
         raise InvalidRequestError(
             f"repetition_penalty must be > 0 (1 disables it), got {params.repetition_penalty}"
+        )
+    if params.repetition_penalty < MIN_REPETITION_PENALTY:
+        raise InvalidRequestError(
+            f"repetition_penalty must be at least {MIN_REPETITION_PENALTY:g}, "
+            f"got {params.repetition_penalty}"
         )
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(params, name)

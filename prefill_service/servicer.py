@@ -49,7 +49,8 @@ def check_request(prompt: list[int], sampling: SamplingParams, spec: ModelSpec) 
     """Raise InvalidRequestError unless the engine can run this request as it came. A call
     straight to this worker skips the gateway's checks (gateway/validation.py): these are the
     ones without which an engine step fails, for every sequence of its batch (a token id past
-    the embedding, a NaN in the logits). The prefill and decode servicers hold the same."""
+    the embedding, a NaN in the logits: a temperature or repetition penalty under 1e-4 overflows
+    the logits it divides). The prefill and decode servicers hold the same."""
     vocab, limit = spec.vocab_size, spec.max_model_len
     if not prompt:
         raise InvalidRequestError("empty prompt_token_ids")
@@ -64,10 +65,14 @@ def check_request(prompt: list[int], sampling: SamplingParams, spec: ModelSpec) 
         )
     s = sampling
     rules = {  # field: (value, whether it is in range, the range)
-        "temperature": (s.temperature, s.temperature >= 0, " >= 0"),
+        "temperature": (
+            s.temperature,
+            s.temperature == 0 or s.temperature >= 1e-4,
+            " >= 1e-4 or 0",
+        ),
         "top_p": (s.top_p, 0 < s.top_p <= 1, " in (0, 1]"),
         "min_p": (s.min_p, 0 <= s.min_p <= 1, " in [0, 1]"),
-        "repetition_penalty": (s.repetition_penalty, s.repetition_penalty > 0, " > 0"),
+        "repetition_penalty": (s.repetition_penalty, s.repetition_penalty >= 1e-4, " >= 1e-4"),
         "presence_penalty": (s.presence_penalty, True, ""),
         "frequency_penalty": (s.frequency_penalty, True, ""),
         **{f"logit_bias[{t}]": (bias, True, "") for t, bias in s.logit_bias},

@@ -95,6 +95,9 @@ def test_a_request_id_that_cannot_travel_is_refused_at_once(
         ({"prompt_token_ids": [5] * 100_000}, "context length"),
         ({"prompt": "hi", "sampling": {"temperature": float("nan")}}, "temperature"),
         ({"prompt": "hi", "sampling": {"top_p": -1.0}}, "top_p"),
+        # overflowed logits / temperature into NaN: every batch it joined failed, 4 routes tried
+        ({"prompt": "hi", "sampling": {"temperature": 1e-45}}, "temperature must be 0 (greedy)"),
+        ({"prompt": "hi", "sampling": {"repetition_penalty": 1e-45}}, "repetition_penalty"),
         ({"prompt": "hi", "sampling": {"stop": ["x"] * 100_000}}, "stop strings"),
         ({"prompt": "hi", "sampling": {"logit_bias": {10**9: 1.0}}}, "logit_bias"),
         ({"prompt": "hi", "sampling": {"stop_token_ids": [10**9]}}, "stop_token_ids"),
@@ -189,6 +192,7 @@ WORKER_CASES = [
     ({"prompt_token_ids": [5] * 100_000}, "context length"),
     ({"sampling": {"max_tokens": 0}}, "max_tokens"),
     ({"sampling": {"temperature": float("nan")}}, "temperature"),
+    ({"sampling": {"temperature": 1e-45}}, "temperature"),  # was UNAVAILABLE: NaN in the step
     ({"sampling": {"top_p": 0.0}}, "top_p"),
     ({"sampling": {"repetition_penalty": -1.0}}, "repetition_penalty"),
     ({"sampling": {"presence_penalty": float("inf")}}, "presence_penalty"),

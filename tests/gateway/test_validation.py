@@ -156,6 +156,9 @@ def test_boundary_values_are_valid(params: SamplingParams) -> None:
         (SamplingParams(top_p=1e-50), 10, "top_p must be in (0, 1], got 1e-50"),
         (SamplingParams(repetition_penalty=1e-50), 10, "repetition_penalty must be > 0"),
         (SamplingParams(repetition_penalty=-1e39), 10, "repetition_penalty must be a finite"),
+        # would overflow logits / value into NaN and fail the engine step of the whole batch
+        (SamplingParams(temperature=1.4e-45), 10, "temperature must be 0 (greedy) or at least"),
+        (SamplingParams(repetition_penalty=1e-30), 10, "repetition_penalty must be at least"),
     ],
 )
 def test_invalid_values_are_rejected_with_a_precise_message(
