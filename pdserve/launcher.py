@@ -34,7 +34,7 @@ from decode_service import settings as decode_settings
 from engine.model_files import resolve_model_path
 from engine.settings import ENGINE, MODEL, model_config
 from gateway import settings as gateway_settings
-from kvtransfer.settings import KEY_ENV, TRANSFER
+from kvtransfer.settings import KEY_ENV, TRANSFER, check_flags
 from pdserve.ports import ephemeral_range, overlap
 from pdserve.settings import UP
 from pdserve.supervisor import Bind, ClusterFailed, ProcessSpec, RestartPolicy, Supervisor
@@ -242,6 +242,10 @@ def _refused(args: argparse.Namespace) -> str | None:
         return "--fail-fast stops on a worker's death, --keep-going serves on: pick one"
     if args.restart_limit < 0 or min(args.restart_delay, args.restart_window) <= 0:
         return "need --restart-limit >= 0, --restart-delay > 0 and --restart-window > 0"
+    try:  # what every worker would refuse: better said once than crash-looped
+        check_flags(args, keyed=not args.kv_insecure)  # up makes a key unless insecure
+    except ValueError as exc:
+        return str(exc)
     return None
 
 

@@ -261,7 +261,12 @@ def test_supervision_settings_make_the_restart_policy() -> None:
 
 @pytest.mark.parametrize(
     "flags",
-    [("--fail-fast", "--keep-going"), ("--restart-limit=-1",), ("--restart-delay=0",)],
+    [
+        ("--fail-fast", "--keep-going"),
+        ("--restart-limit=-1",),
+        ("--restart-delay=0",),
+        ("--kv-encrypt", "--kv-backend=gloo"),  # every worker would refuse it
+    ],
 )
 def test_contradictory_supervision_settings_are_refused(
     flags: tuple[str, ...], capsys: pytest.CaptureFixture[str]
