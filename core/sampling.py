@@ -20,7 +20,9 @@ class FinishReason(enum.Enum):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to choose each new token. Validated at the gateway; the engine trusts these values."""
+    """How to choose each new token. Validated at the gateway (every check a client can fail)
+    and again by each worker's servicer for what the engine cannot survive (token ids, ranges);
+    the engine trusts these values."""
 
     max_tokens: int = 16
     temperature: float = 1.0  # 0 means greedy

@@ -52,7 +52,14 @@ class StructuredOutput:
 
     def grammar(self) -> str:
         """The llguidance grammar (its JSON form) this constraint compiles to; raises
-        InvalidRequestError when ``spec`` is not even well-formed (bad JSON, no choices)."""
+        InvalidRequestError when ``spec`` is not even well-formed (bad JSON, no choices, nested
+        past the compiler's recursion limit)."""
+        try:
+            return self._grammar()
+        except (ValueError, RecursionError) as exc:  # llguidance's, or json's on deep nesting
+            raise InvalidRequestError(f"invalid {self.kind.value}: {exc}") from None
+
+    def _grammar(self) -> str:
         from llguidance import LLMatcher
 
         kind = self.kind
@@ -61,7 +68,7 @@ class StructuredOutput:
         if kind is GrammarKind.JSON_SCHEMA:
             try:
                 schema = json.loads(self.spec)
-            except ValueError as exc:
+            except json.JSONDecodeError as exc:
                 raise InvalidRequestError(f"json_schema is not valid JSON: {exc}") from None
             if not isinstance(schema, dict | bool):
                 raise InvalidRequestError(
