@@ -107,7 +107,11 @@ class KVReceiver:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, _RCVHWM)
-        sock.bind(self._bind_endpoint)
+        try:
+            sock.bind(self._bind_endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)  # e.g. the address is still in use: start() may be retried
+            raise
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock = sock
         self._thread = threading.Thread(target=self._loop, name="kv-receiver", daemon=True)
@@ -197,11 +201,10 @@ class KVReceiver:
             # an out-of-band header cannot be authenticated without its payload: from a
             # stranger, on a keyed channel, count it as what it is, unauthenticated
             oob = isinstance(header, wire.PageHeader) and header.out_of_band
-            self.stats.drop("unauthenticated" if oob and self._auth.key else "no_handshake")
-            if isinstance(header, wire.DoneHeader):
-                self._ack(
-                    identity, header.transfer_id, wire.AckStatus.FAILED, wire.HANDSHAKE_REQUIRED
-                )
+            authentic = not (oob and self._auth.key)
+            self.stats.drop("no_handshake" if authentic else "unauthenticated")
+            if authentic:
+                self._refuse_stranger(identity, header)
             return
         check = wire.payload_check(frames[0].buffer, self._auth) if deferred else None
         data: torch.Tensor | memoryview | None = payload
@@ -331,6 +334,23 @@ class KVReceiver:
         )
         self._peers.admit(identity, theirs, offer)
         log.info("kv_peer_accepted", backend=self.backend.value)
+
+    def _refuse_stranger(self, identity: bytes, header: wire.Header) -> None:
+        """An authentic frame from a peer that has not handshaken with this process (it
+        handshook with the one before a restart on this endpoint, or was forgotten): it was
+        dropped, so a reserved transfer it names cannot complete and fails now, not at its
+        lease (blocks freed, ``on_failed``); the sender is told to handshake again, once per
+        such transfer and for every DONE."""
+        if not isinstance(header, wire.PageHeader | wire.DoneHeader | wire.AbortHeader):
+            return
+        reservation = self._reservations.take(header.transfer_id)
+        if reservation is not None:
+            reason = f"{wire.HANDSHAKE_REQUIRED}: its frames came from a peer not handshaken"
+            self.stats.fail(failure_label(reason))
+            log.warning("kv_transfer_failed", request_id=reservation.request_id, reason=reason)
+            self._on_failed(reservation.request_id, f"KV transfer failed: {reason}")
+        if reservation is not None or isinstance(header, wire.DoneHeader):
+            self._ack(identity, header.transfer_id, wire.AckStatus.FAILED, wire.HANDSHAKE_REQUIRED)
 
     def _receive_from_group(
         self, peer: Peer, header: wire.PageHeader, frame: memoryview

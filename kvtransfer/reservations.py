@@ -68,11 +68,16 @@ class Reservations:
 
     def cancel(self, transfer_id: bytes) -> bool:
         """Forget a transfer; returns once no read can write its blocks any more."""
+        return self.take(transfer_id) is not None
+
+    def take(self, transfer_id: bytes) -> Reservation | None:
+        """Forget a transfer as :meth:`cancel` does, returning its reservation (None if it was
+        not expected)."""
         with self.lock:
-            found = self.by_id.pop(transfer_id, None) is not None
+            reservation = self.by_id.pop(transfer_id, None)
             while self._writing == transfer_id:  # an in-place read: one read slice at most
                 self.lock.wait()
-            return found
+            return reservation
 
     def pending(self) -> int:
         with self.lock:

@@ -1,7 +1,10 @@
 """A decode worker as the sender's thread sees it: its socket, handshake and pair link.
 
 A :class:`Peer` moves only along :class:`PeerState`'s allowed moves (anything else is an
-internal error); frames go out only once it is HANDSHAKEN. A transfer's control frames take
+internal error); frames go out only once it is HANDSHAKEN. Its socket's monitor tells when a
+connection dropped (the decode worker died or restarted on the same endpoint): ZeroMQ
+reconnects by itself, but the new connection is a stranger to the receiver, so the handshake
+must be made again before anything else is sent. A transfer's control frames take
 the path its pages take (the pair's stream for the stream backend, else the ZeroMQ socket), so
 they stay in order. Only the sending thread touches a peer.
 """
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 import structlog
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from core.ticket import Fingerprint, IncompatiblePeerError, check_match
 from kvtransfer import wire
@@ -42,7 +46,8 @@ class PeerState(enum.Enum):
         return state in _PEER_MOVES[self]
 
 
-# Any state may fall back to NEW (a send error or a "handshake required" nack forgets the peer).
+# Any state may fall back to NEW (a send error, a lost connection or a "handshake required" nack
+# forgets the peer).
 _PEER_MOVES: dict[PeerState, frozenset[PeerState]] = {
     PeerState.NEW: frozenset({PeerState.NEW, PeerState.CONNECTING}),
     PeerState.CONNECTING: frozenset({PeerState.NEW, PeerState.HANDSHAKEN, PeerState.FAILED}),
@@ -61,6 +66,31 @@ class Peer:
     refusal: str = ""  # why the handshake failed (FAILED)
     link: PairLink | None = None  # out-of-band backends: the pair's payload channel
     backlog: collections.deque[Command] = field(default_factory=collections.deque)
+    monitor: zmq.Socket[bytes] | None = None  # the socket's EVENT_DISCONNECTED events
+
+    def watch(self) -> None:
+        """Start watching the socket for dropped connections (see :meth:`lost_connection`)."""
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+    def lost_connection(self) -> bool:
+        """Whether a connection of the socket dropped since the last call."""
+        lost = False
+        while self.monitor is not None:
+            try:
+                recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            lost = True  # only EVENT_DISCONNECTED is watched
+        return lost
+
+    def close(self) -> None:
+        """Close the socket, its monitor and the pair link (the sending thread is ending)."""
+        if self.monitor is not None:
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+        if self.link is not None:
+            self.link.close()
 
     def move(self, state: PeerState, refusal: str = "") -> None:
         assert self.state.may_become(state), f"peer {self.state.name} -> {state.name}"

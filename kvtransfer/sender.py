@@ -66,6 +66,7 @@ class _Transfer:
     started: float
     deadline: float | None = None  # set once DONE is sent
     failed: str | None = None
+    sent: bool = False  # some frame of it went out (on the connection of that time)
 
 
 class KVSender:
@@ -186,13 +187,13 @@ class KVSender:
                 except queue.Empty:
                     command = None
             for peer in list(self._peers.values()):
+                if peer.lost_connection():
+                    self._lost(peer)
                 self._drain(peer)
             self._collect_replies()
             self._expire()
         for peer in self._peers.values():
-            peer.sock.close(linger=0)
-            if peer.link is not None:
-                peer.link.close()
+            peer.close()
 
     def _route(self, command: Command) -> None:
         """Hand a command to its transfer's peer, in order; a command for a transfer that
@@ -217,6 +218,7 @@ class KVSender:
             sock.setsockopt(zmq.SNDHWM, _SNDHWM)
             sock.connect(endpoint)
             peer = Peer(endpoint, sock)
+            peer.watch()
             self._peers[endpoint] = peer
             self._poller.register(sock, zmq.POLLIN)
         return peer
@@ -252,6 +254,7 @@ class KVSender:
             case SendPages(layer_start=layer_start, pages=pages):
                 try:
                     if transfer is not None and transfer.failed is None:
+                        transfer.sent = True
                         nbytes = peer.send_page(
                             self.backend, self._auth, transfer.spec, layer_start, pages
                         )
@@ -265,6 +268,7 @@ class KVSender:
                 if transfer is None:
                     return
                 done = wire.DoneHeader(tid, first_token_id, self.fingerprint.num_layers)
+                transfer.sent = True
                 peer.send_frame(wire.encode(done, self._auth))
                 transfer.deadline = time.monotonic() + self._ack_timeout
             case Abort(reason=reason):
@@ -327,6 +331,19 @@ class KVSender:
         for tid, transfer in list(self._transfers.items()):
             if transfer.deadline is not None and transfer.deadline <= now:
                 self._fail(tid, f"ack_timeout: no acknowledgement in {self._ack_timeout:.0f}s")
+
+    def _lost(self, peer: Peer) -> None:
+        """A connection to the peer dropped (its process died, or restarted on the endpoint):
+        its handshake is forgotten, so its backlog waits for a new one (a transfer with nothing
+        sent yet goes on unharmed); a transfer with frames sent over the lost connection fails
+        now, not at its ack timeout."""
+        if peer.state not in (PeerState.CONNECTING, PeerState.HANDSHAKEN):
+            return
+        log.info("kv_peer_connection_lost", endpoint=peer.endpoint)
+        self._reset(peer)
+        for tid, transfer in list(self._transfers.items()):
+            if transfer.sent and transfer.spec.endpoint == peer.endpoint:
+                self._fail(tid, f"connection_lost: {peer.endpoint} (the decode worker restarted?)")
 
     def _reset(self, peer: Peer) -> None:
         """Forget a peer's handshake (its process may have restarted); keep its socket."""

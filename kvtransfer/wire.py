@@ -79,8 +79,9 @@ class AckStatus(enum.IntEnum):
 
 
 HANDSHAKE_REQUIRED = "handshake required"
-"""A FAILED ACK's message for a DONE from a peer the receiver does not know (it restarted, or
-forgot the peer): the sender must handshake again."""
+"""A FAILED ACK's message for a DONE, or the first frame of a reserved transfer (which then
+fails at once), from a peer the receiver does not know (it restarted, or forgot the peer): the
+sender must handshake again."""
 
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
