@@ -4,7 +4,8 @@ The owner calls :meth:`KVSender.open`, :meth:`KVSender.send_pages` (per layer or
 then :meth:`KVSender.finish` or :meth:`KVSender.abort`; each only queues a typed command
 (:data:`Command`). One thread owns every socket and each peer's :class:`PeerState`; a
 peer's commands run in the order queued, only once it is HANDSHAKEN. A transfer ends once:
-acknowledged, or failed (refused peer, send error, nack, ack timeout, abort). ``send_pages``
+acknowledged, or failed (refused peer, send error, lost connection, nack, ack
+timeout, abort). ``send_pages``
 blocks while its peer is over ``max_queued_bytes`` (:class:`SendBudget`). The commands are
 ``kvtransfer.send_commands``'s, a peer's handshake and wire ``kvtransfer.send_peer``'s.
 """
