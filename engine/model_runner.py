@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import structlog
 import torch
 
 from core.sampling import TokenLogprob
@@ -31,6 +32,8 @@ from engine.sampler import Sampler, SampleRequest
 from engine.scheduler import ScheduledBatch, ScheduledSeq
 from engine.sequence import Sequence as EngineSequence
 from engine.structured import GrammarManager, PendingMask
+
+log = structlog.get_logger(__name__)
 
 
 class ModelInputs(NamedTuple):
@@ -106,7 +109,9 @@ class ModelRunner:
     def execute_with_logprobs(
         self, batch: ScheduledBatch
     ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """As :meth:`execute`, with each item's logprobs (None: not sampled or not asked)."""
+        """As :meth:`execute`, with each item's logprobs (None: not sampled or not asked). An
+        item whose row could not be sampled gets a negative token (see
+        :data:`engine.sampler.SAMPLING_FAILURES`), which fails that sequence alone."""
         inputs = self.prepare(batch)
         pending = self._start_masks(batch, inputs.sample_items)  # runs during the forward
         try:
@@ -124,6 +129,10 @@ class ModelRunner:
         for row, token, lp in zip(inputs.sample_items, tokens, logprobs, strict=True):
             result[row] = token
             result_lp[row] = lp
+            if token < 0:
+                log.warning(
+                    "sampling_failed", request_id=batch.items[row].seq.request_id, code=token
+                )
         return result, result_lp
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:

@@ -15,6 +15,15 @@ Log-probabilities (``SamplingParams.logprobs``): for the rows that ask, one batc
 Reproducibility: a seeded request draws its n-th token from a generator seeded with
 ``(seed, position)``, so the same seed gives the same output whichever worker or tier samples
 which position (a prefill worker samples the first token, a decode worker the rest).
+
+Unusable rows: a row whose processed logits have no finite maximum (NaN or +inf anywhere, or
+every token at -inf), or whose maximum over its temperature is not finite, cannot be sampled
+(its softmax is NaN). The greedy ``max`` already gives each row's maximum (it propagates NaN),
+so the check is one ``isfinite`` over ``(S,)`` and one sync; only when a row fails does the
+sampler look further, and that row alone gets a negative token, :data:`BAD_PARAMS_TOKEN` (its
+model logits were finite: its sampling parameters broke them, the request's fault) or
+:data:`BAD_LOGITS_TOKEN` (the model's own logits for it were not finite: the server's fault),
+instead of ``torch.multinomial`` failing the whole batch. :data:`SAMPLING_FAILURES` says why.
 """
 
 from __future__ import annotations
@@ -29,6 +38,23 @@ from engine.structured import TokenMask, apply_token_mask
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive positions apart
 _MASK64 = (1 << 63) - 1
+
+BAD_PARAMS_TOKEN = -1
+"""The token of a row whose processing (sampling parameters, grammar) left nothing to sample."""
+BAD_LOGITS_TOKEN = -2
+"""The token of a row whose logits came out of the model not finite."""
+SAMPLING_FAILURES: dict[int, tuple[str, bool]] = {
+    BAD_PARAMS_TOKEN: (
+        "sampling failed: this request's sampling parameters make its logits unusable "
+        "(NaN/inf, or no token left to sample)",
+        True,
+    ),
+    BAD_LOGITS_TOKEN: (
+        "sampling failed: the logits of this request are not finite (NaN/inf)",
+        False,
+    ),
+}
+"""Failed token -> (error message, whether it is the request's own fault)."""
 
 
 @dataclass(frozen=True)
@@ -94,14 +120,30 @@ class Sampler:
         mask: TokenMask | None = None,
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         """One token per row, and its logprobs for the rows whose request asks (else None);
-        ``mask``: the allowed tokens of the constrained rows."""
+        ``mask``: the allowed tokens of the constrained rows. A row that cannot be sampled gets
+        a negative token (a key of :data:`SAMPLING_FAILURES`) and no logprobs; the other rows
+        sample as if it were not there."""
+        raw = logits
         logits = process_logits(logits.float(), requests, mask)
-        tokens = self._choose(logits, requests)
+        best = logits.max(dim=-1)  # (S,) greedy for every row; random rows overwrite
+        failed = unusable_rows(best.values, requests)
+        if failed:
+            failed = classify_failures(raw, failed)
+        tokens = self._choose(logits, best.indices, requests, failed)
         return tokens, compute_logprobs(logits, requests, tokens)
 
-    def _choose(self, logits: torch.Tensor, requests: Sequence[SampleRequest]) -> list[int]:
-        tokens = logits.max(dim=-1).indices  # (S,) greedy for every row; random rows overwrite
-        random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+    def _choose(
+        self,
+        logits: torch.Tensor,
+        greedy: torch.Tensor,
+        requests: Sequence[SampleRequest],
+        failed: dict[int, int],
+    ) -> list[int]:
+        """``greedy`` (S,) with the failed rows' codes and the random rows' draws."""
+        out = greedy.tolist()
+        for row, code in failed.items():
+            out[row] = code
+        random_rows = [i for i, r in enumerate(requests) if not r.params.greedy and i not in failed]
         if random_rows:
             min_p_rows = [i for i in random_rows if requests[i].params.min_p > 0.0]
             if min_p_rows:
@@ -111,17 +153,18 @@ class Sampler:
                     [requests[i].params.temperature for i in min_p_rows],
                     [requests[i].params.min_p for i in min_p_rows],
                 )
-            out = tokens.tolist()
             for row in random_rows:
                 out[row] = self._sample_row(logits[row], requests[row])
-            return out
-        return tokens.tolist()
+        return out
 
     def _sample_row(self, logits: torch.Tensor, request: SampleRequest) -> int:
         params = request.params
         probs = filtered_probs(logits, params.temperature, params.top_k, params.top_p)
         generator = self._generator_for(request)
-        return int(torch.multinomial(probs, 1, generator=generator).item())
+        try:
+            return int(torch.multinomial(probs, 1, generator=generator).item())
+        except RuntimeError:  # past the batched check (it mirrors filtered_probs): this row only
+            return BAD_PARAMS_TOKEN
 
     def _generator_for(self, request: SampleRequest) -> torch.Generator:
         if request.params.seed is None:
@@ -138,7 +181,7 @@ def compute_logprobs(
     ``log_softmax(logits / temperature)`` (greedy: temperature 1) and the ``logprobs``
     likeliest tokens; None for the other rows. ``logits`` are the processed ones."""
     out: list[TokenLogprob | None] = [None] * len(requests)
-    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None and tokens[i] >= 0]
     if not rows:
         return out
     dev = logits.device
@@ -159,6 +202,30 @@ def compute_logprobs(
         top = tuple(zip(top_i[j][:n], top_v[j][:n], strict=True))
         out[row] = TokenLogprob(tokens[row], chosen[j], top)
     return out
+
+
+def unusable_rows(maxima: torch.Tensor, requests: Sequence[SampleRequest]) -> dict[int, int]:
+    """The rows that cannot be sampled, each with :data:`BAD_PARAMS_TOKEN`, from each row's
+    maximum processed logit (NaN if any is NaN): not finite, or not finite over the row's
+    temperature (then its softmax is NaN). One op over the batch and one sync; {} when fine."""
+    temps = [r.params.temperature if not r.params.greedy else 1.0 for r in requests]
+    scale = torch.tensor(temps, dtype=maxima.dtype, device=maxima.device)
+    ok = torch.isfinite(maxima / scale)
+    if bool(ok.all()):
+        return {}
+    return {row: BAD_PARAMS_TOKEN for row in (~ok).nonzero()[:, 0].tolist()}
+
+
+def classify_failures(raw: torch.Tensor, failed: dict[int, int]) -> dict[int, int]:
+    """``failed`` with :data:`BAD_LOGITS_TOKEN` for the rows whose model logits ``raw`` (S, V)
+    were already not finite (NaN or inf): the server's fault, not the request's."""
+    rows = sorted(failed)
+    index = torch.tensor(rows, dtype=torch.long, device=raw.device)
+    finite = torch.isfinite(raw.index_select(0, index).float()).all(dim=-1).tolist()
+    return {
+        row: BAD_PARAMS_TOKEN if ok else BAD_LOGITS_TOKEN
+        for row, ok in zip(rows, finite, strict=True)
+    }
 
 
 def process_logits(

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from core.sampling import FinishReason, RequestTimings, SamplingParams, TokenLogprob
+from engine.sampler import SAMPLING_FAILURES
 from engine.structured import GrammarState, GrammarStatus
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ class Sequence:
     error: str | None = None
     """Why the request itself cannot go on (its grammar failed): another worker would fail it
     the same way, so it is the caller's INVALID_ARGUMENT, not a worker failure."""
+    error_is_own: bool = True
+    """Whether ``error`` is the request's fault (False: the server's, e.g. NaN model logits)."""
 
     @property
     def num_tokens(self) -> int:
@@ -102,7 +105,12 @@ class Sequence:
     def append_token(self, token_id: int) -> FinishReason | None:
         """Append a sampled token and return why the sequence must stop now, if it must: ERROR
         when the grammar rejects it (``error`` says why), STOP on a stop token or EOS or when
-        the grammar is complete, LENGTH at ``max_tokens``."""
+        the grammar is complete, LENGTH at ``max_tokens``. A negative ``token_id`` is the
+        sampler's failure for this row (see :data:`engine.sampler.SAMPLING_FAILURES`): ERROR,
+        nothing appended."""
+        if token_id < 0:
+            self.error, self.error_is_own = SAMPLING_FAILURES[token_id]
+            return FinishReason.ERROR
         self.token_ids.append(token_id)
         grammar = self.grammar
         synced = grammar.sync(self.token_ids, self.output_start) if grammar else None
@@ -137,7 +145,8 @@ class RequestOutput:
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token when the request asked for them
     num_cached_tokens: int = 0  # prompt tokens whose KV came from this worker's prefix cache
     invalid_request: bool = False
-    """With ``error``: the request's own failure (its grammar), INVALID_ARGUMENT to the caller,
+    """With ``error``: the request's own failure (its grammar, sampling parameters that leave
+    nothing to sample), INVALID_ARGUMENT to the caller,
     never retried on another worker (which would fail it the same way)."""
 
 
@@ -164,5 +173,5 @@ def output_for(
         timings=seq.timings(time.monotonic()) if last or reason is not None else None,
         logprobs=logprobs,
         num_cached_tokens=seq.num_cached_tokens,
-        invalid_request=own,
+        invalid_request=own and seq.error_is_own,
     )
