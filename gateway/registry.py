@@ -2,8 +2,11 @@
 
 A :class:`TierRegistry` expands its targets (:mod:`gateway.discovery`) into worker addresses and
 follows each worker's health and load streams (:class:`WorkerState`). A worker is routable only
-while SERVING with a load report younger than ``stale_after_s``. An address that leaves DNS is
-retired: no new work, its calls in flight finish, then its channel closes.
+while SERVING with a load report younger than ``stale_after_s``. A worker whose load stream
+falls silent for ``stale_after_s`` (hung, say SIGSTOPped) is marked DOWN and its calls in
+flight are abandoned, so failover resumes them elsewhere (:meth:`TierRegistry._read_load`).
+An address that leaves DNS is retired: no new work, its calls in flight finish, then its
+channel closes.
 """
 
 from __future__ import annotations
@@ -33,13 +36,18 @@ class WorkerState(enum.Enum):
     not serving. A stream that breaks (the worker died, restarted, or went away) makes it DOWN,
     and both streams reconnect after a backoff (0.05 s doubling to 1 s); it leaves DOWN when both
     speak again. A worker killed outright resets its connections, so it leaves the routable set
-    within milliseconds; a hung one once its last load report is ``stale_after_s`` old.
+    within milliseconds; a hung one goes DOWN once its last load report is ``stale_after_s``
+    old, and this gateway's calls on it are abandoned (they fail over).
     """
 
     CONNECTING = "connecting"
     SERVING = "serving"
     DRAINING = "draining"
     DOWN = "down"
+
+
+class WorkerSilentError(Exception):
+    """A worker's load stream sent nothing for ``stale_after_s`` after its first report."""
 
 
 class WorkerEntry:
@@ -218,18 +226,48 @@ class TierRegistry:
                     task.cancel()
                 await asyncio.gather(*streams, return_exceptions=True)
             reason = "stream ended"
+            silent = False
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     reason = str(task.exception())
+                    silent = silent or isinstance(task.exception(), WorkerSilentError)
             entry.on_down(reason)
+            if silent:
+                abandoned = entry.client.abandon_calls(reason)
+                log.warning(
+                    "worker_silent",
+                    tier=self.tier,
+                    address=entry.address,
+                    silent_for_s=self.stale_after_s,
+                    calls_abandoned=abandoned,
+                )
             backoff = RETRY_MIN_S if heard.is_set() else min(backoff * 2, RETRY_MAX_S)
             await self._close_idle_retired()
             await asyncio.sleep(backoff)
 
     async def _read_load(self, entry: WorkerEntry, heard: asyncio.Event) -> None:
-        async for load in entry.client.watch_load(self.load_interval_ms):
-            heard.set()
-            entry.on_load(load)
+        """Follow the load stream; after its first report, a gap of ``stale_after_s`` raises
+        :class:`WorkerSilentError` (the worker is hung: its connection is up, it says nothing).
+        The first report may take longer (a worker starting, or still stopped)."""
+        loads = entry.client.watch_load(self.load_interval_ms)
+        try:
+            while True:
+                try:
+                    if heard.is_set():
+                        load = await asyncio.wait_for(anext(loads), self.stale_after_s)
+                    else:
+                        load = await anext(loads)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise WorkerSilentError(
+                        f"{self.tier} worker {entry.address} sent no load report for "
+                        f"{self.stale_after_s} s"
+                    ) from None
+                heard.set()
+                entry.on_load(load)
+        finally:
+            await loads.aclose()
 
     async def _read_health(self, entry: WorkerEntry) -> None:
         async for serving in entry.client.watch_health():

@@ -2,14 +2,17 @@
 
 This is the gateway's proto boundary towards workers; RPC failures become :class:`UpstreamError`
 naming the worker, with the status code the client should see and whether another worker may
-succeed (:func:`gateway.errors.worker_failure`). Every call carries the request id as
+succeed (:func:`gateway.errors.worker_failure`). A client can abandon its calls in flight
+(:meth:`_WorkerClient.abandon_calls`, for a worker that fell silent): each then fails with a
+retryable UNAVAILABLE, so failover resumes it elsewhere. Every call carries the request id as
 ``x-request-id`` metadata and the caller's remaining deadline; channels use TLS (mutual, with a
 client certificate) when configured.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -105,19 +108,66 @@ def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     return (("x-request-id", request_id),)
 
 
+class _OpenCalls:
+    """A client's calls in flight, so that :meth:`abandon` can cancel them all at once."""
+
+    def __init__(self) -> None:
+        self._calls: set[grpc.aio.Call] = set()
+        self.abandoned: dict[grpc.aio.Call, str] = {}
+
+    def add(self, call: grpc.aio.Call) -> None:
+        self._calls.add(call)
+
+    def discard(self, call: grpc.aio.Call) -> None:
+        self._calls.discard(call)
+        self.abandoned.pop(call, None)
+
+    def abandon(self, reason: str) -> int:
+        for call in self._calls:
+            self.abandoned[call] = reason
+            call.cancel()
+        return len(self._calls)
+
+    def failure(self, tier: str, address: str, call: grpc.aio.Call) -> UpstreamError | None:
+        """The error for a call that ended cancelled: retryable UNAVAILABLE if the client
+        abandoned it and the task itself is not being cancelled (then None: let it propagate)."""
+        reason = self.abandoned.get(call)
+        task = asyncio.current_task()
+        if reason is None or (task is not None and task.cancelling()):
+            return None
+        return UpstreamError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"{tier} worker {address}: call abandoned: {reason}",
+            tier=tier,
+            address=address,
+            retryable=True,
+        )
+
+
 class DecodeStream:
     """One open ``Decode.Generate`` call. :meth:`cancel` on every exit path."""
 
-    def __init__(self, address: str, call: grpc.aio.UnaryStreamCall) -> None:
+    def __init__(
+        self, address: str, call: grpc.aio.UnaryStreamCall, calls: _OpenCalls | None = None
+    ) -> None:
         self._address = address
         self._call = call
+        self._calls = calls or _OpenCalls()
+        self._calls.add(call)
+
+    def _abandoned(self) -> UpstreamError | None:
+        return self._calls.failure("decode", self._address, self._call)
 
     async def ticket(self) -> TransferTicket:
         """The first message of a REMOTE-mode call: where the prefill worker pushes pages."""
         try:
             msg = await self._call.read()
         except grpc.aio.AioRpcError as exc:
-            raise upstream_error("decode", self._address, exc) from exc
+            raise self._abandoned() or upstream_error("decode", self._address, exc) from exc
+        except asyncio.CancelledError:
+            if (error := self._abandoned()) is None:
+                raise
+            raise error from None
         if msg is grpc.aio.EOF or not msg.HasField("ticket"):
             raise UpstreamError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -151,10 +201,15 @@ class DecodeStream:
                 if finish is not None:
                     return
         except grpc.aio.AioRpcError as exc:
-            raise upstream_error("decode", self._address, exc) from exc
+            raise self._abandoned() or upstream_error("decode", self._address, exc) from exc
+        except asyncio.CancelledError:
+            if (error := self._abandoned()) is None:
+                raise
+            raise error from None
 
     def cancel(self) -> None:
         self._call.cancel()
+        self._calls.discard(self._call)
 
 
 class _WorkerClient:
@@ -167,6 +222,12 @@ class _WorkerClient:
         self.address = address
         self._channel = secure_channel(address, tls, CHANNEL_OPTIONS)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._open = _OpenCalls()
+
+    def abandon_calls(self, reason: str) -> int:
+        """Cancel every request call in flight (not the load and health streams); each fails
+        with a retryable UNAVAILABLE naming ``reason``. Returns how many there were."""
+        return self._open.abandon(reason)
 
     @property
     def _stub(self) -> worker_pb2_grpc.DecodeStub | worker_pb2_grpc.PrefillStub:
@@ -179,7 +240,7 @@ class _WorkerClient:
             raise upstream_error(self.tier, self.address, exc) from exc
         return status_from_proto(msg)
 
-    async def watch_load(self, interval_ms: int) -> AsyncIterator[WorkerStatus]:
+    async def watch_load(self, interval_ms: int) -> AsyncGenerator[WorkerStatus, None]:
         """The worker's load every ``interval_ms`` until the stream breaks (raises
         :class:`UpstreamError`) or the caller stops iterating."""
         call = self._stub.WatchLoad(worker_pb2.WatchLoadRequest(interval_ms=interval_ms))
@@ -252,7 +313,7 @@ class DecodeClient(_WorkerClient):
             else worker_pb2.PREFILL_MODE_LOCAL,
         )
         call = self._decode.Generate(request, timeout=timeout, metadata=_metadata(request_id))
-        return DecodeStream(self.address, call)
+        return DecodeStream(self.address, call, self._open)
 
 
 @dataclass(frozen=True)
@@ -291,12 +352,19 @@ class PrefillClient(_WorkerClient):
             ticket=ticket_to_proto(ticket),
             resumed_tokens=resumed_tokens,
         )
+        call = self._prefill.Prefill(request, timeout=timeout, metadata=_metadata(request_id))
+        self._open.add(call)
         try:
-            reply = await self._prefill.Prefill(
-                request, timeout=timeout, metadata=_metadata(request_id)
-            )
+            reply = await call
         except grpc.aio.AioRpcError as exc:
-            raise upstream_error("prefill", self.address, exc) from exc
+            abandoned = self._open.failure("prefill", self.address, call)
+            raise abandoned or upstream_error("prefill", self.address, exc) from exc
+        except asyncio.CancelledError:
+            if (error := self._open.failure("prefill", self.address, call)) is None:
+                raise
+            raise error from None
+        finally:
+            self._open.discard(call)
         first_lp = (
             logprob_from_proto(reply.first_logprob) if reply.HasField("first_logprob") else None
         )

@@ -1,0 +1,160 @@
+"""A hung (not dead) worker: SIGSTOP a decode worker mid-stream and a prefill worker with prompts
+on it, on two prefill + two decode workers (tiny model, ``--keep-going``). Its connections stay
+up and it answers nothing; the gateway must notice the silence of its load stream, abandon the
+calls on it, and resume them elsewhere: every request finishes token-identical (greedy) to an
+undisturbed run within ``BOUND_S`` of the SIGSTOP. After SIGCONT the worker serves again and
+every pool, the stopped worker's included, ends idle (its sequences were aborted)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pdserve.client import AsyncClient
+from pdserve.local_cluster import Cluster, start_cluster
+from tests.support.tiny_models import build_tiny_model
+
+pytestmark = pytest.mark.e2e
+
+STALE_AFTER_S = 1.5  # the gateway's default --stale-after
+BOUND_S = STALE_AFTER_S + 6.0  # SIGSTOP -> every affected request finished elsewhere
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, cluster_logs: Path) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("hung")
+    model = build_tiny_model(root / "tiny-llama", "llama", vocab_size=512, seed=3)
+    c = start_cluster(
+        str(model), prefill=2, decode=2, log_dir=cluster_logs, extra=("--keep-going",)
+    )
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 500) for _ in range(length)]
+
+
+@dataclass
+class Run:
+    tokens: list[int] = field(default_factory=list)
+    error: str = ""
+    done_at: float = 0.0
+
+
+async def _one(client: AsyncClient, prompt: list[int], max_tokens: int, out: Run) -> Run:
+    try:
+        async for chunk in client.generate(
+            prompt_token_ids=prompt,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+            timeout=60,
+        ):
+            out.tokens.extend(chunk.token_ids)
+    except Exception as exc:  # recorded, asserted below
+        out.error = repr(exc)
+    out.done_at = time.monotonic()
+    return out
+
+
+async def _all(gateway: str, prompts: list[list[int]], max_tokens: int) -> list[Run]:
+    async with AsyncClient(gateway) as client:
+        return list(await asyncio.gather(*[_one(client, p, max_tokens, Run()) for p in prompts]))
+
+
+def _stopped(
+    cluster: Cluster,
+    names: list[str],
+    prompts: list[list[int]],
+    max_tokens: int,
+    ready: str,
+) -> tuple[list[Run], float, str]:
+    """Run ``prompts``; SIGSTOP the first child of ``names`` on which ``ready`` holds; SIGCONT
+    it after every request ended. Returns the runs, the SIGSTOP's monotonic time, the child."""
+    stopped_at = [0.0]
+    chosen: list[str] = []
+
+    async def run() -> list[Run]:
+        runs = [Run() for _ in prompts]
+        async with AsyncClient(cluster.gateway) as client:
+            tasks = [
+                asyncio.create_task(_one(client, p, max_tokens, r))
+                for p, r in zip(prompts, runs, strict=True)
+            ]
+            deadline = time.monotonic() + 30
+            while not chosen:
+                for name in names:
+                    status = await asyncio.to_thread(cluster.status_of, children[name].address)
+                    busy = status.running if ready == "running" else status.in_flight
+                    if busy >= 1 and (ready != "running" or all(len(r.tokens) >= 4 for r in runs)):
+                        stopped_at[0] = time.monotonic()
+                        os.kill(children[name].pid, signal.SIGSTOP)
+                        chosen.append(name)
+                        break
+                assert time.monotonic() < deadline, "no worker got work"
+            return list(await asyncio.gather(*tasks))
+
+    children = cluster.children()
+    try:
+        runs = asyncio.run(run())
+    finally:
+        for name in chosen:
+            os.kill(children[name].pid, signal.SIGCONT)
+    return runs, stopped_at[0], chosen[0]
+
+
+def _check(
+    cluster: Cluster, name: str, what: str, got: list[Run], want: list[Run], t0: float
+) -> None:
+    after = [r.done_at - t0 for r in got]
+    print(
+        f"\n{what}: {len(got)}/{len(got)} requests; completed {min(after):.2f}-{max(after):.2f} s "
+        f"after the SIGSTOP (bound {BOUND_S} s)"
+    )
+    for r, w in zip(got, want, strict=True):
+        assert r.error == "", r.error
+        assert r.tokens == w.tokens
+    address = cluster.children()[name].address
+    silent = [e for e in cluster.events("worker_silent") if e.get("address") == address]
+    abandoned = sum(int(str(e.get("calls_abandoned", 0))) for e in silent)
+    print(f"  gateway: worker_silent logged {len(silent)}x, {abandoned} calls abandoned")
+    assert max(after) < BOUND_S, after
+    assert abandoned >= 1, "no call was on the stopped worker"
+    cluster.wait_serving(address)
+    before = cluster.status_of(address).requests_total
+    deadline = time.monotonic() + 20
+    while cluster.status_of(address).requests_total == before:  # routed to again
+        asyncio.run(_all(cluster.gateway, [_prompt(900, 40)] * 4, 4))
+        assert time.monotonic() < deadline, f"{address} not routed to after SIGCONT"
+    for status in cluster.wait_idle(timeout_s=20):
+        assert status.free_blocks == status.total_blocks, status
+        assert status.running == 0 and status.waiting == 0, status
+        assert status.pending_transfers == 0 and status.pool_ok, status
+
+
+def test_sigstop_decode_with_streams_running(cluster: Cluster) -> None:
+    prompts = [_prompt(100 + i, 60) for i in range(8)]
+    want = asyncio.run(_all(cluster.gateway, prompts, 120))
+    time.sleep(1.0)  # fresh load reports: the streams spread over both workers
+    got, t0, name = _stopped(cluster, ["decode-0"], prompts, 120, "running")
+    _check(cluster, name, "decode SIGSTOP mid-stream", got, want, t0)
+
+
+def test_sigstop_prefill_with_prompts_on_it(cluster: Cluster) -> None:
+    prompts = [_prompt(450 + i, 600) for i in range(8)]
+    want = asyncio.run(_all(cluster.gateway, prompts, 6))
+    time.sleep(1.0)
+    got, t0, name = _stopped(cluster, ["prefill-0", "prefill-1"], prompts, 6, "in_flight")
+    _check(cluster, name, "prefill SIGSTOP mid-prefill", got, want, t0)
