@@ -116,6 +116,17 @@ class BlockPool:
         self._hash_of[block_id] = block_hash
         self._block_of[block_hash] = block_id
 
+    def forget(self, block_ids: Iterable[int]) -> None:
+        """Withdraw these owned blocks from the prefix cache (their KV is not to be trusted,
+        e.g. the model's logits over it were not finite): later lookups no longer find them,
+        and when their last owner frees them they go to the free list, not the cache."""
+        for block_id in block_ids:
+            self._check_id(block_id)
+            if self._ref_counts[block_id] <= 0:
+                raise BlockPoolCorruptedError(f"block {block_id} forgotten while not owned")
+            if block_id in self._hash_of:
+                self._forget_hash(block_id)
+
     def lookup(self, block_hash: bytes) -> int | None:
         """The block holding this prefix's KV (owned or cached), if any."""
         return self._block_of.get(block_hash)

@@ -19,7 +19,8 @@ which position (a prefill worker samples the first token, a decode worker the re
 Unusable rows: a row whose processed logits have no finite maximum (NaN or +inf anywhere, or
 every token at -inf), or whose maximum over its temperature is not finite, cannot be sampled
 (its softmax is NaN). The greedy ``max`` already gives each row's maximum (it propagates NaN),
-so the check is one ``isfinite`` over ``(S,)`` and one sync; only when a row fails does the
+so the check is one ``isfinite`` over ``(S,)`` folded into the greedy tokens' one copy to the
+host (no sync of its own, which on CUDA would stall every step); only when a row fails does the
 sampler look further, and that row alone gets a negative token, :data:`BAD_PARAMS_TOKEN` (its
 model logits were finite: its sampling parameters broke them, the request's fault) or
 :data:`BAD_LOGITS_TOKEN` (the model's own logits for it were not finite: the server's fault),
@@ -125,22 +126,22 @@ class Sampler:
         sample as if it were not there."""
         raw = logits
         logits = process_logits(logits.float(), requests, mask)
-        best = logits.max(dim=-1)  # (S,) greedy for every row; random rows overwrite
-        failed = unusable_rows(best.values, requests)
+        greedy = greedy_or_unusable(logits, requests)  # random rows overwrite theirs
+        failed = {row: BAD_PARAMS_TOKEN for row, token in enumerate(greedy) if token < 0}
         if failed:
             failed = classify_failures(raw, failed)
-        tokens = self._choose(logits, best.indices, requests, failed)
+        tokens = self._choose(logits, greedy, requests, failed)
         return tokens, compute_logprobs(logits, requests, tokens)
 
     def _choose(
         self,
         logits: torch.Tensor,
-        greedy: torch.Tensor,
+        greedy: list[int],
         requests: Sequence[SampleRequest],
         failed: dict[int, int],
     ) -> list[int]:
-        """``greedy`` (S,) with the failed rows' codes and the random rows' draws."""
-        out = greedy.tolist()
+        """``greedy`` with the failed rows' codes and the random rows' draws."""
+        out = list(greedy)
         for row, code in failed.items():
             out[row] = code
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy and i not in failed]
@@ -204,16 +205,17 @@ def compute_logprobs(
     return out
 
 
-def unusable_rows(maxima: torch.Tensor, requests: Sequence[SampleRequest]) -> dict[int, int]:
-    """The rows that cannot be sampled, each with :data:`BAD_PARAMS_TOKEN`, from each row's
-    maximum processed logit (NaN if any is NaN): not finite, or not finite over the row's
-    temperature (then its softmax is NaN). One op over the batch and one sync; {} when fine."""
+def greedy_or_unusable(logits: torch.Tensor, requests: Sequence[SampleRequest]) -> list[int]:
+    """Each row's greedy token of the processed ``logits`` (S, V), or :data:`BAD_PARAMS_TOKEN`
+    where the row cannot be sampled: its maximum (NaN if any logit is NaN) is not finite, or
+    not finite over the row's temperature (then its softmax is NaN). The check rides on the
+    greedy tokens' one device-to-host copy: no extra sync per step."""
+    best = logits.max(dim=-1)
     temps = [r.params.temperature if not r.params.greedy else 1.0 for r in requests]
-    scale = torch.tensor(temps, dtype=maxima.dtype, device=maxima.device)
-    ok = torch.isfinite(maxima / scale)
-    if bool(ok.all()):
-        return {}
-    return {row: BAD_PARAMS_TOKEN for row in (~ok).nonzero()[:, 0].tolist()}
+    scale = torch.tensor(temps, dtype=best.values.dtype, device=logits.device)
+    ok = torch.isfinite(best.values / scale)
+    tokens: list[int] = torch.where(ok, best.indices, BAD_PARAMS_TOKEN).tolist()
+    return tokens
 
 
 def classify_failures(raw: torch.Tensor, failed: dict[int, int]) -> dict[int, int]:

@@ -26,6 +26,7 @@ from core.prefix_hash import ROOT, prefix_hashes
 from core.sampling import FinishReason
 from engine.block_pool import BlockPool
 from engine.config import SchedulerConfig
+from engine.sampler import BAD_LOGITS_TOKEN
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -173,7 +174,10 @@ class Scheduler:
             if seq.is_finished:
                 continue  # aborted while its step ran
             seq.num_computed_tokens += item.num_new_tokens
-            self._register_full_blocks(seq)
+            if token == BAD_LOGITS_TOKEN:  # NaN/inf KV: keep it out of the prefix cache
+                self.pool.forget(seq.block_table)
+            else:
+                self._register_full_blocks(seq)
             if not item.sample:
                 continue
             if seq.first_token_time is None:

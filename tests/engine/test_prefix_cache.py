@@ -8,10 +8,11 @@ import torch
 
 from core.errors import BlockPoolCorruptedError
 from core.prefix_hash import ROOT, block_hash, prefix_hashes
-from core.sampling import SamplingParams
+from core.sampling import FinishReason, SamplingParams
 from engine.block_pool import BlockPool
 from engine.config import SchedulerConfig
-from engine.scheduler import Scheduler
+from engine.sampler import BAD_LOGITS_TOKEN
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from tests.engine.test_engine import _engine, _generated, _run_to_completion, tiny  # noqa: F401
 
@@ -154,3 +155,52 @@ def test_eviction_takes_a_freed_prefix_tail_first():
     (taken,) = pool.allocate(1)
     assert taken == blocks[2]
     assert pool.held_prefix(hashes) == 2  # the first two blocks still hit
+
+
+def test_a_row_whose_model_logits_were_not_finite_leaves_nothing_in_the_prefix_cache():
+    """Its KV may hold NaN (NaN spreads through attention to every later position): a later
+    prompt with the same prefix must recompute it, not share it, and the pool stays whole."""
+    pool = BlockPool(16)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), pool, BS)
+    prompt = list(range(100, 112))  # 3 full blocks
+    poisoned = _seq("a", prompt)
+    sched.add(poisoned)
+    batch = sched.schedule()
+    assert batch is not None
+    finished = sched.update(batch, [BAD_LOGITS_TOKEN])
+    assert [f.reason for f in finished] == [FinishReason.ERROR]
+    sched.release(poisoned, FinishReason.ERROR)
+    pool.check_integrity()
+    assert pool.num_cached == 0 and pool.num_free == pool.num_blocks
+    again = _seq("b", prompt)
+    sched.add(again)
+    sched.schedule()
+    assert again.num_cached_tokens == 0 and sched.prefix_hit_tokens == 0
+
+
+def test_a_failed_row_withdraws_the_prefix_blocks_it_shares_with_a_live_sequence():
+    pool = BlockPool(16)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), pool, BS)
+    prompt = list(range(100, 112))
+    sched.add(_seq("a", prompt, max_tokens=8))
+    sched.update(_scheduled(sched), [7])  # a: prefilled, its blocks cached and still owned
+    b = _seq("b", [*prompt[:8], 1, 2, 3, 4])  # shares a's first 2 blocks
+    sched.add(b)
+    batch = _scheduled(sched)
+    assert b.num_cached_tokens == 8
+    sched.update(batch, [7 if item.seq is not b else BAD_LOGITS_TOKEN for item in batch.items])
+    sched.release(b, FinishReason.ERROR)
+    pool.check_integrity()
+    c = _seq("c", prompt)
+    sched.add(c)
+    _scheduled(sched)
+    assert c.num_cached_tokens == 0  # the shared blocks were withdrawn with the poisoned row
+    _run(sched)
+    pool.check_integrity()
+    assert pool.num_free == pool.num_blocks
+
+
+def _scheduled(sched: Scheduler) -> ScheduledBatch:
+    batch = sched.schedule()
+    assert batch is not None
+    return batch
