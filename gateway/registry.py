@@ -5,6 +5,8 @@ follows each worker's health and load streams (:class:`WorkerState`). A worker i
 while SERVING with a load report younger than ``stale_after_s``. A worker whose load stream
 falls silent for ``stale_after_s`` (hung, say SIGSTOPped) is marked DOWN and its calls in
 flight are abandoned, so failover resumes them elsewhere (:meth:`TierRegistry._read_load`).
+Silence is measured on the gateway's own awake time (:mod:`gateway.awake_clock`): a gateway that
+was itself stopped or starved does not blame its workers for the gap.
 An address that leaves DNS is retired: no new work, its calls in flight finish, then its
 channel closes.
 """
@@ -19,6 +21,7 @@ from contextlib import suppress
 
 import structlog
 
+from gateway.awake_clock import AwakeClock
 from gateway.discovery import Resolver, Target, addresses_of, resolve_with_getaddrinfo
 from gateway.worker_clients import WorkerClient, WorkerStatus
 
@@ -56,8 +59,9 @@ class WorkerEntry:
     last load report, so routing corrects a report that is up to one interval old (a burst does
     not pile onto the worker that looked idle, nor avoid the one whose streams just ended)."""
 
-    def __init__(self, client: WorkerClient) -> None:
+    def __init__(self, client: WorkerClient, clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
+        self._clock = clock
         self.address = client.address
         self.tier = client.tier
         self.state = WorkerState.CONNECTING
@@ -79,7 +83,7 @@ class WorkerEntry:
 
     def on_load(self, load: WorkerStatus) -> None:
         self.load = load
-        self.load_at = time.monotonic()
+        self.load_at = self._clock()
         self.assigned_since_load = self.released_since_load = 0
         self._settle()
 
@@ -144,8 +148,10 @@ class TierRegistry:
         stale_after_s: float = 1.5,
         resolve_interval_s: float = 5.0,
         resolve: Resolver = resolve_with_getaddrinfo,
+        clock: AwakeClock | None = None,
     ) -> None:
         self.tier = tier
+        self.clock = clock or AwakeClock()
         self.targets = [Target.parse(t) for t in targets]
         self._make_client = make_client
         self.load_interval_ms = load_interval_ms
@@ -163,6 +169,7 @@ class TierRegistry:
         return bool(self.targets)
 
     async def start(self) -> None:
+        self.clock.start()
         await self.refresh()
         if any(t.dns for t in self.targets):
             self._resolver_task = asyncio.create_task(self._resolve_forever())
@@ -179,7 +186,7 @@ class TierRegistry:
                 self._by_target[target] = found
         wanted = set().union(*self._by_target.values()) if self._by_target else set()
         for address in sorted(wanted - self.entries.keys()):
-            entry = WorkerEntry(self._make_client(address))
+            entry = WorkerEntry(self._make_client(address), self.clock.now)
             self.entries[address] = entry
             self._tasks[address] = asyncio.create_task(self._follow(entry))
             log.info("worker_discovered", tier=self.tier, address=address)
@@ -250,31 +257,44 @@ class TierRegistry:
         :class:`WorkerSilentError` (the worker is hung: its connection is up, it says nothing).
         The first report may take longer (a worker starting, or still stopped)."""
         loads = entry.client.watch_load(self.load_interval_ms)
+        pending: asyncio.Future[WorkerStatus] | None = None
         try:
             while True:
+                pending = asyncio.ensure_future(anext(loads))
+                if heard.is_set():
+                    await self._until_report_or_silence(entry, pending)
                 try:
-                    if heard.is_set():
-                        load = await asyncio.wait_for(anext(loads), self.stale_after_s)
-                    else:
-                        load = await anext(loads)
+                    load = await pending
                 except StopAsyncIteration:
                     return
-                except TimeoutError:
-                    raise WorkerSilentError(
-                        f"{self.tier} worker {entry.address} sent no load report for "
-                        f"{self.stale_after_s} s"
-                    ) from None
                 heard.set()
                 entry.on_load(load)
         finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
             await loads.aclose()
+
+    async def _until_report_or_silence(
+        self, entry: WorkerEntry, pending: asyncio.Future[WorkerStatus]
+    ) -> None:
+        """Wait for ``pending`` (the next load report); raise :class:`WorkerSilentError` once
+        the worker has been silent for ``stale_after_s`` of this gateway's awake time."""
+        while not pending.done():
+            silent_s = self.clock.now() - entry.load_at
+            if silent_s >= self.stale_after_s:
+                raise WorkerSilentError(
+                    f"{self.tier} worker {entry.address} sent no load report for "
+                    f"{self.stale_after_s} s"
+                )
+            await asyncio.wait({pending}, timeout=self.stale_after_s - silent_s)
 
     async def _read_health(self, entry: WorkerEntry) -> None:
         async for serving in entry.client.watch_health():
             entry.on_health(serving)
 
     def routable(self) -> list[WorkerEntry]:
-        now = time.monotonic()
+        now = self.clock.now()
         return [e for e in self.entries.values() if e.routable(now, self.stale_after_s)]
 
     def summary(self) -> str:
@@ -291,6 +311,7 @@ class TierRegistry:
             await self._close_idle_retired()
 
     async def close(self) -> None:
+        await self.clock.stop()
         if self._resolver_task is not None:
             self._resolver_task.cancel()
         for task in self._tasks.values():

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from core.tls import TLSConfig
 from engine.config import ModelConfig
 from engine.model_files import ModelSpec, describe_model, resolve_model_path
+from gateway.awake_clock import AwakeClock
 from gateway.errors import NoWorkersError
 from gateway.generation import FailoverConfig, GenerationCore
 from gateway.openai_api.app import build_app
@@ -94,6 +95,7 @@ def build_registry(config: GatewayConfig) -> Registry:
         raise NoWorkersError("the gateway needs at least one decode worker target")
     tls = config.security.upstream_tls
     fleet = config.fleet
+    clock = AwakeClock()  # one for both tiers: the gateway's own awake time
 
     def tier(name: str, targets: tuple[str, ...], client: type) -> TierRegistry:
         return TierRegistry(
@@ -103,6 +105,7 @@ def build_registry(config: GatewayConfig) -> Registry:
             load_interval_ms=fleet.load_interval_ms,
             stale_after_s=fleet.stale_after_s,
             resolve_interval_s=fleet.resolve_interval_s,
+            clock=clock,
         )
 
     return Registry(

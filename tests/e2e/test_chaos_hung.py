@@ -158,3 +158,78 @@ def test_sigstop_prefill_with_prompts_on_it(cluster: Cluster) -> None:
     time.sleep(1.0)
     got, t0, name = _stopped(cluster, ["prefill-0", "prefill-1"], prompts, 6, "in_flight")
     _check(cluster, name, "prefill SIGSTOP mid-prefill", got, want, t0)
+
+
+def test_sigstop_gateway_with_streams_running(cluster: Cluster) -> None:
+    """The gateway hung mid-stream: every client call ends at its deadline (DEADLINE_EXCEEDED,
+    nothing hangs past it); the workers end the calls themselves at the deadline the gateway
+    propagated (their pools empty while the gateway is still stopped); after SIGCONT the
+    gateway serves again, its workers marked up again, and every pool ends idle."""
+    timeout_s = 4.0
+    prompts = [_prompt(700 + i, 24) for i in range(6)]
+    max_tokens = 1000 - 24  # far more than the deadline lets the tiny model produce
+    runs = [Run() for _ in prompts]
+    gateway = cluster.children()["gateway"]
+
+    async def run() -> tuple[float, int]:
+        async with AsyncClient(cluster.gateway) as client:
+            tasks = [
+                asyncio.create_task(_deadline_stream(client, p, max_tokens, timeout_s, r))
+                for p, r in zip(prompts, runs, strict=True)
+            ]
+            while not all(len(r.tokens) >= 4 for r in runs):
+                assert time.monotonic() < tasks_started + timeout_s, "streams never started"
+                await asyncio.sleep(0.01)
+            stopped_at = time.monotonic()
+            os.kill(gateway.pid, signal.SIGSTOP)
+            await asyncio.sleep(0.5)
+            decode = [await asyncio.to_thread(cluster.status_of, a) for a in cluster.decode]
+            running = sum(s.running for s in decode)
+            await asyncio.gather(*tasks)
+            return stopped_at, running
+
+    tasks_started = time.monotonic()
+    try:
+        stopped_at, running = asyncio.run(run())
+        # the gateway is still stopped: the workers must let go of the calls on their own
+        statuses = cluster.wait_idle(timeout_s=10)
+        freed_at = time.monotonic()
+    finally:
+        os.kill(gateway.pid, signal.SIGCONT)
+    continued_at = time.monotonic()
+    ended = [r.done_at - tasks_started for r in runs]
+    print(
+        f"\ngateway SIGSTOP: {len(runs)} streams ended {min(ended):.2f}-{max(ended):.2f} s after "
+        f"their start (deadline {timeout_s} s), {running} still running on the decode workers "
+        f"0.5 s into the stop; pools free {freed_at - stopped_at:.2f} s after the SIGSTOP"
+    )
+    assert running >= 1, "the streams ended before the gateway stopped: nothing was tested"
+    for r in runs:
+        assert "DEADLINE_EXCEEDED" in r.error, r.error
+        assert r.done_at - tasks_started < timeout_s + 2.0, r.done_at - tasks_started
+    for status in statuses:
+        assert status.free_blocks == status.total_blocks and status.running == 0, status
+        assert status.waiting == 0 and status.pending_transfers == 0, status
+    after = asyncio.run(_all(cluster.gateway, [_prompt(990, 40)] * 4, 8))
+    assert all(r.error == "" and len(r.tokens) == 8 for r in after), after
+    print(f"  serving again {time.monotonic() - continued_at:.2f} s after SIGCONT")
+    for status in cluster.wait_idle(timeout_s=20):
+        assert status.free_blocks == status.total_blocks, status
+        assert status.running == 0 and status.waiting == 0, status
+
+
+async def _deadline_stream(
+    client: AsyncClient, prompt: list[int], max_tokens: int, timeout_s: float, out: Run
+) -> None:
+    try:
+        async for chunk in client.generate(
+            prompt_token_ids=prompt,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+            timeout=timeout_s,
+        ):
+            out.tokens.extend(chunk.token_ids)
+    except Exception as exc:  # recorded, asserted by the caller
+        out.error = repr(exc)
+    out.done_at = time.monotonic()
