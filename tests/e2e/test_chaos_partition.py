@@ -1,0 +1,292 @@
+"""Network partitions between the tiers, with a worker in a network namespace of its own
+(``tests.support.netns``): packets vanish both ways, no RST, as when a real network splits.
+
+The fleet: ``pdserve up`` (tiny model, one prefill and one decode worker on loopback,
+``--keep-going``), plus a decode worker in namespace D, whose gateway also routes to it.
+Cutting D cuts the gateway and the prefill worker off from it at once.
+
+Cut while greedy streams are mid-decode on D, and while prompts are reserved on D with their
+pages not all arrived (queued for, in, or just out of the prefill): the gateway hears no load
+report from D for ``--stale-after`` (1.5 s), marks it down and abandons its calls, which fail
+over. Every request must finish token-identical to an undisturbed run within ``BOUND_S`` of the
+cut, with no error: the other decode worker can take them all, so no failure is acceptable.
+Healed once they all ended, D serves again (its request count rises) within
+``SERVING_WITHIN_S`` and every pool on every tier, D's included, ends idle within
+``IDLE_WITHIN_S`` of the heal. Skipped where network namespaces cannot be made (not root, no
+iproute2).
+
+Tests run in file order on one fleet, each ending with the cut-off worker serving again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pdserve.client import NO_RETRY, AsyncClient
+from pdserve.local_cluster import Cluster, start_cluster
+from protos.pdserve.v1 import worker_pb2
+from tests.support import netns
+from tests.support.netns import NetNamespace
+from tests.support.tiny_models import build_tiny_model
+
+pytestmark = pytest.mark.e2e
+
+STALE_AFTER_S = 1.5  # the gateway's default --stale-after
+BOUND_S = STALE_AFTER_S + 6.0  # partition -> every affected request finished elsewhere
+SERVING_WITHIN_S = 20.0  # heal -> the healed worker takes requests again
+IDLE_WITHIN_S = 20.0  # heal -> every pool idle
+DEADLINE_S = 20.0  # each request's; past BOUND_S, so that reaching it is a failure
+NS_PORT = 20071  # a namespace has a network stack of its own: any port is free there
+
+
+@dataclass(frozen=True)
+class Side:
+    """A namespaced worker, and the gateway whose requests reach it."""
+
+    net: NetNamespace
+    address: str
+    gateway: str
+    gateway_log: Path
+
+
+@dataclass
+class Fleet:
+    cluster: Cluster
+    decode: Side
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, cluster_logs: Path) -> Iterator[Fleet]:
+    reason = netns.available()
+    if reason is not None:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("partition")
+    model = build_tiny_model(root / "tiny-llama", "llama", vocab_size=512, seed=3)
+    key = root / "kv.key"  # the worker started beside the cluster must share its KV key
+    key.write_text("partition-test-key-0123456789abcdef")
+    with NetNamespace() as dnet:
+        decode = f"{dnet.inside}:{NS_PORT}"
+        cluster = start_cluster(
+            str(model),
+            prefill=1,
+            decode=1,
+            log_dir=cluster_logs,
+            extra=(
+                *("--kv-key-file", str(key), "--keep-going", "--also-decode", decode),
+                *("--shutdown-grace", "1"),  # nothing left to drain at the end
+            ),
+        )
+        try:
+            yield _spawn(cluster, dnet, decode)
+        finally:
+            if dnet.partitioned:
+                dnet.heal()  # so that the worker inside ends its drain
+            cluster.stop()
+
+
+def _spawn(cluster: Cluster, dnet: NetNamespace, decode: str) -> Fleet:
+    """Start D's decode worker from the cluster's own decode worker's command line; returns
+    once it serves."""
+    argv = _moved(
+        cluster.children()["decode-0"].argv,
+        {"--listen": decode, "--kv-bind": f"tcp://{dnet.inside}:0", "--metrics-port": "0"},
+    )
+    cluster.spawn([*dnet.prefix(), *argv], "netns-decode")
+    cluster.wait_serving(decode, timeout_s=120)
+    cluster.decode.append(decode)
+    return Fleet(cluster, Side(dnet, decode, cluster.gateway, cluster.log_path))
+
+
+def _moved(argv: tuple[str, ...] | list[str], new: dict[str, str]) -> list[str]:
+    """A command line with the values of the flags in ``new`` replaced (or added)."""
+    out = list(argv)
+    for flag, value in new.items():
+        if flag in out:
+            out[out.index(flag) + 1] = value
+        else:
+            out += [flag, value]
+    return out
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 500) for _ in range(length)]
+
+
+@dataclass
+class Run:
+    tokens: list[int] = field(default_factory=list)
+    error: str = ""
+    done_at: float = 0.0
+
+
+async def _one(client: AsyncClient, prompt: list[int], max_tokens: int, out: Run) -> Run:
+    try:
+        async for chunk in client.generate(
+            prompt_token_ids=prompt,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+            timeout=DEADLINE_S,
+        ):
+            out.tokens.extend(chunk.token_ids)
+    except grpc.aio.AioRpcError as exc:  # recorded, asserted below
+        out.error = f"{exc.code().name}: {exc.details()}"
+    out.done_at = time.monotonic()
+    return out
+
+
+async def _all(gateway: str, prompts: list[list[int]], max_tokens: int) -> list[Run]:
+    async with AsyncClient(gateway, retry=NO_RETRY) as client:  # the gateway's outcome, as is
+        return list(await asyncio.gather(*[_one(client, p, max_tokens, Run()) for p in prompts]))
+
+
+def _undisturbed(side: Side, prompts: list[list[int]], max_tokens: int) -> list[Run]:
+    want = asyncio.run(_all(side.gateway, prompts, max_tokens))
+    assert all(r.error == "" for r in want), [r.error for r in want]
+    time.sleep(1.0)  # fresh load reports: the next requests spread over the tier again
+    return want
+
+
+Ready = Callable[[worker_pb2.WorkerStatus, list[Run]], bool]
+
+
+@dataclass
+class Cut:
+    runs: list[Run]
+    at: float
+    """monotonic time of the partition"""
+    wall: float
+    """the same, wall clock (to compare with log timestamps)"""
+    status: worker_pb2.WorkerStatus
+    """the cut-off worker's last status before the partition"""
+    silent_before: int
+    """worker_silent lines its gateway had logged for it before"""
+
+
+def _partitioned(
+    cluster: Cluster,
+    side: Side,
+    prompts: list[list[int]],
+    max_tokens: int,
+    ready: Ready,
+) -> Cut:
+    """Run ``prompts``; partition ``side`` once ``ready`` holds for its worker's status (and
+    the runs so far); returns once every request ended, still partitioned."""
+    silent_before = len(_silent_events(side))
+
+    async def run() -> Cut:
+        runs = [Run() for _ in prompts]
+        async with AsyncClient(side.gateway, retry=NO_RETRY) as client:
+            tasks = [
+                asyncio.create_task(_one(client, p, max_tokens, r))
+                for p, r in zip(prompts, runs, strict=True)
+            ]
+            deadline = time.monotonic() + 30
+            while True:
+                status = await asyncio.to_thread(cluster.status_of, side.address)
+                if ready(status, runs):
+                    break
+                assert time.monotonic() < deadline, f"no work reached {side.address}"
+            at, wall = time.monotonic(), time.time()
+            side.net.partition()
+            await asyncio.gather(*tasks)
+            return Cut(runs, at, wall, status, silent_before)
+
+    return asyncio.run(run())
+
+
+def _silent_events(side: Side) -> list[dict[str, object]]:
+    """The gateway's ``worker_silent`` lines about ``side``'s worker."""
+    found = []
+    for line in side.gateway_log.read_text(errors="replace").splitlines():
+        if '"worker_silent"' in line and side.address in line:
+            record = json.loads(line)
+            if record.get("event") == "worker_silent" and record.get("address") == side.address:
+                found.append(record)
+    return found
+
+
+def _serving_again(cluster: Cluster, side: Side) -> float:
+    """Seconds until ``side``'s worker took a request again (new prompts, 4 at a time)."""
+    start = time.monotonic()
+    before = cluster.status_of(side.address).requests_total
+    for i in range(1000):
+        if cluster.status_of(side.address).requests_total > before:
+            break
+        prompts = [_prompt(900 + 4 * i + j, 40) for j in range(4)]  # no prefix to stick to
+        runs = asyncio.run(_all(side.gateway, prompts, 4))
+        assert all(r.error == "" for r in runs), [r.error for r in runs]
+        elapsed = time.monotonic() - start
+        assert elapsed < SERVING_WITHIN_S, f"{side.address} not routed to {elapsed:.1f}s on"
+    return time.monotonic() - start
+
+
+def _check(cluster: Cluster, side: Side, what: str, cut: Cut, want: list[Run]) -> None:
+    """Heal; then: every request as undisturbed, in time; the gateway found the worker silent
+    and abandoned its calls; serving again; every pool idle."""
+    healed = time.monotonic()
+    side.net.heal()
+    after = sorted(r.done_at - cut.at for r in cut.runs)
+    failed = [r.error.split(":")[0] for r in cut.runs if r.error]
+    print(
+        f"\n{what}: {len(cut.runs)} requests, {len(failed)} failed {failed}; on the cut-off "
+        f"worker at the cut: {cut.status.in_flight} calls, {cut.status.running} running, "
+        f"{cut.status.pending_transfers} awaiting pages; each request ended "
+        f"{', '.join(f'{a:.2f}' for a in after)} s after the cut (bound {BOUND_S} s)"
+    )
+    found = _silent_events(side)[cut.silent_before :]
+    abandoned = sum(int(str(e.get("calls_abandoned", 0))) for e in found)
+    if found:
+        noticed = datetime.fromisoformat(str(found[0]["timestamp"])).timestamp() - cut.wall
+        print(f"  gateway: worker_silent {noticed:.2f} s after the cut, {abandoned} abandoned")
+    serving = _serving_again(cluster, side)
+    statuses = cluster.wait_idle(timeout_s=IDLE_WITHIN_S)
+    idle = time.monotonic() - healed
+    print(f"  healed: serving again after {serving:.2f} s, every pool idle after {idle:.2f} s")
+    for got, expected in zip(cut.runs, want, strict=True):
+        assert got.error == "", got.error
+        assert got.tokens == expected.tokens
+    assert after[-1] < BOUND_S, after
+    assert abandoned >= 1, f"the gateway abandoned no call on {side.address}: {found}"
+    for status in statuses:
+        assert status.free_blocks == status.total_blocks, status
+        assert status.running == 0 and status.waiting == 0, status
+        assert status.pending_transfers == 0 and status.pool_ok, status
+
+
+def test_the_namespaced_worker_serves(fleet: Fleet) -> None:
+    """It takes work through the gateway (so that the partitions below cut real calls)."""
+    took = _serving_again(fleet.cluster, fleet.decode)
+    print(f"\nnamespaced worker {fleet.decode.address} took work {took:.2f} s on")
+
+
+def test_partition_decode_with_streams_running(fleet: Fleet) -> None:
+    prompts = [_prompt(100 + i, 60) for i in range(8)]
+    want = _undisturbed(fleet.decode, prompts, 120)
+
+    def mid_decode(status: worker_pb2.WorkerStatus, runs: list[Run]) -> bool:
+        return status.running >= 1 and all(len(r.tokens) >= 4 for r in runs)
+
+    cut = _partitioned(fleet.cluster, fleet.decode, prompts, 120, mid_decode)
+    _check(fleet.cluster, fleet.decode, "decode cut off mid-decode", cut, want)
+
+
+def test_partition_decode_with_transfers_pending(fleet: Fleet) -> None:
+    prompts = [_prompt(300 + i, 800) for i in range(8)]
+    want = _undisturbed(fleet.decode, prompts, 6)
+
+    def awaiting_pages(status: worker_pb2.WorkerStatus, runs: list[Run]) -> bool:
+        return status.pending_transfers >= 1
+
+    cut = _partitioned(fleet.cluster, fleet.decode, prompts, 6, awaiting_pages)
+    _check(fleet.cluster, fleet.decode, "decode cut off with transfers pending", cut, want)
