@@ -3,7 +3,13 @@ on it, on two prefill + two decode workers (tiny model, ``--keep-going``). Its c
 up and it answers nothing; the gateway must notice the silence of its load stream, abandon the
 calls on it, and resume them elsewhere: every request finishes token-identical (greedy) to an
 undisturbed run within ``BOUND_S`` of the SIGSTOP. After SIGCONT the worker serves again and
-every pool, the stopped worker's included, ends idle (its sequences were aborted)."""
+every pool, the stopped worker's included, ends idle (its sequences were aborted).
+
+Two more hung peers on the same cluster: the gateway (SIGSTOP mid-stream: calls end at their
+deadline, the workers let go by themselves, the gateway serves again at once after SIGCONT),
+and a client that stops reading its stream (the others on its worker are not held up, its KV
+is freed when its sequence ends, the tiers' memory does not grow, and it gets every token when
+it reads again)."""
 
 from __future__ import annotations
 
@@ -233,3 +239,71 @@ async def _deadline_stream(
     except Exception as exc:  # recorded, asserted by the caller
         out.error = repr(exc)
     out.done_at = time.monotonic()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def test_a_client_that_stops_reading_holds_up_no_one(cluster: Cluster) -> None:
+    """A stream with 20 logprobs per token (~0.3 kB a message, past HTTP/2's flow-control
+    windows) whose client stops reading after its first chunk: its decode worker finishes it
+    and frees its blocks anyway (the tokens wait in the stream's buffers: at most max_tokens of
+    them, so a slow reader's memory is bounded by its request), streams started meanwhile on
+    the same workers finish while it is still not reading, no process grows, and when it reads
+    again it gets every token, identical to an undisturbed run."""
+    slow_prompt = _prompt(1200, 24)
+    max_tokens = 900
+    others = [_prompt(1300 + i, 40) for i in range(4)]
+    names = ["gateway", *sorted(n for n in cluster.children() if n.startswith("decode"))]
+
+    async def read(client: AsyncClient, pause_s: float, events: dict[str, asyncio.Event]) -> Run:
+        out = Run()
+        stream = client.generate(
+            prompt_token_ids=slow_prompt,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+            logprobs=20,
+            timeout=120,
+        )
+        async for chunk in stream:
+            if not out.tokens and pause_s:
+                events["paused"].set()
+                await events["resume"].wait()
+            out.tokens.extend(chunk.token_ids)
+        return out
+
+    async def run(pause_s: float) -> tuple[Run, list[Run], dict[str, float], bool]:
+        events = {"paused": asyncio.Event(), "resume": asyncio.Event()}
+        async with AsyncClient(cluster.gateway) as client:
+            slow = asyncio.create_task(read(client, pause_s, events))
+            if not pause_s:
+                return await slow, [], {}, True
+            await events["paused"].wait()
+            pids = {n: cluster.children()[n].pid for n in names}
+            before = {n: _rss_mb(pid) for n, pid in pids.items()}
+            await asyncio.sleep(pause_s)  # the slow stream's sequence ends on its worker
+            meanwhile = await _all(cluster.gateway, others, 16)
+            idle = all(
+                s.free_blocks == s.total_blocks and s.running == 0
+                for s in await asyncio.to_thread(cluster.wait_idle, 10.0)
+            )
+            growth = {n: _rss_mb(pid) - before[n] for n, pid in pids.items()}
+            events["resume"].set()
+            return await slow, meanwhile, growth, idle
+
+    want, _, _, _ = asyncio.run(run(0.0))
+    got, meanwhile, growth, idle_while_paused = asyncio.run(run(3.0))
+    print(
+        "\nslow reader: RSS growth while it did not read: "
+        + ", ".join(f"{n} {mb:+.1f} MB" for n, mb in growth.items())
+    )
+    assert len(want.tokens) == max_tokens
+    assert got.tokens == want.tokens
+    assert all(r.error == "" and len(r.tokens) == 16 for r in meanwhile), meanwhile
+    assert idle_while_paused, "the unread stream still held KV after its sequence ended"
+    assert all(mb < 50 for mb in growth.values()), growth
