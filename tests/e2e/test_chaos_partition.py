@@ -32,7 +32,8 @@ import grpc
 import pytest
 
 from pdserve.client import NO_RETRY, AsyncClient
-from pdserve.local_cluster import Cluster, start_cluster
+from pdserve.launcher import serving
+from pdserve.local_cluster import READY_TIMEOUT_S, Cluster, start_cluster
 from protos.pdserve.v1 import worker_pb2
 from tests.support import netns
 from tests.support.netns import NetNamespace
@@ -100,10 +101,24 @@ def _spawn(cluster: Cluster, dnet: NetNamespace, decode: str) -> Fleet:
         cluster.children()["decode-0"].argv,
         {"--listen": decode, "--kv-bind": f"tcp://{dnet.inside}:0", "--metrics-port": "0"},
     )
-    cluster.spawn([*dnet.prefix(), *argv], "netns-decode")
-    cluster.wait_serving(decode, timeout_s=120)
+    _start(cluster, ([*dnet.prefix(), *argv], decode, "netns-decode"))
     cluster.decode.append(decode)
     return Fleet(cluster, Side(dnet, decode, cluster.gateway, cluster.log_path))
+
+
+def _start(cluster: Cluster, *jobs: tuple[list[str], str, str]) -> None:
+    """Spawn each ``(argv, address, log name)`` beside the cluster at once; returns once all
+    serve at their addresses, failing at once if one exits."""
+    procs = [(cluster.spawn(argv, name), address, name) for argv, address, name in jobs]
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    for proc, address, name in procs:
+        while not serving(address):
+            if proc.poll() is not None:
+                log = cluster.log_path.parent / f"{cluster.log_path.stem}-{name}.log"
+                tail = log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{address} exited with {proc.returncode}:\n{tail}")
+            assert time.monotonic() < deadline, f"{address} not serving in {READY_TIMEOUT_S} s"
+            time.sleep(0.2)
 
 
 def _moved(argv: tuple[str, ...] | list[str], new: dict[str, str]) -> list[str]:
