@@ -29,6 +29,7 @@ from server_runtime.gpu import register_gpu_metrics
 from server_runtime.grpc_runtime import Lifecycle, serve_until_signalled, start_server
 from server_runtime.interceptors import BearerAuth, CallScope
 from server_runtime.metrics import GatewayMetrics, serve_metrics
+from server_runtime.settings import KeepAlive
 from server_runtime.torch_guard import forbid_torch
 
 log = structlog.get_logger(__name__)
@@ -88,6 +89,8 @@ class GatewayConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     failover: FailoverConfig = field(default_factory=FailoverConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    keepalive: KeepAlive = field(default_factory=KeepAlive)
+    """Pings to clients, so a hung one cannot hold calls, KV or admission slots."""
 
 
 def build_registry(config: GatewayConfig) -> Registry:
@@ -177,6 +180,7 @@ async def serve(config: GatewayConfig, grace_s: float = 5.0) -> None:
         tls=config.security.tls,
         lifecycle=lifecycle,
         interceptors=interceptors,
+        keepalive=config.keepalive,
     )
     log.info(
         "gateway_ready",

@@ -22,6 +22,7 @@ from server_runtime.settings import (
     METRICS_PORT,
     SERVER_TLS,
     auth_tokens,
+    keepalive,
     server_tls,
 )
 
@@ -220,6 +221,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
             **ADMISSION.fields(args, "admission"), retry_after_s=int(args.retry_after_ms) / 1000
         ),
         failover=FailoverConfig(max_attempts=max(1, int(args.max_attempts))),
+        keepalive=keepalive(args),
         security=SecurityConfig(
             tls=server_tls(args),
             upstream_tls=upstream_tls(args),

@@ -31,6 +31,7 @@ from core.errors import (
 )
 from core.rich_errors import rich_status
 from core.tls import TLSConfig
+from server_runtime.settings import KeepAlive
 
 log = structlog.get_logger(__name__)
 
@@ -232,8 +233,12 @@ class ServerHandle:
         await self.server.stop(0.2)
 
 
-def server_options(max_message_mb: int = 16) -> list[tuple[str, int]]:
+def server_options(
+    max_message_mb: int = 16, keepalive: KeepAlive | None = None
+) -> list[tuple[str, int]]:
+    """``keepalive``: pings to clients, so a hung one cannot hold calls (default: on, 10 s)."""
     return [
+        *(keepalive or KeepAlive()).grpc_options(),
         ("grpc.max_receive_message_length", max_message_mb << 20),
         ("grpc.max_send_message_length", max_message_mb << 20),
         ("grpc.so_reuseport", 0),
@@ -252,10 +257,11 @@ async def start_server(
     tls: TLSConfig | None = None,
     lifecycle: Lifecycle | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    keepalive: KeepAlive | None = None,
 ) -> ServerHandle:
     """Create, register, and start an aio server on ``address``; health starts NOT_SERVING."""
     server = grpc.aio.server(
-        options=server_options(max_message_mb), interceptors=list(interceptors)
+        options=server_options(max_message_mb, keepalive), interceptors=list(interceptors)
     )
     for add in register:
         add(server)

@@ -1,4 +1,5 @@
-"""Settings every server process shares (logs, metrics, TLS, drain), and the TLS client settings
+"""Settings every server process shares (logs, metrics, TLS, drain and keepalive), and the TLS
+client settings
 of ``pdserve generate`` and ``bench``; declared once, with what is built from them. Torch-free
 (the gateway reads them; a worker's own are in :mod:`server_runtime.worker_settings`).
 
@@ -9,6 +10,7 @@ Secrets never come from a flag's value: bearer tokens from ``--auth-token-file``
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.settings import Group, Setting, env_value
@@ -45,8 +47,25 @@ DRAIN = Group(
             default=5.0,
             help="on SIGTERM: seconds work in flight may take to finish (new work is refused)",
         ),
+        # How long a hung (not dead) peer can hold this server's calls: the kernel of a stopped
+        # or wedged process still acknowledges TCP, so only an HTTP/2 ping finds it out.
+        Setting(
+            "--keepalive",
+            type=float,
+            default=10.0,
+            help="seconds between the HTTP/2 pings this server sends each connected client; a "
+            "client that answers none within --keepalive-timeout (hung, or cut off) loses its "
+            "connection, and its calls end, freeing their KV and admission slots (0: no pings)",
+        ),
+        Setting(
+            "--keepalive-timeout",
+            type=float,
+            default=10.0,
+            help="seconds a client may take to answer a keepalive ping",
+        ),
     ),
 )
+"""The SIGTERM grace and the keepalive: how a server lets go of work and of its peers."""
 
 _TLS_KEY = Setting("--tls-key", type=Path, help="its PEM key")
 
@@ -94,6 +113,26 @@ def server_tls(args: argparse.Namespace) -> TLSConfig | None:
         ca=args.tls_ca,
         require_client_cert=args.tls_require_client_cert,
     )
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """A server's pings to its clients (see ``--keepalive``); ``time_s`` 0: none."""
+
+    time_s: float = 10.0
+    timeout_s: float = 10.0
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        if self.time_s <= 0:
+            return []
+        return [
+            ("grpc.keepalive_time_ms", int(self.time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.timeout_s * 1000)),
+        ]
+
+
+def keepalive(args: argparse.Namespace) -> KeepAlive:
+    return KeepAlive(float(args.keepalive), float(args.keepalive_timeout))
 
 
 def client_tls(args: argparse.Namespace) -> TLSConfig | None:

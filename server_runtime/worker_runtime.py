@@ -9,7 +9,7 @@ import contextlib
 import functools
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -22,6 +22,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.model_loader import load_model
 from kvtransfer.metrics import TransferStats
+from server_runtime.engine_watchdog import start_engine_watchdog
 from server_runtime.gpu import register_gpu_metrics
 from server_runtime.grpc_runtime import (
     BASE_STATUS_CODES,
@@ -31,6 +32,7 @@ from server_runtime.grpc_runtime import (
 )
 from server_runtime.interceptors import CallScope
 from server_runtime.metrics import WorkerMetrics, serve_metrics
+from server_runtime.settings import KeepAlive
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +49,9 @@ class ServeOptions:
     max_queue: int = 256
     """Work calls beyond the batch size (``max_num_seqs``) that may wait; past that a call is
     refused with RESOURCE_EXHAUSTED and a retry hint (0: no bound)."""
+
+    keepalive: KeepAlive = field(default_factory=KeepAlive)
+    """Pings to the gateways, so a hung one cannot hold this worker's calls and KV."""
 
     def lifecycle(self, max_num_seqs: int) -> Lifecycle:
         return Lifecycle(max_in_flight=max_num_seqs + self.max_queue if self.max_queue else 0)
@@ -127,26 +132,37 @@ async def serve_worker(
     *,
     lifecycle: Lifecycle | None = None,
     tls: TLSConfig | None = None,
+    keepalive: KeepAlive | None = None,
     work_methods: Iterable[str] = (),
     status_codes: dict[type[Exception], grpc.StatusCode] | None = None,
+    engine: AsyncEngine | None = None,
     **ready_fields: object,
 ) -> None:
     """Serve one worker's gRPC service (and its metrics port) until SIGTERM/SIGINT; the worker
     runs meanwhile. On SIGTERM the server drains (see :mod:`server_runtime.grpc_runtime`) before the
     worker stops. ``ready_fields`` go on the ready log line (callables are read once the
-    worker started)."""
+    worker started). ``engine`` is watched for stalls (:mod:`server_runtime.engine_watchdog`)."""
     lifecycle = lifecycle or Lifecycle()
     scope = CallScope(lifecycle, work_methods, status_codes or BASE_STATUS_CODES)
     handle = await start_server(
-        listen, [service_name], [add_servicer], tls=tls, lifecycle=lifecycle, interceptors=[scope]
+        listen,
+        [service_name],
+        [add_servicer],
+        tls=tls,
+        lifecycle=lifecycle,
+        interceptors=[scope],
+        keepalive=keepalive,
     )
     serve_metrics(metrics[1], metrics[0])
     worker.start()
+    watchdog = None if engine is None else start_engine_watchdog(engine, handle, [service_name])
     fields = {k: v() if callable(v) else v for k, v in ready_fields.items()}
     log.info(f"{tier}_worker_ready", listen=listen, port=handle.port, tls=tls is not None, **fields)
     try:
         await serve_until_signalled(handle, [service_name], grace_s)
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         worker.stop()
 
 
@@ -180,7 +196,9 @@ async def serve_tier(
         (registry, metrics_port),
         lifecycle=lifecycle,
         tls=options.tls,
+        keepalive=options.keepalive,
         work_methods=tier.work_methods,
         status_codes=tier.status_codes,
+        engine=worker.engine,
         **ready_fields,
     )

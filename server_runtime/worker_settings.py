@@ -9,7 +9,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from core.settings import Group, Setting
-from server_runtime.settings import server_tls
+from server_runtime.settings import keepalive, server_tls
 
 if TYPE_CHECKING:
     from server_runtime.worker_runtime import ServeOptions
@@ -32,4 +32,6 @@ def worker_serve_options(args: argparse.Namespace) -> ServeOptions:
     """A worker server's TLS and admission (imports torch: call it in a worker process)."""
     from server_runtime.worker_runtime import ServeOptions
 
-    return ServeOptions(tls=server_tls(args), max_queue=int(args.max_queue))
+    return ServeOptions(
+        tls=server_tls(args), max_queue=int(args.max_queue), keepalive=keepalive(args)
+    )

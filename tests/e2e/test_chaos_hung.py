@@ -9,7 +9,8 @@ Two more hung peers on the same cluster: the gateway (SIGSTOP mid-stream: calls 
 deadline, the workers let go by themselves, the gateway serves again at once after SIGCONT),
 and a client that stops reading its stream (the others on its worker are not held up, its KV
 is freed when its sequence ends, the tiers' memory does not grow, and it gets every token when
-it reads again)."""
+it reads again), and one that hangs (SIGSTOP: its connection stays up, it answers nothing):
+the gateway's keepalive pings go unanswered and its call ends, freeing its admission slot."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import asyncio
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from pdserve.client import AsyncClient
-from pdserve.local_cluster import Cluster, start_cluster
+from pdserve.local_cluster import Cluster, free_port_range, start_cluster
 from tests.support.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.e2e
@@ -307,3 +310,67 @@ def test_a_client_that_stops_reading_holds_up_no_one(cluster: Cluster) -> None:
     assert all(r.error == "" and len(r.tokens) == 16 for r in meanwhile), meanwhile
     assert idle_while_paused, "the unread stream still held KV after its sequence ended"
     assert all(mb < 50 for mb in growth.values()), growth
+
+
+HUNG_CLIENT = """
+import sys
+from pdserve.client import Client
+with Client(sys.argv[1]) as client:
+    stream = client.generate(
+        prompt_token_ids=[5, 6, 7, 8], max_tokens=900, temperature=0.0, ignore_eos=True,
+        logprobs=20, request_id=sys.argv[2],
+    )
+    next(stream)
+    print("streaming", flush=True)
+    sys.stdin.read()  # never reads the stream again
+"""
+
+
+def _established(port: int) -> int:
+    """TCP connections in ESTABLISHED state whose local port is ``port`` (this machine)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                count += 1
+    return count
+
+
+def test_a_hung_client_loses_its_connection_to_the_keepalive(cluster: Cluster) -> None:
+    """A client process SIGSTOPped mid-stream: its kernel still acknowledges TCP, so nothing
+    but an HTTP/2 ping can tell it is gone. A gateway with ``--keepalive 1 --keepalive-timeout
+    1`` drops its connection within seconds, and with it what it buffered for the client and
+    any call still on it (without pings the connection lived as long as the client was
+    stopped); its KV is freed and the gateway serves on."""
+    port = free_port_range(1)
+    argv = list(cluster.children()["gateway"].argv)
+    for flag, value in {"--listen": f"127.0.0.1:{port}", "--http-port": "0"}.items():
+        argv[argv.index(flag) + 1] = value
+    argv[argv.index("--metrics-port") + 1] = "0"
+    cluster.spawn([*argv, "--keepalive", "1", "--keepalive-timeout", "1"], "keepalive-gateway")
+    gateway = f"127.0.0.1:{port}"
+    cluster.wait_serving(gateway, timeout_s=60)
+    client = subprocess.Popen(
+        [sys.executable, "-c", HUNG_CLIENT, gateway, f"hung-client-{port}"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert client.stdout is not None and client.stdout.readline() == b"streaming\n"
+        assert _established(port) == 1
+        client.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        while _established(port) and time.monotonic() < stopped_at + 20:
+            time.sleep(0.05)
+        took = time.monotonic() - stopped_at
+        print(f"\nhung client: the gateway dropped its connection {took:.2f} s after the SIGSTOP")
+        assert _established(port) == 0, "the hung client's connection is still up"
+        for status in cluster.wait_idle(timeout_s=20):
+            assert status.free_blocks == status.total_blocks and status.running == 0, status
+        after = asyncio.run(_all(gateway, [_prompt(995, 30)] * 2, 4))
+        assert all(r.error == "" and len(r.tokens) == 4 for r in after), after
+    finally:
+        client.send_signal(signal.SIGCONT)
+        client.kill()
+        client.wait()
