@@ -19,9 +19,10 @@ its ``max_tokens``; no client ever retries (:data:`pdserve.client.NO_RETRY`). Tw
 
 Findings (exit 1): a refusal that is not RESOURCE_EXHAUSTED with a RetryInfo hint > 0; an
 admitted request that fails or streams other than its ``max_tokens``; a refusal at 1x; an
-admitted TTFT p99 at ``factor`` x above ``--max-p99-ratio`` x the 1x p99 plus
+admitted TTFT p50 or p99 at ``factor`` x above ``--max-ttft-ratio`` x the 1x figure plus
 ``--ttft-slack-ms`` (excess that queues instead of being refused shows as TTFT growing with
-the backlog, many times the 1x p99); a pool not idle afterwards (KV blocks held, work
+the backlog, up to the gateway's 30 s wait for a slot; the p50 catches it when noise inflates
+the 1x p99, the maximum of a hundred samples); a pool not idle afterwards (KV blocks held, work
 running, waiting or pending). ``--max-queued N`` shows what a bounded queue adds to TTFT.
 """
 
@@ -70,7 +71,7 @@ class OverloadOptions:
     input_len: LengthRange = INPUT_LEN
     output_len: LengthRange = OUTPUT_LEN
     seed: int = 0
-    max_p99_ratio: float = 3.0
+    max_ttft_ratio: float = 3.0
     ttft_slack_ms: float = 100.0
     timeout_s: float = 300.0
     """Deadline of each admitted request (none should come near it)."""
@@ -223,12 +224,14 @@ def _findings(
         found.append(f"{len(bad_hints)} refusals without a RetryInfo hint > 0: {bad_hints[:5]}")
     if not over["refused"]:
         found.append(f"nothing refused at {opts.factor:g}x: the overload did not overload")
-    bound = opts.max_p99_ratio * capacity["ttft"]["p99_ms"] + opts.ttft_slack_ms
-    if over["ttft"]["p99_ms"] > bound:
-        found.append(
-            f"admitted TTFT p99 {over['ttft']['p99_ms']:.0f} ms at {opts.factor:g}x exceeds "
-            f"{bound:.0f} ms ({opts.max_p99_ratio:g} x the 1x p99 + {opts.ttft_slack_ms:g} ms)"
-        )
+    for key in ("p50_ms", "p99_ms"):
+        bound = opts.max_ttft_ratio * capacity["ttft"][key] + opts.ttft_slack_ms
+        if over["ttft"][key] > bound:
+            found.append(
+                f"admitted TTFT {key[:3]} {over['ttft'][key]:.0f} ms at {opts.factor:g}x exceeds "
+                f"{bound:.0f} ms ({opts.max_ttft_ratio:g} x the 1x {key[:3]} + "
+                f"{opts.ttft_slack_ms:g} ms)"
+            )
     return found
 
 
@@ -286,7 +289,10 @@ def run_overload(cluster: Cluster, vocab: Sequence[int], opts: OverloadOptions) 
         },
         "capacity": capacity,
         "overload": over,
-        "ttft_p99_ratio": over["ttft"]["p99_ms"] / max(capacity["ttft"]["p99_ms"], 1e-9),
+        "ttft_ratio": {
+            key: over["ttft"][key] / max(capacity["ttft"][key], 1e-9)
+            for key in ("p50_ms", "p99_ms")
+        },
         "pools": pools,
         "findings": found,
     }
@@ -311,7 +317,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"{over['refusal_round_trip']['p99_ms']:.1f} ms"
     )
     print(
-        f"admitted TTFT p99, {report['options']['factor']:g}x / 1x: {report['ttft_p99_ratio']:.2f}"
+        f"admitted TTFT, {report['options']['factor']:g}x / 1x: p50 "
+        f"{report['ttft_ratio']['p50_ms']:.2f}, p99 {report['ttft_ratio']['p99_ms']:.2f}"
     )
     print(f"pools idle afterwards: {all(p['idle'] for p in report['pools'])}")
     for finding in report["findings"]:
@@ -329,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=96, help="requests of the 1x phase")
     parser.add_argument("--input-len", type=LengthRange.parse, default=INPUT_LEN)
     parser.add_argument("--output-len", type=LengthRange.parse, default=OUTPUT_LEN)
-    parser.add_argument("--max-p99-ratio", type=float, default=3.0)
+    parser.add_argument("--max-ttft-ratio", type=float, default=3.0)
     parser.add_argument("--ttft-slack-ms", type=float, default=100.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -342,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         input_len=args.input_len,
         output_len=args.output_len,
         seed=args.seed,
-        max_p99_ratio=args.max_p99_ratio,
+        max_ttft_ratio=args.max_ttft_ratio,
         ttft_slack_ms=args.ttft_slack_ms,
         progress=not args.quiet,
     )
