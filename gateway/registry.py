@@ -1,12 +1,15 @@
 """The gateway's live view of each tier: which workers exist, which may take work, how loaded.
 
 A :class:`TierRegistry` expands its targets (:mod:`gateway.discovery`) into worker addresses and
-follows each worker's health and load streams (:class:`WorkerState`). A worker is routable only
-while SERVING with a load report younger than ``stale_after_s``. A worker whose load stream
-falls silent for ``stale_after_s`` (hung, say SIGSTOPped) is marked DOWN and its calls in
+follows each worker's health and load streams (:class:`~gateway.worker_entry.WorkerEntry`). A
+worker is routable only while SERVING with a load report younger than its allowed silence
+(``stale_after_s``, see below). A worker whose load stream falls silent that long (hung, say
+SIGSTOPped) is marked DOWN and its calls in
 flight are abandoned, so failover resumes them elsewhere (:meth:`TierRegistry._read_load`).
 Silence is measured on the gateway's own awake time (:mod:`gateway.awake_clock`): a gateway that
-was itself stopped or starved does not blame its workers for the gap.
+was itself stopped or starved does not blame its workers for the gap. On a link whose reports
+come late anyway (loss: TCP retransmission stalls of 0.6-2 s on a 200 ms path), the silence
+allowed grows with what the worker's recent gaps showed (``WorkerEntry.allowed_silence``).
 An address that leaves DNS is retired: no new work, its calls in flight finish, then its
 channel closes.
 """
@@ -14,7 +17,6 @@ channel closes.
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
@@ -24,6 +26,7 @@ import structlog
 from gateway.awake_clock import AwakeClock
 from gateway.discovery import Resolver, Target, addresses_of, resolve_with_getaddrinfo
 from gateway.worker_clients import WorkerClient, WorkerStatus
+from gateway.worker_entry import WorkerEntry
 
 log = structlog.get_logger(__name__)
 
@@ -31,107 +34,8 @@ RETRY_MIN_S = 0.05
 RETRY_MAX_S = 1.0
 
 
-class WorkerState(enum.Enum):
-    """Where a worker stands, from two streams: ``grpc.health.v1.Health/Watch`` (SERVING or not)
-    and the worker's ``WatchLoad`` (queue, batch, free blocks, every ``load_interval_ms``).
-
-    CONNECTING until both streams have spoken, then SERVING, or DRAINING while either says it is
-    not serving. A stream that breaks (the worker died, restarted, or went away) makes it DOWN,
-    and both streams reconnect after a backoff (0.05 s doubling to 1 s); it leaves DOWN when both
-    speak again. A worker killed outright resets its connections, so it leaves the routable set
-    within milliseconds; a hung one goes DOWN once its last load report is ``stale_after_s``
-    old, and this gateway's calls on it are abandoned (they fail over).
-    """
-
-    CONNECTING = "connecting"
-    SERVING = "serving"
-    DRAINING = "draining"
-    DOWN = "down"
-
-
 class WorkerSilentError(Exception):
     """A worker's load stream sent nothing for ``stale_after_s`` after its first report."""
-
-
-class WorkerEntry:
-    """One worker as the gateway sees it. ``active`` counts this gateway's calls on it;
-    ``assigned_since_load``/``released_since_load`` the calls routed to it and ended since its
-    last load report, so routing corrects a report that is up to one interval old (a burst does
-    not pile onto the worker that looked idle, nor avoid the one whose streams just ended)."""
-
-    def __init__(self, client: WorkerClient, clock: Callable[[], float] = time.monotonic) -> None:
-        self.client = client
-        self._clock = clock
-        self.address = client.address
-        self.tier = client.tier
-        self.state = WorkerState.CONNECTING
-        self.load: WorkerStatus | None = None
-        self.load_at = 0.0
-        self.health_serving: bool | None = None  # None: not heard yet
-        self.active = 0
-        self.assigned_since_load = 0
-        self.released_since_load = 0
-        self.retired = False
-        self.state_since = time.monotonic()
-
-    def routable(self, now: float, stale_after_s: float) -> bool:
-        return (
-            self.state is WorkerState.SERVING
-            and not self.retired
-            and now - self.load_at <= stale_after_s
-        )
-
-    def on_load(self, load: WorkerStatus) -> None:
-        self.load = load
-        self.load_at = self._clock()
-        self.assigned_since_load = self.released_since_load = 0
-        self._settle()
-
-    def on_health(self, serving: bool) -> None:
-        self.health_serving = serving
-        self._settle()
-
-    def _settle(self) -> None:
-        if self.load is None or self.health_serving is None:
-            return  # both streams must have spoken
-        serving = self.health_serving and self.load.serving
-        self._move(WorkerState.SERVING if serving else WorkerState.DRAINING, "")
-
-    def on_down(self, reason: str) -> None:
-        self.load = None
-        self.health_serving = None
-        self._move(WorkerState.DOWN, reason)
-
-    def _move(self, state: WorkerState, reason: str) -> None:
-        if state is self.state:
-            return
-        now = time.monotonic()
-        log.info(
-            f"worker_{state.value}",
-            tier=self.tier,
-            address=self.address,
-            previous=self.state.value,
-            after_s=round(now - self.state_since, 3),
-            **({"reason": reason} if reason else {}),
-        )
-        self.state, self.state_since = state, now
-
-    def assign(self) -> None:
-        self.active += 1
-        self.assigned_since_load += 1
-
-    def release(self) -> None:
-        self.active -= 1
-        self.released_since_load += 1
-
-    def batch(self) -> int:
-        """Sequences on the worker: the last report corrected by what this gateway started and
-        ended since; never fewer than this gateway's own calls."""
-        reported = 0
-        if self.load is not None:
-            reported = self.load.running + self.load.waiting + self.load.awaiting_kv
-        now = reported + self.assigned_since_load - self.released_since_load
-        return max(now, self.active, 0)
 
 
 class TierRegistry:
@@ -245,7 +149,7 @@ class TierRegistry:
                     "worker_silent",
                     tier=self.tier,
                     address=entry.address,
-                    silent_for_s=self.stale_after_s,
+                    reason=reason,
                     calls_abandoned=abandoned,
                 )
             backoff = RETRY_MIN_S if heard.is_set() else min(backoff * 2, RETRY_MAX_S)
@@ -279,15 +183,16 @@ class TierRegistry:
         self, entry: WorkerEntry, pending: asyncio.Future[WorkerStatus]
     ) -> None:
         """Wait for ``pending`` (the next load report); raise :class:`WorkerSilentError` once
-        the worker has been silent for ``stale_after_s`` of this gateway's awake time."""
+        the worker has been silent for its allowed silence (``stale_after_s``, more on a link
+        that showed long gaps) of this gateway's awake time."""
         while not pending.done():
+            allowed = entry.allowed_silence(self.stale_after_s)
             silent_s = self.clock.now() - entry.load_at
-            if silent_s >= self.stale_after_s:
+            if silent_s >= allowed:
                 raise WorkerSilentError(
-                    f"{self.tier} worker {entry.address} sent no load report for "
-                    f"{self.stale_after_s} s"
+                    f"{self.tier} worker {entry.address} sent no load report for {allowed:.1f} s"
                 )
-            await asyncio.wait({pending}, timeout=self.stale_after_s - silent_s)
+            await asyncio.wait({pending}, timeout=allowed - silent_s)
 
     async def _read_health(self, entry: WorkerEntry) -> None:
         async for serving in entry.client.watch_health():

@@ -17,7 +17,8 @@ from typing import NamedTuple, Protocol
 
 from core.prefix_summary import matched_depth, prompt_anchors
 from gateway.errors import NoWorkersError, OverloadedError
-from gateway.registry import Registry, WorkerEntry
+from gateway.registry import Registry
+from gateway.worker_entry import WorkerEntry
 
 AFFINITY_SLACK = 2  # queued prompts an affine prefill worker may have beyond the shortest queue
 AFFINITY_ENTRIES = 4096  # prefixes remembered

@@ -16,8 +16,9 @@ import grpc
 
 from core.sampling import FinishReason, SamplingParams, TokenLogprob
 from gateway.errors import UpstreamError
-from gateway.registry import Registry, TierRegistry, WorkerEntry
+from gateway.registry import Registry, TierRegistry
 from gateway.worker_clients import PrefillOutcome, TokenEvent, WorkerStatus
+from gateway.worker_entry import WorkerEntry
 
 
 def next_token(seq: Sequence[int]) -> int:

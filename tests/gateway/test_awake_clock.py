@@ -10,8 +10,9 @@ from collections.abc import AsyncGenerator
 from typing import Any, cast
 
 from gateway.awake_clock import AwakeClock
-from gateway.registry import TierRegistry, WorkerEntry, WorkerState
+from gateway.registry import TierRegistry
 from gateway.worker_clients import WorkerStatus
+from gateway.worker_entry import WorkerEntry, WorkerState
 
 
 class FakeTime:

@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.discovery import Target, addresses_of
-from gateway.registry import TierRegistry, WorkerState
+from gateway.registry import TierRegistry
 from gateway.worker_clients import WorkerStatus
+from gateway.worker_entry import WorkerState
 from tests.gateway.fakes import load
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from core.prefix_summary import PrefixSummary
 from gateway.errors import NoWorkersError, OverloadedError
-from gateway.registry import WorkerState
 from gateway.router import Router, RoutingConfig
+from gateway.worker_entry import WorkerState
 from tests.gateway.fakes import FakeDecode, FakePrefill, entry, load, registry
 
 PROMPT = list(range(10, 110))  # 100 tokens
