@@ -248,9 +248,11 @@ def decode(
         except ValueError:
             raise MalformedFrameError(f"unknown ACK status {body[0]}") from None
         return AckHeader(transfer_id, status, body[1:].decode(errors="replace"))
+    if len(body) > MAX_TEXT_BYTES:  # encode() never sends more
+        raise MalformedFrameError(f"handshake body of {len(body)} bytes is too large")
     try:
         fields = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # not UTF-8 or JSON; a number or nesting too big
         raise MalformedFrameError(f"handshake body is not JSON: {exc}") from None
     if not isinstance(fields, dict):
         raise MalformedFrameError("handshake body is not a JSON object")
