@@ -27,6 +27,15 @@ class StaleHelloError(IncompatiblePeerError):
     """A HELLO that is old, from the future, without a send time, or seen before."""
 
 
+def peer_fingerprint(fields: dict[str, Any]) -> Fingerprint:
+    """The fingerprint a HELLO or WELCOME carries; :class:`IncompatiblePeerError` when it
+    carries none, or something that is not a JSON object."""
+    theirs = fields.get("fingerprint", {})
+    if not isinstance(theirs, dict):
+        raise IncompatiblePeerError(f"peer fingerprint is not an object: {type(theirs).__name__}")
+    return Fingerprint.from_fields(theirs)
+
+
 def hello_fields(
     fingerprint: Fingerprint, clock: Callable[[], float] = time.time
 ) -> dict[str, Any]:
@@ -51,7 +60,10 @@ class HelloGuard:
         sent = hello.get("sent_at")
         if not isinstance(sent, int | float) or isinstance(sent, bool) or sent != sent:
             raise StaleHelloError("HELLO carries no send time (an older pdserve?)")
-        age = now - sent
+        try:
+            age = now - sent
+        except OverflowError:  # an integer past any float
+            age = float("inf")
         if abs(age) > self.max_age_s:
             raise StaleHelloError(
                 f"HELLO sent {age:+.0f}s from this worker's clock (more than "

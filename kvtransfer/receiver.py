@@ -31,7 +31,7 @@ from core.ticket import Fingerprint, IncompatiblePeerError, check_match
 from engine.kv_cache import KVCache
 from kvtransfer import wire
 from kvtransfer.datapath import Backend, PairLinkError, StreamLink, make_host, refuse_encryption
-from kvtransfer.handshake import HelloGuard, StaleHelloError
+from kvtransfer.handshake import HelloGuard, StaleHelloError, peer_fingerprint
 from kvtransfer.metrics import TransferStats, failure_label
 from kvtransfer.out_of_band import skip_group_payload, take_group_payload, take_record
 from kvtransfer.page_writer import (
@@ -54,6 +54,7 @@ _POLL_MS = 50
 _ADOPT_POLL_MS = 2  # while a peer's stream is being accepted: pick it up quickly
 _RCVHWM = 64  # messages queued per peer before senders block: bounds bytes in flight
 _RECORDS_PER_WAKE = 64  # records read from one stream before looking at the others again
+_MAX_REASON_CHARS = 300  # a REFUSE's reason: 12 JSON bytes a character at worst, in 4 KB
 
 
 class KVReceiver:
@@ -307,7 +308,7 @@ class KVReceiver:
             self.stats.drop("unexpected_handshake")
             return
         try:
-            theirs = Fingerprint.from_fields(hello.fields.get("fingerprint", {}))
+            theirs = peer_fingerprint(hello.fields)
             check_match(self.fingerprint, theirs, "prefill worker")
             if self._auth.key is not None:  # without a key anyone may say HELLO anyway
                 self._hellos.admit(hello.transfer_id, hello.fields)
@@ -317,8 +318,9 @@ class KVReceiver:
                 self.stats.drop("stale_handshake")
             else:
                 self.stats.fail("incompatible_peer")
+            reason = str(exc)[:_MAX_REASON_CHARS]  # it quotes the peer's values
             refuse = wire.HandshakeHeader(
-                hello.transfer_id, wire.FrameKind.REFUSE, {"reason": str(exc)}
+                hello.transfer_id, wire.FrameKind.REFUSE, {"reason": reason}
             )
             self._send(identity, refuse)
             return

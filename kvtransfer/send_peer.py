@@ -25,7 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 from core.ticket import Fingerprint, IncompatiblePeerError, check_match
 from kvtransfer import wire
 from kvtransfer.datapath import Backend, PairLink, StreamLink, join_pair, tensor_bytes
-from kvtransfer.handshake import hello_fields
+from kvtransfer.handshake import hello_fields, peer_fingerprint
 from kvtransfer.send_budget import TransferSpec
 from kvtransfer.send_commands import Command
 
@@ -123,13 +123,21 @@ class Peer:
             return
         backend = Backend(fingerprint.backend)
         try:
-            theirs = Fingerprint.from_fields(reply.fields.get("fingerprint", {}))
+            theirs = peer_fingerprint(reply.fields)
             check_match(fingerprint, theirs, "decode worker")
             if backend.out_of_band:
                 self.link = join_pair(
                     backend, reply.fields["rendezvous"], timeout_s, auth.stream_proof
                 )
-        except (IncompatiblePeerError, KeyError, RuntimeError, ValueError, OSError) as exc:
+        except (  # a rendezvous that is not an object, or a port past 65535: no handshake
+            IncompatiblePeerError,
+            KeyError,
+            RuntimeError,
+            ValueError,
+            OSError,
+            TypeError,
+            OverflowError,
+        ) as exc:
             self.move(PeerState.FAILED, str(exc))
             return
         self.move(PeerState.HANDSHAKEN)
