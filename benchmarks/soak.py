@@ -28,9 +28,10 @@ running, waiting or pending) or failing its integrity check in any sample; a chi
 a process whose RSS grew by more than ``--min-drift-mb`` AND faster than
 ``--max-drift-mb-per-hour``. Both, because a slope alone turns one allocator step of a few MB
 into hundreds of MB/hour on a 3-minute run, and an absolute bound alone ignores the run's
-length. 64 MB/hour is a leak of ~5 KB per request at this mix's few requests/s on two cores,
-while a settled CPython process moves by a few MB; 27 minutes after the warm-up at 64 MB/hour
-is 29 MB, above the 16 MB floor, so on the default run the slope decides.
+length. At the ~1 request/s this mix runs on two shared cores, 64 MB/hour is a leak of ~20 KB
+per request (the report also gives each slope as KB per request), while a settled CPython
+process moves by a few MB; 27 minutes after the warm-up at 64 MB/hour is 29 MB, above the
+16 MB floor, so on the default run the slope decides.
 """
 
 from __future__ import annotations
