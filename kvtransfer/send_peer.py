@@ -73,8 +73,11 @@ class Peer:
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     def lost_connection(self) -> bool:
-        """Whether a connection of the socket dropped since the last call."""
-        lost = False
+        """Whether a connection of the socket dropped since the last call, or the decode side
+        closed the pair's stream (it never writes on it: readable means closed). The stream
+        tells even when the socket's connection outlived the restart (a relay in front, or a
+        monitor event not in yet)."""
+        lost = isinstance(self.link, StreamLink) and self.link.readable()
         while self.monitor is not None:
             try:
                 recv_monitor_message(self.monitor, zmq.NOBLOCK)
