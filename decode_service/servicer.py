@@ -7,13 +7,17 @@ maps them to a status with :data:`STATUS_CODES`, binds the request id, and admit
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
 from core.errors import EngineStoppedError, InvalidRequestError
 from core.sampling import FinishReason
 from decode_service.worker import DecodeWorker
+from engine.async_engine import RequestHandle
+from engine.engine import RequestOutput
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from server_runtime.grpc_runtime import BASE_STATUS_CODES, Lifecycle
 from server_runtime.metrics import WorkerMetrics
@@ -77,27 +81,58 @@ class DecodeServicer(LoadReporting, worker_pb2_grpc.DecodeServicer):
         try:
             if not local:
                 yield worker_pb2.DecodeResponse(ticket=ticket_to_proto(ticket))
-            first = True
+                arrived, first_out = await self._until_pages_arrive(handle)
+                if arrived:
+                    yield worker_pb2.DecodeResponse(kv_arrived=worker_pb2.KvArrived())
+                first_out = first_out or await handle.next_output()
+                yield self._response(first_out, prompt, local, first=True)
+                if first_out.finish_reason is not None:
+                    return
+            first = local
             async for out in handle.outputs():
-                if out.finish_reason is FinishReason.ERROR:
-                    if out.invalid_request:  # e.g. its grammar: the same on any worker
-                        raise InvalidRequestError(out.error or "invalid request")
-                    raise DecodeFailedError(out.error or "decode failed")
-                if out.timings is not None and self.metrics is not None:
-                    generated = out.num_completion_tokens - (0 if local else 1)
-                    self.metrics.observe(out.timings, len(prompt) if local else 0, generated)
-                chunk = worker_pb2.TokenChunk(
-                    token_ids=out.token_ids,
-                    finish_reason=FINISH_TO_PROTO[out.finish_reason],
-                    completion_tokens=out.num_completion_tokens,
-                    logprobs=logprobs_to_proto(out.logprobs),
-                )
-                if local and first:  # the prefix-cache hit of the prompt computed here
-                    chunk.cached_tokens = out.num_cached_tokens
+                yield self._response(out, prompt, local, first)
                 first = False
-                yield worker_pb2.DecodeResponse(tokens=chunk)
         finally:
             self.worker.release(handle)
+
+    async def _until_pages_arrive(self, handle: RequestHandle) -> tuple[bool, RequestOutput | None]:
+        """Wait for the reservation's pages, or the request's first output if that comes
+        first (its transfer failed). Returns whether the pages arrived, and the output if one
+        was read already."""
+        arrival = self.worker.arrival(handle)
+        output = asyncio.ensure_future(handle.next_output())
+        either: set[asyncio.Future[Any]] = {arrival, output}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            output.cancel()
+            raise
+        arrived = arrival.done() and not arrival.cancelled()
+        if arrived and not output.done():
+            output.cancel()  # nothing was taken from the output queue: next_output reads on
+            await asyncio.gather(output, return_exceptions=True)
+            return True, None
+        return arrived, await output
+
+    def _response(
+        self, out: RequestOutput, prompt: list[int], local: bool, first: bool
+    ) -> worker_pb2.DecodeResponse:
+        if out.finish_reason is FinishReason.ERROR:
+            if out.invalid_request:  # e.g. its grammar: the same on any worker
+                raise InvalidRequestError(out.error or "invalid request")
+            raise DecodeFailedError(out.error or "decode failed")
+        if out.timings is not None and self.metrics is not None:
+            generated = out.num_completion_tokens - (0 if local else 1)
+            self.metrics.observe(out.timings, len(prompt) if local else 0, generated)
+        chunk = worker_pb2.TokenChunk(
+            token_ids=out.token_ids,
+            finish_reason=FINISH_TO_PROTO[out.finish_reason],
+            completion_tokens=out.num_completion_tokens,
+            logprobs=logprobs_to_proto(out.logprobs),
+        )
+        if local and first:  # the prefix-cache hit of the prompt computed here
+            chunk.cached_tokens = out.num_cached_tokens
+        return worker_pb2.DecodeResponse(tokens=chunk)
 
     def kv_endpoint(self) -> str:
         return self.worker.kv_endpoint

@@ -3,11 +3,13 @@
 The KV receiver writes pages only into a reservation's ``writable`` blocks and reports each
 transfer's end to the engine's import connector (an :class:`ImportQueue`), which the engine
 drains before each step. :meth:`DecodeWorker.release` cancels the transfer before the blocks are
-freed, so no page lands in blocks that were given back.
+freed, so no page lands in blocks that were given back. :meth:`DecodeWorker.arrival` resolves
+on the event loop once a reservation's pages are all in (the gateway is told, see the servicer).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 
@@ -56,13 +58,16 @@ class DecodeWorker:
             kv,
             self.fingerprint,
             config.transfer.auth(),
-            on_ready=self.imports.ready,
+            on_ready=self._on_ready,
             on_failed=self.imports.failed,
             pair_host=_host_of(config.kv_advertise or config.kv_bind),
             stream_port=config.kv_stream_port,
             group_timeout_s=config.transfer.handshake_timeout_s,
         )
         self._transfers: dict[str, bytes] = {}  # engine key -> transfer id
+        # engine key -> (its loop, the future set when its pages are in); set on the loop,
+        # popped from the receiver's thread (dict operations are atomic)
+        self._arrivals: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = {}
         self.kv_endpoint = config.kv_advertise or config.kv_bind
 
     def start(self) -> None:
@@ -100,6 +105,8 @@ class DecodeWorker:
         transfer_id = os.urandom(16)
         lease_s = min(lease_s, self.config.kv_lease_s)
         self._transfers[handle.key] = transfer_id
+        loop = asyncio.get_running_loop()
+        self._arrivals[handle.key] = (loop, loop.create_future())
         # the shared prefix blocks are not written: only the rest may receive pages
         self.receiver.expect(transfer_id, handle.key, list(reservation.writable), lease_s)
         ticket = TransferTicket(
@@ -114,16 +121,36 @@ class DecodeWorker:
 
     def release(self, handle: RequestHandle) -> None:
         """End a request on every exit path: stop its transfer first, then free its blocks."""
+        arrival = self._arrivals.pop(handle.key, None)
+        if arrival is not None:
+            arrival[1].cancel()
         transfer_id = self._transfers.pop(handle.key, None)
         if transfer_id is not None:
             self.receiver.cancel(transfer_id)  # after this no page can land in its blocks
         handle.close()
+
+    def arrival(self, handle: RequestHandle) -> asyncio.Future[None]:
+        """Done once every page of ``handle``'s reservation is in (cancelled on release)."""
+        return self._arrivals[handle.key][1]
+
+    def _on_ready(self, key: str, first_token_id: int) -> None:
+        """The receiver's thread: a reservation's pages are all in."""
+        self.imports.ready(key, first_token_id)
+        arrival = self._arrivals.get(key)
+        if arrival is not None:
+            loop, future = arrival
+            loop.call_soon_threadsafe(_resolve, future)
 
     def stats(self) -> PoolStats:
         return self.engine.stats()
 
     def pending_transfers(self) -> int:
         return self.receiver.pending()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _host_of(endpoint: str) -> str:

@@ -1,7 +1,7 @@
 """``n`` samples of one prompt (GenerateRequest.n, OpenAI's ``n``), sharing the prompt's KV.
 
 Sample 0 is sent first. Once the prompt's KV is in the prefix caches of its workers (its decode
-stream's first token: :meth:`GenerationCore._attempt`), or once it finished, samples 1..n-1
+stream's first token: :func:`gateway.attempt.run_attempt`), or once it finished, samples 1..n-1
 start on the same workers (:meth:`Router.pinned`; normal routing if those are gone or full),
 so each finds the prompt's full blocks cached and shares them (ref-counted by the pool) rather
 than computing or receiving them again::

@@ -2,7 +2,7 @@
 
 Disaggregated, the decode worker reserves blocks and answers with a ticket, the prefill worker
 computes the first token and pushes the KV pages to it, and the decode worker streams the rest;
-local prefill is one decode call (:meth:`GenerationCore._attempt`). Across failover the client's
+local prefill is one decode call (one attempt: :mod:`gateway.attempt`). Across failover the client's
 stream has no duplicated and no missing tokens and equals an undisturbed run's
 (:meth:`GenerationCore._events`). Leaving the generator early (client cancel, deadline, stop
 string) cancels every open worker call, which aborts the work and frees its blocks on each tier.
@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import cast
 
 import grpc
 import structlog
@@ -24,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from core.errors import InvalidRequestError
 from core.sampling import FinishReason, SamplingParams, TokenLogprob
+from gateway.attempt import Deadline, run_attempt
 from gateway.detokenizer import IncrementalDetokenizer
 from gateway.errors import NoWorkersError, UpstreamError
 from gateway.grammar import GrammarValidator
@@ -32,7 +32,7 @@ from gateway.router import Route, Router
 from gateway.seeds import with_seed
 from gateway.stop_strings import StopStringMatcher
 from gateway.validation import validate_sampling
-from gateway.worker_clients import DecodeClient, PrefillClient, TokenEvent
+from gateway.worker_calls import TokenEvent
 from server_runtime.metrics import GatewayMetrics
 
 log = structlog.get_logger(__name__)
@@ -60,26 +60,13 @@ class Delta:
     """Prompt tokens whose KV came from a worker's prefix cache (the first attempt's report)."""
 
 
-class Deadline:
-    """The caller's deadline, turned into the timeout each hop gets."""
-
-    def __init__(self, timeout: float | None) -> None:
-        loop = asyncio.get_running_loop()
-        self._at = None if timeout is None else loop.time() + timeout
-
-    def remaining(self) -> float | None:
-        if self._at is None:
-            return None
-        left = self._at - asyncio.get_running_loop().time()
-        if left <= 0:
-            raise UpstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        return left
-
-
 @dataclass(frozen=True)
 class FailoverConfig:
     max_attempts: int = 4
     """Routes tried per request, the first included (1: no failover)."""
+    kv_arrival_timeout_s: float = 5.0
+    """A prefill's pages not at the decode worker this long after its answer fail the attempt
+    (retried elsewhere); 0: wait for them as long as the deadline allows."""
 
 
 class GenerationCore:
@@ -129,7 +116,7 @@ class GenerationCore:
     ) -> AsyncGenerator[Delta, None]:
         """One sample's deltas (``index``: which of the request's samples, for the deltas).
         ``pin``: try this route first (see :meth:`Router.pinned`); ``on_cached``: called with
-        the route once the prompt's KV is in its workers' prefix caches (see :meth:`_attempt`).
+        the route once the prompt's KV is in its workers' prefix caches (see :func:`run_attempt`).
         """
         deadline = Deadline(timeout)
         if sampling.seed is None and not sampling.greedy:
@@ -231,7 +218,8 @@ class GenerationCore:
                     f"resumed: {exc}",
                 ) from exc
             self._log_route(route, attempt, len(generated))
-            attempt_events = self._attempt(
+            attempt_events = run_attempt(
+                self.router,
                 request_id,
                 prompt + generated,
                 dataclasses.replace(
@@ -241,8 +229,9 @@ class GenerationCore:
                 ),
                 route,
                 deadline,
-                len(generated),
-                on_cached,
+                kv_arrival_timeout_s=self.failover.kv_arrival_timeout_s,
+                resumed_tokens=len(generated),
+                on_cached=on_cached,
             )
             try:
                 async with contextlib.aclosing(attempt_events):  # ends worker calls at once
@@ -296,77 +285,6 @@ class GenerationCore:
             **({"fallbacks": list(route.fallbacks)} if route.fallbacks else {}),
             **({"resumed_after_tokens": resumed_after} if resumed_after else {}),
         )
-
-    async def _attempt(
-        self,
-        request_id: str,
-        prompt: list[int],
-        sampling: SamplingParams,
-        route: Route,
-        deadline: Deadline,
-        resumed_tokens: int = 0,
-        on_cached: Callable[[Route], None] | None = None,
-    ) -> AsyncGenerator[TokenEvent, None]:
-        """One try on one route; raises UpstreamError naming the worker that failed.
-
-        Disaggregated (``route.prefill`` set)::
-
-            gateway --Decode.Generate(REMOTE)--> decode: reserves blocks, answers with a ticket
-            gateway --Prefill.Prefill(ticket)--> prefill: computes, answers with the first token,
-                                                 pushes KV pages to the ticket's endpoint meanwhile
-            gateway <--tokens 2..n-------------- decode: admits the sequence once pages arrive
-
-        Otherwise one ``Decode.Generate(LOCAL)`` call streams every token. Once the decode
-        stream's first token is out, the prompt's full blocks are in the prefix caches of every
-        worker of the route (the decode worker registered them on computing or receiving them):
-        ``on_cached(route)`` is called then (or when the prefill's first token ends the request).
-        """
-        decode, prefill = route.decode, route.prefill
-        decode_client = cast(DecodeClient, decode.client)  # the decode tier holds DecodeClients
-        timeout = deadline.remaining()
-        decode.assign()
-        stream = decode_client.open(
-            request_id,
-            prompt,
-            sampling,
-            remote_prefill=prefill is not None,
-            timeout=timeout,
-            resumed_tokens=resumed_tokens,
-        )
-        try:
-            if prefill is not None:
-                ticket = await stream.ticket()
-                prefill.assign()
-                try:
-                    first = await cast(PrefillClient, prefill.client).prefill(
-                        request_id,
-                        prompt,
-                        sampling,
-                        ticket,
-                        timeout=deadline.remaining(),
-                        resumed_tokens=resumed_tokens,
-                    )
-                finally:
-                    await self.router.registry.prefill.release(prefill)
-                first_lps = () if first.first_logprob is None else (first.first_logprob,)
-                first_event = TokenEvent(
-                    (first.first_token_id,), first.finish_reason, first_lps, first.cached_tokens
-                )
-                if first.finish_reason is not None and on_cached is not None:
-                    on_cached(route)  # the prefill worker's cache holds it, at least
-                yield first_event
-                if first.finish_reason is not None:
-                    return
-            async for event in stream.events():
-                if on_cached is not None:
-                    on_cached(route)  # before the yield: the consumer may stop at this event
-                    on_cached = None
-                if prefill is not None and event.cached_tokens:
-                    event = dataclasses.replace(event, cached_tokens=0)  # the prefill's counts
-                yield event
-        finally:
-            stream.cancel()
-            await self.router.registry.decode.release(decode)
 
 
 def _final_error(exc: UpstreamError, tokens: int, attempts: int) -> UpstreamError:

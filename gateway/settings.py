@@ -95,6 +95,14 @@ ROUTING = Group(
             help="routes tried per request: failed prefills retried, broken streams resumed",
         ),
         Setting(
+            "--kv-arrival-timeout",
+            type=float,
+            default=5.0,
+            help="seconds a prefill's KV pages may take to reach the decode worker after the "
+            "prefill answered; later, the request is resumed on another route (0: no limit "
+            "but the deadline)",
+        ),
+        Setting(
             "--load-interval-ms",
             field="fleet.load_interval_ms",
             type=int,
@@ -220,7 +228,10 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         admission=AdmissionConfig(
             **ADMISSION.fields(args, "admission"), retry_after_s=int(args.retry_after_ms) / 1000
         ),
-        failover=FailoverConfig(max_attempts=max(1, int(args.max_attempts))),
+        failover=FailoverConfig(
+            max_attempts=max(1, int(args.max_attempts)),
+            kv_arrival_timeout_s=float(args.kv_arrival_timeout),
+        ),
         keepalive=keepalive(args),
         security=SecurityConfig(
             tls=server_tls(args),

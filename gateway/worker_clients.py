@@ -1,35 +1,32 @@
 """Calls from the gateway to the worker tiers: domain values in, domain values out.
 
-This is the gateway's proto boundary towards workers; RPC failures become :class:`UpstreamError`
-naming the worker, with the status code the client should see and whether another worker may
-succeed (:func:`gateway.errors.worker_failure`). A client can abandon its calls in flight
-(:meth:`_WorkerClient.abandon_calls`, for a worker that fell silent): each then fails with a
-retryable UNAVAILABLE, so failover resumes it elsewhere. Every call carries the request id as
+This is the gateway's proto boundary towards workers (with :mod:`gateway.worker_calls`, which
+says how a call's failure reads: :class:`UpstreamError` naming the worker). A client can abandon
+its calls in flight (:meth:`_WorkerClient.abandon_calls`, for a worker that fell silent): each
+then fails with a retryable UNAVAILABLE, so failover resumes it elsewhere. Every call carries the
+request id as
 ``x-request-id`` metadata and the caller's remaining deadline; channels use TLS (mutual, with a
 client certificate) when configured.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from core.rich_errors import retry_after_of
 from core.sampling import FinishReason, SamplingParams, TokenLogprob
 from core.ticket import TransferTicket
 from core.tls import TLSConfig, secure_channel
-from gateway.errors import UpstreamError, worker_failure
+from gateway.errors import UpstreamError
+from gateway.worker_calls import DecodeStream, OpenCalls, upstream_error
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from server_runtime.proto_convert import (
     FINISH_FROM_PROTO,
     logprob_from_proto,
-    logprobs_from_proto,
     sampling_to_proto,
-    ticket_from_proto,
     ticket_to_proto,
 )
 
@@ -46,19 +43,6 @@ CHANNEL_OPTIONS: list[tuple[str, object]] = [
 
 DECODE_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
 PREFILL_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """New tokens for a request; ``finish_reason`` is set on the last event."""
-
-    token_ids: tuple[int, ...]
-    finish_reason: FinishReason | None
-    logprobs: tuple[TokenLogprob, ...] = ()  # one per token when the request asked
-    cached_tokens: int = 0
-    """Prompt tokens the worker that computed the prompt took from its prefix cache (on the
-    event carrying the first token: the prefill worker's answer, or a LOCAL call's first
-    chunk); 0 elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -88,128 +72,8 @@ class WorkerStatus:
         return bool(self.max_in_flight) and self.in_flight >= self.max_in_flight
 
 
-def upstream_error(tier: str, address: str, exc: grpc.aio.AioRpcError) -> UpstreamError:
-    """A failed worker call (the worker's answer, or the gRPC library's own, local refusal) as
-    the gateway reports it, classified by :func:`worker_failure`."""
-    code = exc.code()
-    retry_after = retry_after_of(exc) if code is grpc.StatusCode.RESOURCE_EXHAUSTED else None
-    failure = worker_failure(code, retry_after is not None)
-    return UpstreamError(
-        failure.code,
-        f"{tier} worker {address}: {exc.details()}",
-        tier=tier,
-        address=address,
-        retryable=failure.retryable,
-        retry_after_s=retry_after,
-    )
-
-
 def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     return (("x-request-id", request_id),)
-
-
-class _OpenCalls:
-    """A client's calls in flight, so that :meth:`abandon` can cancel them all at once."""
-
-    def __init__(self) -> None:
-        self._calls: set[grpc.aio.Call] = set()
-        self.abandoned: dict[grpc.aio.Call, str] = {}
-
-    def add(self, call: grpc.aio.Call) -> None:
-        self._calls.add(call)
-
-    def discard(self, call: grpc.aio.Call) -> None:
-        self._calls.discard(call)
-        self.abandoned.pop(call, None)
-
-    def abandon(self, reason: str) -> int:
-        for call in self._calls:
-            self.abandoned[call] = reason
-            call.cancel()
-        return len(self._calls)
-
-    def failure(self, tier: str, address: str, call: grpc.aio.Call) -> UpstreamError | None:
-        """The error for a call that ended cancelled: retryable UNAVAILABLE if the client
-        abandoned it and the task itself is not being cancelled (then None: let it propagate)."""
-        reason = self.abandoned.get(call)
-        task = asyncio.current_task()
-        if reason is None or (task is not None and task.cancelling()):
-            return None
-        return UpstreamError(
-            grpc.StatusCode.UNAVAILABLE,
-            f"{tier} worker {address}: call abandoned: {reason}",
-            tier=tier,
-            address=address,
-            retryable=True,
-        )
-
-
-class DecodeStream:
-    """One open ``Decode.Generate`` call. :meth:`cancel` on every exit path."""
-
-    def __init__(
-        self, address: str, call: grpc.aio.UnaryStreamCall, calls: _OpenCalls | None = None
-    ) -> None:
-        self._address = address
-        self._call = call
-        self._calls = calls or _OpenCalls()
-        self._calls.add(call)
-
-    def _abandoned(self) -> UpstreamError | None:
-        return self._calls.failure("decode", self._address, self._call)
-
-    async def ticket(self) -> TransferTicket:
-        """The first message of a REMOTE-mode call: where the prefill worker pushes pages."""
-        try:
-            msg = await self._call.read()
-        except grpc.aio.AioRpcError as exc:
-            raise self._abandoned() or upstream_error("decode", self._address, exc) from exc
-        except asyncio.CancelledError:
-            if (error := self._abandoned()) is None:
-                raise
-            raise error from None
-        if msg is grpc.aio.EOF or not msg.HasField("ticket"):
-            raise UpstreamError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"decode worker {self._address} sent no ticket",
-                tier="decode",
-                address=self._address,
-                retryable=True,
-            )
-        return ticket_from_proto(msg.ticket)
-
-    async def events(self) -> AsyncIterator[TokenEvent]:
-        try:
-            while True:
-                msg = await self._call.read()
-                if msg is grpc.aio.EOF:
-                    raise UpstreamError(
-                        grpc.StatusCode.UNAVAILABLE,
-                        f"decode worker {self._address} ended the stream before finishing",
-                        tier="decode",
-                        address=self._address,
-                        retryable=True,
-                    )
-                chunk = msg.tokens
-                finish = FINISH_FROM_PROTO[chunk.finish_reason]
-                yield TokenEvent(
-                    tuple(chunk.token_ids),
-                    finish,
-                    logprobs_from_proto(chunk.logprobs),
-                    chunk.cached_tokens,
-                )
-                if finish is not None:
-                    return
-        except grpc.aio.AioRpcError as exc:
-            raise self._abandoned() or upstream_error("decode", self._address, exc) from exc
-        except asyncio.CancelledError:
-            if (error := self._abandoned()) is None:
-                raise
-            raise error from None
-
-    def cancel(self) -> None:
-        self._call.cancel()
-        self._calls.discard(self._call)
 
 
 class _WorkerClient:
@@ -222,7 +86,7 @@ class _WorkerClient:
         self.address = address
         self._channel = secure_channel(address, tls, CHANNEL_OPTIONS)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._open = _OpenCalls()
+        self._open = OpenCalls()
 
     def abandon_calls(self, reason: str) -> int:
         """Cancel every request call in flight (not the load and health streams); each fails
@@ -355,14 +219,7 @@ class PrefillClient(_WorkerClient):
         call = self._prefill.Prefill(request, timeout=timeout, metadata=_metadata(request_id))
         self._open.add(call)
         try:
-            reply = await call
-        except grpc.aio.AioRpcError as exc:
-            abandoned = self._open.failure("prefill", self.address, call)
-            raise abandoned or upstream_error("prefill", self.address, exc) from exc
-        except asyncio.CancelledError:
-            if (error := self._open.failure("prefill", self.address, call)) is None:
-                raise
-            raise error from None
+            reply = await self._open.settle("prefill", self.address, call, call)
         finally:
             self._open.discard(call)
         first_lp = (

@@ -17,7 +17,8 @@ import grpc
 from core.sampling import FinishReason, SamplingParams, TokenLogprob
 from gateway.errors import UpstreamError
 from gateway.registry import Registry, TierRegistry
-from gateway.worker_clients import PrefillOutcome, TokenEvent, WorkerStatus
+from gateway.worker_calls import TokenEvent
+from gateway.worker_clients import PrefillOutcome, WorkerStatus
 from gateway.worker_entry import WorkerEntry
 
 
@@ -100,11 +101,18 @@ class FakeDecodeStream:
     cached: int = 0  # prompt tokens found in the client's cache (reserved or computed)
     fail: UpstreamError | None = None  # raised on the first read of tokens
     cancelled: bool = False
+    pages_lost: bool = False  # the prefill's pages never arrive
 
     async def ticket(self) -> object:
         if self.client.refuse is not None:
             raise self.client.refuse
         return object()
+
+    async def kv_arrived(self, timeout: float | None) -> bool:
+        if self.pages_lost:
+            await asyncio.sleep(timeout if timeout is not None else 3600)
+            return False
+        return True
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         if self.fail is not None:
@@ -145,6 +153,8 @@ class FakeDecode:
     seen: list[list[int]] = field(default_factory=list)  # its "prefix cache"
     fail_streams: dict[int, UpstreamError] = field(default_factory=dict)
     """The stream of call k (0-based) raises this when read."""
+    lose_pages: set[int] = field(default_factory=set)
+    """The prefill's pages for call k (0-based) never arrive."""
 
     def open(
         self,
@@ -177,6 +187,7 @@ class FakeDecode:
             remote_prefill,
             cached,
             self.fail_streams.get(len(self.streams)),
+            pages_lost=len(self.streams) in self.lose_pages,
         )
         self.streams.append(stream)
         return stream

@@ -21,7 +21,8 @@ from gateway.prompts import PromptTokenizer
 from gateway.router import Router, RoutingConfig
 from gateway.servicer import STATUS_CODES, WORK_METHODS, GenerationServicer
 from gateway.validation import validate_request_id
-from gateway.worker_clients import DecodeClient, upstream_error
+from gateway.worker_calls import upstream_error
+from gateway.worker_clients import DecodeClient
 from protos.pdserve.v1 import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 from server_runtime.grpc_runtime import Lifecycle, start_server
 from server_runtime.interceptors import MAX_REQUEST_ID_CHARS, CallScope

@@ -215,3 +215,29 @@ def test_the_seed_comes_back_on_the_first_delta_only(tokenizer) -> None:
         None,
         None,
     ]  # greedy: no seed in play
+
+
+def test_pages_that_never_arrive_resume_the_request_on_another_route(tokenizer) -> None:
+    """The prefill answered but its pages never reached the decode worker (a cut link between
+    the tiers): after kv_arrival_timeout_s the attempt fails retryable, blaming the prefill
+    worker, and the request resumes elsewhere with the first token kept, token-identical."""
+    stranded = FakeDecode("d0", lose_pages={0})
+    other = FakeDecode("d1")
+    p0, p1 = FakePrefill("p0"), FakePrefill("p1")
+    router = Router(
+        registry([entry(p0), entry(p1, waiting=2)], [entry(stranded), entry(other, running=3)]),
+        RoutingConfig(affinity_tokens=0),
+    )
+    core = GenerationCore(
+        tokenizer,
+        PromptTokenizer(tokenizer, 1024, 512),
+        1024,
+        router,
+        None,
+        failover=FailoverConfig(max_attempts=4, kv_arrival_timeout_s=0.2),
+    )
+    tokens, finish = asyncio.run(_tokens(core, 10))
+    assert tokens == greedy(PROMPT, 10) and finish is FinishReason.LENGTH
+    assert [len(c.prompt) for c in p0.calls] == [len(PROMPT)]
+    assert [c.prompt for c in p1.calls] == [PROMPT + tokens[:1]]  # the first token kept
+    assert stranded.streams[0].cancelled  # its reservation is released

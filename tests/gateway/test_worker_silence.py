@@ -13,7 +13,8 @@ import pytest
 
 from gateway.errors import UpstreamError
 from gateway.registry import TierRegistry
-from gateway.worker_clients import WorkerStatus, _OpenCalls
+from gateway.worker_calls import OpenCalls
+from gateway.worker_clients import WorkerStatus
 from gateway.worker_entry import WorkerEntry, WorkerState
 
 
@@ -78,7 +79,7 @@ def test_an_abandoned_call_fails_retryable_unavailable() -> None:
 
 
 async def _an_abandoned_call_fails_retryable_unavailable() -> None:
-    calls = _OpenCalls()
+    calls = OpenCalls()
     call = FakeCall()
     calls.add(cast(Any, call))
     assert calls.failure("decode", "d0", cast(Any, call)) is None  # not abandoned
@@ -95,7 +96,7 @@ def test_a_cancelled_task_is_not_turned_into_a_retry() -> None:
 
 
 async def _a_cancelled_task_is_not_turned_into_a_retry() -> None:
-    calls = _OpenCalls()
+    calls = OpenCalls()
     call = FakeCall()
     calls.add(cast(Any, call))
     calls.abandon("silent")

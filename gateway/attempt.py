@@ -1,0 +1,140 @@
+"""One try of a request on one route, as a stream of :class:`TokenEvent`, and the caller's
+deadline as each hop sees it.
+
+Disaggregated (``route.prefill`` set)::
+
+    gateway --Decode.Generate(REMOTE)--> decode: reserves blocks, answers with a ticket
+    gateway --Prefill.Prefill(ticket)--> prefill: computes, answers with the first token,
+                                         pushes KV pages to the ticket's endpoint meanwhile
+    gateway <--kv_arrived--------------- decode: every page is in
+    gateway <--tokens 2..n-------------- decode: admits the sequence, streams the rest
+
+Otherwise one ``Decode.Generate(LOCAL)`` call streams every token. Pages that do not reach the
+decode worker within ``kv_arrival_timeout_s`` of the prefill's answer (a cut or reset link
+between the two, a transfer one side gave up on) fail the attempt with a retryable UNAVAILABLE
+blaming the prefill worker, so failover resumes the request on another route instead of waiting
+out the caller's deadline. Every exit path cancels the attempt's worker calls and releases its
+workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncGenerator, Callable
+from typing import cast
+
+import grpc
+import structlog
+
+from core.sampling import SamplingParams
+from gateway.errors import UpstreamError
+from gateway.router import Route, Router
+from gateway.worker_calls import TokenEvent
+from gateway.worker_clients import DecodeClient, PrefillClient
+
+log = structlog.get_logger(__name__)
+
+
+class Deadline:
+    """The caller's deadline, turned into the timeout each hop gets."""
+
+    def __init__(self, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        self._at = None if timeout is None else loop.time() + timeout
+
+    def remaining(self) -> float | None:
+        if self._at is None:
+            return None
+        left = self._at - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise UpstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        return left
+
+
+def _within(timeout_s: float, deadline: Deadline) -> float | None:
+    """``timeout_s`` (0: none), cut to what is left of the caller's deadline."""
+    left = deadline.remaining()
+    if not timeout_s:
+        return left
+    return timeout_s if left is None else min(timeout_s, left)
+
+
+async def run_attempt(
+    router: Router,
+    request_id: str,
+    prompt: list[int],
+    sampling: SamplingParams,
+    route: Route,
+    deadline: Deadline,
+    *,
+    kv_arrival_timeout_s: float,
+    resumed_tokens: int = 0,
+    on_cached: Callable[[Route], None] | None = None,
+) -> AsyncGenerator[TokenEvent, None]:
+    """The attempt's events; raises UpstreamError naming the worker that failed. Once the
+    decode stream's first token is out, the prompt's full blocks are in the prefix caches of
+    every worker of the route (the decode worker registered them on computing or receiving
+    them): ``on_cached(route)`` is called then (or when the prefill's first token ends the
+    request)."""
+    decode, prefill = route.decode, route.prefill
+    decode_client = cast(DecodeClient, decode.client)  # the decode tier holds DecodeClients
+    timeout = deadline.remaining()
+    decode.assign()
+    stream = decode_client.open(
+        request_id,
+        prompt,
+        sampling,
+        remote_prefill=prefill is not None,
+        timeout=timeout,
+        resumed_tokens=resumed_tokens,
+    )
+    try:
+        if prefill is not None:
+            ticket = await stream.ticket()
+            prefill.assign()
+            try:
+                first = await cast(PrefillClient, prefill.client).prefill(
+                    request_id,
+                    prompt,
+                    sampling,
+                    ticket,
+                    timeout=deadline.remaining(),
+                    resumed_tokens=resumed_tokens,
+                )
+            finally:
+                await router.registry.prefill.release(prefill)
+            answered_at = asyncio.get_running_loop().time()
+            first_lps = () if first.first_logprob is None else (first.first_logprob,)
+            first_event = TokenEvent(
+                (first.first_token_id,), first.finish_reason, first_lps, first.cached_tokens
+            )
+            if first.finish_reason is not None and on_cached is not None:
+                on_cached(route)  # the prefill worker's cache holds it, at least
+            yield first_event
+            if first.finish_reason is not None:
+                return
+            waited = asyncio.get_running_loop().time() - answered_at
+            limit = _within(kv_arrival_timeout_s, deadline)
+            if limit is not None:
+                limit = max(0.0, limit - waited)
+            if not await stream.kv_arrived(limit):
+                deadline.remaining()  # the caller's deadline, if that is what ran out
+                raise UpstreamError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the KV pages of prefill worker {prefill.address} did not reach decode "
+                    f"worker {decode.address} within {kv_arrival_timeout_s:g} s of its answer",
+                    tier="prefill",
+                    address=prefill.address,
+                    retryable=True,
+                )
+        async for event in stream.events():
+            if on_cached is not None:
+                on_cached(route)  # before the yield: the consumer may stop at this event
+                on_cached = None
+            if prefill is not None and event.cached_tokens:
+                event = dataclasses.replace(event, cached_tokens=0)  # the prefill's counts
+            yield event
+    finally:
+        stream.cancel()
+        await router.registry.decode.release(decode)
