@@ -1,19 +1,22 @@
-"""Network partitions between the tiers, with a worker in a network namespace of its own
+"""Network partitions between the tiers, with workers in network namespaces of their own
 (``tests.support.netns``): packets vanish both ways, no RST, as when a real network splits.
 
 The fleet: ``pdserve up`` (tiny model, one prefill and one decode worker on loopback,
-``--keep-going``), plus a decode worker in namespace D, whose gateway also routes to it.
-Cutting D cuts the gateway and the prefill worker off from it at once.
+``--keep-going``), plus a decode worker in namespace D, whose gateway also routes to it, and a
+prefill worker in namespace P behind a second gateway (prefill: the cluster's and P's; decode:
+D's, which P reaches through this side). Cutting D cuts both gateways and both prefill workers
+off from it; cutting P cuts the second gateway and D off from P; severing the path from P to D
+leaves every gateway's view intact (``test_partition_between_prefill_and_decode``).
 
-Cut while greedy streams are mid-decode on D, and while prompts are reserved on D with their
-pages not all arrived (queued for, in, or just out of the prefill): the gateway hears no load
-report from D for ``--stale-after`` (1.5 s), marks it down and abandons its calls, which fail
-over. Every request must finish token-identical to an undisturbed run within ``BOUND_S`` of the
-cut, with no error: the other decode worker can take them all, so no failure is acceptable.
-Healed once they all ended, D serves again (its request count rises) within
-``SERVING_WITHIN_S`` and every pool on every tier, D's included, ends idle within
-``IDLE_WITHIN_S`` of the heal. Skipped where network namespaces cannot be made (not root, no
-iproute2).
+Cut while greedy streams are mid-decode on D, while prompts are reserved on D with their pages
+not all arrived (queued for, in, or just out of the prefill), and while prompts are on P: the
+gateway hears no load report from the cut-off worker for ``--stale-after`` (1.5 s), marks it
+down and abandons its calls, which fail over. Every request must finish token-identical to an
+undisturbed run within ``BOUND_S`` of the cut, with no error: a healthy worker of the same tier
+can take them all, so no failure is acceptable. Healed once they all ended, the worker serves
+again (its request count rises) within ``SERVING_WITHIN_S`` and every pool on every tier, its
+own included, ends idle within ``IDLE_WITHIN_S`` of the heal. Skipped where network namespaces
+cannot be made (not root, no iproute2).
 
 Tests run in file order on one fleet, each ending with the cut-off worker serving again."""
 
@@ -33,7 +36,7 @@ import pytest
 
 from pdserve.client import NO_RETRY, AsyncClient
 from pdserve.launcher import serving
-from pdserve.local_cluster import READY_TIMEOUT_S, Cluster, start_cluster
+from pdserve.local_cluster import READY_TIMEOUT_S, Cluster, free_port_range, start_cluster
 from protos.pdserve.v1 import worker_pb2
 from tests.support import netns
 from tests.support.netns import NetNamespace
@@ -41,7 +44,7 @@ from tests.support.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.e2e
 
-STALE_AFTER_S = 1.5  # the gateway's default --stale-after
+STALE_AFTER_S = 1.5  # the gateways' default --stale-after
 BOUND_S = STALE_AFTER_S + 6.0  # partition -> every affected request finished elsewhere
 SERVING_WITHIN_S = 20.0  # heal -> the healed worker takes requests again
 IDLE_WITHIN_S = 20.0  # heal -> every pool idle
@@ -63,6 +66,7 @@ class Side:
 class Fleet:
     cluster: Cluster
     decode: Side
+    prefill: Side
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +76,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, cluster_logs: Path) -> Itera
         pytest.skip(reason)
     root = tmp_path_factory.mktemp("partition")
     model = build_tiny_model(root / "tiny-llama", "llama", vocab_size=512, seed=3)
-    key = root / "kv.key"  # the worker started beside the cluster must share its KV key
+    key = root / "kv.key"  # the workers started beside the cluster must share its KV key
     key.write_text("partition-test-key-0123456789abcdef")
-    with NetNamespace() as dnet:
-        decode = f"{dnet.inside}:{NS_PORT}"
+    with NetNamespace() as dnet, NetNamespace() as pnet:
+        dnet.reach(pnet)  # P's prefill worker pushes pages to D's decode worker
+        decode, prefill = f"{dnet.inside}:{NS_PORT}", f"{pnet.inside}:{NS_PORT}"
         cluster = start_cluster(
             str(model),
             prefill=1,
@@ -87,23 +92,49 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, cluster_logs: Path) -> Itera
             ),
         )
         try:
-            yield _spawn(cluster, dnet, decode)
+            yield _spawn(cluster, dnet, pnet, decode, prefill)
         finally:
-            if dnet.partitioned:
-                dnet.heal()  # so that the worker inside ends its drain
+            for net in (dnet, pnet):
+                if net.partitioned:
+                    net.heal()  # so that the workers inside end their drains
+            dnet.mend(pnet)
             cluster.stop()
 
 
-def _spawn(cluster: Cluster, dnet: NetNamespace, decode: str) -> Fleet:
-    """Start D's decode worker from the cluster's own decode worker's command line; returns
-    once it serves."""
-    argv = _moved(
-        cluster.children()["decode-0"].argv,
-        {"--listen": decode, "--kv-bind": f"tcp://{dnet.inside}:0", "--metrics-port": "0"},
+def _spawn(
+    cluster: Cluster, dnet: NetNamespace, pnet: NetNamespace, decode: str, prefill: str
+) -> Fleet:
+    """Start D's decode worker, P's prefill worker and the second gateway from the cluster's
+    own command lines; returns once all serve."""
+    children = cluster.children()
+    no_metrics = {"--metrics-port": "0"}
+    d_argv = _moved(
+        children["decode-0"].argv,
+        {"--listen": decode, "--kv-bind": f"tcp://{dnet.inside}:0", **no_metrics},
     )
-    _start(cluster, ([*dnet.prefix(), *argv], decode, "netns-decode"))
+    p_argv = _moved(children["prefill-0"].argv, {"--listen": prefill, **no_metrics})
+    gateway = f"127.0.0.1:{free_port_range(1)}"
+    g_argv = [
+        *_moved(
+            _without(children["gateway"].argv, "--prefill", "--decode"),
+            {"--listen": gateway, "--http-port": "0", **no_metrics},
+        ),
+        *("--prefill", f"{cluster.prefill[0]},{prefill}", "--decode", decode),
+    ]
+    _start(
+        cluster,
+        ([*dnet.prefix(), *d_argv], decode, "netns-decode"),
+        ([*pnet.prefix(), *p_argv], prefill, "netns-prefill"),
+        (g_argv, gateway, "gateway2"),
+    )
     cluster.decode.append(decode)
-    return Fleet(cluster, Side(dnet, decode, cluster.gateway, cluster.log_path))
+    cluster.prefill.append(prefill)
+    gateway_log = cluster.log_path.parent / f"{cluster.log_path.stem}-gateway2.log"
+    return Fleet(
+        cluster,
+        Side(dnet, decode, cluster.gateway, cluster.log_path),
+        Side(pnet, prefill, gateway, gateway_log),
+    )
 
 
 def _start(cluster: Cluster, *jobs: tuple[list[str], str, str]) -> None:
@@ -129,6 +160,20 @@ def _moved(argv: tuple[str, ...] | list[str], new: dict[str, str]) -> list[str]:
             out[out.index(flag) + 1] = value
         else:
             out += [flag, value]
+    return out
+
+
+def _without(argv: tuple[str, ...], *flags: str) -> list[str]:
+    """A command line without ``flags`` and their values."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if not skip and arg in flags:
+            skip = True
+            continue
+        if not skip:
+            out.append(arg)
+        skip = False
     return out
 
 
@@ -166,10 +211,19 @@ async def _all(gateway: str, prompts: list[list[int]], max_tokens: int) -> list[
 
 
 def _undisturbed(side: Side, prompts: list[list[int]], max_tokens: int) -> list[Run]:
+    _answers(side.gateway)  # the second gateway may not have seen D's heal yet
     want = asyncio.run(_all(side.gateway, prompts, max_tokens))
     assert all(r.error == "" for r in want), [r.error for r in want]
     time.sleep(1.0)  # fresh load reports: the next requests spread over the tier again
     return want
+
+
+def _answers(gateway: str) -> None:
+    """Until ``gateway`` serves a request (its workers may still be down in its view)."""
+    deadline = time.monotonic() + SERVING_WITHIN_S
+    while (run := asyncio.run(_all(gateway, [_prompt(1, 20)], 2))[0]).error:
+        assert time.monotonic() < deadline, f"{gateway} still fails: {run.error}"
+        time.sleep(0.1)
 
 
 Ready = Callable[[worker_pb2.WorkerStatus, list[Run]], bool]
@@ -186,6 +240,7 @@ class Cut:
     """the cut-off worker's last status before the partition"""
     silent_before: int
     """worker_silent lines its gateway had logged for it before"""
+    heal: Callable[[], None]
 
 
 def _partitioned(
@@ -194,10 +249,13 @@ def _partitioned(
     prompts: list[list[int]],
     max_tokens: int,
     ready: Ready,
+    cut: tuple[Callable[[], None], Callable[[], None]] | None = None,
 ) -> Cut:
-    """Run ``prompts``; partition ``side`` once ``ready`` holds for its worker's status (and
-    the runs so far); returns once every request ended, still partitioned."""
+    """Run ``prompts``; partition ``side`` (or run ``cut``'s first, its second heals) once
+    ``ready`` holds for its worker's status (and the runs so far); returns once every request
+    ended, still partitioned."""
     silent_before = len(_silent_events(side))
+    partition, heal = cut or (side.net.partition, side.net.heal)
 
     async def run() -> Cut:
         runs = [Run() for _ in prompts]
@@ -213,9 +271,9 @@ def _partitioned(
                     break
                 assert time.monotonic() < deadline, f"no work reached {side.address}"
             at, wall = time.monotonic(), time.time()
-            side.net.partition()
+            partition()
             await asyncio.gather(*tasks)
-            return Cut(runs, at, wall, status, silent_before)
+            return Cut(runs, at, wall, status, silent_before, heal)
 
     return asyncio.run(run())
 
@@ -246,11 +304,13 @@ def _serving_again(cluster: Cluster, side: Side) -> float:
     return time.monotonic() - start
 
 
-def _check(cluster: Cluster, side: Side, what: str, cut: Cut, want: list[Run]) -> None:
-    """Heal; then: every request as undisturbed, in time; the gateway found the worker silent
-    and abandoned its calls; serving again; every pool idle."""
+def _check(
+    cluster: Cluster, side: Side, what: str, cut: Cut, want: list[Run], silent: bool = True
+) -> None:
+    """Heal; then: every request as undisturbed, in time; the gateway found the worker
+    ``silent`` (or not: its load stream never stopped); serving again; every pool idle."""
     healed = time.monotonic()
-    side.net.heal()
+    cut.heal()
     after = sorted(r.done_at - cut.at for r in cut.runs)
     failed = [r.error.split(":")[0] for r in cut.runs if r.error]
     print(
@@ -272,17 +332,21 @@ def _check(cluster: Cluster, side: Side, what: str, cut: Cut, want: list[Run]) -
         assert got.error == "", got.error
         assert got.tokens == expected.tokens
     assert after[-1] < BOUND_S, after
-    assert abandoned >= 1, f"the gateway abandoned no call on {side.address}: {found}"
+    if silent:
+        assert abandoned >= 1, f"the gateway abandoned no call on {side.address}: {found}"
+    else:
+        assert not found, found
     for status in statuses:
         assert status.free_blocks == status.total_blocks, status
         assert status.running == 0 and status.waiting == 0, status
         assert status.pending_transfers == 0 and status.pool_ok, status
 
 
-def test_the_namespaced_worker_serves(fleet: Fleet) -> None:
-    """It takes work through the gateway (so that the partitions below cut real calls)."""
-    took = _serving_again(fleet.cluster, fleet.decode)
-    print(f"\nnamespaced worker {fleet.decode.address} took work {took:.2f} s on")
+def test_the_namespaced_workers_serve(fleet: Fleet) -> None:
+    """Each takes work through its gateway (so that the partitions below cut real calls)."""
+    for side in (fleet.decode, fleet.prefill):
+        took = _serving_again(fleet.cluster, side)
+        print(f"\nnamespaced worker {side.address} took work {took:.2f} s on")
 
 
 def test_partition_decode_with_streams_running(fleet: Fleet) -> None:
@@ -305,3 +369,30 @@ def test_partition_decode_with_transfers_pending(fleet: Fleet) -> None:
 
     cut = _partitioned(fleet.cluster, fleet.decode, prompts, 6, awaiting_pages)
     _check(fleet.cluster, fleet.decode, "decode cut off with transfers pending", cut, want)
+
+
+def test_partition_prefill_with_prompts_on_it(fleet: Fleet) -> None:
+    prompts = [_prompt(450 + i, 600) for i in range(8)]
+    want = _undisturbed(fleet.prefill, prompts, 6)
+
+    def prompts_on_it(status: worker_pb2.WorkerStatus, runs: list[Run]) -> bool:
+        return status.in_flight >= 1
+
+    cut = _partitioned(fleet.cluster, fleet.prefill, prompts, 6, prompts_on_it)
+    _check(fleet.cluster, fleet.prefill, "prefill cut off with prompts on it", cut, want)
+
+
+def test_partition_between_prefill_and_decode(fleet: Fleet) -> None:
+    """Only the path from P's prefill worker to D's decode worker is cut: both gateways still
+    reach both. A prompt prefilled on P cannot reach D, so its transfer must fail and the
+    request go elsewhere (the gateway has nothing to notice: every load stream flows)."""
+    prompts = [_prompt(600 + i, 300) for i in range(8)]
+    want = _undisturbed(fleet.prefill, prompts, 6)
+    dnet, pnet = fleet.decode.net, fleet.prefill.net
+
+    def prompts_on_it(status: worker_pb2.WorkerStatus, runs: list[Run]) -> bool:
+        return status.in_flight >= 1
+
+    cut = (lambda: dnet.sever(pnet), lambda: dnet.mend(pnet))
+    cut_off = _partitioned(fleet.cluster, fleet.prefill, prompts, 6, prompts_on_it, cut)
+    _check(fleet.cluster, fleet.prefill, "prefill-decode path cut", cut_off, want, silent=False)
