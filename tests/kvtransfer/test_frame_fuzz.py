@@ -1,0 +1,151 @@
+"""Fuzzing the KV channel (issue #15): a short run of ``benchmarks/fuzz_kv.py``'s targets.
+
+Frames of every kind and sealing, mutated, into the decoder (only MalformedFrameError comes
+out; nothing whose tag does not verify is accepted); HELLOs and WELCOMEs with hostile fields
+to a real receiver and a real sender; tickets mutated and parsed, and used by a real sender;
+and real transfers under attack over real sockets (a relay tampering with a real sender's
+messages, a handshaken peer's stream carrying tampered records, strangers sending garbage):
+the receiver keeps serving, reservations end (completed with the pages sent, or failed),
+nothing outside them is written. The regressions these runs found are pinned as examples.
+The long run: ``.venv/bin/python -m benchmarks.fuzz_kv --examples 2000``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
+
+from benchmarks.fuzz_kv import (
+    LAYERS,
+    NASTY_BODIES,
+    PREFIX,
+    QUOTES,
+    SEALERS,
+    TARGETS,
+    VERIFIERS,
+    Attack,
+    FrameCase,
+    HelloCase,
+    Rig,
+    Rogue,
+    WelcomeCase,
+    check_frame,
+    check_ticket_case,
+    finish,
+    frame_cases,
+    judge,
+    nasty_reply,
+    reseal,
+    ticket_cases,
+)
+from kvtransfer import wire
+from kvtransfer.datapath import Backend
+
+QUICK = settings(max_examples=300, deadline=None, database=None)
+"""The pure targets: ~5 ms an input; failures shrink."""
+
+
+def live(examples: int) -> settings:
+    """The socket targets: ~30 ms an input (several seconds when something hangs), so no
+    shrinking: a failure shows the input that made it."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        phases=(Phase.explicit, Phase.generate),
+        suppress_health_check=list(HealthCheck),
+    )
+
+
+def nasty_hello(body: bytes) -> FrameCase:
+    """A HELLO whose body is ``body``, with a valid checksum: anyone can send it to an
+    unkeyed receiver."""
+    header = wire.HandshakeHeader(bytes(16), wire.FrameKind.HELLO, {})
+    frame = wire.encode(header, SEALERS["xxh3"])
+    bad = reseal([frame[: PREFIX.size] + body + bytes(wire.TAG_BYTES)], SEALERS["xxh3"])
+    return FrameCase("xxh3", "xxh3", header, None, (frame,), tuple(bad), True, 0)
+
+
+@QUICK
+@given(frame_cases())
+@example(nasty_hello(NASTY_BODIES[0]))  # RecursionError out of json.loads
+@example(nasty_hello(NASTY_BODIES[1]))  # ValueError: more digits than int() takes
+def test_frames_are_decoded_or_refused_cleanly(case: FrameCase) -> None:
+    check_frame(case)
+
+
+@QUICK
+@given(ticket_cases())
+def test_tickets_are_accepted_or_refused_cleanly(case: Any) -> None:
+    check_ticket_case(case)
+
+
+@pytest.fixture
+def make_rig(tmp_path: Path) -> Iterator[Callable[[str], Rig]]:
+    made: list[Rig] = []
+
+    def make(name: str) -> Rig:
+        made.append(TARGETS[name].rig(tmp_path))
+        return made[-1]
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+def run(rig: Rig, strategy: st.SearchStrategy[Any], examples: int, *pinned: Any) -> None:
+    """``examples`` inputs (and the pinned ones) through ``rig``, then its closing checks."""
+
+    def probe(case: Any) -> None:
+        judge(rig, case)
+
+    for case in pinned:
+        probe = example(case)(probe)
+    live(examples)(given(strategy)(probe))()
+    finish(rig)
+
+
+def test_hellos_with_hostile_fields_are_refused(make_rig: Callable[[str], Rig]) -> None:
+    strategy = TARGETS["hello"].strategy(False)
+    values: list[Any] = [5, None, [{"a": 1}]]  # TypeError out of Fingerprint.from_fields
+    not_objects = [HelloCase((("fingerprint", value),), 0.0) for value in values]
+    huge_time = HelloCase((("sent_at", 10**400),), 0.0)  # OverflowError: int to float
+    long_refusal = HelloCase((("fingerprint.model", QUOTES),), 0.0)  # its REFUSE over 4 KB
+    run(make_rig("hello"), strategy, 40, *not_objects, huge_time, long_refusal)
+
+
+def test_welcomes_with_hostile_fields_fail_the_handshake(make_rig: Callable[[str], Rig]) -> None:
+    welcome = wire.FrameKind.WELCOME
+    pinned = [
+        WelcomeCase(Backend.ZMQ, welcome, (("fingerprint", None),)),  # TypeError: not iterable
+        WelcomeCase(Backend.STREAM, welcome, (("rendezvous", "x"),)),  # TypeError: str indices
+        WelcomeCase(Backend.STREAM, welcome, (("rendezvous.stream_port", 2**70),)),  # Overflow
+    ]
+    run(make_rig("welcome"), TARGETS["welcome"].strategy(False), 16, *pinned)
+
+
+def test_tickets_that_pass_the_checks_move_only_their_pages(make_rig: Callable[[str], Rig]) -> None:
+    run(make_rig("ticket_transfers"), TARGETS["ticket_transfers"].strategy(False), 20)
+
+
+def replies(*frames: bytes) -> Attack:
+    """Hostile replies alone: a genuine transfer, with ``frames`` sent to its sender."""
+    return Attack(LAYERS + 1, "replace", None, (), "", False, (), frames, None)
+
+
+@pytest.mark.parametrize("target", ["zmq-gmac", "zmq-xxh3", "stream-gcm", "stream-gmac"])
+def test_transfers_under_attack(make_rig: Callable[[str], Rig], target: str) -> None:
+    """A tampered, replayed, dropped or reshaped message per transfer, strangers' garbage,
+    hostile replies to the sender (zmq), a broken stream (stream): see ``fuzz_kv.Attack``."""
+    auth = VERIFIERS[target.split("-")[1]]
+    pinned = [replies(nasty_reply(auth, body)) for body in NASTY_BODIES[:2]] if not auth.key else []
+    if target.startswith("stream"):
+        pinned.append(
+            Attack(1, "replace", None, (), "", False, (Rogue("stream"),), (), b"\xff" * 40)
+        )
+    run(make_rig(target), TARGETS[target].strategy(False), 40, *pinned)
