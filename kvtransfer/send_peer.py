@@ -2,9 +2,9 @@
 
 A :class:`Peer` moves only along :class:`PeerState`'s allowed moves (anything else is an
 internal error); frames go out only once it is HANDSHAKEN. Its socket's monitor tells when a
-connection dropped (the decode worker died or restarted on the same endpoint): ZeroMQ
-reconnects by itself, but the new connection is a stranger to the receiver, so the handshake
-must be made again before anything else is sent. A transfer's control frames take
+connection dropped (the decode worker died or restarted on the same endpoint), and so does a
+pair stream the decode side closed: ZeroMQ reconnects by itself, but the new connection is a
+stranger to the receiver, so the handshake must be made again before anything else is sent. A transfer's control frames take
 the path its pages take (the pair's stream for the stream backend, else the ZeroMQ socket), so
 they stay in order. Only the sending thread touches a peer.
 """
