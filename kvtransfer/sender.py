@@ -226,7 +226,8 @@ class KVSender:
 
     def _drain(self, peer: Peer) -> None:
         """Run what the peer's state allows: a NEW peer with work is greeted; a FAILED one
-        fails its backlog; a HANDSHAKEN one sends it, in order."""
+        fails its backlog (and, with no transfer to it left open, is dropped); a HANDSHAKEN
+        one sends it, in order."""
         if peer.state is PeerState.NEW and peer.backlog:
             peer.greet(self.fingerprint, self._auth, self._handshake_timeout)
         if peer.state is PeerState.FAILED:
@@ -236,6 +237,8 @@ class KVSender:
                     self._release_bytes(command)
                 self._fail(command.transfer_id, f"incompatible: {peer.refusal}")
             peer.move(PeerState.NEW)  # the peer may be reconfigured; try again next time
+            if not any(t.spec.endpoint == peer.endpoint for t in self._transfers.values()):
+                self._drop(peer)  # nothing awaits it: a ticket's bad endpoint keeps no socket
             return
         while peer.state is PeerState.HANDSHAKEN and peer.backlog:
             command = peer.backlog.popleft()
@@ -345,6 +348,12 @@ class KVSender:
         for tid, transfer in list(self._transfers.items()):
             if transfer.sent and transfer.spec.endpoint == peer.endpoint:
                 self._fail(tid, f"connection_lost: {peer.endpoint} (the decode worker restarted?)")
+
+    def _drop(self, peer: Peer) -> None:
+        """Close a peer's socket and forget it (the next transfer to it starts afresh)."""
+        del self._peers[peer.endpoint]
+        self._poller.unregister(peer.sock)
+        peer.close()
 
     def _reset(self, peer: Peer) -> None:
         """Forget a peer's handshake (its process may have restarted); keep its socket."""
