@@ -12,6 +12,7 @@ The long run: ``.venv/bin/python -m benchmarks.fuzz_kv --examples 2000``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 from benchmarks.fuzz_kv import (
     LAYERS,
+    MINE,
     NASTY_BODIES,
     PREFIX,
     QUOTES,
@@ -38,13 +40,18 @@ from benchmarks.fuzz_kv import (
     check_ticket_case,
     finish,
     frame_cases,
+    issued_ticket,
     judge,
     nasty_reply,
+    parse_ticket,
     reseal,
     ticket_cases,
 )
 from kvtransfer import wire
 from kvtransfer.datapath import Backend
+from kvtransfer.sender import KVSender, TransferSpec
+from server_runtime.proto_convert import ticket_to_proto
+from tests.kvtransfer.harness import CRC, Recorder, stop_all, tid, wait_until
 
 QUICK = settings(max_examples=300, deadline=None, database=None)
 """The pure targets: ~5 ms an input; failures shrink."""
@@ -149,3 +156,29 @@ def test_transfers_under_attack(make_rig: Callable[[str], Rig], target: str) -> 
             Attack(1, "replace", None, (), "", False, (Rogue("stream"),), (), b"\xff" * 40)
         )
     run(make_rig(target), TARGETS[target].strategy(False), 40, *pinned)
+
+
+def test_tickets_naming_nobody_leave_no_sockets_behind() -> None:
+    """Tickets that pass the checks but name endpoints nobody serves (ports past 65535): each
+    transfer fails at its handshake timeout, and the sender keeps no socket for them (it kept
+    three descriptors per endpoint, for good: a few hundred such tickets used up a worker's
+    descriptors)."""
+    endpoints = [f"tcp://127.0.0.1:{port}" for port in range(70_000, 70_060)]
+    for endpoint in endpoints:
+        taken, verdict = parse_ticket(
+            ticket_to_proto(issued_ticket(bytes(16), endpoint, (1, 2, 3), 0)).SerializeToString()
+        )
+        assert taken is not None, verdict
+    rec = Recorder()
+    sender = KVSender(MINE, CRC, handshake_timeout_s=0.3, on_sent=rec.on_sent)
+    sender.start()
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for n, endpoint in enumerate(endpoints):
+            sender.open(TransferSpec(f"r{n}", tid(n), endpoint, (1, 2, 3)))
+        rec.wait(lambda: len(rec.sent) == len(endpoints), "every transfer's verdict")
+        assert all(not ok and "handshake_timeout" in why for [(ok, why)] in rec.sent.values())
+        wait_until(lambda: len(os.listdir("/proc/self/fd")) < before + 10, "sockets closed")
+        assert sender.pending() == 0
+    finally:
+        stop_all([sender])
