@@ -4,7 +4,9 @@ gRPC handlers on the event loop call :meth:`AsyncEngine.submit` or :meth:`AsyncE
 then iterate :meth:`RequestHandle.outputs`. Leaving that iteration early (the caller cancelled,
 the deadline passed) must be followed by :meth:`RequestHandle.close`, which aborts the request in
 the engine and frees its blocks; ``close`` is idempotent and safe after a normal finish. This is
-the workers' whole view of the engine: requests, connectors, stats and block geometry.
+the workers' whole view of the engine: requests, connectors, stats, block geometry, and the
+engine thread's :class:`~engine.engine_thread.StepMonitor` with :meth:`AsyncEngine.fail_requests`
+(what a watchdog needs once the engine is stuck).
 """
 
 from __future__ import annotations
@@ -19,16 +21,20 @@ from core.pool_stats import PoolStats
 from core.sampling import FinishReason, SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine, RequestOutput
+from engine.engine_thread import StepMonitor
 from engine.kv_cache import KVCache
 from engine.kv_connector import ExportConnector, ImportConnector, Reservation
 from engine.model_files import ModelSpec
 from engine.sequence import Sequence
 
+_Delivery = RequestOutput | BaseException
+"""What a request's queue carries: its outputs, or the error that ended it."""
+
 
 class RequestHandle:
     """One request's view of the engine: its outputs, and the means to stop it."""
 
-    def __init__(self, owner: AsyncEngine, key: str, queue: asyncio.Queue[RequestOutput]):
+    def __init__(self, owner: AsyncEngine, key: str, queue: asyncio.Queue[_Delivery]):
         self._owner = owner
         self.key = key
         self._queue = queue
@@ -37,14 +43,15 @@ class RequestHandle:
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """Yield outputs until (and including) the one with a finish reason."""
         while not self.finished:
-            out = await self._queue.get()
-            if out.finish_reason is not None:
-                self.finished = True
-                self._owner._forget(self.key)
-            yield out
+            yield await self.next_output()
 
     async def next_output(self) -> RequestOutput:
+        """The next output; raises the error :meth:`AsyncEngine.fail_requests` was given."""
         out = await self._queue.get()
+        if isinstance(out, BaseException):
+            self.finished = True  # the engine will not be asked to abort it (it may be stuck)
+            self._owner._forget(self.key)
+            raise out
         if out.finish_reason is not None:
             self.finished = True
             self._owner._forget(self.key)
@@ -63,7 +70,7 @@ class AsyncEngine:
         self.spec = spec
         self.config = config
         self.engine = Engine(config, model, spec, self._sink)
-        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._queues: dict[str, asyncio.Queue[_Delivery]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -134,6 +141,20 @@ class AsyncEngine:
     def stats(self) -> PoolStats:
         return self.engine.stats()
 
+    @property
+    def monitor(self) -> StepMonitor:
+        """The engine thread's progress, readable from any thread without a lock."""
+        return self.engine.monitor
+
+    def fail_requests(self, error: BaseException) -> int:
+        """End every open request with ``error`` (raised from its handle's outputs), without
+        asking the engine anything: for an engine that is stuck. Event loop only; returns how
+        many requests it ended. Their blocks stay taken (the process is about to exit)."""
+        queues = list(self._queues.values())
+        for queue in queues:
+            queue.put_nowait(error)
+        return len(queues)
+
     def held_prefix_blocks(self, chains: list[list[bytes]]) -> list[int]:
         return self.engine.held_prefix_blocks(chains)
 
@@ -157,7 +178,7 @@ class AsyncEngine:
         return self.engine.kv_cache
 
     def _register(self, key: str) -> RequestHandle:
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        queue: asyncio.Queue[_Delivery] = asyncio.Queue()
         self._queues[key] = queue
         return RequestHandle(self, key, queue)
 

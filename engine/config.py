@@ -86,3 +86,8 @@ class EngineConfig:
     """The rest of a decoder layer in float32 on CPU: linear layers through the panel kernel,
     RMSNorm, RoPE and SiLU one call each (C built here); torch runs its operators (oneDNN for
     linear layers)."""
+    step_timeout_s: float = 60.0
+    """Seconds the busy engine may go without progress (a step begun, a layer finished) before
+    the worker declares it stalled and exits (``server_runtime.engine_watchdog``; 0: never).
+    Not a bound on a step: the default model's longest step took 68 s on two shared CPU cores,
+    with 6.5 s at most between moves (see ``engine.engine_thread``)."""

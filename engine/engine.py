@@ -26,6 +26,7 @@ from core.sampling import FinishReason, TokenLogprob
 from engine.attention import register_paged_attention
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
+from engine.engine_thread import StepMonitor
 from engine.kv_cache import KVCache
 from engine.kv_connector import (
     ExportConnector,
@@ -51,7 +52,6 @@ __all__ = ["Engine", "LayerSink", "OutputSink", "RequestOutput"]
 log = structlog.get_logger(__name__)
 
 _IDLE_WAIT_S = 0.5
-
 
 OutputSink = Callable[[list[RequestOutput]], None]
 LayerSink = Callable[[str, int, torch.Tensor], None]
@@ -116,7 +116,7 @@ class Engine:
         self._in_flight: ScheduledBatch | None = None
         self._idle_step = False  # the last step found work it could not schedule
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self.monitor = StepMonitor(lambda: self._in_flight, self.scheduler.has_work)
         self.set_layer_sink(layer_sink)
 
     # -- requests (any thread) --------------------------------------------------------------
@@ -231,7 +231,7 @@ class Engine:
             self._idle_step = batch is None
         if batch is None:
             return imported
-        self.runner.layer_listener = self._layer_listener(batch)
+        self.runner.layer_listener = self.monitor.listening(self._layer_listener(batch))
         try:
             sampled, logprobs = self.runner.execute_with_logprobs(batch)
         except Exception as exc:  # fail the batch's requests, keep serving
@@ -247,18 +247,17 @@ class Engine:
         return imported + outputs
 
     def start(self) -> None:
-        """Start the step loop; the grammar tokenizer builds meanwhile (off this thread), so
-        the first constrained request does not wait for it."""
+        """Start the step loop on its named, watched thread (:mod:`engine.engine_thread`); the
+        grammar tokenizer builds meanwhile, so the first constrained request does not wait."""
         self.grammars.prefetch()
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        self._thread.start()
+        self.monitor.start_thread(self._loop)
 
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
             self._wakeup.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        if self.monitor.thread is not None:
+            self.monitor.thread.join(timeout=10)
 
     def _loop(self) -> None:
         # per thread in OpenMP: the forward pass is this thread's team (the worker's other
@@ -270,7 +269,8 @@ class Engine:
                     self._wakeup.wait(_IDLE_WAIT_S)
                 if self._stopping:
                     return
-            outputs = self.step()
+            with self.monitor.step():
+                outputs = self.step()
             if outputs:
                 self._emit(outputs)
             elif self._in_flight is None and self._idle_step:

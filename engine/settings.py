@@ -96,6 +96,16 @@ ENGINE = Group(
         ),
         Setting("--threads", type=int, help="torch threads for this process"),
         Setting(
+            "--engine-step-timeout",
+            field="step_timeout_s",
+            type=float,
+            default=60.0,
+            help="seconds the busy engine may go without progress (a step begun, a layer "
+            "finished) before the worker declares it stalled: it turns NOT_SERVING, fails its "
+            "calls UNAVAILABLE (the gateway retries them elsewhere) and exits with status 70 "
+            "for its supervisor to restart it (0: never)",
+        ),
+        Setting(
             "--attention-kernel",
             choices=_KERNELS,
             default="auto",
@@ -136,4 +146,5 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cpus=tuple(int(c) for c in str(args.cpus).split(",")) if args.cpus else None,
         attention_kernel=KernelChoice(args.attention_kernel),
         layer_kernels=KernelChoice(args.layer_kernels),
+        **ENGINE.fields(args),
     )
