@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from pdserve.client import AsyncClient
 from pdserve.local_cluster import Cluster, free_port_range, start_cluster
+from tests.e2e.chaos import Run, assert_idle, greedy, greedy_all, prompt
 from tests.support.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.e2e
@@ -50,39 +49,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, cluster_logs: Path) -> Ite
         c.stop()
 
 
-def _prompt(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 500) for _ in range(length)]
-
-
-@dataclass
-class Run:
-    tokens: list[int] = field(default_factory=list)
-    error: str = ""
-    done_at: float = 0.0
-
-
-async def _one(client: AsyncClient, prompt: list[int], max_tokens: int, out: Run) -> Run:
-    try:
-        async for chunk in client.generate(
-            prompt_token_ids=prompt,
-            max_tokens=max_tokens,
-            temperature=0.0,
-            ignore_eos=True,
-            timeout=60,
-        ):
-            out.tokens.extend(chunk.token_ids)
-    except Exception as exc:  # recorded, asserted below
-        out.error = repr(exc)
-    out.done_at = time.monotonic()
-    return out
-
-
-async def _all(gateway: str, prompts: list[list[int]], max_tokens: int) -> list[Run]:
-    async with AsyncClient(gateway) as client:
-        return list(await asyncio.gather(*[_one(client, p, max_tokens, Run()) for p in prompts]))
-
-
 def _stopped(
     cluster: Cluster,
     names: list[str],
@@ -99,7 +65,7 @@ def _stopped(
         runs = [Run() for _ in prompts]
         async with AsyncClient(cluster.gateway) as client:
             tasks = [
-                asyncio.create_task(_one(client, p, max_tokens, r))
+                asyncio.create_task(greedy(client, p, max_tokens, r))
                 for p, r in zip(prompts, runs, strict=True)
             ]
             deadline = time.monotonic() + 30
@@ -145,25 +111,22 @@ def _check(
     before = cluster.status_of(address).requests_total
     deadline = time.monotonic() + 20
     while cluster.status_of(address).requests_total == before:  # routed to again
-        asyncio.run(_all(cluster.gateway, [_prompt(900, 40)] * 4, 4))
+        asyncio.run(greedy_all(cluster.gateway, [prompt(900, 40)] * 4, 4))
         assert time.monotonic() < deadline, f"{address} not routed to after SIGCONT"
-    for status in cluster.wait_idle(timeout_s=20):
-        assert status.free_blocks == status.total_blocks, status
-        assert status.running == 0 and status.waiting == 0, status
-        assert status.pending_transfers == 0 and status.pool_ok, status
+    assert_idle(cluster.wait_idle(timeout_s=20))
 
 
 def test_sigstop_decode_with_streams_running(cluster: Cluster) -> None:
-    prompts = [_prompt(100 + i, 60) for i in range(8)]
-    want = asyncio.run(_all(cluster.gateway, prompts, 120))
+    prompts = [prompt(100 + i, 60) for i in range(8)]
+    want = asyncio.run(greedy_all(cluster.gateway, prompts, 120))
     time.sleep(1.0)  # fresh load reports: the streams spread over both workers
     got, t0, name = _stopped(cluster, ["decode-0"], prompts, 120, "running")
     _check(cluster, name, "decode SIGSTOP mid-stream", got, want, t0)
 
 
 def test_sigstop_prefill_with_prompts_on_it(cluster: Cluster) -> None:
-    prompts = [_prompt(450 + i, 600) for i in range(8)]
-    want = asyncio.run(_all(cluster.gateway, prompts, 6))
+    prompts = [prompt(450 + i, 600) for i in range(8)]
+    want = asyncio.run(greedy_all(cluster.gateway, prompts, 6))
     time.sleep(1.0)
     got, t0, name = _stopped(cluster, ["prefill-0", "prefill-1"], prompts, 6, "in_flight")
     _check(cluster, name, "prefill SIGSTOP mid-prefill", got, want, t0)
@@ -175,7 +138,7 @@ def test_sigstop_gateway_with_streams_running(cluster: Cluster) -> None:
     propagated (their pools empty while the gateway is still stopped); after SIGCONT the
     gateway serves again, its workers marked up again, and every pool ends idle."""
     timeout_s = 4.0
-    prompts = [_prompt(700 + i, 24) for i in range(6)]
+    prompts = [prompt(700 + i, 24) for i in range(6)]
     max_tokens = 1000 - 24  # far more than the deadline lets the tiny model produce
     runs = [Run() for _ in prompts]
     gateway = cluster.children()["gateway"]
@@ -183,7 +146,7 @@ def test_sigstop_gateway_with_streams_running(cluster: Cluster) -> None:
     async def run() -> tuple[float, int]:
         async with AsyncClient(cluster.gateway) as client:
             tasks = [
-                asyncio.create_task(_deadline_stream(client, p, max_tokens, timeout_s, r))
+                asyncio.create_task(greedy(client, p, max_tokens, r, timeout_s))
                 for p, r in zip(prompts, runs, strict=True)
             ]
             while not all(len(r.tokens) >= 4 for r in runs):
@@ -216,32 +179,11 @@ def test_sigstop_gateway_with_streams_running(cluster: Cluster) -> None:
     for r in runs:
         assert "DEADLINE_EXCEEDED" in r.error, r.error
         assert r.done_at - tasks_started < timeout_s + 2.0, r.done_at - tasks_started
-    for status in statuses:
-        assert status.free_blocks == status.total_blocks and status.running == 0, status
-        assert status.waiting == 0 and status.pending_transfers == 0, status
-    after = asyncio.run(_all(cluster.gateway, [_prompt(990, 40)] * 4, 8))
+    assert_idle(statuses)
+    after = asyncio.run(greedy_all(cluster.gateway, [prompt(990, 40)] * 4, 8))
     assert all(r.error == "" and len(r.tokens) == 8 for r in after), after
     print(f"  serving again {time.monotonic() - continued_at:.2f} s after SIGCONT")
-    for status in cluster.wait_idle(timeout_s=20):
-        assert status.free_blocks == status.total_blocks, status
-        assert status.running == 0 and status.waiting == 0, status
-
-
-async def _deadline_stream(
-    client: AsyncClient, prompt: list[int], max_tokens: int, timeout_s: float, out: Run
-) -> None:
-    try:
-        async for chunk in client.generate(
-            prompt_token_ids=prompt,
-            max_tokens=max_tokens,
-            temperature=0.0,
-            ignore_eos=True,
-            timeout=timeout_s,
-        ):
-            out.tokens.extend(chunk.token_ids)
-    except Exception as exc:  # recorded, asserted by the caller
-        out.error = repr(exc)
-    out.done_at = time.monotonic()
+    assert_idle(cluster.wait_idle(timeout_s=20))
 
 
 def _rss_mb(pid: int) -> float:
@@ -258,9 +200,9 @@ def test_a_client_that_stops_reading_holds_up_no_one(cluster: Cluster) -> None:
     them, so a slow reader's memory is bounded by its request), streams started meanwhile on
     the same workers finish while it is still not reading, no process grows, and when it reads
     again it gets every token, identical to an undisturbed run."""
-    slow_prompt = _prompt(1200, 24)
+    slow_prompt = prompt(1200, 24)
     max_tokens = 900
-    others = [_prompt(1300 + i, 40) for i in range(4)]
+    others = [prompt(1300 + i, 40) for i in range(4)]
     names = ["gateway", *sorted(n for n in cluster.children() if n.startswith("decode"))]
 
     async def read(client: AsyncClient, pause_s: float, events: dict[str, asyncio.Event]) -> Run:
@@ -290,7 +232,7 @@ def test_a_client_that_stops_reading_holds_up_no_one(cluster: Cluster) -> None:
             pids = {n: cluster.children()[n].pid for n in names}
             before = {n: _rss_mb(pid) for n, pid in pids.items()}
             await asyncio.sleep(pause_s)  # the slow stream's sequence ends on its worker
-            meanwhile = await _all(cluster.gateway, others, 16)
+            meanwhile = await greedy_all(cluster.gateway, others, 16)
             idle = all(
                 s.free_blocks == s.total_blocks and s.running == 0
                 for s in await asyncio.to_thread(cluster.wait_idle, 10.0)
@@ -366,9 +308,8 @@ def test_a_hung_client_loses_its_connection_to_the_keepalive(cluster: Cluster) -
         took = time.monotonic() - stopped_at
         print(f"\nhung client: the gateway dropped its connection {took:.2f} s after the SIGSTOP")
         assert _established(port) == 0, "the hung client's connection is still up"
-        for status in cluster.wait_idle(timeout_s=20):
-            assert status.free_blocks == status.total_blocks and status.running == 0, status
-        after = asyncio.run(_all(gateway, [_prompt(995, 30)] * 2, 4))
+        assert_idle(cluster.wait_idle(timeout_s=20))
+        after = asyncio.run(greedy_all(gateway, [prompt(995, 30)] * 2, 4))
         assert all(r.error == "" and len(r.tokens) == 4 for r in after), after
     finally:
         client.send_signal(signal.SIGCONT)

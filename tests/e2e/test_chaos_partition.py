@@ -24,20 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import grpc
 import pytest
 
 from pdserve.client import NO_RETRY, AsyncClient
 from pdserve.launcher import serving
 from pdserve.local_cluster import READY_TIMEOUT_S, Cluster, free_port_range, start_cluster
 from protos.pdserve.v1 import worker_pb2
+from tests.e2e.chaos import Run, greedy, greedy_all, prompt
 from tests.support import netns
 from tests.support.netns import NetNamespace
 from tests.support.tiny_models import build_tiny_model
@@ -177,42 +176,9 @@ def _without(argv: tuple[str, ...], *flags: str) -> list[str]:
     return out
 
 
-def _prompt(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 500) for _ in range(length)]
-
-
-@dataclass
-class Run:
-    tokens: list[int] = field(default_factory=list)
-    error: str = ""
-    done_at: float = 0.0
-
-
-async def _one(client: AsyncClient, prompt: list[int], max_tokens: int, out: Run) -> Run:
-    try:
-        async for chunk in client.generate(
-            prompt_token_ids=prompt,
-            max_tokens=max_tokens,
-            temperature=0.0,
-            ignore_eos=True,
-            timeout=DEADLINE_S,
-        ):
-            out.tokens.extend(chunk.token_ids)
-    except grpc.aio.AioRpcError as exc:  # recorded, asserted below
-        out.error = f"{exc.code().name}: {exc.details()}"
-    out.done_at = time.monotonic()
-    return out
-
-
-async def _all(gateway: str, prompts: list[list[int]], max_tokens: int) -> list[Run]:
-    async with AsyncClient(gateway, retry=NO_RETRY) as client:  # the gateway's outcome, as is
-        return list(await asyncio.gather(*[_one(client, p, max_tokens, Run()) for p in prompts]))
-
-
 def _undisturbed(side: Side, prompts: list[list[int]], max_tokens: int) -> list[Run]:
     _answers(side.gateway)  # the second gateway may not have seen D's heal yet
-    want = asyncio.run(_all(side.gateway, prompts, max_tokens))
+    want = asyncio.run(greedy_all(side.gateway, prompts, max_tokens, DEADLINE_S, NO_RETRY))
     assert all(r.error == "" for r in want), [r.error for r in want]
     time.sleep(1.0)  # fresh load reports: the next requests spread over the tier again
     return want
@@ -221,7 +187,9 @@ def _undisturbed(side: Side, prompts: list[list[int]], max_tokens: int) -> list[
 def _answers(gateway: str) -> None:
     """Until ``gateway`` serves a request (its workers may still be down in its view)."""
     deadline = time.monotonic() + SERVING_WITHIN_S
-    while (run := asyncio.run(_all(gateway, [_prompt(1, 20)], 2))[0]).error:
+    while (
+        run := asyncio.run(greedy_all(gateway, [prompt(1, 20)], 2, DEADLINE_S, NO_RETRY))[0]
+    ).error:
         assert time.monotonic() < deadline, f"{gateway} still fails: {run.error}"
         time.sleep(0.1)
 
@@ -261,7 +229,7 @@ def _partitioned(
         runs = [Run() for _ in prompts]
         async with AsyncClient(side.gateway, retry=NO_RETRY) as client:
             tasks = [
-                asyncio.create_task(_one(client, p, max_tokens, r))
+                asyncio.create_task(greedy(client, p, max_tokens, r, DEADLINE_S))
                 for p, r in zip(prompts, runs, strict=True)
             ]
             deadline = time.monotonic() + 30
@@ -296,8 +264,8 @@ def _serving_again(cluster: Cluster, side: Side) -> float:
     for i in range(1000):
         if cluster.status_of(side.address).requests_total > before:
             break
-        prompts = [_prompt(900 + 4 * i + j, 40) for j in range(4)]  # no prefix to stick to
-        runs = asyncio.run(_all(side.gateway, prompts, 4))
+        prompts = [prompt(900 + 4 * i + j, 40) for j in range(4)]  # no prefix to stick to
+        runs = asyncio.run(greedy_all(side.gateway, prompts, 4, DEADLINE_S, NO_RETRY))
         assert all(r.error == "" for r in runs), [r.error for r in runs]
         elapsed = time.monotonic() - start
         assert elapsed < SERVING_WITHIN_S, f"{side.address} not routed to {elapsed:.1f}s on"
@@ -350,7 +318,7 @@ def test_the_namespaced_workers_serve(fleet: Fleet) -> None:
 
 
 def test_partition_decode_with_streams_running(fleet: Fleet) -> None:
-    prompts = [_prompt(100 + i, 60) for i in range(8)]
+    prompts = [prompt(100 + i, 60) for i in range(8)]
     want = _undisturbed(fleet.decode, prompts, 120)
 
     def mid_decode(status: worker_pb2.WorkerStatus, runs: list[Run]) -> bool:
@@ -361,7 +329,7 @@ def test_partition_decode_with_streams_running(fleet: Fleet) -> None:
 
 
 def test_partition_decode_with_transfers_pending(fleet: Fleet) -> None:
-    prompts = [_prompt(300 + i, 800) for i in range(8)]
+    prompts = [prompt(300 + i, 800) for i in range(8)]
     want = _undisturbed(fleet.decode, prompts, 6)
 
     def awaiting_pages(status: worker_pb2.WorkerStatus, runs: list[Run]) -> bool:
@@ -372,7 +340,7 @@ def test_partition_decode_with_transfers_pending(fleet: Fleet) -> None:
 
 
 def test_partition_prefill_with_prompts_on_it(fleet: Fleet) -> None:
-    prompts = [_prompt(450 + i, 600) for i in range(8)]
+    prompts = [prompt(450 + i, 600) for i in range(8)]
     want = _undisturbed(fleet.prefill, prompts, 6)
 
     def prompts_on_it(status: worker_pb2.WorkerStatus, runs: list[Run]) -> bool:
@@ -386,7 +354,7 @@ def test_partition_between_prefill_and_decode(fleet: Fleet) -> None:
     """Only the path from P's prefill worker to D's decode worker is cut: both gateways still
     reach both. A prompt prefilled on P cannot reach D, so its transfer must fail and the
     request go elsewhere (the gateway has nothing to notice: every load stream flows)."""
-    prompts = [_prompt(600 + i, 300) for i in range(8)]
+    prompts = [prompt(600 + i, 300) for i in range(8)]
     want = _undisturbed(fleet.prefill, prompts, 6)
     dnet, pnet = fleet.decode.net, fleet.prefill.net
 
