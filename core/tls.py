@@ -91,8 +91,13 @@ def secure_channel(
     )
 
 
-def sync_channel(address: str, tls: TLSConfig | None) -> grpc.Channel:
-    """A blocking channel to ``address`` (readiness checks, tests)."""
+def sync_channel(
+    address: str, tls: TLSConfig | None, options: list[tuple[str, object]] | None = None
+) -> grpc.Channel:
+    """A blocking channel to ``address`` (the sync client, readiness checks, tests)."""
+    opts: list[tuple[str, object]] = list(options or [])
     if tls is None:
-        return grpc.insecure_channel(address)
-    return grpc.secure_channel(address, tls.channel_credentials(), options=tls.channel_options())
+        return grpc.insecure_channel(address, options=opts)
+    return grpc.secure_channel(
+        address, tls.channel_credentials(), options=[*opts, *tls.channel_options()]
+    )

@@ -33,7 +33,9 @@ from server_runtime.proto_convert import (
 CHANNEL_OPTIONS: list[tuple[str, object]] = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),  # what gRPC core actually waits for a ping's ack
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # keep pinging along a stream we only read
     ("grpc.max_receive_message_length", 16 << 20),
     # Reconnect fast once a worker (re)appears at a known address.
     ("grpc.initial_reconnect_backoff_ms", 100),

@@ -10,8 +10,10 @@ chunks interleave on one stream, told apart by :attr:`Chunk.index`, and each sam
 its own chunk carrying ``finish_reason``.
 
 ``timeout=`` (seconds) bounds the whole call, retries included; every tier gets what is left of
-it. Leaving the loop (``break``, closing the generator, cancelling the asyncio task) cancels the
-call, which stops the work and frees its KV blocks on every tier. Only calls refused before
+it. Without one, the channel's keepalive pings (``keepalive_s``, default 20 s, answered within
+10 s) still end a call whose gateway hung or was cut off, with UNAVAILABLE. Leaving the loop
+(``break``, closing the generator, cancelling the asyncio task) cancels the call, which stops
+the work and frees its KV blocks on every tier. Only calls refused before
 their first message are retried (:class:`RetryPolicy`), so a stream never repeats itself.
 Errors surface as ``grpc.RpcError`` with the server's status code and message.
 """
@@ -88,6 +90,7 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
+KEEPALIVE_TIMEOUT_S = 10.0  # a ping not answered this long ends the channel's calls
 
 
 class RequestOptions(TypedDict, total=False):
@@ -220,8 +223,23 @@ class _Base:
         tls: TLSConfig | bool | None,
         token: str | None,
         retry: RetryPolicy | None,
+        keepalive_s: float,
     ) -> None:
         self.address = address
+        timeout_ms = int(min(keepalive_s, KEEPALIVE_TIMEOUT_S) * 1000)
+        self._options: list[tuple[str, object]] = (
+            [
+                ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+                ("grpc.keepalive_timeout_ms", timeout_ms),
+                # gRPC core waits ping_timeout (default 60 s) for the ack, not keepalive_timeout
+                ("grpc.http2.ping_timeout_ms", timeout_ms),
+                # a streaming call's client sends no data frames: without this gRPC stops
+                # pinging after 2 pings, and a hung gateway goes unnoticed
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
+            if keepalive_s > 0
+            else []
+        )
         self.tls = _tls(tls)
         self.retry = retry or NO_RETRY
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
@@ -271,7 +289,8 @@ class Client(_Base):
 
     ``tls``: a :class:`TLSConfig` (``ca=...``; add ``cert``/``key`` when the gateway wants a
     client certificate), or True for the system's roots. ``token`` sends ``authorization:
-    Bearer <token>``. ``retry``: see :class:`RetryPolicy` (None: never retry).
+    Bearer <token>``. ``retry``: see :class:`RetryPolicy` (None: never retry). ``keepalive_s``:
+    seconds between the channel's pings (the gateway accepts one every 5 s at most; 0: none).
     """
 
     def __init__(
@@ -281,9 +300,10 @@ class Client(_Base):
         tls: TLSConfig | bool | None = None,
         token: str | None = None,
         retry: RetryPolicy | None = RetryPolicy(),
+        keepalive_s: float = 20.0,
     ) -> None:
-        super().__init__(address, tls, token, retry)
-        self._channel = sync_channel(address, self.tls)
+        super().__init__(address, tls, token, retry, keepalive_s)
+        self._channel = sync_channel(address, self.tls, self._options)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     def generate(
@@ -332,9 +352,10 @@ class AsyncClient(_Base):
         tls: TLSConfig | bool | None = None,
         token: str | None = None,
         retry: RetryPolicy | None = RetryPolicy(),
+        keepalive_s: float = 20.0,
     ) -> None:
-        super().__init__(address, tls, token, retry)
-        self._channel = secure_channel(address, self.tls)
+        super().__init__(address, tls, token, retry, keepalive_s)
+        self._channel = secure_channel(address, self.tls, self._options)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     async def generate(

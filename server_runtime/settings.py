@@ -128,6 +128,8 @@ class KeepAlive:
         return [
             ("grpc.keepalive_time_ms", int(self.time_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.timeout_s * 1000)),
+            # gRPC core waits ping_timeout (default 60 s) for a ping's ack, not the above
+            ("grpc.http2.ping_timeout_ms", int(self.timeout_s * 1000)),
         ]
 
 

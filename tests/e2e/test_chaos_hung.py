@@ -135,21 +135,29 @@ def test_sigstop_prefill_with_prompts_on_it(cluster: Cluster) -> None:
 def test_sigstop_gateway_with_streams_running(cluster: Cluster) -> None:
     """The gateway hung mid-stream: every client call ends at its deadline (DEADLINE_EXCEEDED,
     nothing hangs past it); the workers end the calls themselves at the deadline the gateway
-    propagated (their pools empty while the gateway is still stopped); after SIGCONT the
+    propagated (their pools empty while the gateway is still stopped); a call without a
+    deadline ends UNAVAILABLE once the SDK's keepalive pings go unanswered; after SIGCONT the
     gateway serves again, its workers marked up again, and every pool ends idle."""
     timeout_s = 4.0
     prompts = [prompt(700 + i, 24) for i in range(6)]
     max_tokens = 1000 - 24  # far more than the deadline lets the tiny model produce
     runs = [Run() for _ in prompts]
+    no_deadline = Run()
     gateway = cluster.children()["gateway"]
 
     async def run() -> tuple[float, int]:
-        async with AsyncClient(cluster.gateway) as client:
+        async with (
+            AsyncClient(cluster.gateway) as client,
+            AsyncClient(cluster.gateway, keepalive_s=1.0) as pinging,
+        ):
             tasks = [
                 asyncio.create_task(greedy(client, p, max_tokens, r, timeout_s))
                 for p, r in zip(prompts, runs, strict=True)
             ]
-            while not all(len(r.tokens) >= 4 for r in runs):
+            tasks.append(
+                asyncio.create_task(greedy(pinging, prompts[0], max_tokens, no_deadline, None))
+            )
+            while not all(len(r.tokens) >= 4 for r in [*runs, no_deadline]):
                 assert time.monotonic() < tasks_started + timeout_s, "streams never started"
                 await asyncio.sleep(0.01)
             stopped_at = time.monotonic()
@@ -179,6 +187,9 @@ def test_sigstop_gateway_with_streams_running(cluster: Cluster) -> None:
     for r in runs:
         assert "DEADLINE_EXCEEDED" in r.error, r.error
         assert r.done_at - tasks_started < timeout_s + 2.0, r.done_at - tasks_started
+    print(f"  no deadline: {no_deadline.error[:60]} {no_deadline.done_at - stopped_at:.2f} s in")
+    assert no_deadline.error.startswith("UNAVAILABLE"), no_deadline.error
+    assert no_deadline.done_at - stopped_at < 1.0 + 1.0 + 2.0  # ping, timeout, slack
     assert_idle(statuses)
     after = asyncio.run(greedy_all(cluster.gateway, [prompt(990, 40)] * 4, 8))
     assert all(r.error == "" and len(r.tokens) == 8 for r in after), after
