@@ -3,7 +3,7 @@
 Each command is a frozen value naming its transfer; the sending thread runs a peer's commands
 in the order queued. A :class:`SendPages` holds bytes counted in the sender's
 :class:`~kvtransfer.send_budget.SendBudget`: whoever takes it off a queue, sent or dropped,
-releases them, exactly once.
+releases them, exactly once. A :class:`Retract` is the sending thread's own, never an owner's.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from kvtransfer.send_budget import TransferSpec
 
-__all__ = ["Abort", "Command", "Finish", "Open", "SendPages"]
+__all__ = ["Abort", "Command", "Finish", "Open", "Retract", "SendPages"]
 
 
 @dataclass(frozen=True)
@@ -58,4 +58,15 @@ class Abort:
     reason: str
 
 
-Command: TypeAlias = Open | SendPages | Finish | Abort
+@dataclass(frozen=True)
+class Retract:
+    """Tell the peer that a transfer it may still hold a reservation for failed here after
+    frames of it went out (their connection dropped, an ack never came, a stranger's nack):
+    an ABORT, sent once the peer is handshaken again, frees that reservation at once instead
+    of at its lease. The transfer itself has already ended on this side."""
+
+    transfer_id: bytes
+    reason: str
+
+
+Command: TypeAlias = Open | SendPages | Finish | Abort | Retract

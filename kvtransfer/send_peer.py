@@ -4,9 +4,9 @@ A :class:`Peer` moves only along :class:`PeerState`'s allowed moves (anything el
 internal error); frames go out only once it is HANDSHAKEN. Its socket's monitor tells when a
 connection dropped (the decode worker died or restarted on the same endpoint), and so does a
 pair stream the decode side closed: ZeroMQ reconnects by itself, but the new connection is a
-stranger to the receiver, so the handshake must be made again before anything else is sent. A transfer's control frames take
-the path its pages take (the pair's stream for the stream backend, else the ZeroMQ socket), so
-they stay in order. Only the sending thread touches a peer.
+stranger to the receiver, so the handshake must be made again before anything else is sent. A
+transfer's control frames take the path its pages take (the pair's stream for the stream
+backend, else the ZeroMQ socket), so they stay in order. Only the sending thread touches a peer.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ from kvtransfer.send_commands import Command
 __all__ = ["Peer", "PeerState"]
 
 log = structlog.get_logger(__name__)
+
+_SEND_TIMEOUT_MS = 10_000
+_CONNECT_TIMEOUT_MS = 2_000  # an unanswered connect is retried, not left to SYN backoff
+_SNDHWM = 64
 
 
 class PeerState(enum.Enum):
@@ -68,9 +72,19 @@ class Peer:
     backlog: collections.deque[Command] = field(default_factory=collections.deque)
     monitor: zmq.Socket[bytes] | None = None  # the socket's EVENT_DISCONNECTED events
 
-    def watch(self) -> None:
-        """Start watching the socket for dropped connections (see :meth:`lost_connection`)."""
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    @classmethod
+    def connect(cls, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> Peer:
+        """A NEW peer on a DEALER socket of its own, connecting to ``endpoint``, whose
+        dropped connections are watched (see :meth:`lost_connection`)."""
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
+        sock.setsockopt(zmq.SNDHWM, _SNDHWM)
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, _CONNECT_TIMEOUT_MS)
+        sock.connect(endpoint)
+        peer = cls(endpoint, sock)
+        peer.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        return peer
 
     def lost_connection(self) -> bool:
         """Whether a connection of the socket dropped since the last call, or the decode side

@@ -5,9 +5,14 @@ then :meth:`KVSender.finish` or :meth:`KVSender.abort`; each only queues a typed
 (:data:`Command`). One thread owns every socket and each peer's :class:`PeerState`; a
 peer's commands run in the order queued, only once it is HANDSHAKEN. A transfer ends once:
 acknowledged, or failed (refused peer, send error, lost connection, nack, ack
-timeout, abort). ``send_pages``
-blocks while its peer is over ``max_queued_bytes`` (:class:`SendBudget`). The commands are
-``kvtransfer.send_commands``'s, a peer's handshake and wire ``kvtransfer.send_peer``'s.
+timeout, abort). One that fails here after frames of it went out, without the decode worker
+having said so (a lost connection, an ack timeout, a "handshake required" nack, a send error),
+is retracted: an ABORT for it follows on the peer's next handshake, which begins at once, so
+the decode worker frees its reservation now, not at its lease. An ack timeout also replaces
+the peer's socket (a fresh connection, not one stuck in TCP's retransmission backoff).
+``send_pages`` blocks while its peer is over ``max_queued_bytes`` (:class:`SendBudget`). The
+commands are ``kvtransfer.send_commands``'s, a peer's handshake and wire
+``kvtransfer.send_peer``'s.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from kvtransfer import wire
 from kvtransfer.datapath import Backend, refuse_encryption
 from kvtransfer.metrics import TransferStats
 from kvtransfer.send_budget import SendBudget, TransferSpec, check_pages
-from kvtransfer.send_commands import Abort, Command, Finish, Open, SendPages
+from kvtransfer.send_commands import Abort, Command, Finish, Open, Retract, SendPages
 from kvtransfer.send_peer import Peer, PeerState
 
 __all__ = [
@@ -51,8 +56,6 @@ log = structlog.get_logger(__name__)
 
 SentCallback = Callable[[str, bool, str], None]  # (request_id, ok, message)
 
-_SEND_TIMEOUT_MS = 10_000
-_SNDHWM = 64
 _IDLE_POLL_MS = 50  # deadline checks (acks, handshakes) run at least this often
 DEFAULT_MAX_QUEUED_BYTES = 512 << 20
 
@@ -213,15 +216,9 @@ class KVSender:
     def _peer(self, endpoint: str) -> Peer:
         peer = self._peers.get(endpoint)
         if peer is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
-            sock.setsockopt(zmq.SNDHWM, _SNDHWM)
-            sock.connect(endpoint)
-            peer = Peer(endpoint, sock)
-            peer.watch()
+            peer = Peer.connect(self._ctx, endpoint)
             self._peers[endpoint] = peer
-            self._poller.register(sock, zmq.POLLIN)
+            self._poller.register(peer.sock, zmq.POLLIN)
         return peer
 
     def _drain(self, peer: Peer) -> None:
@@ -245,10 +242,10 @@ class KVSender:
             try:
                 self._execute(peer, command)
             except (zmq.ZMQError, RuntimeError, OSError) as exc:  # torch.distributed, sockets
-                self._fail(command.transfer_id, f"send_error: {peer.endpoint}: {exc}")
-                self._reset(peer)
+                peer.reset()
+                self._retract(command.transfer_id, f"send_error: {peer.endpoint}: {exc}")
             except Exception as exc:  # bad input fails its transfer, never this thread
-                self._fail(command.transfer_id, f"error: {exc}")
+                self._retract(command.transfer_id, f"error: {exc}")
 
     def _execute(self, peer: Peer, command: Command) -> None:
         """One command on a handshaken peer's wire."""
@@ -282,6 +279,9 @@ class KVSender:
                     peer.send_frame(wire.encode(wire.AbortHeader(tid, reason), self._auth))
                 finally:
                     self._fail(tid, f"aborted: {reason}")
+            case Retract(reason=reason):  # the transfer already ended here
+                peer.send_frame(wire.encode(wire.AbortHeader(tid, reason), self._auth))
+                log.info("kv_send_retracted", endpoint=peer.endpoint, reason=reason)
             case _:
                 assert_never(command)
 
@@ -324,7 +324,10 @@ class KVSender:
             self._closed(transfer, True, "")
             return
         if ack.message == wire.HANDSHAKE_REQUIRED:  # the decode worker restarted
-            self._reset(peer)
+            # its frames were dropped, not its reservation: abort that after a new handshake
+            peer.reset()
+            self._retract(ack.transfer_id, f"nack: {ack.message}")
+            return
         self._fail(ack.transfer_id, f"nack: {ack.message}")
 
     def _expire(self) -> None:
@@ -332,9 +335,24 @@ class KVSender:
         for peer in self._peers.values():
             if peer.state is PeerState.CONNECTING and peer.hello_deadline <= now:
                 peer.move(PeerState.FAILED, "handshake_timeout: no answer to HELLO")
+        stalled: set[str] = set()
         for tid, transfer in list(self._transfers.items()):
             if transfer.deadline is not None and transfer.deadline <= now:
-                self._fail(tid, f"ack_timeout: no acknowledgement in {self._ack_timeout:.0f}s")
+                stalled.add(transfer.spec.endpoint)
+                self._retract(tid, f"ack_timeout: no acknowledgement in {self._ack_timeout:g}s")
+        for endpoint in stalled:
+            if endpoint in self._peers:
+                self._reconnect(self._peers[endpoint])
+
+    def _reconnect(self, peer: Peer) -> None:
+        """Replace a stalled peer's socket with a fresh one (its backlog moves over): after a
+        long partition the old connection would hold new frames behind TCP's retransmission
+        backoff. Frames sent on the old one are abandoned with it, so their transfers fail and
+        are retracted on the new one."""
+        log.info("kv_peer_reconnecting", endpoint=peer.endpoint)
+        self._drop(peer)
+        self._peer(peer.endpoint).backlog = peer.backlog
+        self._fail_sent_to(peer.endpoint, "reconnected after an ack timeout")
 
     def _lost(self, peer: Peer) -> None:
         """A connection to the peer dropped (its process died, or restarted on the endpoint):
@@ -344,10 +362,15 @@ class KVSender:
         if peer.state not in (PeerState.CONNECTING, PeerState.HANDSHAKEN):
             return
         log.info("kv_peer_connection_lost", endpoint=peer.endpoint)
-        self._reset(peer)
+        peer.reset()
+        self._fail_sent_to(peer.endpoint, "the decode worker restarted?")
+
+    def _fail_sent_to(self, endpoint: str, why: str) -> None:
+        """Fail (and retract) every transfer to ``endpoint`` with frames out on a connection
+        that is gone."""
         for tid, transfer in list(self._transfers.items()):
-            if transfer.sent and transfer.spec.endpoint == peer.endpoint:
-                self._fail(tid, f"connection_lost: {peer.endpoint} (the decode worker restarted?)")
+            if transfer.sent and transfer.spec.endpoint == endpoint:
+                self._retract(tid, f"connection_lost: {endpoint} ({why})")
 
     def _drop(self, peer: Peer) -> None:
         """Close a peer's socket and forget it (the next transfer to it starts afresh)."""
@@ -355,9 +378,16 @@ class KVSender:
         self._poller.unregister(peer.sock)
         peer.close()
 
-    def _reset(self, peer: Peer) -> None:
-        """Forget a peer's handshake (its process may have restarted); keep its socket."""
-        peer.reset()
+    def _retract(self, tid: bytes, reason: str) -> None:
+        """Fail a transfer the decode worker may still hold a reservation for; if frames of it
+        went out, queue an ABORT for it first in its peer's backlog (a peer not handshaken
+        begins a handshake for it at once; one that fails to drops it)."""
+        transfer = self._transfers.get(tid)
+        if transfer is None:
+            return
+        self._fail(tid, reason)
+        if transfer.sent:
+            self._peer(transfer.spec.endpoint).backlog.appendleft(Retract(tid, reason))
 
     def _fail(self, tid: bytes, reason: str) -> None:
         transfer = self._transfers.pop(tid, None)

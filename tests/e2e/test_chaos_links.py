@@ -136,8 +136,11 @@ class Run:
     done_at: float = 0.0
 
 
-async def _one(client: AsyncClient, prompt: list[int], timeout: float) -> Run:
-    out = Run()
+async def _one(
+    client: AsyncClient, prompt: list[int], timeout: float, out: Run | None = None
+) -> Run:
+    """One greedy stream; ``out`` (a fresh :class:`Run` if None) fills in as it goes."""
+    out = Run() if out is None else out
     start = time.monotonic()
     try:
         async for chunk in client.generate(
@@ -299,4 +302,59 @@ def test_kv_path_partitioned_mid_transfer_then_healed(links: Links) -> None:
     again = _run(cluster.gateway, prompts[:1])
     _same(again, want[:1])
     assert kv.stats().bytes_up > carried, "the healed path carried no KV"
+    links.assert_idle()
+
+
+RESET_DEADLINE_S = 10.0  # each caller's deadline, hence each transfer's lease
+RESET_BOUND_S = 4.0  # reset -> every stream ended (resumed, or refused), far inside it
+
+
+def test_kv_connection_reset_mid_transfer_costs_a_retry_not_the_lease(links: Links) -> None:
+    """The KV connection reset while pages are on it (a middlebox losing its state; both
+    workers live): the prefill worker sees the drop and fails the transfers with frames on it,
+    and reconnects at once; their streams must resume (or end UNAVAILABLE) within seconds, not
+    wait out the lease of the reservations nobody will fill."""
+    cluster, kv = links.cluster, links.kv
+    prompts = [_prompt(500 + i, 120 + 20 * i) for i in range(2)]
+    want = _run(cluster.gateway, prompts)
+    connections = kv.stats().connections
+
+    async def reset() -> tuple[list[Run], float]:
+        async with AsyncClient(cluster.gateway) as client:
+            kv.blackhole(after_bytes=CUT_BYTES)  # hold the pages mid-frame ...
+            runs = [Run() for _ in prompts]
+            tasks = [
+                asyncio.create_task(_one(client, p, RESET_DEADLINE_S, r))
+                for p, r in zip(prompts, runs, strict=True)
+            ]
+            deadline = time.monotonic() + 20
+            while not (kv.blackholed and all(r.tokens for r in runs)):
+                assert time.monotonic() < deadline, "the transfers never reached the cut"
+                await asyncio.sleep(0.01)
+            # every prompt was computed and its pages left the prefill worker (its socket
+            # writes them out to the proxy, which holds them): nothing is left to resend
+            await asyncio.sleep(0.3)
+            assert kv.reset_all() == 1  # ... and lose them: the one KV connection is reset
+            at = time.monotonic()
+            kv.heal()
+            return list(await asyncio.gather(*tasks)), at
+
+    try:
+        got, at = asyncio.run(reset())
+    finally:
+        kv.clear()
+    ended = [r.done_at - at for r in got]
+    outcomes = [(r.code.name if r.code else "OK", len(r.tokens)) for r in got]
+    print(
+        f"\nKV connection reset mid-transfer: (status, tokens) {outcomes}, ended "
+        f"{min(ended):.2f}-{max(ended):.2f} s after the reset (deadline {RESET_DEADLINE_S} s)"
+    )
+    for r, w in zip(got, want, strict=True):
+        assert r.code in (None, grpc.StatusCode.UNAVAILABLE), (r.code, r.details)
+        assert r.tokens == w.tokens[: len(r.tokens)]
+    assert max(ended) < RESET_BOUND_S, "a stream waited out its lease after the reset"
+    links.assert_idle()
+    again = _run(cluster.gateway, prompts[:1])
+    _same(again, want[:1])
+    assert kv.stats().connections > connections, "the prefill worker did not reconnect"
     links.assert_idle()

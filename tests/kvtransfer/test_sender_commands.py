@@ -170,5 +170,5 @@ def test_a_welcome_with_a_matching_fingerprint_handshakes(sender: tuple[KVSender
     fields = {"fingerprint": FINGERPRINT.to_fields()}
     kv._answer(peer, wire.HandshakeHeader(peer.hello_id, wire.FrameKind.WELCOME, fields))
     assert _state(peer) is PeerState.HANDSHAKEN
-    kv._reset(peer)  # e.g. a send error: forget the handshake, keep the socket
+    peer.reset()  # e.g. a send error: forget the handshake, keep the socket
     assert _state(peer) is PeerState.NEW and peer.link is None
