@@ -25,13 +25,13 @@ take a tenth of that, at least 20):
   records (and unreadable ones, which break the link), strangers write to the stream listener.
 
 A *finding* is any exception but ``MalformedFrameError`` out of the decoder, a frame whose tag
-does not verify accepted, an intact one refused, a transfer with no verdict, sender and
-receiver disagreeing, a reservation or transfer left pending, a block outside the reservation
-changed, a transfer completed with bytes other than the pages sent (where tags make that
-impossible), an ``internal_error`` drop, or an endpoint that stops serving. ``--replay-live``
-also lets a stranger replay frames captured from the live transfer (an open finding: each
-fails the transfer, see ``KVReceiver._refuse_stranger``). Prints a summary (inputs tried and
-outcomes per target, findings with their inputs); exits 1 on findings.
+does not verify accepted, an intact one refused, a transfer with no verdict, sender and receiver
+disagreeing, a reservation or transfer left pending, a block outside the reservation changed, a
+transfer completed with bytes other than the pages sent (where tags make that impossible), an
+``internal_error`` drop, or an endpoint that stops serving. ``--replay-live`` also lets a
+stranger replay frames captured from the live transfer (harmless: a reservation belongs to the
+sender that first wrote to it, see ``kvtransfer.reservations``). Prints a summary (inputs tried
+and outcomes per target, findings with their inputs); exits 1 on findings.
 ``tests/kvtransfer/test_frame_fuzz.py`` runs the same targets as a short CI smoke.
 """
 

@@ -8,6 +8,11 @@ error that names the field.
 On a keyed channel a HELLO is MACed, but a MAC alone does not stop someone who captured one
 from sending it again from a connection of their own. So a HELLO also says when it was sent,
 and the decode worker accepts each HELLO once, while it is fresh (:class:`HelloGuard`).
+
+A HELLO also names its sender (a random id per :class:`~kvtransfer.sender.KVSender`, under the
+same MAC): the decode worker binds each reservation to the sender that first wrote to it
+(:func:`sender_of`), so that sender may end it from a new connection (an ABORT after a
+reconnect) and no other peer can.
 """
 
 from __future__ import annotations
@@ -36,11 +41,28 @@ def peer_fingerprint(fields: dict[str, Any]) -> Fingerprint:
     return Fingerprint.from_fields(theirs)
 
 
+MAX_SENDER_ID_CHARS = 64
+
+
 def hello_fields(
-    fingerprint: Fingerprint, clock: Callable[[], float] = time.time
+    fingerprint: Fingerprint, clock: Callable[[], float] = time.time, sender: str = ""
 ) -> dict[str, Any]:
-    """What a HELLO carries: the sender's fingerprint and when it was sent (wall clock)."""
-    return {"fingerprint": fingerprint.to_fields(), "sent_at": clock()}
+    """What a HELLO carries: the sender's fingerprint, when it was sent (wall clock) and, if
+    given, the sender's id."""
+    fields: dict[str, Any] = {"fingerprint": fingerprint.to_fields(), "sent_at": clock()}
+    if sender:
+        fields["sender"] = sender
+    return fields
+
+
+def sender_of(hello: dict[str, Any], identity: bytes) -> str:
+    """Who a welcomed HELLO came from: its ``sender`` id (a string of at most
+    :data:`MAX_SENDER_ID_CHARS`), or, for a HELLO without a usable one (an older pdserve, a
+    hand-driven peer), the connection ``identity`` it came on."""
+    sender = hello.get("sender")
+    if isinstance(sender, str) and 0 < len(sender) <= MAX_SENDER_ID_CHARS:
+        return f"sender:{sender}"
+    return f"connection:{identity.hex()}"
 
 
 class HelloGuard:

@@ -24,10 +24,12 @@ Taken = tuple[wire.Header, memoryview | None]
 in place) or None."""
 
 
-def take_record(link: StreamLink, auth: wire.FrameAuth, writer: PageWriter) -> Taken | None:
-    """Read one record off ``link``; None when it is fully handled here (a page written in
-    place, or a frame dropped and counted). Raises :class:`PairLinkError` if the stream breaks
-    or stalls (the peer must then handshake again)."""
+def take_record(
+    link: StreamLink, auth: wire.FrameAuth, writer: PageWriter, sender: str
+) -> Taken | None:
+    """Read one record off ``sender``'s ``link``; None when it is fully handled here (a page
+    written in place, or a frame dropped and counted). Raises :class:`PairLinkError` if the
+    stream breaks or stalls (the peer must then handshake again)."""
     frame, payload_len = link.read_record()
     stats = writer.stats
     try:
@@ -50,7 +52,7 @@ def take_record(link: StreamLink, auth: wire.FrameAuth, writer: PageWriter) -> T
         stats.drop("malformed")  # pages on a stream say so
         link.discard(payload_len)
         return None
-    if writer.write_in_place(link, header, frame, payload_len):
+    if writer.write_in_place(link, header, frame, payload_len, sender):
         return None
     payload = link.read_bytes(payload_len)  # cannot land in place: read aside, then judge
     return (header, payload) if writer.verified(frame, payload) else None

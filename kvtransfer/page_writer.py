@@ -3,7 +3,8 @@
 The receiver (``kvtransfer.receiver``) owns sockets and peers; this module owns the rules: a
 page lands only inside the reservation of a transfer currently expected, with the receiver's
 geometry, and counts (is marked written) only once its tag has verified; DONE completes a
-transfer only when every reserved block of every layer has been written.
+transfer only when every reserved block of every layer has been written; a frame from a sender
+other than the one the reservation belongs to (``Reservation.claim``) changes nothing.
 """
 
 from __future__ import annotations
@@ -86,17 +87,21 @@ class PageWriter:
         self,
         header: wire.Header,
         payload: torch.Tensor | memoryview | None,
+        sender: str,
         check: wire.PayloadCheck | None = None,
     ) -> Outcome | None:
-        """Apply one authenticated frame of a transfer (a PAGE with ``check`` is authenticated
-        while it is copied into place). Returns how the transfer ended, if this frame ended
-        it; raises :class:`UnknownTransferError` when no such transfer is expected (late,
-        duplicate, expired or cancelled), :class:`PageRefusedError` when the page's tag does
-        not verify (it does not count; the transfer goes on)."""
+        """Apply one authenticated frame of a transfer from ``sender`` (a PAGE with ``check``
+        is authenticated while it is copied into place). Returns how the transfer ended, if
+        this frame ended it; raises :class:`UnknownTransferError` when no such transfer is
+        expected (late, duplicate, expired or cancelled), :class:`ForeignWriterError` when it
+        belongs to another sender, :class:`PageRefusedError` when the page's tag does not
+        verify (it does not count; the transfer goes on)."""
         tid = header.transfer_id
         with self.reservations.lock:
             reservation = self.reservations.by_id.get(tid)
             if reservation is not None:
+                if not reservation.claim(sender):
+                    raise ForeignWriterError(reservation.request_id)
                 return self._apply(reservation, header, payload, check)
         if check is not None and isinstance(payload, memoryview):
             _verify(check, payload)  # a frame that does not verify counts as such (off the lock)
@@ -138,21 +143,27 @@ class PageWriter:
             return Failed(reservation, str(exc))
 
     def write_in_place(
-        self, link: StreamLink, header: wire.PageHeader, frame: bytes, payload_len: int
+        self,
+        link: StreamLink,
+        header: wire.PageHeader,
+        frame: bytes,
+        payload_len: int,
+        sender: str,
     ) -> bool:
         """Read the payload that follows this header on ``link`` straight into its transfer's
         reserved blocks, then verify it with the header. A page that does not verify is
         dropped: its blocks held nothing verified and still count as unwritten (the transfer
         cannot finish unless a good copy follows). Returns False, having read nothing, when
-        the page cannot land so (unknown transfer, a page that does not fit its reservation,
-        a payload size other than the header's, or blocks a verified page already wrote):
+        the page cannot land so (unknown transfer, another sender's, a page that does not fit
+        its reservation, a payload size other than the header's, or blocks a verified page
+        already wrote):
         the caller then reads it aside, verifies it whole and :meth:`apply` reports it."""
         if payload_len != header.payload_nbytes or self.kv.device.type != "cpu":
             return False
         tid = header.transfer_id
         with self.reservations.lock:
             reservation = self.reservations.by_id.get(tid)
-            if reservation is None:
+            if reservation is None or not reservation.claim(sender):
                 return False
             try:
                 self.check(reservation, header)
@@ -265,3 +276,7 @@ class PageRefusedError(Exception):
 
 class UnknownTransferError(LookupError):
     """A frame for a transfer this worker does not expect (any more)."""
+
+
+class ForeignWriterError(LookupError):
+    """A frame for a reservation that belongs to another sender (its request id in args)."""

@@ -1,9 +1,11 @@
 """The prefill workers a receiver has handshaken: their pair links and stream sockets.
 
-A :class:`Peer` is in the table from its accepted HELLO until it is forgotten (a re-handshake,
-a broken link); forgetting closes its link and stops polling its stream. A pair link is joined
-off the receiving thread (:meth:`PeerTable.admit`), so a peer that never joins stalls nobody;
-its first use waits at most the group timeout. Only the receiving thread uses the table.
+A :class:`Peer` is in the table from its accepted HELLO until it is forgotten (a re-handshake on
+its connection or, on a keyed channel, by its sender on a new one; a broken link); forgetting
+closes its link and stops polling its stream. Each peer names its sender
+(``handshake.sender_of``). A pair link is joined off the receiving thread
+(:meth:`PeerTable.admit`), so a peer that never joins stalls nobody; its first use waits at most
+the group timeout. Only the receiving thread uses the table.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ log = structlog.get_logger(__name__)
 class Peer:
     identity: bytes  # its ZeroMQ routing id: where acks go
     fingerprint: Fingerprint
+    sender: str  # who is behind it (see kvtransfer.handshake.sender_of): what reservations bind
     link: PairLink | None = None  # out-of-band backends only
     pending_link: Future[PairLink] | None = None  # while the rendezvous runs
 
@@ -57,11 +60,22 @@ class PeerTable:
         return self._pairs.offer() if self.backend.out_of_band else None
 
     def admit(
-        self, identity: bytes, fingerprint: Fingerprint, offer: dict[str, object] | None
+        self,
+        identity: bytes,
+        fingerprint: Fingerprint,
+        sender: str,
+        offer: dict[str, object] | None,
+        *,
+        replaces: bool = False,
     ) -> None:
         """A peer whose HELLO was welcomed with ``offer`` (a re-handshake forgets the old one
-        first)."""
-        peer = Peer(identity, fingerprint)
+        first). With ``replaces`` (a keyed channel: nobody else can send that sender's HELLO),
+        a sender handshaking on a new connection has given up its old one (it keeps one per
+        decode worker), so that peer is forgotten too."""
+        for old in [p for p in self._by_identity.values() if p.sender == sender]:
+            if replaces and old.identity != identity:
+                self.forget(old, "its sender handshook on a new connection")
+        peer = Peer(identity, fingerprint, sender)
         if offer is not None:  # joined off this thread: a peer that never joins stalls nobody
             peer.pending_link = self._rendezvous.submit(self._pairs.accept, offer)
         self._by_identity[identity] = peer

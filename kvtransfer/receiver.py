@@ -3,8 +3,11 @@ socket per peer) whose frames write pages into reserved blocks.
 
 Per peer: ``unknown -> handshaken`` (a HELLO whose fingerprint matches and, with a key, whose
 MAC verifies). Per transfer: ``expected (lease running) -> receiving -> ready | failed`` (bad
-frame, abort, lease expired, cancelled). Only handshaken peers may write, and only into blocks
-of a transfer this worker currently expects: :meth:`KVReceiver.cancel` removes the expectation
+frame, abort, lease expired, cancelled). Only handshaken peers may write, only into blocks
+of a transfer this worker currently expects, and only the sender that first wrote to it (a
+frame from any other peer, a stranger replaying captured frames included, is dropped and never
+ends the transfer; a stranger is told to handshake, and a genuine sender that lost its
+connection then aborts what it had sent). :meth:`KVReceiver.cancel` removes the expectation
 under the lock writers hold (or wait on, see ``kvtransfer.reservations``), so once it returns no
 frame can touch those blocks again; late or duplicate frames for finished transfers are dropped
 and counted. What each frame does to the pool is ``kvtransfer.page_writer``'s business; who
@@ -31,12 +34,13 @@ from core.ticket import Fingerprint, IncompatiblePeerError, check_match
 from engine.kv_cache import KVCache
 from kvtransfer import wire
 from kvtransfer.datapath import Backend, PairLinkError, StreamLink, make_host, refuse_encryption
-from kvtransfer.handshake import HelloGuard, StaleHelloError, peer_fingerprint
+from kvtransfer.handshake import HelloGuard, StaleHelloError, peer_fingerprint, sender_of
 from kvtransfer.metrics import TransferStats, failure_label
 from kvtransfer.out_of_band import skip_group_payload, take_group_payload, take_record
 from kvtransfer.page_writer import (
     Completed,
     Failed,
+    ForeignWriterError,
     Outcome,
     PageRefusedError,
     PageWriter,
@@ -229,9 +233,20 @@ class KVReceiver:
         """Apply a frame from a handshaken peer (authenticated, or a page authenticated by
         ``check`` as it is copied) and report what it ended."""
         try:
-            outcome = self._writer.apply(header, payload, check)
+            outcome = self._writer.apply(header, payload, peer.sender, check)
         except PageRefusedError as exc:
             self._writer.refuse(exc.cause)
+            return
+        except ForeignWriterError as exc:
+            self.stats.drop("other_sender")
+            log.warning("kv_frame_from_other_sender", request_id=exc.args[0])
+            if isinstance(header, wire.DoneHeader):  # tell the sender now, not at its timeout
+                self._ack(
+                    peer.identity,
+                    header.transfer_id,
+                    wire.AckStatus.FAILED,
+                    "the transfer belongs to another sender",
+                )
             return
         except UnknownTransferError:
             self.stats.drop("unknown_transfer")  # late, duplicate, expired or cancelled
@@ -283,7 +298,7 @@ class KVReceiver:
                 return
 
     def _read_record(self, peer: Peer, link: StreamLink) -> None:
-        taken = take_record(link, self._auth, self._writer)
+        taken = take_record(link, self._auth, self._writer, peer.sender)
         if taken is not None:
             self._apply(peer, *taken)
 
@@ -334,24 +349,23 @@ class KVReceiver:
         self._send(
             identity, wire.HandshakeHeader(hello.transfer_id, wire.FrameKind.WELCOME, fields)
         )
-        self._peers.admit(identity, theirs, offer)
+        sender = sender_of(hello.fields, identity)
+        self._peers.admit(identity, theirs, sender, offer, replaces=self._auth.key is not None)
         log.info("kv_peer_accepted", backend=self.backend.value)
 
     def _refuse_stranger(self, identity: bytes, header: wire.Header) -> None:
         """An authentic frame from a peer that has not handshaken with this process (it
-        handshook with the one before a restart on this endpoint, or was forgotten): it was
-        dropped, so a reserved transfer it names cannot complete and fails now, not at its
-        lease (blocks freed, ``on_failed``); the sender is told to handshake again, once per
-        such transfer and for every DONE."""
+        handshook with the one before a restart on this endpoint, or was forgotten, or
+        replays frames it captured): dropped, and it ends nothing, whatever it is (a stranger
+        cannot end a transfer another peer is filling). It is told to handshake again, for
+        every frame naming a reserved transfer and every DONE: a genuine sender then does,
+        and aborts the transfers whose frames were dropped, which frees them at once."""
         if not isinstance(header, wire.PageHeader | wire.DoneHeader | wire.AbortHeader):
             return
-        reservation = self._reservations.take(header.transfer_id)
-        if reservation is not None:
-            reason = f"{wire.HANDSHAKE_REQUIRED}: its frames came from a peer not handshaken"
-            self.stats.fail(failure_label(reason))
-            log.warning("kv_transfer_failed", request_id=reservation.request_id, reason=reason)
-            self._on_failed(reservation.request_id, f"KV transfer failed: {reason}")
-        if reservation is not None or isinstance(header, wire.DoneHeader):
+        reserved = self._reservations.expects(header.transfer_id)
+        if reserved:
+            log.info("kv_frame_from_stranger", kind=type(header).__name__)
+        if reserved or isinstance(header, wire.DoneHeader):
             self._ack(identity, header.transfer_id, wire.AckStatus.FAILED, wire.HANDSHAKE_REQUIRED)
 
     def _receive_from_group(

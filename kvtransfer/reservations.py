@@ -6,6 +6,9 @@ being written for one short read at a time and re-checks before each read that t
 still expected, and :meth:`Reservations.cancel` waits out a read already into the transfer's
 blocks. So once ``cancel`` returns, no byte of that transfer lands in its blocks again, and the
 caller may free them.
+
+A reservation belongs to the first sender whose frame for it was applied (:meth:`Reservation.
+claim`): frames for it from any other peer are dropped and never end it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,15 @@ class Reservation:
     block_ids: frozenset[int]
     deadline: float
     started: float | None = None  # first verified page (or DONE/ABORT) seen
+    writer: str | None = None  # the sender it belongs to, once one wrote (receive_peers.Peer)
     written: dict[int, set[int]] = field(default_factory=dict)  # layer -> blocks written
+
+    def claim(self, sender: str) -> bool:
+        """Whether ``sender`` may write this reservation: the first to ask may, and then it
+        alone (under the reservations' lock)."""
+        if self.writer is None:
+            self.writer = sender
+        return self.writer == sender
 
     def complete(self, num_layers: int) -> bool:
         """Every reserved block has been written for every layer."""
@@ -82,6 +93,10 @@ class Reservations:
     def pending(self) -> int:
         with self.lock:
             return len(self.by_id)
+
+    def expects(self, transfer_id: bytes) -> bool:
+        with self.lock:
+            return transfer_id in self.by_id
 
     def pop_expired(self, now: float) -> list[Reservation]:
         with self.lock:

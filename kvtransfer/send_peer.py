@@ -115,11 +115,15 @@ class Peer:
 
     # -- the handshake ----------------------------------------------------------------------
 
-    def greet(self, fingerprint: Fingerprint, auth: wire.FrameAuth, timeout_s: float) -> None:
-        """Send HELLO; the peer is CONNECTING until its answer or ``timeout_s``."""
+    def greet(
+        self, fingerprint: Fingerprint, auth: wire.FrameAuth, timeout_s: float, sender: str
+    ) -> None:
+        """Send HELLO (naming ``sender``, see ``kvtransfer.handshake``); the peer is
+        CONNECTING until its answer or ``timeout_s``."""
         self.hello_id = os.urandom(16)
         self.hello_deadline = time.monotonic() + timeout_s
-        hello = wire.HandshakeHeader(self.hello_id, wire.FrameKind.HELLO, hello_fields(fingerprint))
+        fields = hello_fields(fingerprint, sender=sender)
+        hello = wire.HandshakeHeader(self.hello_id, wire.FrameKind.HELLO, fields)
         self.sock.send(wire.encode(hello, auth))
         self.move(PeerState.CONNECTING)
 

@@ -91,6 +91,7 @@ class KVSender:
         self._ack_timeout = ack_timeout_s
         self._handshake_timeout = handshake_timeout_s
         self._on_sent = on_sent
+        self._sender_id = os.urandom(8).hex()  # names this sender in its HELLOs
         self._commands: queue.Queue[Command] = queue.Queue()
         self._transfers: dict[bytes, _Transfer] = {}  # owned by the sending thread
         self._peers: dict[str, Peer] = {}
@@ -226,7 +227,7 @@ class KVSender:
         fails its backlog (and, with no transfer to it left open, is dropped); a HANDSHAKEN
         one sends it, in order."""
         if peer.state is PeerState.NEW and peer.backlog:
-            peer.greet(self.fingerprint, self._auth, self._handshake_timeout)
+            peer.greet(self.fingerprint, self._auth, self._handshake_timeout, self._sender_id)
         if peer.state is PeerState.FAILED:
             while peer.backlog:
                 command = peer.backlog.popleft()

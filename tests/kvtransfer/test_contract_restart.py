@@ -1,8 +1,9 @@
 """Contract, part 7: a decode worker restarted on the same KV endpoint (same tcp port, same ipc
 path). The first transfer after the restart costs at most a re-handshake, never a lease: the
-sender notices the lost connection and handshakes again before it sends, and a receiver that
-has to nack a reserved transfer's frames (from a peer it does not know) fails that transfer at
-once, freeing its blocks for a retry elsewhere."""
+sender notices the lost connection and handshakes again before it sends; a receiver that gets a
+reserved transfer's frames from a peer it does not know drops them (a stranger never ends a
+transfer: it might be replaying captured frames) and tells it to handshake, and the sender,
+once it has, aborts that transfer, which frees its blocks at once for a retry elsewhere."""
 
 from __future__ import annotations
 
@@ -87,37 +88,45 @@ def test_the_sender_handshakes_again_with_a_restarted_receiver(
     assert restarted.pending() == 0 and ch.sender.pending() == 0
 
 
-@pytest.mark.parametrize("what", ["page", "done"])
-def test_a_reserved_transfer_whose_frames_are_nacked_fails_at_once(
+@pytest.mark.parametrize("what", ["page", "done", "abort"])
+def test_a_strangers_frames_are_nacked_and_its_abort_after_a_handshake_ends_it(
     channel: Channel, what: str
 ) -> None:
     """A peer that never handshook (to this process: it handshook with the one before the
-    restart) sends a frame of a reserved transfer: nacked with "handshake required", and the
-    reservation fails now (on_failed, pending 0), not when its lease runs out."""
+    restart) sends a frame of a reserved transfer: nacked with "handshake required", and
+    nothing else (no callback, the reservation still pending: a stranger might be replaying
+    captured frames). Once it has handshaken (as a sender told so does), its ABORT fails the
+    reservation at once."""
     ch = channel
     ch.receiver.expect(tid(1), "req", [1, 2], LEASE_S)
     stranger = ch.raw_peer()
     pages = random_pages(ch.receiver_fp, 2, seed=12)
     before = ch.dst.kv.clone()
-    started = time.monotonic()
     if what == "page":
         stranger.sock.send_multipart(list(stranger.page(tid(1), pages[:1], [1, 2])))
-    else:
+    elif what == "done":
         stranger.done(tid(1))
+    else:
+        stranger.sock.send(wire.encode(wire.AbortHeader(tid(1), "stranger"), stranger.auth))
     ack = stranger.recv_ack()
     assert ack.transfer_id == tid(1) and ack.status is wire.AckStatus.FAILED
     assert ack.message == wire.HANDSHAKE_REQUIRED
+    stranger.sync()
+    assert ch.receiver.pending() == 1 and not ch.rec.failed and not ch.rec.ready
+    assert ch.receiver.stats.failures == {} and same_bits(ch.dst.kv, before)
+    stranger.handshake()
+    started = time.monotonic()
+    stranger.send(wire.AbortHeader(tid(1), "nack: handshake required"))
     reason = ch.rec.wait_failed("req")
     assert time.monotonic() - started < FAST_S
     assert "handshake required" in reason and ch.rec.failed["req"] == [reason]
     assert ch.receiver.pending() == 0
-    assert ch.receiver.stats.failures == {"handshake_required": 1}
-    assert same_bits(ch.dst.kv, before)
-    # the rest of the transfer's frames change nothing: no second callback, no second nack
-    stranger.handshake()
+    assert ch.receiver.stats.failures == {"aborted": 1}
+    ack = stranger.recv_ack()  # the abort's
+    assert ack.transfer_id == tid(1) and ack.status is wire.AckStatus.FAILED
+    # the rest of the transfer's frames change nothing: no second callback
     stranger.send_pages(tid(1), pages, [1, 2])
     stranger.sync()
-    wait_until(lambda: ch.receiver.pending() == 0, "nothing reserved")
     assert ch.rec.failed["req"] == [reason] and not ch.rec.ready
     assert same_bits(ch.dst.kv, before)
 
@@ -161,10 +170,10 @@ def test_a_restart_the_sender_cannot_see_costs_one_transfer_at_most(
     """The sender's connection outlives the restart (a relay in front of the receiver keeps it
     up, as when the socket monitor has not yet reported the drop), so nothing tells it the
     receiver is new. With the zmq backend its first frame after the restart reaches a receiver
-    that does not know it: "handshake required", that transfer fails at once on both ends (no
-    resend: the receiver has freed its reservation), and the sender handshakes again for the
-    next. With the stream backend the pair's stream was closed by the old receiver: the sender
-    sees it before it sends, handshakes again, and the transfer goes through."""
+    that does not know it: "handshake required", that transfer fails on the sender, which
+    handshakes again and aborts it, so it fails at once on the receiver too (no resend), and the
+    next goes through. With the stream backend the pair's stream was closed by the old receiver:
+    the sender sees it before it sends, handshakes again, and the transfer goes through."""
     ch = make_channel()
     assert ch.sender is not None
     sender, relay = ch.sender, Relay(ch.endpoint)
@@ -187,7 +196,7 @@ def test_a_restart_the_sender_cannot_see_costs_one_transfer_at_most(
         if transport.backend is Backend.ZMQ:
             assert outcome == (False, f"nack: {wire.HANDSHAKE_REQUIRED}")
             assert wire.HANDSHAKE_REQUIRED in ch.rec.wait_failed("after")
-            assert restarted.stats.failures == {"handshake_required": 1}
+            assert restarted.stats.failures == {"aborted": 1}
         else:
             assert outcome == (True, "") and ch.rec.wait_ready("after") == 7
             assert same_bits(ch.dst.kv[:, :, [4, 5]], pages)

@@ -7,7 +7,13 @@ import pytest
 from core.ticket import LAYOUT, Fingerprint, IncompatiblePeerError, check_match
 from kvtransfer import wire
 from kvtransfer.datapath import Backend
-from kvtransfer.handshake import HelloGuard, StaleHelloError, hello_fields
+from kvtransfer.handshake import (
+    MAX_SENDER_ID_CHARS,
+    HelloGuard,
+    StaleHelloError,
+    hello_fields,
+    sender_of,
+)
 from tests.kvtransfer.harness import MISMATCHES, fingerprint, mismatched
 
 MINE = fingerprint(Backend.ZMQ)
@@ -94,3 +100,18 @@ def test_remembered_hellos_are_forgotten_once_they_could_not_be_fresh() -> None:
     clock.now += 241  # past sent + 2 * max_age: the old ones could no longer pass the age check
     guard.admit(b"new" + bytes(13), {"sent_at": clock.now})
     assert len(guard._seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "who"),
+    [
+        (hello_fields(MINE, sender="ab12"), "sender:ab12"),
+        (hello_fields(MINE), "connection:0102"),  # an older pdserve: the connection
+        ({"sender": 7}, "connection:0102"),
+        ({"sender": ""}, "connection:0102"),
+        ({"sender": "x" * (MAX_SENDER_ID_CHARS + 1)}, "connection:0102"),
+        ({"sender": ["ab12"]}, "connection:0102"),
+    ],
+)
+def test_a_hello_names_its_sender_or_its_connection_stands_in(fields: dict, who: str) -> None:
+    assert sender_of(fields, b"\x01\x02") == who
