@@ -864,6 +864,10 @@ def parse_ticket(data: bytes) -> tuple[TransferTicket | None, str]:
         f"accepted {ticket.kv_endpoint!r}",
     )
     expect(not any(c.isspace() for c in ticket.kv_endpoint), f"accepted {ticket.kv_endpoint!r}")
+    if ticket.kv_endpoint.startswith("tcp://"):
+        host, _, port = ticket.kv_endpoint[len("tcp://") :].rpartition(":")
+        expect(1 <= int(port) <= 65535, f"accepted port {port}")
+        expect(host.strip("[]-.") == host.strip("[]"), f"accepted host {host!r}")
     return ticket, "accepted"
 
 
@@ -888,7 +892,7 @@ class TicketUse:
     transfer_id: int  # 0: as issued, else another id
     blocks: tuple[int, ...] | None  # another block list (None: as issued)
     cached_claimed: int | None  # another cached_blocks (None: as issued)
-    endpoint: str | None  # another endpoint that still passes check_ticket (None: as issued)
+    endpoint: str | None  # another endpoint, which check_ticket refuses (None: as issued)
 
 
 TICKET_USES = st.builds(

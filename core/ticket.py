@@ -1,8 +1,11 @@
 """The transfer ticket a decode worker issues, and the check a prefill worker runs on it
-before computing anything."""
+before computing anything: a ticket that passes names a fingerprint equal to the prefill's, a
+block list the prompt fills, and a KV endpoint a sender can connect to as written (tcp with an
+IP address or DNS name and a port in 1-65535, an ipc path a unix socket can hold, inproc)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -59,6 +62,47 @@ def check_match(mine: Fingerprint, theirs: Fingerprint, peer: str) -> None:
 
 
 _ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}|(ipc|inproc)://\S+")
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_MAX_DNS_NAME_CHARS = 253
+_MAX_IPC_PATH_BYTES = 107  # a unix socket's sun_path: 108 bytes with the terminating NUL
+
+
+def check_endpoint(endpoint: str) -> None:
+    """Raise :class:`IncompatiblePeerError` unless a sender can connect to ``endpoint``."""
+    if not _ENDPOINT.fullmatch(endpoint):
+        raise IncompatiblePeerError(f"unsupported KV endpoint {endpoint!r}")
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "ipc" and len(rest.encode()) > _MAX_IPC_PATH_BYTES:
+        raise IncompatiblePeerError(
+            f"KV endpoint {endpoint!r}: ipc path longer than {_MAX_IPC_PATH_BYTES} bytes"
+        )
+    if scheme != "tcp":
+        return
+    host, _, port = rest.rpartition(":")
+    if not 1 <= int(port) <= 65535:
+        raise IncompatiblePeerError(f"KV endpoint {endpoint!r}: port {port} is not 1-65535")
+    if not _is_host(host):
+        raise IncompatiblePeerError(
+            f"KV endpoint {endpoint!r}: host {host!r} is not an IP address or a DNS name"
+        )
+
+
+def _is_host(host: str) -> bool:
+    """An IPv6 address in brackets, a dotted IPv4 address, or a DNS name (RFC 1123 labels)."""
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    labels = host.split(".")
+    if all(label.isdigit() for label in labels):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    return len(host) <= _MAX_DNS_NAME_CHARS and all(_DNS_LABEL.fullmatch(x) for x in labels)
 
 
 @dataclass(frozen=True)
@@ -88,5 +132,4 @@ def check_ticket(ticket: TransferTicket, mine: Fingerprint, num_prompt_blocks: i
         raise IncompatiblePeerError(
             f"ticket skips {ticket.cached_blocks} of {len(ticket.block_ids)} blocks"
         )
-    if not _ENDPOINT.fullmatch(ticket.kv_endpoint):
-        raise IncompatiblePeerError(f"unsupported KV endpoint {ticket.kv_endpoint!r}")
+    check_endpoint(ticket.kv_endpoint)

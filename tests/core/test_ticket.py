@@ -60,3 +60,43 @@ def test_block_count_must_match_the_prompt(block_ids: tuple[int, ...]) -> None:
 def test_unsupported_endpoint_scheme(endpoint: str) -> None:
     with pytest.raises(IncompatiblePeerError, match="endpoint"):
         check_ticket(ticket(kv_endpoint=endpoint), MINE, num_prompt_blocks=3)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "tcp://[::1]:5555",
+        "tcp://decode-0.kv.default.svc.cluster.local:5600",
+        "tcp://localhost:65535",
+        "tcp://10.0.0.1:1",
+        "ipc:///" + "x" * 100,
+    ],
+)
+def test_endpoints_a_sender_can_connect_to_pass(endpoint: str) -> None:
+    check_ticket(ticket(kv_endpoint=endpoint), MINE, num_prompt_blocks=3)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "why"),
+    [
+        ("tcp://127.0.0.1:99999", "port 99999"),
+        ("tcp://127.0.0.1:65536", "port 65536"),
+        ("tcp://127.0.0.1:0", "port 0"),
+        ("tcp://-:5", "host '-'"),
+        ("tcp://host-:5", "host 'host-'"),
+        ("tcp://a..b:5", "host 'a..b'"),
+        ("tcp://" + "a" * 64 + ":5", "host"),
+        ("tcp://" + "a." * 127 + "b:5", "host"),
+        ("tcp://999.0.0.1:5", "host '999.0.0.1'"),
+        ("tcp://[zz::1]:5", "endpoint"),
+        ("tcp://[1:2:3:4:5:6:7:8:9]:5", "host"),
+        ("tcp://[::1]]:5", "endpoint"),
+        ("tcp://[::1:5", "endpoint"),
+        ("tcp://:5", "endpoint"),
+        ("ipc:///" + "x" * 120, "ipc path"),
+    ],
+)
+def test_endpoints_no_sender_can_connect_to_are_refused(endpoint: str, why: str) -> None:
+    """Refused before the prefill computes anything (not at the handshake's timeout)."""
+    with pytest.raises(IncompatiblePeerError, match=why):
+        check_ticket(ticket(kv_endpoint=endpoint), MINE, num_prompt_blocks=3)
