@@ -9,20 +9,21 @@ Disaggregated (``route.prefill`` set)::
     gateway <--kv_arrived--------------- decode: every page is in
     gateway <--tokens 2..n-------------- decode: admits the sequence, streams the rest
 
-Otherwise one ``Decode.Generate(LOCAL)`` call streams every token. Pages that do not reach the
-decode worker within ``kv_arrival_timeout_s`` of the prefill's answer (a cut or reset link
-between the two, a transfer one side gave up on) fail the attempt with a retryable UNAVAILABLE
-blaming the prefill worker, so failover resumes the request on another route instead of waiting
-out the caller's deadline. Every exit path cancels the attempt's worker calls and releases its
-workers.
+Otherwise one ``Decode.Generate(LOCAL)`` call streams every token. The decode stream is watched
+while the prefill runs: a decode worker that fails meanwhile fails the attempt at once (the
+prefill is cancelled, not run to the end for nobody). Pages that do not reach the decode worker
+within ``kv_arrival_timeout_s`` of the prefill's answer (a cut or reset link between the two, a
+transfer one side gave up on) fail the attempt with a retryable UNAVAILABLE blaming the prefill
+worker, so failover resumes the request on another route instead of waiting out the caller's
+deadline. Every exit path cancels the attempt's worker calls and releases its workers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncGenerator, Callable
-from typing import cast
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 import grpc
 import structlog
@@ -34,6 +35,8 @@ from gateway.worker_calls import TokenEvent
 from gateway.worker_clients import DecodeClient, PrefillClient
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 class Deadline:
@@ -58,6 +61,26 @@ def _within(timeout_s: float, deadline: Deadline) -> float | None:
     if not timeout_s:
         return left
     return timeout_s if left is None else min(timeout_s, left)
+
+
+async def _cancelled(task: asyncio.Future[T]) -> None:
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _unless_failed(call: Awaitable[T], watched: asyncio.Future[None]) -> T:
+    """``await call``, unless ``watched`` fails first: then ``call`` is cancelled and the
+    failure raised."""
+    task = asyncio.ensure_future(call)
+    try:
+        either: set[asyncio.Future[Any]] = {task, watched}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and watched.done() and watched.exception() is not None:
+            watched.result()  # raises it
+        return await task
+    finally:
+        await _cancelled(task)
 
 
 async def run_attempt(
@@ -92,9 +115,10 @@ async def run_attempt(
     try:
         if prefill is not None:
             ticket = await stream.ticket()
-            prefill.assign()
+            arrival = asyncio.ensure_future(stream.arrival())  # watched from now on
             try:
-                first = await cast(PrefillClient, prefill.client).prefill(
+                prefill.assign()
+                call = cast(PrefillClient, prefill.client).prefill(
                     request_id,
                     prompt,
                     sampling,
@@ -102,32 +126,38 @@ async def run_attempt(
                     timeout=deadline.remaining(),
                     resumed_tokens=resumed_tokens,
                 )
-            finally:
-                await router.registry.prefill.release(prefill)
-            answered_at = asyncio.get_running_loop().time()
-            first_lps = () if first.first_logprob is None else (first.first_logprob,)
-            first_event = TokenEvent(
-                (first.first_token_id,), first.finish_reason, first_lps, first.cached_tokens
-            )
-            if first.finish_reason is not None and on_cached is not None:
-                on_cached(route)  # the prefill worker's cache holds it, at least
-            yield first_event
-            if first.finish_reason is not None:
-                return
-            waited = asyncio.get_running_loop().time() - answered_at
-            limit = _within(kv_arrival_timeout_s, deadline)
-            if limit is not None:
-                limit = max(0.0, limit - waited)
-            if not await stream.kv_arrived(limit):
-                deadline.remaining()  # the caller's deadline, if that is what ran out
-                raise UpstreamError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"the KV pages of prefill worker {prefill.address} did not reach decode "
-                    f"worker {decode.address} within {kv_arrival_timeout_s:g} s of its answer",
-                    tier="prefill",
-                    address=prefill.address,
-                    retryable=True,
+                try:
+                    first = await _unless_failed(call, arrival)
+                finally:
+                    await router.registry.prefill.release(prefill)
+                answered_at = asyncio.get_running_loop().time()
+                first_lps = () if first.first_logprob is None else (first.first_logprob,)
+                first_event = TokenEvent(
+                    (first.first_token_id,), first.finish_reason, first_lps, first.cached_tokens
                 )
+                if first.finish_reason is not None and on_cached is not None:
+                    on_cached(route)  # the prefill worker's cache holds it, at least
+                yield first_event
+                if first.finish_reason is not None:
+                    return
+                limit = _within(kv_arrival_timeout_s, deadline)
+                if limit is not None:
+                    limit = max(0.0, limit - (asyncio.get_running_loop().time() - answered_at))
+                await asyncio.wait({arrival}, timeout=limit)
+                if not arrival.done():
+                    deadline.remaining()  # the caller's deadline, if that is what ran out
+                    raise UpstreamError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"the KV pages of prefill worker {prefill.address} did not reach "
+                        f"decode worker {decode.address} within {kv_arrival_timeout_s:g} s of "
+                        "its answer",
+                        tier="prefill",
+                        address=prefill.address,
+                        retryable=True,
+                    )
+                arrival.result()  # raises if the decode stream failed instead
+            finally:
+                await _cancelled(arrival)
         async for event in stream.events():
             if on_cached is not None:
                 on_cached(route)  # before the yield: the consumer may stop at this event

@@ -109,7 +109,7 @@ class OpenCalls:
 
 class DecodeStream:
     """One open ``Decode.Generate`` call: REMOTE mode reads :meth:`ticket`, then
-    :meth:`kv_arrived`, then :meth:`events`; LOCAL mode only :meth:`events`. :meth:`cancel` on
+    :meth:`arrival`, then :meth:`events`; LOCAL mode only :meth:`events`. :meth:`cancel` on
     every exit path."""
 
     def __init__(
@@ -119,7 +119,7 @@ class DecodeStream:
         self._call = call
         self._calls = calls or OpenCalls()
         self._calls.add(call)
-        self._unread: worker_pb2.DecodeResponse | None = None  # read ahead by kv_arrived
+        self._unread: worker_pb2.DecodeResponse | None = None  # read ahead by arrival
 
     async def _read(self) -> worker_pb2.DecodeResponse:
         if self._unread is not None:
@@ -143,17 +143,13 @@ class DecodeStream:
             )
         return ticket_from_proto(msg.ticket)
 
-    async def kv_arrived(self, timeout: float | None) -> bool:
-        """Wait up to ``timeout`` s for the worker to say the prefill's pages are in; False if
-        it did not in time. A token instead (the request ended) counts as arrived and is kept
-        for :meth:`events`."""
-        try:
-            msg = await asyncio.wait_for(self._read(), timeout)
-        except TimeoutError:
-            return False
+    async def arrival(self) -> None:
+        """Until the worker says the prefill's pages are in (a token instead, the request
+        having ended, counts too and is kept for :meth:`events`); raises UpstreamError if the
+        stream fails first (the decode worker died, say)."""
+        msg = await self._read()
         if not msg.HasField("kv_arrived"):
             self._unread = msg
-        return True
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         while True:

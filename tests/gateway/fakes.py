@@ -108,11 +108,11 @@ class FakeDecodeStream:
             raise self.client.refuse
         return object()
 
-    async def kv_arrived(self, timeout: float | None) -> bool:
+    async def arrival(self) -> None:
         if self.pages_lost:
-            await asyncio.sleep(timeout if timeout is not None else 3600)
-            return False
-        return True
+            await asyncio.Event().wait()
+        if self.client.dies_during_prefill:
+            raise dead("decode", self.client.address)
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         if self.fail is not None:
@@ -155,6 +155,8 @@ class FakeDecode:
     """The stream of call k (0-based) raises this when read."""
     lose_pages: set[int] = field(default_factory=set)
     """The prefill's pages for call k (0-based) never arrive."""
+    dies_during_prefill: bool = False
+    """Its REMOTE streams fail while the prefill runs."""
 
     def open(
         self,
@@ -203,6 +205,8 @@ class FakePrefill:
     fail: UpstreamError | None = None
     calls: list[Call] = field(default_factory=list)
     seen: list[list[int]] = field(default_factory=list)  # its "prefix cache"
+    delays: dict[int, float] = field(default_factory=dict)  # call k takes this long
+    cancelled: int = 0  # prefills cancelled while they ran
 
     async def prefill(
         self,
@@ -226,6 +230,11 @@ class FakePrefill:
         )
         if self.fail is not None:
             raise self.fail
+        try:
+            await asyncio.sleep(self.delays.get(len(self.calls) - 1, 0.0))
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         finish = FinishReason.LENGTH if sampling.max_tokens == 1 else None
         first = sampled_token(prompt, sampling)
         lps = fake_logprob(first, sampling.logprobs)

@@ -241,3 +241,26 @@ def test_pages_that_never_arrive_resume_the_request_on_another_route(tokenizer) 
     assert [len(c.prompt) for c in p0.calls] == [len(PROMPT)]
     assert [c.prompt for c in p1.calls] == [PROMPT + tokens[:1]]  # the first token kept
     assert stranded.streams[0].cancelled  # its reservation is released
+
+
+def test_a_decode_worker_that_dies_while_the_prefill_runs_fails_over_at_once(tokenizer) -> None:
+    """The decode stream is watched while the prefill computes: its failure cancels the
+    prefill (no work for nobody) and the request goes to another route at once."""
+    doomed = FakeDecode("d0", dies_during_prefill=True)
+    other = FakeDecode("d1")
+    slow = FakePrefill("p0", delays={0: 30.0})  # its first prefill would take 30 s
+    router = Router(
+        registry([entry(slow)], [entry(doomed), entry(other, running=3)]),
+        RoutingConfig(affinity_tokens=0),
+    )
+    core = GenerationCore(tokenizer, PromptTokenizer(tokenizer, 1024, 512), 1024, router, None)
+
+    async def run() -> tuple[list[int], float]:
+        started = asyncio.get_running_loop().time()
+        tokens, _ = await _tokens(core, 6)
+        return tokens, asyncio.get_running_loop().time() - started
+
+    tokens, took = asyncio.run(run())
+    assert tokens == greedy(PROMPT, 6)
+    assert took < 5.0 and slow.cancelled == 1  # not the 30 s prefill
+    assert [c.prompt for c in other.calls] == [PROMPT]  # a plain retry: no token was out
