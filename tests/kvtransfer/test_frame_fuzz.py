@@ -12,7 +12,9 @@ The long run: ``.venv/bin/python -m benchmarks.fuzz_kv --examples 2000``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -159,11 +161,20 @@ def test_transfers_under_attack(make_rig: Callable[[str], Rig], target: str) -> 
 
 
 def test_tickets_naming_nobody_leave_no_sockets_behind() -> None:
-    """Tickets that pass the checks but name endpoints nobody serves (ports past 65535): each
-    transfer fails at its handshake timeout, and the sender keeps no socket for them (it kept
-    three descriptors per endpoint, for good: a few hundred such tickets used up a worker's
-    descriptors)."""
-    endpoints = [f"tcp://127.0.0.1:{port}" for port in range(70_000, 70_060)]
+    """Tickets that pass the checks but name endpoints nobody serves (ports bound here, never
+    listened on): each transfer fails at its handshake timeout, and the sender keeps no socket
+    for them (it kept three descriptors per endpoint, for good: a few hundred such tickets used
+    up a worker's descriptors)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(60):  # held, so that nobody else listens there meanwhile
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        check_nobody_keeps_sockets([f"tcp://127.0.0.1:{port}" for port in ports])
+
+
+def check_nobody_keeps_sockets(endpoints: list[str]) -> None:
     for endpoint in endpoints:
         taken, verdict = parse_ticket(
             ticket_to_proto(issued_ticket(bytes(16), endpoint, (1, 2, 3), 0)).SerializeToString()
