@@ -1462,6 +1462,7 @@ class StreamRig(AttackRig):
                 self.peer.link.close()  # the receiver reads to the end, breaks the link
                 self.handshake()  # and a new one carries the whole transfer again
                 for message in messages:
+                    self.capture(message)  # what a stranger may replay (rogue "live")
                     self.send(message)
             else:
                 for index, message in enumerate(messages):

@@ -55,7 +55,6 @@ ReadyCallback = Callable[[str, int], None]  # (request_id, first_token_id)
 FailedCallback = Callable[[str, str], None]  # (request_id, reason)
 
 _POLL_MS = 50
-_ADOPT_POLL_MS = 2  # while a peer's stream is being accepted: pick it up quickly
 _RCVHWM = 64  # messages queued per peer before senders block: bounds bytes in flight
 _RECORDS_PER_WAKE = 64  # records read from one stream before looking at the others again
 _MAX_REASON_CHARS = 300  # a REFUSE's reason: 12 JSON bytes a character at worst, in 4 KB
@@ -155,8 +154,8 @@ class KVReceiver:
         torch.set_num_threads(1)  # page copies stay serial here: the engine thread owns the cores
         self._poller.register(self._sock, zmq.POLLIN)
         while not self._stop.is_set():
-            adopting = self._peers.adopt_streams()
-            events = self._poller.poll(_ADOPT_POLL_MS if adopting else _POLL_MS)
+            self._peers.adopt_streams()  # a joined stream wakes the poll (PeerTable.wake_fd)
+            events = self._poller.poll(_POLL_MS)
             for source, _ in events:
                 if source is self._sock:
                     self._drain_router()

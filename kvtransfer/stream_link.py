@@ -6,7 +6,9 @@ control endpoint), and the receiver reads each payload straight into the reserve
 the KV pool. A record is ``header_len u32 | 0 u32 | payload_len u64 | header frame | payload``:
 self-delimiting, so a refused frame is skipped without losing step. The decode side's
 :class:`StreamHost` listens and hands each connection to the peer whose one-time token (sent in
-the MACed WELCOME) it presents; :func:`join_stream` is the sender's end.
+the MACed WELCOME) it presents (:meth:`StreamHost.claim`: a future its accepting thread
+fulfils, so no thread waits for a peer that never joins); :func:`join_stream` is the sender's
+end.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import hmac
 import os
 import select
+import selectors
 import socket
 import struct
 import threading
@@ -37,6 +40,9 @@ MAX_RECORD_PAYLOAD_BYTES = 1 << 36
 STREAM_BUFFER_BYTES = 4 << 20  # unix socket buffers (capped by net.core.[rw]mem_max)
 STREAM_STALL_S = 5.0  # receiving side: a record that makes no progress this long breaks the link
 _RECV_SLICE_S = 0.2  # a direct read wakes this often (so a cancel never waits longer)
+_PROOF_TIMEOUT_S = 2.0  # a connection that has not proved a token by then is closed
+_MAX_UNPROVEN = 64  # connections still to prove one, at most (the oldest goes first)
+_ACCEPT_POLL_S = 0.5  # the accepting thread notices close() and proof timeouts this often
 
 
 class StreamLink(PairLink):
@@ -150,7 +156,8 @@ class StreamHost(PairHost):
     """A listening socket. Each offer carries a fresh random token; a connection is given to
     the peer that presents the token's proof first (``prove(token)``: on a keyed channel a MAC
     of it, so an eavesdropper who read the WELCOME cannot claim the link), and closed if it
-    presents none in time. Each payload is authenticated with its header as well."""
+    presents none in time, or once the offer is withdrawn. Each payload is authenticated with
+    its header as well."""
 
     def __init__(
         self,
@@ -169,7 +176,7 @@ class StreamHost(PairHost):
         self.unix_path = unix_path
         self._listener: socket.socket | None = None
         self._address: dict[str, object] = {}
-        self._waiting: dict[bytes, Future[socket.socket]] = {}
+        self._waiting: dict[bytes, Future[StreamLink]] = {}  # by proof, until claimed and done
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         if port and unix_path is None:
@@ -183,24 +190,35 @@ class StreamHost(PairHost):
             self._waiting[self._prove(token)] = Future()
         return {**self._address, "token": token.hex()}
 
-    def accept(self, offer: dict[str, object]) -> PairLink:
+    def claim(self, offer: dict[str, object]) -> Future[StreamLink]:
+        """The link of the peer given ``offer``, once it joins: a future that the accepting
+        thread fulfils (nobody waits for it). Cancelling it withdraws the offer: a join after
+        that is closed. The offer is forgotten once the future is done."""
         proof = self._prove(bytes.fromhex(str(offer["token"])))
         with self._lock:
             future = self._waiting[proof]
+        future.add_done_callback(lambda _: self._forget(proof))
+        return future
+
+    def accept(self, offer: dict[str, object]) -> PairLink:
+        future = self.claim(offer)
         try:
-            sock = future.result(timeout=self.timeout_s)
+            return future.result(timeout=self.timeout_s)
         except TimeoutError:
+            if not future.cancel():  # joined at the last moment
+                return future.result()
             raise PairLinkError("payload stream: the peer never connected") from None
-        finally:
-            with self._lock:
-                self._waiting.pop(proof, None)
-        # a healthy sender never pauses inside a record (one sendmsg each): a stall this long
-        # means a hung peer, and the receiving thread must get back to the other peers
-        return StreamLink(sock, min(self.timeout_s, STREAM_STALL_S))
+
+    def _forget(self, proof: bytes) -> None:
+        with self._lock:
+            self._waiting.pop(proof, None)
 
     def close(self) -> None:
         with self._lock:
             listener, self._listener = self._listener, None
+            waiting = list(self._waiting.values())
+        for future in waiting:
+            future.cancel()
         if listener is not None:
             listener.close()
         if self._thread is not None:
@@ -223,7 +241,7 @@ class StreamHost(PairHost):
             listener.bind((self.host, self.port))
             self._address = {"stream_host": self.host, "stream_port": listener.getsockname()[1]}
         listener.listen(64)
-        listener.settimeout(0.5)  # so close() is noticed
+        listener.setblocking(False)  # the accepting thread selects on it
         self._listener = listener
         self._thread = threading.Thread(
             target=self._accept_loop, args=(listener,), name="kv-stream-accept", daemon=True
@@ -231,28 +249,81 @@ class StreamHost(PairHost):
         self._thread.start()
 
     def _accept_loop(self, listener: socket.socket) -> None:
-        while self._listener is listener:
-            try:
-                sock, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return  # closed
-            try:
-                sock.settimeout(2.0)  # a connection that says nothing is dropped
-                proof = _read_exactly(sock, TOKEN_BYTES)
-            except OSError:
-                sock.close()
-                continue
-            with self._lock:
-                future = next(
-                    (f for p, f in self._waiting.items() if hmac.compare_digest(p, proof)), None
-                )
-            if future is None or future.done():
-                sock.close()  # unknown or already used token, or no key behind it
-                continue
-            _tune(sock)
-            future.set_result(sock)
+        """Accept connections and read each one's proof side by side, so one that says
+        nothing (a port scan, a health probe) or too little holds up no other: a connection
+        whose proof is a waiting offer's goes to it; one that has not proved anything within
+        ``_PROOF_TIMEOUT_S`` is closed, and so is the oldest past ``_MAX_UNPROVEN``."""
+        selector = selectors.DefaultSelector()
+        try:
+            selector.register(listener, selectors.EVENT_READ)
+        except (OSError, ValueError):  # closed before this thread began
+            selector.close()
+            return
+        unproven: dict[socket.socket, tuple[bytearray, float]] = {}  # oldest first
+        try:
+            while self._listener is listener:
+                try:
+                    ready = selector.select(timeout=_ACCEPT_POLL_S)
+                except (OSError, ValueError):
+                    return  # closed
+                for key, _ in ready:
+                    if key.fileobj is listener:
+                        if not self._take(listener, selector, unproven):
+                            return
+                        continue
+                    conn = key.fileobj
+                    assert isinstance(conn, socket.socket)
+                    proof = _read_proof(conn, unproven[conn][0])
+                    if proof is not None:
+                        selector.unregister(conn)
+                        del unproven[conn]
+                        self._hand_over(conn, proof)
+                now = time.monotonic()
+                for conn, (_, deadline) in list(unproven.items()):
+                    if deadline <= now:
+                        _drop(conn, selector, unproven)
+        finally:
+            for conn in list(unproven):
+                _drop(conn, selector, unproven)
+            selector.close()
+
+    def _take(
+        self,
+        listener: socket.socket,
+        selector: selectors.BaseSelector,
+        unproven: dict[socket.socket, tuple[bytearray, float]],
+    ) -> bool:
+        """Accept one connection (its proof is read as it comes); False once closed."""
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, TimeoutError):
+            return True
+        except OSError:
+            return False  # closed
+        if len(unproven) >= _MAX_UNPROVEN:
+            _drop(next(iter(unproven)), selector, unproven)
+        conn.setblocking(False)
+        unproven[conn] = (bytearray(), time.monotonic() + _PROOF_TIMEOUT_S)
+        selector.register(conn, selectors.EVENT_READ)
+        return True
+
+    def _hand_over(self, conn: socket.socket, proof: bytes) -> None:
+        """Give a connection to the offer whose proof it presented (else close it)."""
+        with self._lock:
+            future = next(
+                (f for p, f in self._waiting.items() if hmac.compare_digest(p, proof)), None
+            )
+        # unknown, used or withdrawn token, or no key behind it
+        if not proof or future is None or future.done():
+            conn.close()
+            return
+        if not future.set_running_or_notify_cancel():
+            conn.close()
+            return
+        _tune(conn)
+        # a healthy sender never pauses inside a record (one sendmsg each): a stall this
+        # long means a hung peer, and the receiving thread must get back to the other peers
+        future.set_result(StreamLink(conn, min(self.timeout_s, STREAM_STALL_S)))
 
 
 def join_stream(offer: dict[str, object], timeout_s: float, prove: Prove = bytes) -> StreamLink:
@@ -292,11 +363,27 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
-def _read_exactly(sock: socket.socket, nbytes: int) -> bytes:
-    data = bytearray()
-    while len(data) < nbytes:
-        chunk = sock.recv(nbytes - len(data))
-        if not chunk:
-            raise ConnectionError("closed before the token")
-        data += chunk
-    return bytes(data)
+def _read_proof(conn: socket.socket, got: bytearray) -> bytes | None:
+    """Read what a connection has sent of its proof into ``got``: the whole proof, once it
+    has come; empty bytes if the connection ended first (or failed); None while it comes."""
+    try:
+        chunk = conn.recv(TOKEN_BYTES - len(got))
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+    if not chunk:
+        return b""
+    got += chunk
+    return bytes(got) if len(got) == TOKEN_BYTES else None
+
+
+def _drop(
+    conn: socket.socket,
+    selector: selectors.BaseSelector,
+    unproven: dict[socket.socket, tuple[bytearray, float]],
+) -> None:
+    with contextlib.suppress(KeyError, ValueError):
+        selector.unregister(conn)
+    unproven.pop(conn, None)
+    conn.close()

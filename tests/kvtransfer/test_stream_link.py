@@ -5,10 +5,12 @@ proves its token (on a keyed channel, with the fleet's key)."""
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
+from kvtransfer import wire
 from kvtransfer.datapath import Backend, StreamHost, StreamLink
 from kvtransfer.stream_link import join_stream
 from kvtransfer.wire import FrameAuth
@@ -92,3 +94,59 @@ def test_a_token_read_off_the_wire_does_not_claim_a_keyed_link() -> None:
         accepted.close()
     finally:
         host.close()
+
+
+FAST_S = 3.0  # under the rendezvous timeout (GROUP_TIMEOUT_S), generous for two cores
+BOGUS_HELLOS = 8  # twice the receiver's rendezvous workers of old
+
+
+def test_hellos_whose_stream_never_joins_delay_no_real_transfer(tmp_path: Path) -> None:
+    """Peers welcomed (each offered a stream) that never connect it tie up nothing: a real
+    sender's transfer right after them completes at once, not after their rendezvous
+    timeouts (it took two of them, 10 s, when each pending accept held a worker thread)."""
+    ch = Channel(Transport("stream", Backend.STREAM, tmp_path))
+    try:
+        bogus = [ch.raw_peer() for _ in range(BOGUS_HELLOS)]
+        for peer in bogus:
+            peer.sock.send(peer.hello_frame())
+        for peer in bogus:  # WELCOMEs, each with an offer nobody takes up
+            reply = peer.recv()
+            assert isinstance(reply, wire.HandshakeHeader) and "rendezvous" in reply.fields
+        pages = random_pages(ch.receiver_fp, 2, seed=41)
+        ch.receiver.expect(tid(1), "r", [1, 2], 60.0)
+        started = time.monotonic()
+        ch.send("s", tid(1), [1, 2], pages)
+        assert ch.rec.wait_ready("r") == 7
+        assert time.monotonic() - started < FAST_S
+        assert same_bits(ch.dst.kv[:, :, [1, 2]], pages)
+    finally:
+        ch.close()
+
+
+SILENT_CONNECTIONS = 4
+
+
+def test_connections_that_never_prove_a_token_delay_no_real_transfer(tmp_path: Path) -> None:
+    """Connections to the page listener that say nothing (a port scan, a TCP health probe) or
+    too little hold up no real sender's join: each took the accepting thread for 2 s."""
+    ch = Channel(Transport("stream", Backend.STREAM, tmp_path))
+    try:
+        peer = ch.raw_peer()
+        offer = peer.handshake().fields["rendezvous"]  # the listener is up
+        silent = [socket.create_connection((offer["stream_host"], offer["stream_port"]))]
+        silent += [
+            socket.create_connection((offer["stream_host"], offer["stream_port"]))
+            for _ in range(SILENT_CONNECTIONS - 1)
+        ]
+        silent[-1].sendall(b"\x01\x02")  # a few bytes of no proof
+        time.sleep(0.1)  # all of them accepted before the real join
+        pages = random_pages(ch.receiver_fp, 2, seed=42)
+        ch.receiver.expect(tid(1), "r", [1, 2], 60.0)
+        started = time.monotonic()
+        ch.send("s", tid(1), [1, 2], pages)
+        assert ch.rec.wait_ready("r") == 7
+        assert time.monotonic() - started < FAST_S
+        for conn in silent:
+            conn.close()
+    finally:
+        ch.close()
