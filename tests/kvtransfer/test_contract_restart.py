@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 import zmq
 
-from benchmarks.fuzz_kv import Relay
+from benchmarks.fuzz_kv_attack_cases import Relay
 from kvtransfer import wire
 from kvtransfer.datapath import Backend
 from kvtransfer.receiver import KVReceiver

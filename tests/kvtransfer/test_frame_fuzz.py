@@ -23,37 +23,23 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.fuzz_kv import (
-    LAYERS,
+from benchmarks.fuzz_kv import TARGETS, finish, judge
+from benchmarks.fuzz_kv_attack_cases import Attack, Rogue, nasty_reply
+from benchmarks.fuzz_kv_common import NASTY_BODIES, PREFIX, SEALERS, VERIFIERS, Rig
+from benchmarks.fuzz_kv_frames import FrameCase, check_frame, frame_cases, reseal
+from benchmarks.fuzz_kv_handshakes import QUOTES, HelloCase, WelcomeCase
+from benchmarks.fuzz_kv_tickets import (
     MINE,
-    NASTY_BODIES,
-    PREFIX,
-    QUOTES,
-    SEALERS,
-    TARGETS,
-    VERIFIERS,
-    Attack,
-    FrameCase,
-    HelloCase,
-    Rig,
-    Rogue,
-    WelcomeCase,
-    check_frame,
     check_ticket_case,
-    finish,
-    frame_cases,
     issued_ticket,
-    judge,
-    nasty_reply,
     parse_ticket,
-    reseal,
     ticket_cases,
 )
 from kvtransfer import wire
 from kvtransfer.datapath import Backend
 from kvtransfer.sender import KVSender, TransferSpec
 from server_runtime.proto_convert import ticket_to_proto
-from tests.kvtransfer.harness import CRC, Recorder, stop_all, tid, wait_until
+from tests.kvtransfer.harness import CRC, LAYERS, Recorder, stop_all, tid, wait_until
 
 QUICK = settings(max_examples=300, deadline=None, database=None)
 """The pure targets: ~5 ms an input; failures shrink."""
@@ -150,7 +136,7 @@ def replies(*frames: bytes) -> Attack:
 @pytest.mark.parametrize("target", ["zmq-gmac", "zmq-xxh3", "stream-gcm", "stream-gmac"])
 def test_transfers_under_attack(make_rig: Callable[[str], Rig], target: str) -> None:
     """A tampered, replayed, dropped or reshaped message per transfer, strangers' garbage,
-    hostile replies to the sender (zmq), a broken stream (stream): see ``fuzz_kv.Attack``."""
+    hostile replies to the sender (zmq), a broken stream (stream): see ``fuzz_kv_attack_cases.Attack``."""
     auth = VERIFIERS[target.split("-")[1]]
     pinned = [replies(nasty_reply(auth, body)) for body in NASTY_BODIES[:2]] if not auth.key else []
     if target.startswith("stream"):
