@@ -26,6 +26,11 @@ class TransferSpec:
     block_ids: tuple[int, ...]
 
 
+class TransferBackpressureError(Exception):
+    """The peer did not drain its queue in time (:class:`SendBudget`); the transfer was
+    aborted."""
+
+
 class SendBudget:
     def __init__(self, max_queued_bytes: int) -> None:
         self.max_queued_bytes = max_queued_bytes

@@ -35,22 +35,11 @@ from core.ticket import Fingerprint
 from kvtransfer import wire
 from kvtransfer.datapath import Backend, refuse_encryption
 from kvtransfer.metrics import TransferStats
-from kvtransfer.send_budget import SendBudget, TransferSpec, check_pages
+from kvtransfer.send_budget import SendBudget, TransferBackpressureError, TransferSpec, check_pages
 from kvtransfer.send_commands import Abort, Command, Finish, Open, Retract, SendPages
 from kvtransfer.send_peer import Peer, PeerState
 
-__all__ = [
-    "Abort",
-    "Command",
-    "Finish",
-    "KVSender",
-    "Open",
-    "PeerState",
-    "SendPages",
-    "SentCallback",
-    "TransferBackpressureError",
-    "TransferSpec",
-]
+__all__ = ["KVSender", "SentCallback", "TransferBackpressureError", "TransferSpec"]
 
 log = structlog.get_logger(__name__)
 
@@ -58,10 +47,6 @@ SentCallback = Callable[[str, bool, str], None]  # (request_id, ok, message)
 
 _IDLE_POLL_MS = 50  # deadline checks (acks, handshakes) run at least this often
 DEFAULT_MAX_QUEUED_BYTES = 512 << 20
-
-
-class TransferBackpressureError(Exception):
-    """The peer did not drain its queue in time; the transfer was aborted."""
 
 
 @dataclass
