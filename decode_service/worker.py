@@ -65,9 +65,9 @@ class DecodeWorker:
             group_timeout_s=config.transfer.handshake_timeout_s,
         )
         self._transfers: dict[str, bytes] = {}  # engine key -> transfer id
-        # engine key -> (its loop, the future set when its pages are in); set on the loop,
-        # popped from the receiver's thread (dict operations are atomic)
-        self._arrivals: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = {}
+        # engine key -> the future set (on its loop) when its pages are in; added and popped on
+        # the loop, read from the receiver's thread (dict operations are atomic)
+        self._arrivals: dict[str, asyncio.Future[None]] = {}
         self.kv_endpoint = config.kv_advertise or config.kv_bind
 
     def start(self) -> None:
@@ -105,8 +105,7 @@ class DecodeWorker:
         transfer_id = os.urandom(16)
         lease_s = min(lease_s, self.config.kv_lease_s)
         self._transfers[handle.key] = transfer_id
-        loop = asyncio.get_running_loop()
-        self._arrivals[handle.key] = (loop, loop.create_future())
+        self._arrivals[handle.key] = asyncio.get_running_loop().create_future()
         # the shared prefix blocks are not written: only the rest may receive pages
         self.receiver.expect(transfer_id, handle.key, list(reservation.writable), lease_s)
         ticket = TransferTicket(
@@ -123,7 +122,7 @@ class DecodeWorker:
         """End a request on every exit path: stop its transfer first, then free its blocks."""
         arrival = self._arrivals.pop(handle.key, None)
         if arrival is not None:
-            arrival[1].cancel()
+            arrival.cancel()
         transfer_id = self._transfers.pop(handle.key, None)
         if transfer_id is not None:
             self.receiver.cancel(transfer_id)  # after this no page can land in its blocks
@@ -131,15 +130,14 @@ class DecodeWorker:
 
     def arrival(self, handle: RequestHandle) -> asyncio.Future[None]:
         """Done once every page of ``handle``'s reservation is in (cancelled on release)."""
-        return self._arrivals[handle.key][1]
+        return self._arrivals[handle.key]
 
     def _on_ready(self, key: str, first_token_id: int) -> None:
         """The receiver's thread: a reservation's pages are all in."""
         self.imports.ready(key, first_token_id)
         arrival = self._arrivals.get(key)
         if arrival is not None:
-            loop, future = arrival
-            loop.call_soon_threadsafe(_resolve, future)
+            arrival.get_loop().call_soon_threadsafe(_resolve, arrival)
 
     def stats(self) -> PoolStats:
         return self.engine.stats()

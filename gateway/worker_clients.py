@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from core.keepalive import keepalive_options
 from core.sampling import FinishReason, SamplingParams, TokenLogprob
 from core.ticket import TransferTicket
 from core.tls import TLSConfig, secure_channel
@@ -31,11 +32,8 @@ from server_runtime.proto_convert import (
 )
 
 CHANNEL_OPTIONS: list[tuple[str, object]] = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.http2.ping_timeout_ms", 5_000),  # what gRPC core actually waits for a ping's ack
+    *keepalive_options(10.0, 5.0, reads_streams=True),  # it reads the workers' streams
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),  # keep pinging along a stream we only read
     ("grpc.max_receive_message_length", 16 << 20),
     # Reconnect fast once a worker (re)appears at a known address.
     ("grpc.initial_reconnect_backoff_ms", 100),

@@ -59,6 +59,7 @@ class WorkerEntry:
         self.load_at = 0.0
         self.gaps: deque[float] = deque(maxlen=GAP_HISTORY)
         """Time between this connection's recent load reports (awake time)."""
+        self._longest_gap = 0.0  # max(gaps), kept with them: routing reads it per request
         self.health_serving: bool | None = None  # None: not heard yet
         self.active = 0
         self.assigned_since_load = 0
@@ -77,6 +78,7 @@ class WorkerEntry:
         now = self._clock()
         if self.load is not None:
             self.gaps.append(now - self.load_at)
+            self._longest_gap = max(self.gaps)
         self.load = load
         self.load_at = now
         self.assigned_since_load = self.released_since_load = 0
@@ -97,11 +99,12 @@ class WorkerEntry:
         ``stale_after_s``, or ``GAP_MARGIN`` times the longest gap its recent reports showed
         when that is more (a slow or lossy link), capped at ``MAX_SILENCE_FACTOR`` times
         ``stale_after_s`` (a hang is still found)."""
-        longest = max(self.gaps, default=0.0)
+        longest = self._longest_gap
         return min(max(stale_after_s, GAP_MARGIN * longest), MAX_SILENCE_FACTOR * stale_after_s)
 
     def on_down(self, reason: str) -> None:
         self.gaps.clear()  # a new connection learns its link afresh
+        self._longest_gap = 0.0
         self.load = None
         self.health_serving = None
         self._move(WorkerState.DOWN, reason)

@@ -29,6 +29,7 @@ from typing import TypedDict, Unpack
 
 import grpc
 
+from core.keepalive import keepalive_options
 from core.rich_errors import retry_after_of
 from core.sampling import TokenLogprob
 from core.structured_output import GrammarKind, StructuredOutput
@@ -226,19 +227,10 @@ class _Base:
         keepalive_s: float,
     ) -> None:
         self.address = address
-        timeout_ms = int(min(keepalive_s, KEEPALIVE_TIMEOUT_S) * 1000)
-        self._options: list[tuple[str, object]] = (
-            [
-                ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
-                ("grpc.keepalive_timeout_ms", timeout_ms),
-                # gRPC core waits ping_timeout (default 60 s) for the ack, not keepalive_timeout
-                ("grpc.http2.ping_timeout_ms", timeout_ms),
-                # a streaming call's client sends no data frames: without this gRPC stops
-                # pinging after 2 pings, and a hung gateway goes unnoticed
-                ("grpc.http2.max_pings_without_data", 0),
-            ]
-            if keepalive_s > 0
-            else []
+        self._options: list[tuple[str, object]] = list(
+            keepalive_options(
+                keepalive_s, min(keepalive_s, KEEPALIVE_TIMEOUT_S), reads_streams=True
+            )
         )
         self.tls = _tls(tls)
         self.retry = retry or NO_RETRY

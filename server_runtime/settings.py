@@ -13,6 +13,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.keepalive import keepalive_options
 from core.settings import Group, Setting, env_value
 from core.tls import TLSConfig
 
@@ -123,14 +124,7 @@ class KeepAlive:
     timeout_s: float = 10.0
 
     def grpc_options(self) -> list[tuple[str, int]]:
-        if self.time_s <= 0:
-            return []
-        return [
-            ("grpc.keepalive_time_ms", int(self.time_s * 1000)),
-            ("grpc.keepalive_timeout_ms", int(self.timeout_s * 1000)),
-            # gRPC core waits ping_timeout (default 60 s) for a ping's ack, not the above
-            ("grpc.http2.ping_timeout_ms", int(self.timeout_s * 1000)),
-        ]
+        return keepalive_options(self.time_s, self.timeout_s)
 
 
 def keepalive(args: argparse.Namespace) -> KeepAlive:

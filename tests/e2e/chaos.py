@@ -31,6 +31,8 @@ def prompt(seed: int, length: int) -> list[int]:
 @dataclass
 class Run:
     tokens: list[int] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    """Monotonic time each chunk arrived."""
     error: str = ""
     done_at: float = 0.0
 
@@ -52,6 +54,7 @@ async def greedy(
             timeout=timeout,
         ):
             out.tokens.extend(chunk.token_ids)
+            out.arrivals.append(time.monotonic())
     except grpc.aio.AioRpcError as exc:  # recorded, asserted by the caller
         out.error = f"{exc.code().name}: {exc.details()}"
     except Exception as exc:  # recorded, asserted by the caller

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import statistics
 import time
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ import pytest
 
 from pdserve.client import AsyncClient
 from pdserve.local_cluster import Cluster, free_port_range, start_cluster
+from tests.e2e.chaos import prompt
 from tests.support.fault_proxy import FaultProxy, ProxyStats
 from tests.support.tiny_models import build_tiny_model
 
@@ -115,14 +115,9 @@ def links(tmp_path_factory: pytest.TempPathFactory, cluster_logs: Path) -> Itera
         cluster.wait_serving(gateway, timeout_s=60)
         log = cluster.log_path.parent / f"{cluster.log_path.stem}-links-gateway.log"
         for address in (cluster.gateway, gateway):  # warm: kernels, the KV connection, channels
-            assert all(r.code is None for r in _run(address, [_prompt(1, 40)])), address
+            assert all(r.code is None for r in _run(address, [prompt(1, 40)])), address
         assert kv.stats().bytes_up > 0 and decode.stats().bytes_down > 0
         yield Links(cluster, kv, prefill, decode, gateway, log)
-
-
-def _prompt(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 500) for _ in range(length)]
 
 
 @dataclass
@@ -196,8 +191,8 @@ def _traffic(proxy: FaultProxy, before: ProxyStats) -> str:
     )
 
 
-PROMPTS = [_prompt(100 + i, 40 + 40 * i) for i in range(4)]  # 40-160 tokens
-KV_PROMPTS = [_prompt(200 + i, 40 + 20 * i) for i in range(8)]  # 40-180 tokens
+PROMPTS = [prompt(100 + i, 40 + 40 * i) for i in range(4)]  # 40-160 tokens
+KV_PROMPTS = [prompt(200 + i, 40 + 20 * i) for i in range(8)]  # 40-180 tokens
 
 
 def test_latency_and_loss_on_the_kv_path(links: Links) -> None:
@@ -253,7 +248,7 @@ def test_latency_and_loss_between_gateway_and_workers(links: Links) -> None:
 
 def test_kv_path_partitioned_mid_transfer_then_healed(links: Links) -> None:
     cluster, kv = links.cluster, links.kv
-    prompts = [_prompt(300 + i, 120 + 20 * i) for i in range(4)]
+    prompts = [prompt(300 + i, 120 + 20 * i) for i in range(4)]
     before = kv.stats()
     want = _run(cluster.gateway, prompts)
     assert all(w.code is None for w in want), want
@@ -273,7 +268,7 @@ def test_kv_path_partitioned_mid_transfer_then_healed(links: Links) -> None:
                 await asyncio.sleep(0.01)
             marks["cut"] = time.monotonic()
             # a caller arriving inside the partition, whose deadline ends before the heal
-            late = asyncio.create_task(_one(client, _prompt(399, 60), SHORT_DEADLINE_S))
+            late = asyncio.create_task(_one(client, prompt(399, 60), SHORT_DEADLINE_S))
             await asyncio.sleep(PARTITION_S)
             marks["heal"] = time.monotonic()
             kv.heal()
@@ -315,7 +310,7 @@ def test_kv_connection_reset_mid_transfer_costs_a_retry_not_the_lease(links: Lin
     and reconnects at once; their streams must resume (or end UNAVAILABLE) within seconds, not
     wait out the lease of the reservations nobody will fill."""
     cluster, kv = links.cluster, links.kv
-    prompts = [_prompt(500 + i, 120 + 20 * i) for i in range(2)]
+    prompts = [prompt(500 + i, 120 + 20 * i) for i in range(2)]
     want = _run(cluster.gateway, prompts)
     connections = kv.stats().connections
 

@@ -28,7 +28,6 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
@@ -42,6 +41,7 @@ from pdserve.client import AsyncClient
 from pdserve.local_cluster import Child, Cluster, start_cluster
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from server_runtime.engine_watchdog import EXIT_ENGINE_STALLED
+from tests.e2e.chaos import Run, greedy, greedy_all, prompt
 from tests.support.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.e2e
@@ -120,45 +120,8 @@ class ThreadStopper:
         return False  # another stop (a signal on its way): wait on
 
 
-@dataclass
-class Stream:
-    tokens: list[int] = field(default_factory=list)
-    arrivals: list[float] = field(default_factory=list)
-    error: str = ""
-    done_at: float = 0.0
-
-
-def _prompt(seed: int, length: int = 40) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 500) for _ in range(length)]
-
-
-async def _stream(
-    client: AsyncClient, prompt: list[int], out: Stream, max_tokens: int = MAX_TOKENS
-) -> Stream:
-    try:
-        async for chunk in client.generate(
-            prompt_token_ids=prompt,
-            max_tokens=max_tokens,
-            temperature=0.0,
-            ignore_eos=True,
-            timeout=120,
-        ):
-            out.tokens.extend(chunk.token_ids)
-            out.arrivals.append(time.monotonic())
-    except Exception as exc:  # recorded, asserted by the caller
-        out.error = repr(exc)
-    out.done_at = time.monotonic()
-    return out
-
-
-def _run(gateway: str, prompts: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[Stream]:
-    async def run() -> list[Stream]:
-        async with AsyncClient(gateway) as client:
-            runs = [_stream(client, p, Stream(), max_tokens) for p in prompts]
-            return list(await asyncio.gather(*runs))
-
-    return asyncio.run(run())
+def _run(gateway: str, prompts: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[Run]:
+    return asyncio.run(greedy_all(gateway, prompts, max_tokens, timeout=120))
 
 
 def _engine_tid(pid: int) -> int:
@@ -209,7 +172,7 @@ def _at(record: dict[str, object]) -> float:
 class Stopped(NamedTuple):
     """A run of streams during which the victim's engine thread was stopped."""
 
-    streams: list[Stream]
+    streams: list[Run]
     at: float
     """The stop's monotonic time."""
     at_wall: float
@@ -238,12 +201,12 @@ def _stop_engine_mid_decode(
             await asyncio.sleep(0.02)
         reaped_at[0] = time.monotonic()
 
-    async def run() -> list[Stream]:
+    async def run() -> list[Run]:
         nonlocal attempts, where
-        streams = [Stream() for _ in prompts]
+        streams = [Run() for _ in prompts]
         async with AsyncClient(cluster.gateway) as client:
             tasks = [
-                asyncio.create_task(_stream(client, p, s))
+                asyncio.create_task(greedy(client, p, MAX_TOKENS, s, 120))
                 for p, s in zip(prompts, streams, strict=True)
             ]
             deadline = time.monotonic() + 60
@@ -279,7 +242,7 @@ def _stop_engine_mid_decode(
     return Stopped(streams, stopped[0], stopped[1], attempts, where, reaped_at[0])
 
 
-def _resumed_after(stream: Stream, stop: float) -> float:
+def _resumed_after(stream: Run, stop: float) -> float:
     """Seconds from the stop to the end of the stream's longest silence after it (0: none)."""
     times = [stop, *(t for t in stream.arrivals if t > stop)]
     gaps = [(b - a, b) for a, b in itertools.pairwise(times)]
@@ -308,7 +271,7 @@ def test_a_stuck_engine_thread_fails_over_its_streams_and_its_worker_restarts(
 
 
 def _check_stuck_engine(cluster: Cluster) -> None:
-    prompts = [_prompt(i) for i in range(8)]
+    prompts = [prompt(i, 40) for i in range(8)]
     began = time.monotonic()
     expected = _run(cluster.gateway, prompts)
     print(f"undisturbed run: {time.monotonic() - began:.1f} s")

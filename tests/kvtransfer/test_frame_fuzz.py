@@ -136,7 +136,8 @@ def replies(*frames: bytes) -> Attack:
 @pytest.mark.parametrize("target", ["zmq-gmac", "zmq-xxh3", "stream-gcm", "stream-gmac"])
 def test_transfers_under_attack(make_rig: Callable[[str], Rig], target: str) -> None:
     """A tampered, replayed, dropped or reshaped message per transfer, strangers' garbage,
-    hostile replies to the sender (zmq), a broken stream (stream): see ``fuzz_kv_attack_cases.Attack``."""
+    hostile replies to the sender (zmq), a broken stream (stream): see
+    ``fuzz_kv_attack_cases.Attack``."""
     auth = VERIFIERS[target.split("-")[1]]
     pinned = [replies(nasty_reply(auth, body)) for body in NASTY_BODIES[:2]] if not auth.key else []
     if target.startswith("stream"):
