@@ -15,6 +15,11 @@ read returns), as vLLM's ``bench serve`` takes them:
 - a server that reports a running ``usage`` on every chunk (vLLM's ``continuous_usage_stats``)
   lets a chunk carrying k new tokens count as k equal gaps, as vLLM's and SGLang's benchmarks
   spread a multi-token chunk; without it a chunk is one gap, as on the gRPC path.
+  :attr:`OpenAITarget.continuous_usage` asks for it (vLLM has it, pdserve's gateway does not).
+
+A target with :attr:`OpenAITarget.exact_lengths` (the vLLM peer of ``--compare``) also fails a
+request whose usage does not count exactly its prompt and its ``max_tokens``: a peer that
+stopped early, or read other prompt tokens, did other work than pdserve did.
 
 A non-200 answer, an ``error`` event, or a stream that ends without a finish reason is a
 failed request. 429 before the first token is retried after its ``Retry-After`` (TTFT includes
@@ -58,12 +63,18 @@ class OpenAITarget:
     """``completions`` (token-id prompts) or ``chat`` (the prompts' text, ``prompt_text``)."""
     model: str | None = None
     """The ``model`` field; None: the first id ``GET /models`` lists."""
+    continuous_usage: bool = False
+    """Ask for a running ``usage`` on every chunk (``stream_options.continuous_usage_stats``)."""
+    exact_lengths: bool = False
+    """Fail a request unless its usage reports exactly its prompt and output lengths."""
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"--base-url must be an http:// or https:// URL: {self.base_url!r}")
+        if self.exact_lengths and self.endpoint != "completions":
+            raise ValueError("exact lengths need the completions endpoint (chat adds a template)")
 
     @property
     def url(self) -> str:
@@ -87,13 +98,33 @@ def payload(
     else:
         body["prompt"] = list(request.prompt_token_ids)
         body["max_tokens"] = request.output_len
+    stream_options = {"include_usage": True}
+    if target.continuous_usage:
+        stream_options["continuous_usage_stats"] = True
     body.update(
         temperature=temperature,
         ignore_eos=True,
         stream=True,
-        stream_options={"include_usage": True},
+        stream_options=stream_options,
     )
     return body
+
+
+def check_lengths(
+    outcome: RequestOutcome, request: BenchRequest, timer: StreamTimer
+) -> RequestOutcome:
+    """``outcome``, or a failure when the usage is missing or counts other than ``request``'s
+    prompt tokens and ``max_tokens`` (:attr:`OpenAITarget.exact_lengths`)."""
+    if not outcome.success:
+        return outcome
+    got = (timer.prompt_tokens, timer.completion_tokens)
+    if got != (request.prompt_len, request.output_len):
+        error = (
+            f"usage counted {got[0]} prompt + {got[1]} output tokens, "
+            f"sent {request.prompt_len} + max_tokens {request.output_len}"
+        )
+        return failed(request, outcome.start_s, error)
+    return outcome
 
 
 def _retry_delay(response: httpx.Response, attempt: int) -> float:
@@ -146,7 +177,8 @@ async def send_openai(
     except httpx.HTTPError as err:
         return failed(request, timer.sent - origin, f"{type(err).__name__}: {err}")
     prompt_len = timer.prompt_tokens if target.endpoint == "chat" else None
-    return timer.outcome(request, origin, prompt_len)
+    outcome = timer.outcome(request, origin, prompt_len)
+    return check_lengths(outcome, request, timer) if target.exact_lengths else outcome
 
 
 async def _consume(chunks: AsyncIterator[bytes], timer: StreamTimer) -> None:
@@ -266,15 +298,19 @@ def bench_openai(
     settings: RunSettings,
     *,
     label: str = "openai",
+    description: str = "",
     client_options: ClientOptions | None = None,
     prompt_texts: Sequence[str] | None = None,
 ) -> RunResult:
-    """Run ``requests`` against an OpenAI-compatible server on ``load``'s schedule."""
+    """Run ``requests`` against an OpenAI-compatible server on ``load``'s schedule
+    (``description`` goes before the URL and model in the report)."""
     outcomes, duration, model = asyncio.run(
         bench_openai_async(
             target, requests, load, settings, client_options, prompt_texts=prompt_texts, desc=label
         )
     )
     metrics = compute_metrics(outcomes, duration, settings.slos_ms, settings.percentiles)
-    description = f"{target.url} (model {model}, SSE)"
-    return RunResult(label, description, load, metrics, outcomes)
+    where = f"{target.url} (model {model}, SSE)"
+    return RunResult(
+        label, f"{description}: {where}" if description else where, load, metrics, outcomes
+    )

@@ -77,6 +77,9 @@ class StreamTimer:
     events: int = 0
     running: int | None = None
     """The last running ``usage.completion_tokens`` seen on a chunk with choices."""
+    counted: int = 0
+    """The running count at the last token event: the tokens a text chunk brings are its
+    count less this, so tokens of textless chunks (held-back bytes) join the next gap."""
     completion_tokens: int | None = None
     prompt_tokens: int | None = None
     finish: str | None = None
@@ -106,11 +109,11 @@ class StreamTimer:
                 text = (choice.get("delta") or {}).get("content")
             new = 1
             if isinstance(usage.get("completion_tokens"), int):
-                count = usage["completion_tokens"]
-                new = count - (self.running or 0)
-                self.running = count
+                self.running = usage["completion_tokens"]
+                new = self.running - self.counted
             if text:
                 self._token_event(now, max(new, 1))
+                self.counted = self.running or 0
             self.finish = choice.get("finish_reason") or self.finish
         if isinstance(usage.get("completion_tokens"), int):
             self.completion_tokens = usage["completion_tokens"]

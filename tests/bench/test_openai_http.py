@@ -15,7 +15,13 @@ import pytest
 
 from pdserve.bench.datasets import BenchRequest
 from pdserve.bench.load import LoadSpec
-from pdserve.bench.openai_http import OpenAITarget, bench_openai_async, payload, pool_size
+from pdserve.bench.openai_http import (
+    OpenAITarget,
+    bench_openai_async,
+    check_lengths,
+    payload,
+    pool_size,
+)
 from pdserve.bench.runner import ClientOptions, RunSettings
 from pdserve.bench.sse import SseParser, StreamTimer
 from pdserve.cli import build_parser
@@ -113,6 +119,18 @@ def test_running_usage_spreads_a_multi_token_chunk_over_its_tokens() -> None:
     assert out.itl_s == pytest.approx((0.1, 0.1, 0.1, 0.1)) and out.output_tokens == 5
 
 
+def test_textless_chunks_tokens_join_the_next_gap() -> None:
+    timer = _timed(
+        [
+            (_chunk("A", usage={"completion_tokens": 1}), 10.2),
+            (_chunk("", usage={"completion_tokens": 2}), 10.3),  # a held-back byte
+            (_chunk("B", "length", usage={"completion_tokens": 3}), 10.6),
+        ]
+    )
+    out = timer.outcome(REQUEST, 10.0)
+    assert out.itl_s == pytest.approx((0.2, 0.2)) and out.output_tokens == 3
+
+
 def test_without_usage_the_token_events_are_the_count() -> None:
     out = _timed([(_chunk("A"), 10.1), (_chunk("B", "length"), 10.2)]).outcome(REQUEST, 10.0)
     assert out.success and out.output_tokens == 2
@@ -149,6 +167,21 @@ def test_payloads() -> None:
     with pytest.raises(ValueError, match="base-url"):
         OpenAITarget("127.0.0.1:8000/v1")
     assert pool_size(24, LoadSpec(max_concurrency=4)) == 4 and pool_size(3, LoadSpec()) == 3
+
+
+def test_exact_lengths_and_continuous_usage() -> None:
+    peer = OpenAITarget("http://h:1/v1", continuous_usage=True, exact_lengths=True)
+    body = payload(peer, "peer", REQUEST, 0.0)
+    assert body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    with pytest.raises(ValueError, match="completions"):
+        OpenAITarget("http://h:1/v1", "chat", exact_lengths=True)
+    whole = [(_chunk("ABCD", "length"), 10.1), (_usage(4), 10.1)]
+    ok = _timed(whole)
+    assert check_lengths(ok.outcome(REQUEST, 10.0), REQUEST, ok).success
+    for events in ([(_chunk("AB", "stop"), 10.1), (_usage(2), 10.1)], whole[:1]):
+        short = _timed(events)
+        out = check_lengths(short.outcome(REQUEST, 10.0), REQUEST, short)
+        assert not out.success and "max_tokens 4" in out.error
 
 
 def test_the_flags() -> None:
