@@ -3,6 +3,7 @@
     pdserve bench --gateway 127.0.0.1:50051 --num-prompts 64 --request-rate 2
     pdserve bench --request-rate-sweep 1,2,4 --goodput ttft:500 tpot:100 --plot-dir plots/
     pdserve bench --compare --num-prompts 24 --output-json compare.json
+    pdserve bench --compare --systems pdserve-colocated,vllm-cpu --goodput ttft:2000 tpot:200
     pdserve bench --gateway gw:443 --tls-ca ca.pem --auth-token-file token --retries 5
     pdserve bench --backend openai --base-url http://127.0.0.1:8000/v1 --num-prompts 64
     pdserve bench --backend openai --base-url http://vllm:8000/v1 --endpoint chat \
@@ -40,6 +41,7 @@ from pdserve.bench.settings import (
 if TYPE_CHECKING:
     from pdserve.bench.datasets import BenchRequest
     from pdserve.bench.load import LoadSpec
+    from pdserve.bench.peer import PeerConfig
     from pdserve.bench.report import RunResult
     from pdserve.bench.runner import ClientOptions, RunSettings
 
@@ -121,9 +123,9 @@ def _split_cluster_args(values: list[str]) -> tuple[str, ...]:
 
 def _run(args: argparse.Namespace, model_path: Path) -> tuple[list[RunResult], dict[str, Any]]:
     from pdserve.bench.compare import (
-        DEFAULT_SYSTEMS,
         CompareConfig,
         System,
+        parse_systems,
         run_compare,
         throughput_ratios,
     )
@@ -167,14 +169,11 @@ def _run(args: argparse.Namespace, model_path: Path) -> tuple[list[RunResult], d
             "--compare benchmarks plaintext clusters it starts itself: TLS and token options "
             "apply to --gateway runs"
         )
-    requests = _build_requests(args, model_path, args.seed)
     if len(loads) != 1:
         raise ValueError("--compare runs one load: give --request-rate, not a sweep")
-    systems = (
-        tuple(System(s.strip()) for s in args.systems.split(",") if s.strip())
-        if args.systems
-        else DEFAULT_SYSTEMS
-    )
+    systems = parse_systems(args.systems)
+    peer = _peer_config(args, System.VLLM_CPU in systems)
+    requests = _build_requests(args, model_path, args.seed)
     with tempfile.TemporaryDirectory(prefix="pdserve-bench-") as tmp:
         cfg = CompareConfig(
             model_path=model_path,
@@ -183,10 +182,22 @@ def _run(args: argparse.Namespace, model_path: Path) -> tuple[list[RunResult], d
             cache_dir=args.cache_dir,
             cluster_args=_split_cluster_args(args.cluster_arg),
             systems=systems,
+            peer=peer,
         )
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
         runs = run_compare(requests, loads[0], settings, cfg)
     return runs, throughput_ratios(runs)
+
+
+def _peer_config(args: argparse.Namespace, wanted: bool) -> PeerConfig:
+    """``--peer-script``/``--peer-url``, checked before any system runs."""
+    from pdserve.bench.peer import PeerConfig
+
+    if wanted:
+        return PeerConfig.resolve(args.peer_script, args.peer_url)
+    if args.peer_url or args.peer_script:
+        raise ValueError("--peer-url and --peer-script are for --systems ...,vllm-cpu")
+    return PeerConfig()
 
 
 def _bench_openai(

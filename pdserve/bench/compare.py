@@ -1,9 +1,13 @@
 """``pdserve bench --compare``: the same requests through several systems in one run, and ratios.
 
 The systems (:class:`System`; ``--systems`` picks a subset) are transformers baselines in this
-process and pdserve clusters, run one after the other. Invariants: systems never share the
-machine (the baselines' model is released before any cluster starts, and each cluster is stopped
-before the next one starts), and every system sees the same requests on the same schedule.
+process, pdserve clusters and, when asked for, vLLM's CPU build as a peer
+(:mod:`pdserve.bench.peer`), run one after the other. Invariants: systems never share the
+machine (the baselines' model is released before any cluster starts, each cluster is stopped
+before the next one starts, the peer likewise; a peer given by ``--peer-url`` is the user's to
+keep idle while the others run), and every system sees the same requests on the same
+schedule: the peer gets the same token ids over the OpenAI completions API, streamed and timed
+as :mod:`pdserve.bench.openai_http` times pdserve's own HTTP API.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import enum
 import gc
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +27,8 @@ from pdserve.bench.hf_continuous import DESCRIPTION as CB_DESCRIPTION
 from pdserve.bench.hf_continuous import run_continuous
 from pdserve.bench.load import LoadSpec, send_times
 from pdserve.bench.metrics import compute_metrics
+from pdserve.bench.openai_http import OpenAITarget, bench_openai
+from pdserve.bench.peer import PeerConfig, running_peer
 from pdserve.bench.report import RunResult
 from pdserve.bench.runner import RunSettings, bench_gateway
 from pdserve.local_cluster import start_cluster
@@ -35,7 +41,8 @@ class System(enum.Enum):
     - ``hf-static8``: ``transformers`` static batches of 8;
     - ``hf-cb``: transformers' own continuous batching, the strongest pure-Python peer;
     - ``pdserve-colocated``: a local cluster with ``--prefill 0 --decode 1``;
-    - ``pdserve-disaggregated``: a local cluster with ``--prefill 1 --decode 1``.
+    - ``pdserve-disaggregated``: a local cluster with ``--prefill 1 --decode 1``;
+    - ``vllm-cpu``: vLLM's CPU build over its OpenAI API (not run unless named).
     """
 
     HF_SERIAL = "hf-serial"
@@ -43,6 +50,7 @@ class System(enum.Enum):
     HF_CB = "hf-cb"
     COLOCATED = "pdserve-colocated"
     DISAGGREGATED = "pdserve-disaggregated"
+    VLLM_CPU = "vllm-cpu"
 
     @property
     def baseline(self) -> Baseline | None:
@@ -54,11 +62,34 @@ class System(enum.Enum):
         return self.baseline is not None or self is System.HF_CB
 
     @property
+    def peer(self) -> bool:
+        """Another serving system (:mod:`pdserve.bench.peer`), not transformers or pdserve."""
+        return self is System.VLLM_CPU
+
+    @property
     def prefill_workers(self) -> int:
         return 0 if self is System.COLOCATED else 1
 
 
-DEFAULT_SYSTEMS = tuple(System)
+DEFAULT_SYSTEMS = tuple(s for s in System if not s.peer)
+"""The peer needs its own install (``vllm-cpu.sh install``), so it runs only when named."""
+
+
+def parse_systems(text: str | None) -> tuple[System, ...]:
+    """``--systems``: comma-separated names, in any order, each once; None or empty: the
+    defaults."""
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    if not names:
+        return DEFAULT_SYSTEMS
+    known = {s.value: s for s in System}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"--systems: unknown {', '.join(unknown)} (choose from {', '.join(known)})"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"--systems names a system twice: {text}")
+    return tuple(known[n] for n in names)
 
 
 @dataclass(frozen=True)
@@ -71,6 +102,8 @@ class CompareConfig:
     cache_dir: Path | None = None
     cluster_args: tuple[str, ...] = ()
     systems: tuple[System, ...] = DEFAULT_SYSTEMS
+    peer: PeerConfig = field(default_factory=PeerConfig)
+    """Where ``vllm-cpu`` comes from (:meth:`PeerConfig.resolve` checks it up front)."""
 
 
 def cluster_threads(workers: int) -> int:
@@ -137,6 +170,24 @@ def _served_run(
         cluster.stop()
 
 
+def _peer_run(
+    system: System,
+    requests: Sequence[BenchRequest],
+    load: LoadSpec,
+    settings: RunSettings,
+    cfg: CompareConfig,
+) -> RunResult:
+    """The peer on the same token-id prompts over ``/v1/completions``, every chunk counting its
+    tokens (vLLM's running usage), and a request failed unless it did exactly the asked work."""
+    with running_peer(cfg.peer, cfg.model_path, cfg.log_dir, cfg.dtype) as peer:
+        target = OpenAITarget(
+            peer.base_url, model=peer.model, continuous_usage=True, exact_lengths=True
+        )
+        return bench_openai(
+            target, requests, load, settings, label=system.value, description=peer.description
+        )
+
+
 def run_compare(
     requests: Sequence[BenchRequest], load: LoadSpec, settings: RunSettings, cfg: CompareConfig
 ) -> list[RunResult]:
@@ -145,16 +196,18 @@ def run_compare(
     (the baselines never have more than one batch in flight anyway)."""
     runs = _baseline_runs(requests, load, settings, cfg)
     for system in cfg.systems:
-        if not system.in_process:
+        if system.peer:
+            runs.append(_peer_run(system, requests, load, settings, cfg))
+        elif not system.in_process:
             runs.append(_served_run(system, requests, load, settings, cfg))
     return runs
 
 
 def throughput_ratios(runs: Sequence[RunResult]) -> dict[str, dict[str, float]]:
-    """Output tok/s of each pdserve run divided by each baseline's (and disaggregated by
-    colocated when both ran)."""
+    """Output tok/s of each pdserve run divided by each baseline's and the peer's (and
+    disaggregated by colocated when both ran)."""
     by_label = {r.label: r.metrics.output_throughput for r in runs}
-    bases = [s.value for s in System if s.in_process and s.value in by_label]
+    bases = [s.value for s in System if (s.in_process or s.peer) and s.value in by_label]
     out: dict[str, dict[str, float]] = {}
     for system in (System.COLOCATED, System.DISAGGREGATED):
         if system.value not in by_label:

@@ -176,13 +176,30 @@ COMPARE = Group(
             switch=True,
             help="run transformers one at a time, in static batches of 8 and with its "
             "continuous batching, then pdserve colocated and disaggregated clusters it starts "
-            "itself, and print output tok/s ratios",
+            "itself (and vLLM's CPU build if --systems names vllm-cpu), one after the other, "
+            "and print output tok/s ratios",
         ),
         Setting(
             "--systems",
             help="with --compare, a comma-separated list of hf-serial, hf-static8, hf-cb "
-            "(transformers continuous batching), pdserve-colocated, pdserve-disaggregated "
-            "(default: all)",
+            "(transformers continuous batching), pdserve-colocated, pdserve-disaggregated, "
+            "vllm-cpu (vLLM's CPU build over its OpenAI API: --peer-script or --peer-url) "
+            "(default: all but vllm-cpu)",
+        ),
+        Setting(
+            "--peer-script",
+            type=Path,
+            help="vllm-cpu: the script that starts it (`SCRIPT start MODEL PORT`, model served "
+            "as 'peer') on a free port with the model's converted folder, and stops it "
+            "(`SCRIPT stop`) after its run; its log goes to --log-dir/vllm-cpu/ "
+            "(default: ../shared/peers/vllm-cpu.sh beside the repository; PEER_THREADS passes "
+            "through)",
+        ),
+        Setting(
+            "--peer-url",
+            metavar="URL",
+            help="vllm-cpu: an already running peer (http://127.0.0.1:PORT), which bench "
+            "neither starts nor stops (it keeps its memory while the other systems run)",
         ),
         Setting("--dtype", default="float32", choices=["float32", "bfloat16", "float16"]),
         Setting(
