@@ -70,6 +70,21 @@ class KernelChoice(enum.Enum):
     """torch's operators (any device)."""
 
 
+class WeightsChoice(enum.Enum):
+    """Which numbers the linear layers compute from (``--weights``)."""
+
+    AUTO = "auto"
+    """As the model ships: ``gguf`` for the default model (it ships as GGUF), else ``float``."""
+    FLOAT = "float"
+    """The float weights as loaded (the default model's GGUF de-quantized once at conversion)."""
+    GGUF = "gguf"
+    """The GGUF file's Q8_0 / Q4_0 / Q4_1 blocks, de-quantized inside the matrix product to the
+    same float32 numbers ``float`` uses (CPU, AVX2 + FMA + F16C); other tensors stay float."""
+    INT8 = "int8"
+    """Float checkpoints quantized at load to int8 per group of 32 inputs (Q8_0 blocks: one
+    float16 scale each); the same kernel. Changes the numbers slightly (see BENCHMARKS.md)."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -86,6 +101,8 @@ class EngineConfig:
     """The rest of a decoder layer in float32 on CPU: linear layers through the panel kernel,
     RMSNorm, RoPE and SiLU one call each (C built here); torch runs its operators (oneDNN for
     linear layers)."""
+    weights: WeightsChoice = WeightsChoice.AUTO
+    """Float or quantized linear layers (:class:`WeightsChoice`)."""
     step_timeout_s: float = 60.0
     """Seconds the busy engine may go without progress (a step begun, a layer finished) before
     the worker declares it stalled and exits (``server_runtime.engine_watchdog``; 0: never).

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import structlog
 import torch
@@ -40,9 +41,7 @@ from engine.kv_connector import (
 )
 from engine.kv_memory import blocks_for_memory
 from engine.model_files import ModelSpec
-from engine.model_runner import ModelRunner
-from engine.native import load_attention_kernel, load_layer_ops, load_linear_kernel
-from engine.sampler import Sampler
+from engine.runner_setup import build_runner
 from engine.scheduler import Finished, ScheduledBatch, Scheduler
 from engine.sequence import RequestOutput, Sequence, output_for
 from engine.structured import GrammarManager
@@ -102,13 +101,9 @@ class Engine:
             bytes=num_blocks * self.kv_cache.bytes_per_block,
         )
         self.scheduler = Scheduler(config.scheduler, self.pool, config.cache.block_size)
-        kernel = load_attention_kernel(config, weights.dtype, weights.device)
-        linear = load_linear_kernel(config, weights.dtype, weights.device)
-        ops = load_layer_ops(config, weights.dtype, weights.device)
         self.grammars = GrammarManager.for_model(spec.path, spec.vocab_size, spec.eos_token_ids)
-        self.runner = ModelRunner(
-            model, self.kv_cache, Sampler(), kernel, linear, ops, grammars=self.grammars
-        )
+        self.runner = build_runner(config, model, self.kv_cache, self.grammars)
+        self.spec = replace(spec, weights=self.runner.weights.label)
         self.runner.install_layer_hooks()
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)

@@ -4,6 +4,8 @@
   count: it keeps decode's few rows near the memory bound and matches MKL on prefill chunks.
 - :class:`PackedLinear`: oneDNN's matmul over a pre-packed weight, where the native kernel is
   not available (no C compiler, or ``--layer-kernels torch``).
+- :class:`QuantLinear`: the C kernel of :mod:`engine.kernels.quant_linear`, from quantized
+  blocks (``--weights gguf|int8``); bit for bit :class:`NativeLinear` on the de-quantized weight.
 
 Either keeps the original ``weight`` parameter (tied embeddings and transformers' modules share
 it), so a layer holds its weight twice: once as loaded, once packed.
@@ -11,11 +13,14 @@ it), so a layer holds its weight twice: once as loaded, once packed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from engine.kernels import LinearKernel
 from engine.kernels.build import rows_apart
+from engine.kernels.quant_linear import QuantizedWeight, QuantLinearKernel
 
 
 class NativeLinear(torch.nn.Module):
@@ -46,6 +51,59 @@ class NativeLinear(torch.nn.Module):
             self.kernel.run(rows, self.packed, self.bias, out)
         return out.view(*x.shape[:-1], self.out_features)
 
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for callers whose ``x`` is known to be float32 CPU rows (N >= 1,
+        in_features), unit stride, not overlapping: no checks, no module call (each costs
+        microseconds, 121 times per decode step)."""
+        out = torch.empty((x.shape[0], self.out_features))
+        self.kernel.run(x, self.packed, self.bias, out)
+        return out
+
+
+class QuantLinear(torch.nn.Module):
+    """``nn.Linear`` computed from quantized blocks by :class:`QuantLinearKernel`."""
+
+    def __init__(
+        self, linear: torch.nn.Linear, weight: QuantizedWeight, kernel: QuantLinearKernel
+    ) -> None:
+        super().__init__()
+        if (weight.out_features, weight.in_features) != (linear.out_features, linear.in_features):
+            raise ValueError(
+                f"quantized weight {weight.out_features} x {weight.in_features} does not fit "
+                f"a linear layer of {linear.out_features} x {linear.in_features}"
+            )
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.format = weight.format
+        self.bias = linear.bias
+        self.kernel = kernel
+        self.packed = kernel.pack(weight)
+        with torch.no_grad():  # the checks that forward() then skips
+            kernel(
+                torch.zeros((1, self.in_features)),
+                self.format,
+                self.packed,
+                self.bias,
+                torch.empty((1, self.out_features)),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise RuntimeError(f"QuantLinear takes float32 CPU input, got {x.dtype} on {x.device}")
+        rows = x.reshape(-1, self.in_features)
+        if not rows_apart(rows):
+            rows = rows.contiguous()
+        out = torch.empty((rows.shape[0], self.out_features), dtype=torch.float32)
+        if rows.shape[0]:
+            self.kernel.run(rows, self.format, self.packed, self.bias, out)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """As :meth:`NativeLinear.rows`."""
+        out = torch.empty((x.shape[0], self.out_features))
+        self.kernel.run(x, self.format, self.packed, self.bias, out)
+        return out
+
 
 class PackedLinear(torch.nn.Module):
     """``nn.Linear`` whose weight is pre-packed for oneDNN's matmul (CPU).
@@ -70,8 +128,14 @@ class PackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
 
 
-def pack_linear(linear: torch.nn.Module, kernel: LinearKernel | None = None) -> torch.nn.Module:
+def pack_linear(
+    linear: torch.nn.Module,
+    kernel: LinearKernel | None = None,
+    quantized: QuantizedWeight | None = None,
+    quant_kernel: QuantLinearKernel | None = None,
+) -> torch.nn.Module:
     """``linear`` as the engine runs it: a float32 CPU ``nn.Linear`` becomes
+    :class:`QuantLinear` when given ``quantized`` blocks and ``quant_kernel``, else
     :class:`NativeLinear` with ``kernel``, else :class:`PackedLinear` where oneDNN is available;
     anything else is returned unchanged."""
     if type(linear) is not torch.nn.Linear:
@@ -79,6 +143,8 @@ def pack_linear(linear: torch.nn.Module, kernel: LinearKernel | None = None) -> 
     weight = linear.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return linear
+    if quantized is not None and quant_kernel is not None:
+        return QuantLinear(linear, quantized, quant_kernel)
     if kernel is not None:
         return NativeLinear(linear, kernel)
     if not torch.backends.mkldnn.is_available():
@@ -86,13 +152,20 @@ def pack_linear(linear: torch.nn.Module, kernel: LinearKernel | None = None) -> 
     return PackedLinear(linear)
 
 
-def pack_linear_layers(model: torch.nn.Module, kernel: LinearKernel | None = None) -> int:
-    """Swap the model's float32 CPU ``nn.Linear`` layers as :func:`pack_linear` does; returns
-    how many were swapped (0 off CPU, or with neither the kernel nor oneDNN). Idempotent."""
+def pack_linear_layers(
+    model: torch.nn.Module,
+    kernel: LinearKernel | None = None,
+    quantize: Callable[[torch.nn.Module], QuantizedWeight | None] | None = None,
+    quant_kernel: QuantLinearKernel | None = None,
+) -> int:
+    """Swap the model's float32 CPU ``nn.Linear`` layers as :func:`pack_linear` does (with the
+    blocks ``quantize`` gives a layer); returns how many were swapped (0 off CPU, or with
+    neither kernel nor oneDNN). Idempotent."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            packed = pack_linear(child, kernel)
+            blocks = quantize(child) if quantize is not None and quant_kernel else None
+            packed = pack_linear(child, kernel, blocks, quant_kernel)
             if packed is not child:
                 setattr(parent, name, packed)
                 swapped += 1

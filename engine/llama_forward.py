@@ -9,13 +9,14 @@ the transformers model, not copied (its projections become views of the fused ma
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from engine.attention import AttentionBatch, attend
+from engine.quantized_weights import ATTRIBUTE, fused_quantized
 
 SUPPORTED_TYPES = frozenset({"llama", "mistral", "qwen2"})
 
@@ -28,6 +29,22 @@ class _Layer:
     o_proj: torch.nn.Module
     gate_up: torch.nn.Module  # hidden -> 2 * intermediate
     down: torch.nn.Module
+
+    def __post_init__(self) -> None:
+        # what forward calls: the kernels' unchecked row paths where the module has one (every
+        # input here is fresh, contiguous 2-D rows), else the module
+        for name in ("qkv", "o_proj", "gate_up", "down"):
+            object.__setattr__(self, f"run_{name}", _rows_path(getattr(self, name)))
+
+    run_qkv: Callable[[torch.Tensor], torch.Tensor] = field(init=False)
+    run_o_proj: Callable[[torch.Tensor], torch.Tensor] = field(init=False)
+    run_gate_up: Callable[[torch.Tensor], torch.Tensor] = field(init=False)
+    run_down: Callable[[torch.Tensor], torch.Tensor] = field(init=False)
+
+
+def _rows_path(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    rows: Callable[[torch.Tensor], torch.Tensor] | None = getattr(module, "rows", None)
+    return rows if rows is not None else module
 
 
 class LayerOpsLike(Protocol):
@@ -105,6 +122,7 @@ class LlamaForward:
         self.final_norm: torch.Tensor = inner.norm.weight
         self.eps = float(inner.norm.variance_epsilon)
         self.lm_head = pack(model.lm_head)
+        self._lm_head = _rows_path(self.lm_head)
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(config.num_key_value_heads)
         first = inner.layers[0].self_attn
@@ -143,7 +161,7 @@ class LlamaForward:
         delta: torch.Tensor | None = None  # the last layer's MLP output, not yet added
         for index, layer in enumerate(self.layers):
             x = ops.add_rms_norm(residual, delta, layer.input_norm, self.eps)
-            qkv = layer.qkv(x).view(n, h + 2 * kvh, d)
+            qkv = layer.run_qkv(x).view(n, h + 2 * kvh, d)
             qk = ops.rope(qkv[:, : h + kvh], cos, sin)  # (N, H + KVH, D)
             out = attend(
                 batch,
@@ -156,13 +174,14 @@ class LlamaForward:
             if layer_listener is not None:
                 layer_listener(index)
             x = ops.add_rms_norm(
-                residual, layer.o_proj(out.view(n, h * d)), layer.post_norm, self.eps
+                residual, layer.run_o_proj(out.view(n, h * d)), layer.post_norm, self.eps
             )
-            delta = layer.down(ops.silu_mul(layer.gate_up(x), self.intermediate))
+            delta = layer.run_down(ops.silu_mul(layer.run_gate_up(x), self.intermediate))
         if delta is not None:
             residual.add_(delta)
         last = ops.add_rms_norm(residual[logits_index], None, self.final_norm, self.eps)
-        logits: torch.Tensor = self.lm_head(last)
+        # a prefill chunk short of its prompt's end wants no logits: no rows for the kernel
+        logits: torch.Tensor = self._lm_head(last) if last.shape[0] else self.lm_head(last)
         return logits
 
 
@@ -183,8 +202,10 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def _fuse(parent: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.Linear:
     """One linear layer computing ``parent``'s layers ``names`` side by side. The originals'
-    weights (and biases) become views of the fused ones, so nothing is held twice."""
+    weights (and biases) become views of the fused ones, so nothing is held twice; their
+    quantized blocks (:mod:`engine.quantized_weights`), when all have them, are fused too."""
     parts = [getattr(parent, name) for name in names]
+    quantized = fused_quantized(parts)
     weight = torch.cat([p.weight.detach() for p in parts])
     biases = [p.bias for p in parts]
     has_bias = any(b is not None for b in biases)
@@ -208,4 +229,6 @@ def _fuse(parent: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.Linear:
         if part.bias is not None and fused.bias is not None:
             part.bias = torch.nn.Parameter(fused.bias[offset : offset + rows], requires_grad=False)
         offset += rows
+    if quantized is not None:
+        setattr(fused, ATTRIBUTE, quantized)
     return fused

@@ -48,6 +48,9 @@ class ModelSpec:
     """Hash of the config and of the weight files' names and content
     (:func:`engine.weights_digest.weights_digest`, cached beside the model): KV peers must
     agree on it, so two fine-tunes of one architecture refuse each other's pages."""
+    weights: str = "float"
+    """What its linear layers compute from, as a worker serves it (``--weights``; set by the
+    engine: :attr:`engine.quantized_weights.WeightPlan.label`). Part of the KV fingerprint."""
 
 
 def default_cache_dir() -> Path:

@@ -25,9 +25,11 @@ from engine.attention import (
     PrefillGroup,
 )
 from engine.kernels import LayerOps, LinearKernel, PagedAttentionKernel
+from engine.kernels.quant_linear import QuantLinearKernel
 from engine.kv_cache import KVCache
 from engine.linear import pack_linear, pack_linear_layers
 from engine.llama_forward import LlamaForward
+from engine.quantized_weights import FLOAT_PLAN, WeightPlan
 from engine.sampler import Sampler, SampleRequest
 from engine.scheduler import ScheduledBatch, ScheduledSeq
 from engine.sequence import Sequence as EngineSequence
@@ -58,6 +60,8 @@ class ModelRunner:
         linear: LinearKernel | None = None,
         layer_ops: LayerOps | None = None,
         grammars: GrammarManager | None = None,
+        weights: WeightPlan = FLOAT_PLAN,
+        quant: QuantLinearKernel | None = None,
     ) -> None:
         """Takes the model over: Llama-family models run through :class:`LlamaForward` (fused
         projections, no per-step module overhead), others through transformers with
@@ -65,8 +69,11 @@ class ModelRunner:
         through the ``linear`` kernel or else oneDNN (see :mod:`engine.linear`), and Llama-family
         norms, RoPE and SiLU through ``layer_ops`` when given. With ``kernel``, decode tokens
         attend through it (see :mod:`engine.kernels`). ``grammars`` masks the rows of
-        sequences with a structured-output constraint (required to run any)."""
+        sequences with a structured-output constraint (required to run any). ``weights`` says
+        which layers compute from quantized blocks, through ``quant``
+        (:mod:`engine.quantized_weights`)."""
         self.model = model
+        self.weights = weights
         self.grammars = grammars
         self.kernel = kernel
         self.fast: LlamaForward | None = None
@@ -78,10 +85,15 @@ class ModelRunner:
         :meth:`execute`); the engine sets it for steps that stream KV out layer by layer."""
         self._workspace = torch.empty(0, dtype=kv_cache.dtype, device=self.device)
         if isinstance(model, torch.nn.Module):
+
+            def pack(layer: torch.nn.Module) -> torch.nn.Module:
+                blocks = weights.quantized(layer) if quant is not None else None
+                return pack_linear(layer, linear, blocks, quant)
+
             if llama_forward.supports(model):
-                self.fast = LlamaForward(model, lambda layer: pack_linear(layer, linear), layer_ops)
+                self.fast = LlamaForward(model, pack, layer_ops)
             else:
-                pack_linear_layers(model, linear)
+                pack_linear_layers(model, linear, weights.quantized, quant)
 
     def install_layer_hooks(self) -> None:
         """Hook every attention module so :attr:`layer_listener` hears each finished layer

@@ -14,7 +14,7 @@ from typing import Generic, Protocol, TypeVar
 import structlog
 import torch
 
-from engine.config import EngineConfig, KernelChoice
+from engine.config import EngineConfig, KernelChoice, WeightsChoice
 from engine.kernels import (
     KernelBuildError,
     LayerOps,
@@ -24,6 +24,7 @@ from engine.kernels import (
     load_paged_attention,
 )
 from engine.kernels import load_layer_ops as load_layer_ops_kernel
+from engine.kernels.quant_linear import QuantLinearKernel, load_quant_linear
 from engine.model_files import default_cache_dir
 
 log = structlog.get_logger(__name__)
@@ -52,6 +53,12 @@ _ATTENTION = _Native(
     load_paged_attention,
 )
 _LINEAR = _Native("linear_kernel", LinearKernel.supports, "CPU in float32", load_linear)
+_QUANT_LINEAR = _Native(
+    "quant_linear_kernel",
+    QuantLinearKernel.supports,
+    "CPU in float32 (with AVX2, FMA and F16C)",
+    load_quant_linear,
+)
 _LAYER_OPS = _Native("layer_ops", LayerOps.supports, "CPU in float32", load_layer_ops_kernel)
 
 
@@ -67,6 +74,17 @@ def load_linear_kernel(
 ) -> LinearKernel | None:
     """The linear-layer kernel for weights of ``dtype`` on ``device``, or None."""
     return _load(_LINEAR, config.layer_kernels, config, dtype, device)
+
+
+def load_quant_linear_kernel(
+    config: EngineConfig, dtype: torch.dtype, device: torch.device
+) -> QuantLinearKernel | None:
+    """The quantized linear-layer kernel for activations of ``dtype`` on ``device``, or None
+    (``--weights float``, or where it does not apply or build and ``--layer-kernels`` is not
+    ``native``)."""
+    if config.weights is WeightsChoice.FLOAT:
+        return None
+    return _load(_QUANT_LINEAR, config.layer_kernels, config, dtype, device)
 
 
 def load_layer_ops(

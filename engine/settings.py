@@ -19,6 +19,7 @@ from engine.config import (
     KernelChoice,
     ModelConfig,
     SchedulerConfig,
+    WeightsChoice,
 )
 
 _KERNELS = [k.value for k in KernelChoice]
@@ -114,6 +115,15 @@ ENGINE = Group(
             "(native where it applies and builds)",
         ),
         Setting(
+            "--weights",
+            choices=[w.value for w in WeightsChoice],
+            default="auto",
+            help="what linear layers compute from: gguf (the GGUF file's Q8_0/Q4_0/Q4_1 "
+            "blocks, de-quantized inside the product to the same numbers as float; CPU with "
+            "AVX2), int8 (float checkpoints quantized at load, per group of 32 inputs), float "
+            "(the float weights), auto (as the model ships: gguf for the default model)",
+        ),
+        Setting(
             "--layer-kernels",
             choices=_KERNELS,
             default="auto",
@@ -146,5 +156,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cpus=tuple(int(c) for c in str(args.cpus).split(",")) if args.cpus else None,
         attention_kernel=KernelChoice(args.attention_kernel),
         layer_kernels=KernelChoice(args.layer_kernels),
+        weights=WeightsChoice(args.weights),
         **ENGINE.fields(args),
     )
