@@ -33,6 +33,9 @@ class Fingerprint:
     backend: str
     integrity: str = "xxh3-64"
     """"aes-256-gcm" (encrypted pages) or "aes-256-gmac" with the fleet key, "xxh3-64", "none"."""
+    weights: str = "float"
+    """What the linear layers compute from (``float``, ``gguf:Q4_1+Q8_0``, ``int8:q8_0``):
+    tiers computing from different numbers would hand each other pages of another model."""
     layout: str = LAYOUT
     protocol_version: int = KV_PROTOCOL_VERSION
 

@@ -59,4 +59,5 @@ def fingerprint_for(spec: ModelSpec, kv: KVCache, transfer: TransferConfig) -> F
         head_dim=kv.head_dim,
         backend=transfer.backend.value,
         integrity=transfer.integrity,
+        weights=spec.weights,
     )

@@ -143,6 +143,7 @@ def ticket_from_proto(msg: worker_pb2.TransferTicket) -> TransferTicket:
             head_dim=fp.head_dim,
             backend=fp.backend,
             integrity=fp.integrity,
+            weights=fp.weights,
             layout=fp.layout,
             protocol_version=fp.protocol_version,
         ),
