@@ -12,7 +12,9 @@ attention function, all layers), ``model`` (the rest of the forward pass: linear
 RoPE, logits) and ``sample``. ``--profile`` also prints torch.profiler's top operators.
 ``--prompt-len 1024`` adds a new 1,024-token prompt to every step: what decoding streams' ITL
 costs while a long prompt arrives (colocated serving). ``--attention`` and ``--linear`` pick the
-paths timed side by side (torch's or the native kernels, every combination).
+paths timed side by side (torch's or the native kernels, every combination); ``--weights float
+gguf int8`` adds what the native linear layers compute from (float32, the default model's GGUF
+blocks, int8 groups: :mod:`engine.quantized_weights`).
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ from transformers import AttentionInterface
 from core.sampling import SamplingParams
 from engine import attention, llama_forward
 from engine.attention import register_paged_attention
-from engine.config import DType, ModelConfig
+from engine.config import DType, ModelConfig, WeightsChoice
 from engine.kernels import load_layer_ops, load_linear, load_paged_attention
+from engine.kernels.quant_linear import load_quant_linear
 from engine.kv_cache import KVCache
 from engine.model_files import default_cache_dir
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner
+from engine.quantized_weights import FLOAT_PLAN, plan_weights
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, ScheduledSeq
 from engine.sequence import Sequence
@@ -188,6 +192,13 @@ def main() -> None:
         "layer operations of engine.kernels), torch (oneDNN and torch's operators); each "
         "attention path runs with each",
     )
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        choices=["float", "gguf", "int8"],
+        default=["float"],
+        help="what the native linear layers compute from, side by side (with --linear native)",
+    )
     parser.add_argument("--profile", action="store_true", help="torch.profiler table per shape")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args()
@@ -211,23 +222,31 @@ def main() -> None:
     kernel = load_paged_attention(default_cache_dir()) if "native" in args.attention else None
     linear = load_linear(default_cache_dir()) if "native" in args.linear else None
     ops = load_layer_ops(default_cache_dir()) if "native" in args.linear else None
+    quant = load_quant_linear(default_cache_dir()) if set(args.weights) - {"float"} else None
+    plans = {
+        w: FLOAT_PLAN if w == "float" else plan_weights(WeightsChoice(w), args.model, model, True)
+        for w in args.weights
+    }
     runners = {
-        f"{attn}/{lin}": ModelRunner(
+        f"{attn}/{lin}" + ("" if w == "float" else f"/{w}"): ModelRunner(
             model,
             cache,
             Sampler(seed=0),
             kernel if attn == "native" else None,
             linear if lin == "native" else None,
             ops if lin == "native" else None,
+            weights=plans[w],
+            quant=quant,
         )
-        for attn, lin in itertools.product(args.attention, args.linear)
+        for attn, lin, w in itertools.product(args.attention, args.linear, args.weights)
+        if lin == "native" or w == "float"
     }
     timers = Timers()
     for runner in runners.values():
         instrument(runner, timers)
 
     rows = []
-    header = f"{'attn/linear':>13} {'B':>3} {'C':>5} {'step ms':>8} {'cpu ms':>7} {'tok/s':>7}"
+    header = f"{'attn/linear':>18} {'B':>3} {'C':>5} {'step ms':>8} {'cpu ms':>7} {'tok/s':>7}"
     header += f" {'prepare':>8} {'attn':>7}"
     header += f" {'model':>7} {'sample':>7}"
     print(
@@ -241,7 +260,7 @@ def main() -> None:
             row = {"path": name, **measure(runner, timers, batch, args.steps, args.warmup)}
             rows.append(row)
             print(
-                f"{name:>13} {num_seqs:>3} {context:>5} {row['step_ms']:>8.1f}"
+                f"{name:>18} {num_seqs:>3} {context:>5} {row['step_ms']:>8.1f}"
                 f" {row['cpu_ms']:>7.1f} {row['tok_s']:>7.1f}"
                 f" {row['prepare_ms']:>8.2f} {row['attention_ms']:>7.1f} {row['model_ms']:>7.1f}"
                 f" {row['sample_ms']:>7.2f}",
