@@ -67,9 +67,9 @@ class RequestHandle:
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, spec: ModelSpec) -> None:
-        self.spec = spec
         self.config = config
         self.engine = Engine(config, model, spec, self._sink)
+        self.spec = self.engine.spec  # with the weights the engine computes from
         self._queues: dict[str, asyncio.Queue[_Delivery]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 

@@ -64,6 +64,15 @@ def default_model_dir(config: ModelConfig) -> Path:
     return (config.cache_dir or default_cache_dir()) / "models" / DEFAULT_MODEL
 
 
+def is_default_model(config: ModelConfig) -> bool:
+    """Whether ``config`` names the default model: one of its aliases, or the folder it is
+    converted to (what ``pdserve up`` passes its workers)."""
+    if config.model in DEFAULT_MODEL_ALIASES:
+        return True
+    path = Path(config.model).expanduser()
+    return path.is_dir() and path.resolve() == default_model_dir(config).resolve()
+
+
 def is_converted(target: Path) -> bool:
     return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
 

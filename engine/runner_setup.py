@@ -6,8 +6,9 @@ from __future__ import annotations
 import structlog
 import torch
 
-from engine.config import EngineConfig, WeightsChoice
+from engine.config import DEFAULT_MODEL, EngineConfig, WeightsChoice
 from engine.kv_cache import KVCache
+from engine.model_files import is_default_model
 from engine.model_runner import ModelRunner
 from engine.native import (
     load_attention_kernel,
@@ -31,7 +32,8 @@ def build_runner(
     cannot run here, :class:`~core.errors.ModelLoadError` for ``--weights`` it cannot honour."""
     dtype, device = kv_cache.dtype, kv_cache.device  # the weights' (the cache matches them)
     quant = load_quant_linear_kernel(config, dtype, device)
-    weights = plan_weights(config.weights, config.model.model, model, quant is not None)
+    name = DEFAULT_MODEL if is_default_model(config.model) else config.model.model
+    weights = plan_weights(config.weights, name, model, quant is not None)
     log.info("weights_planned", weights=weights.label)
     return ModelRunner(
         model,

@@ -172,3 +172,23 @@ def test_fail_requests_ends_every_open_request_without_the_engine(tmp_path: Path
     failed, errors = asyncio.run(run())
     assert failed == 3 and errors == ["engine stalled"] * 3
     assert engine.stats().awaiting_kv == 3  # the blocks stay taken: the process is going
+
+
+def test_the_async_engine_s_spec_names_the_weights_it_computes_from(tmp_path: Path) -> None:
+    """Workers build their KV fingerprint from ``AsyncEngine.spec``: it must carry the plan's
+    label, not the loaded spec's default."""
+    from dataclasses import replace
+
+    from engine.config import WeightsChoice
+    from engine.kernels import KernelBuildError
+    from engine.kernels.quant_linear import load_quant_linear
+    from engine.model_files import default_cache_dir
+
+    try:
+        load_quant_linear(default_cache_dir())
+    except KernelBuildError as exc:
+        pytest.skip(str(exc))
+    model, spec = tiny_model(tmp_path / "llama")
+    assert spec.weights == "float"
+    engine = AsyncEngine(replace(engine_config(spec), weights=WeightsChoice.INT8), model, spec)
+    assert engine.spec.weights == "int8:q8_0" == engine.engine.spec.weights

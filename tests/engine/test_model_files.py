@@ -9,7 +9,12 @@ import pytest
 
 from core.errors import ModelLoadError
 from engine.config import DEFAULT_MODEL, ModelConfig
-from engine.model_files import default_model_dir, describe_model, resolve_model_path
+from engine.model_files import (
+    default_model_dir,
+    describe_model,
+    is_default_model,
+    resolve_model_path,
+)
 from tests.support.tiny_models import MAX_POSITIONS, build_tiny_model
 
 
@@ -64,3 +69,19 @@ def test_an_unsupported_family_is_refused(tmp_path: Path) -> None:
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="not supported"):
         describe_model("tiny", path)
+
+
+def test_the_default_model_is_known_by_alias_or_by_its_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "models" / DEFAULT_MODEL
+    folder.mkdir(parents=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    for name, expected in [
+        ("default", True),
+        (DEFAULT_MODEL, True),
+        (str(folder), True),
+        (str(tmp_path / "models" / "." / DEFAULT_MODEL), True),
+        (str(other), False),
+        (str(tmp_path / "missing"), False),
+    ]:
+        assert is_default_model(ModelConfig(model=name, cache_dir=tmp_path)) is expected, name
