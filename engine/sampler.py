@@ -16,29 +16,37 @@ Reproducibility: a seeded request draws its n-th token from a generator seeded w
 ``(seed, position)``, so the same seed gives the same output whichever worker or tier samples
 which position (a prefill worker samples the first token, a decode worker the rest).
 
+Device: everything runs where the logits are; the draws use generators made on that device
+(:mod:`engine.token_draw`), and the batch's tokens (greedy, drawn, failure codes) come to the
+host in one copy per step. A row that fails to draw costs no sync and no exception.
+
 Unusable rows: a row whose processed logits have no finite maximum (NaN or +inf anywhere, or
 every token at -inf), or whose maximum over its temperature is not finite, cannot be sampled
 (its softmax is NaN). The greedy ``max`` already gives each row's maximum (it propagates NaN),
-so the check is one ``isfinite`` over ``(S,)`` folded into the greedy tokens' one copy to the
-host (no sync of its own, which on CUDA would stall every step); only when a row fails does the
-sampler look further, and that row alone gets a negative token, :data:`BAD_PARAMS_TOKEN` (its
-model logits were finite: its sampling parameters broke them, the request's fault) or
-:data:`BAD_LOGITS_TOKEN` (the model's own logits for it were not finite: the server's fault),
-instead of ``torch.multinomial`` failing the whole batch. :data:`SAMPLING_FAILURES` says why.
+so the check is one ``isfinite`` over ``(S,)`` folded into the tokens' one copy to the host;
+only when a row fails does the sampler look further, and that row alone gets a negative token,
+:data:`BAD_PARAMS_TOKEN` (its model logits were finite: its sampling parameters broke them,
+the request's fault) or :data:`BAD_LOGITS_TOKEN` (the model's own logits for it were not
+finite: the server's fault), while the other rows sample as if it were not there (a sampled
+row that fails is still drawn for, on the device, so the unseeded rows' shared generator
+advances as if it had not failed; seeded rows do not depend on it). :data:`SAMPLING_FAILURES`
+says why.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from core.sampling import SamplingParams, TokenLogprob
 from engine.structured import TokenMask, apply_token_mask
+from engine.token_draw import GeneratorFactory, Generators, device_generator, draw_rows
+from engine.token_draw import filtered_probs as filtered_probs
 
-_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive positions apart
-_MASK64 = (1 << 63) - 1
+_UNUSABLE = -3  # on the device: the row failed the greedy check (classified on the host)
 
 BAD_PARAMS_TOKEN = -1
 """The token of a row whose processing (sampling parameters, grammar) left nothing to sample."""
@@ -97,14 +105,15 @@ class SampleRequest:
 
 
 class Sampler:
-    """Turns logits ``(S, V)`` into one token id per row."""
+    """Turns logits ``(S, V)`` into one token id per row, on the logits' device.
 
-    def __init__(self, seed: int | None = None) -> None:
-        self._rng = torch.Generator()
-        if seed is None:
-            self._rng.seed()
-        else:
-            self._rng.manual_seed(seed)
+    ``seed`` seeds the unseeded rows' generator (one per device); ``make_generator`` makes every
+    generator, on the device it is given (the logits'); tests replace it to watch that."""
+
+    def __init__(
+        self, seed: int | None = None, make_generator: GeneratorFactory = device_generator
+    ) -> None:
+        self._generators = Generators(seed, make_generator)
 
     def sample(
         self,
@@ -126,53 +135,47 @@ class Sampler:
         sample as if it were not there."""
         raw = logits
         logits = process_logits(logits.float(), requests, mask)
-        greedy = greedy_or_unusable(logits, requests)  # random rows overwrite theirs
-        failed = {row: BAD_PARAMS_TOKEN for row, token in enumerate(greedy) if token < 0}
-        if failed:
-            failed = classify_failures(raw, failed)
-        tokens = self._choose(logits, greedy, requests, failed)
+        tokens: list[int] = self._choose(logits, requests).tolist()  # the one host copy
+        unusable = {row: BAD_PARAMS_TOKEN for row, t in enumerate(tokens) if t == _UNUSABLE}
+        if unusable:
+            for row, code in classify_failures(raw, unusable).items():
+                tokens[row] = code
         return tokens, compute_logprobs(logits, requests, tokens)
 
-    def _choose(
-        self,
-        logits: torch.Tensor,
-        greedy: list[int],
-        requests: Sequence[SampleRequest],
-        failed: dict[int, int],
-    ) -> list[int]:
-        """``greedy`` with the failed rows' codes and the random rows' draws."""
-        out = list(greedy)
-        for row, code in failed.items():
-            out[row] = code
-        random_rows = [i for i, r in enumerate(requests) if not r.params.greedy and i not in failed]
-        if random_rows:
-            min_p_rows = [i for i in random_rows if requests[i].params.min_p > 0.0]
-            if min_p_rows:
-                logits = apply_min_p(
-                    logits,
-                    min_p_rows,
-                    [requests[i].params.temperature for i in min_p_rows],
-                    [requests[i].params.min_p for i in min_p_rows],
-                )
-            for row in random_rows:
-                out[row] = self._sample_row(logits[row], requests[row])
-        return out
+    def _choose(self, logits: torch.Tensor, requests: Sequence[SampleRequest]) -> torch.Tensor:
+        """``(S,)`` on the logits' device: the greedy rows' argmax, the random rows' draws,
+        :data:`BAD_PARAMS_TOKEN` where a draw failed, ``_UNUSABLE`` where the greedy check
+        did."""
+        tokens, ok = greedy_or_unusable(logits, requests)
+        random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if not random_rows:
+            return tokens
+        min_p_rows = [i for i in random_rows if requests[i].params.min_p > 0.0]
+        if min_p_rows:
+            logits = apply_min_p(
+                logits,
+                min_p_rows,
+                [requests[i].params.temperature for i in min_p_rows],
+                [requests[i].params.min_p for i in min_p_rows],
+            )
+        dev = logits.device
+        draws = draw_rows(
+            logits,
+            random_rows,
+            [requests[i].params for i in random_rows],
+            [self._generator_for(requests[i], dev) for i in random_rows],
+        )
+        index = torch.tensor(random_rows, dtype=torch.long, device=dev)
+        drawn = torch.where(draws.valid, draws.tokens, BAD_PARAMS_TOKEN)
+        drawn = torch.where(ok.index_select(0, index), drawn, _UNUSABLE)
+        return tokens.index_copy(0, index, drawn)
 
-    def _sample_row(self, logits: torch.Tensor, request: SampleRequest) -> int:
-        params = request.params
-        probs = filtered_probs(logits, params.temperature, params.top_k, params.top_p)
-        generator = self._generator_for(request)
-        try:
-            return int(torch.multinomial(probs, 1, generator=generator).item())
-        except RuntimeError:  # past the batched check (it mirrors filtered_probs): this row only
-            return BAD_PARAMS_TOKEN
-
-    def _generator_for(self, request: SampleRequest) -> torch.Generator:
-        if request.params.seed is None:
-            return self._rng
-        generator = torch.Generator()
-        generator.manual_seed(((request.params.seed + 1) * _SEED_MIX + request.position) & _MASK64)
-        return generator
+    def _generator_for(
+        self, request: SampleRequest, device: torch.device | None = None
+    ) -> torch.Generator:
+        """The generator of ``request``'s draw, on ``device`` (CPU when None)."""
+        where = torch.device("cpu") if device is None else device
+        return self._generators.for_row(request.params, request.position, where)
 
 
 def compute_logprobs(
@@ -205,17 +208,20 @@ def compute_logprobs(
     return out
 
 
-def greedy_or_unusable(logits: torch.Tensor, requests: Sequence[SampleRequest]) -> list[int]:
-    """Each row's greedy token of the processed ``logits`` (S, V), or :data:`BAD_PARAMS_TOKEN`
-    where the row cannot be sampled: its maximum (NaN if any logit is NaN) is not finite, or
-    not finite over the row's temperature (then its softmax is NaN). The check rides on the
-    greedy tokens' one device-to-host copy: no extra sync per step."""
+class GreedyTokens(NamedTuple):
+    tokens: torch.Tensor  # (S,) long: each row's argmax, or _UNUSABLE where not ``ok``
+    ok: torch.Tensor  # (S,) bool: the row can be sampled
+
+
+def greedy_or_unusable(logits: torch.Tensor, requests: Sequence[SampleRequest]) -> GreedyTokens:
+    """Each row's greedy token of the processed ``logits`` (S, V), on their device, and whether
+    the row can be sampled at all: its maximum (NaN if any logit is NaN) is finite, and finite
+    over the row's temperature (else its softmax is NaN). No host copy."""
     best = logits.max(dim=-1)
     temps = [r.params.temperature if not r.params.greedy else 1.0 for r in requests]
     scale = torch.tensor(temps, dtype=best.values.dtype, device=logits.device)
     ok = torch.isfinite(best.values / scale)
-    tokens: list[int] = torch.where(ok, best.indices, BAD_PARAMS_TOKEN).tolist()
-    return tokens
+    return GreedyTokens(torch.where(ok, best.indices, _UNUSABLE), ok)
 
 
 def classify_failures(raw: torch.Tensor, failed: dict[int, int]) -> dict[int, int]:
@@ -339,22 +345,3 @@ def apply_min_p(
     threshold = threshold * probs.max(dim=-1, keepdim=True).values
     sub = sub.masked_fill(probs < threshold, float("-inf"))
     return logits.index_copy(0, index, sub)
-
-
-def filtered_probs(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float
-) -> torch.Tensor:
-    """Probabilities (V,) after temperature, top-k and top-p filtering."""
-    scaled = logits / temperature
-    if 0 < top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        drop_sorted = cumulative - sorted_probs >= top_p  # keep the smallest prefix reaching top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum()
-    return probs
