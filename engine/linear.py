@@ -60,11 +60,25 @@ class NativeLinear(torch.nn.Module):
         return out
 
 
+QUANT_MAX_ROWS = 4
+"""Products of at most this many rows compute from the quantized blocks (memory-bound: fewer
+bytes to stream wins); more rows, where the product is compute-bound and de-quantizing costs more
+than it saves, run the float kernel over the de-quantized weight: the same numbers summed in the
+same order, so the result does not depend on which one ran (measured in BENCHMARKS.md)."""
+
+
 class QuantLinear(torch.nn.Module):
-    """``nn.Linear`` computed from quantized blocks by :class:`QuantLinearKernel`."""
+    """``nn.Linear`` computed from quantized blocks by :class:`QuantLinearKernel` at decode's
+    few rows, and by the float ``dense`` kernel over their de-quantization (when given) above
+    :data:`QUANT_MAX_ROWS`: bit for bit equal either way."""
 
     def __init__(
-        self, linear: torch.nn.Linear, weight: QuantizedWeight, kernel: QuantLinearKernel
+        self,
+        linear: torch.nn.Linear,
+        weight: QuantizedWeight,
+        kernel: QuantLinearKernel,
+        dense: LinearKernel | None = None,
+        max_rows: int = QUANT_MAX_ROWS,
     ) -> None:
         super().__init__()
         if (weight.out_features, weight.in_features) != (linear.out_features, linear.in_features):
@@ -78,6 +92,9 @@ class QuantLinear(torch.nn.Module):
         self.bias = linear.bias
         self.kernel = kernel
         self.packed = kernel.pack(weight)
+        self.dense = dense
+        self.dense_packed = dense.pack(weight.dequantize()) if dense is not None else None
+        self.max_rows = max_rows if dense is not None else 1 << 62
         with torch.no_grad():  # the checks that forward() then skips
             kernel(
                 torch.zeros((1, self.in_features)),
@@ -93,15 +110,20 @@ class QuantLinear(torch.nn.Module):
         rows = x.reshape(-1, self.in_features)
         if not rows_apart(rows):
             rows = rows.contiguous()
-        out = torch.empty((rows.shape[0], self.out_features), dtype=torch.float32)
         if rows.shape[0]:
-            self.kernel.run(rows, self.format, self.packed, self.bias, out)
+            out = self.rows(rows)
+        else:
+            out = torch.empty((0, self.out_features), dtype=torch.float32)
         return out.view(*x.shape[:-1], self.out_features)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """As :meth:`NativeLinear.rows`."""
         out = torch.empty((x.shape[0], self.out_features))
-        self.kernel.run(x, self.format, self.packed, self.bias, out)
+        if x.shape[0] <= self.max_rows:
+            self.kernel.run(x, self.format, self.packed, self.bias, out)
+        else:
+            assert self.dense is not None and self.dense_packed is not None
+            self.dense.run(x, self.dense_packed, self.bias, out)
         return out
 
 
@@ -144,7 +166,7 @@ def pack_linear(
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return linear
     if quantized is not None and quant_kernel is not None:
-        return QuantLinear(linear, quantized, quant_kernel)
+        return QuantLinear(linear, quantized, quant_kernel, kernel)
     if kernel is not None:
         return NativeLinear(linear, kernel)
     if not torch.backends.mkldnn.is_available():

@@ -311,3 +311,24 @@ def test_quant_linear_module_is_native_linear_on_the_dequantized_weight(
             module(x.double())
     with pytest.raises(ValueError, match="does not fit"):
         QuantLinear(torch.nn.Linear(96, 99), weight, quant)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_quant_linear_rows_are_the_same_bits_on_either_side_of_max_rows(
+    quant: QuantLinearKernel, linear_kernel: LinearKernel, fmt: QuantFormat
+) -> None:
+    """Few rows compute from the blocks, more through the float kernel over their
+    de-quantization: which one ran must not show in the result (batch invariance)."""
+    weight = random_weight(fmt, 72, 64, seed=11)
+    linear = torch.nn.Linear(64, 72)
+    with torch.no_grad():  # not the de-quantized weight: the module must not read it
+        linear.weight.normal_()
+    module = QuantLinear(linear, weight, quant, linear_kernel, max_rows=3)
+    blocks_only = QuantLinear(linear, weight, quant)
+    assert blocks_only.max_rows > 1 << 32  # without a float kernel: always the blocks
+    x = torch.randn(16, 64)
+    with torch.inference_mode():
+        for m in range(1, 17):
+            expected = run_quant(quant, weight, x[:m], linear.bias)
+            assert torch.equal(module.rows(x[:m].contiguous()), expected), m
+            assert torch.equal(blocks_only.rows(x[:m].contiguous()), expected), m
