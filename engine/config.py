@@ -13,9 +13,22 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 class DType(enum.Enum):
     """Element type of weights and KV cache."""
 
+    AUTO = "auto"
+    """The device's: bfloat16 on CUDA (float16 on a GPU without bfloat16), float32 elsewhere
+    (the CPU kernels are float32's; CPUs without AMX gain nothing from bfloat16)."""
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
+
+    def resolve(self, device_type: str, has_bfloat16: bool = True) -> DType:
+        """The dtype this choice means on a ``device_type`` (``"cpu"``, ``"cuda"``) device;
+        ``has_bfloat16``: whether that GPU computes in bfloat16 natively. Only AUTO depends
+        on them."""
+        if self is not DType.AUTO:
+            return self
+        if device_type != "cuda":
+            return DType.FLOAT32
+        return DType.BFLOAT16 if has_bfloat16 else DType.FLOAT16
 
 
 @dataclass(frozen=True)
@@ -24,7 +37,8 @@ class ModelConfig:
 
     model: str = DEFAULT_MODEL
     """The default model's name, a local transformers folder, or a hub id in the local cache."""
-    dtype: DType = DType.FLOAT32
+    dtype: DType = DType.AUTO
+    """AUTO: the device's (:meth:`DType.resolve`); both tiers must end with the same one."""
     device: str = "auto"
     """"auto" picks CUDA when a GPU is present, else CPU."""
     cache_dir: Path | None = None

