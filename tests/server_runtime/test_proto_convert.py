@@ -10,7 +10,7 @@ import pytest
 from core.pool_stats import PoolStats
 from core.sampling import FinishReason, SamplingParams, TokenLogprob
 from core.structured_output import GrammarKind, StructuredOutput
-from core.ticket import Fingerprint, TransferTicket
+from core.ticket import Fingerprint, IncompatiblePeerError, TransferTicket, check_ticket
 from protos.pdserve.v1 import common_pb2, generation_pb2, worker_pb2
 from server_runtime.proto_convert import (
     DEFAULT_MAX_TOKENS,
@@ -184,3 +184,28 @@ def test_no_structured_output_stays_unset() -> None:
     msg = sampling_to_proto(SamplingParams())
     assert not msg.HasField("structured_output")
     assert sampling_from_proto(msg).structured is None
+
+
+def _ticket(fp: Fingerprint) -> TransferTicket:
+    return TransferTicket(bytes(range(16)), "tcp://10.0.0.7:50081", (5, 9, 2), 60.0, fp, 1)
+
+
+@pytest.mark.parametrize("weights", ["float", "gguf:Q4_1+Q8_0", "int8:q8_0"])
+def test_the_fingerprint_s_weights_round_trip(weights: str) -> None:
+    ticket = _ticket(dataclasses.replace(FINGERPRINT, weights=weights))
+    msg = ticket_to_proto(ticket)
+    assert msg.fingerprint.weights == weights
+    wire = worker_pb2.TransferTicket.FromString(msg.SerializeToString())
+    assert ticket_from_proto(wire) == ticket
+    field = worker_pb2.KVFingerprint.DESCRIPTOR.fields_by_name["weights"]
+    assert field.number == 11 and field.type == field.TYPE_STRING
+
+
+def test_a_ticket_without_weights_is_refused_naming_them() -> None:
+    """What a decode worker built before the field sends: no weights, refused by name."""
+    msg = ticket_to_proto(_ticket(FINGERPRINT))
+    msg.fingerprint.ClearField("weights")
+    ticket = ticket_from_proto(worker_pb2.TransferTicket.FromString(msg.SerializeToString()))
+    assert ticket.fingerprint.weights == ""
+    with pytest.raises(IncompatiblePeerError, match="decode worker's weights is ''"):
+        check_ticket(ticket, FINGERPRINT, num_prompt_blocks=3)
