@@ -57,9 +57,8 @@ GROUPS = (SERVER, TRANSFER, MODEL, ENGINE, LOG, SERVER_TLS, DRAIN, WORKER_ADMISS
 
 def decode_config(args: argparse.Namespace) -> DecodeConfig:
     from decode_service.worker import DecodeConfig
+    from kvtransfer.config import check_backend_device
 
-    return DecodeConfig(
-        engine=engine_config(args),
-        transfer=transfer_config(args),
-        **SERVER.fields(args),
-    )
+    engine, transfer = engine_config(args), transfer_config(args)
+    check_backend_device(transfer.backend, engine.model.device)  # before the model loads
+    return DecodeConfig(engine=engine, transfer=transfer, **SERVER.fields(args))

@@ -22,7 +22,7 @@ from engine.async_engine import AsyncEngine, RequestHandle
 from engine.config import EngineConfig
 from engine.kv_connector import ImportQueue
 from engine.model_loader import ModelSpec
-from kvtransfer.config import TransferConfig, fingerprint_for
+from kvtransfer.config import TransferConfig, check_backend_device, fingerprint_for
 from kvtransfer.receiver import KVReceiver
 
 log = structlog.get_logger(__name__)
@@ -50,6 +50,7 @@ class DecodeWorker:
         self.engine = engine
         self.spec: ModelSpec = engine.spec
         kv = engine.kv_store()
+        check_backend_device(config.transfer.backend, kv.device)
         self.fingerprint = fingerprint_for(engine.spec, kv, config.transfer)
         self.imports = ImportQueue()
         engine.set_import_connector(self.imports)

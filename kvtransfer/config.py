@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
+
 from core.ticket import Fingerprint
+from engine.device import select_device
 from engine.kv_cache import KVCache
 from engine.model_files import ModelSpec
 from kvtransfer import wire
 from kvtransfer.modes import Backend as Backend
+from kvtransfer.modes import BackendDeviceError as BackendDeviceError
 from kvtransfer.modes import Streaming as Streaming
-from kvtransfer.modes import encryption_refusal
+from kvtransfer.modes import device_refusal, encryption_refusal
 
 
 @dataclass(frozen=True)
@@ -61,3 +66,13 @@ def fingerprint_for(spec: ModelSpec, kv: KVCache, transfer: TransferConfig) -> F
         integrity=transfer.integrity,
         weights=spec.weights,
     )
+
+
+def check_backend_device(backend: Backend, device: str | torch.device) -> None:
+    """Raise :class:`BackendDeviceError` when ``backend`` cannot move the pages of a KV cache
+    on ``device``: a ``--device`` value (``auto`` resolved as the engine will resolve it) or
+    the cache's own device. Both tiers call it at start, before loading the model."""
+    where = select_device(device) if isinstance(device, str) else device
+    refusal = device_refusal(backend, where.type, dist.is_nccl_available())
+    if refusal is not None:
+        raise BackendDeviceError(refusal)

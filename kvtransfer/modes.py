@@ -43,6 +43,36 @@ def encryption_refusal(encrypt: bool, keyed: bool, backend: Backend) -> str | No
     return None
 
 
+class BackendDeviceError(ValueError):
+    """``--kv-backend`` cannot move KV pages held where this worker holds them (``--device``):
+    refused at start, like any other contradictory setting (exit status 2)."""
+
+
+def device_refusal(backend: Backend, device_type: str, nccl_available: bool = True) -> str | None:
+    """Why ``backend`` cannot carry the pages of a KV cache on a ``device_type`` (``"cpu"``,
+    ``"cuda"``) device, or None when it can; ``nccl_available``: whether this torch build has
+    NCCL. zmq and stream stage pages through the host, so they carry any device's."""
+    if backend is Backend.NCCL:
+        if device_type != "cuda":
+            return (
+                f"--kv-backend nccl moves CUDA tensors, but this worker's KV cache is on "
+                f"{device_type} (--device; auto means cpu when torch sees no GPU): use "
+                "--kv-backend zmq or stream, or run the workers on GPUs"
+            )
+        if not nccl_available:
+            return (
+                "--kv-backend nccl needs a torch build with NCCL "
+                "(torch.distributed.is_nccl_available() is False here): use zmq or stream"
+            )
+    if backend is Backend.GLOO and device_type != "cpu":
+        return (
+            f"--kv-backend gloo moves CPU tensors only and stages nothing through the host, "
+            f"but this worker's KV cache is on {device_type}: use --kv-backend nccl between "
+            "GPUs, or zmq or stream (they copy pages through the host)"
+        )
+    return None
+
+
 class Streaming(enum.Enum):
     LAYERWISE = "layerwise"  # push each layer's pages as soon as that layer is computed
     AFTER_PREFILL = "after-prefill"  # push everything once the prefill is done (comparison)

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.settings import Group, Setting, env_value
-from kvtransfer.modes import Backend, Streaming, encryption_refusal
+from kvtransfer.modes import (
+    Backend,
+    BackendDeviceError,
+    Streaming,
+    device_refusal,
+    encryption_refusal,
+)
 
 if TYPE_CHECKING:
     from kvtransfer.config import TransferConfig
@@ -90,13 +96,20 @@ TRANSFER = Group(
 )
 
 
-def check_flags(args: argparse.Namespace, keyed: bool) -> None:
+def check_flags(args: argparse.Namespace, keyed: bool, device: str = "auto") -> None:
     """Raise ValueError for a combination of the channel's flags that no worker could start
     with (torch-free: a launcher checks before it starts any; ``keyed``: whether the workers
-    will have the fleet key, which a launcher may generate)."""
-    refusal = encryption_refusal(args.kv_encrypt, keyed, Backend(args.kv_backend))
+    will have the fleet key, which a launcher may generate; ``device``: the workers'
+    ``--device``, checked against the backend unless ``auto``, which only a worker resolves:
+    :class:`~kvtransfer.modes.BackendDeviceError`)."""
+    backend = Backend(args.kv_backend)
+    refusal = encryption_refusal(args.kv_encrypt, keyed, backend)
     if refusal is not None:
         raise ValueError(refusal)
+    if device != "auto":
+        refusal = device_refusal(backend, device.split(":")[0])
+        if refusal is not None:
+            raise BackendDeviceError(refusal)
 
 
 def transfer_config(args: argparse.Namespace) -> TransferConfig:

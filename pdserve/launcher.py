@@ -243,7 +243,8 @@ def _refused(args: argparse.Namespace) -> str | None:
     if args.restart_limit < 0 or min(args.restart_delay, args.restart_window) <= 0:
         return "need --restart-limit >= 0, --restart-delay > 0 and --restart-window > 0"
     try:  # what every worker would refuse: better said once than crash-looped
-        check_flags(args, keyed=not args.kv_insecure)  # up makes a key unless insecure
+        keyed = not args.kv_insecure  # up makes a key unless insecure
+        check_flags(args, keyed=keyed, device=args.device)
     except ValueError as exc:
         return str(exc)
     return None

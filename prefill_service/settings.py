@@ -30,8 +30,9 @@ GROUPS = (SERVER, TRANSFER, MODEL, ENGINE, LOG, SERVER_TLS, DRAIN, WORKER_ADMISS
 
 
 def prefill_config(args: argparse.Namespace) -> PrefillConfig:
+    from kvtransfer.config import check_backend_device
     from prefill_service.worker import PrefillConfig
 
-    return PrefillConfig(
-        engine=engine_config(args), transfer=transfer_config(args), **SERVER.fields(args)
-    )
+    engine, transfer = engine_config(args), transfer_config(args)
+    check_backend_device(transfer.backend, engine.model.device)  # before the model loads
+    return PrefillConfig(engine=engine, transfer=transfer, **SERVER.fields(args))

@@ -22,7 +22,7 @@ from core.ticket import TransferTicket, check_ticket
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.kv_connector import ExportMode, LayerPages
-from kvtransfer.config import Streaming, TransferConfig, fingerprint_for
+from kvtransfer.config import Streaming, TransferConfig, check_backend_device, fingerprint_for
 from kvtransfer.sender import KVSender, TransferBackpressureError, TransferSpec
 from server_runtime.metrics import WorkerMetrics
 
@@ -89,7 +89,9 @@ class PrefillWorker:
         self.config = config
         self.engine = engine
         self.metrics = metrics
-        self.fingerprint = fingerprint_for(engine.spec, engine.kv_store(), config.transfer)
+        kv = engine.kv_store()
+        check_backend_device(config.transfer.backend, kv.device)
+        self.fingerprint = fingerprint_for(engine.spec, kv, config.transfer)
         self.sender = KVSender(
             self.fingerprint,
             config.transfer.auth(),
