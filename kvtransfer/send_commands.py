@@ -14,6 +14,7 @@ from typing import TypeAlias
 import torch
 
 from kvtransfer.send_budget import TransferSpec
+from kvtransfer.staging import StagedPages
 
 __all__ = ["Abort", "Command", "Finish", "Open", "Retract", "SendPages"]
 
@@ -33,13 +34,15 @@ class Open:
 class SendPages:
     """Pages ``(L', 2, n, bs, KVH, D)`` for layers from ``layer_start``, already checked and
     counted as ``nbytes`` queued for ``endpoint`` in the :class:`SendBudget`: whoever takes
-    this command off a queue (sent or dropped) releases them."""
+    this command off a queue (sent or dropped) releases them, and with them its ``staged``
+    host copy (CUDA pages on a socket backend: ``kvtransfer.staging``), if any."""
 
     transfer_id: bytes
     layer_start: int
     pages: torch.Tensor
     nbytes: int
     endpoint: str
+    staged: StagedPages | None = None
 
 
 @dataclass(frozen=True)

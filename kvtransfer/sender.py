@@ -10,7 +10,9 @@ having said so (a lost connection, an ack timeout, a "handshake required" nack, 
 is retracted: an ABORT for it follows on the peer's next handshake, which begins at once, so
 the decode worker frees its reservation now, not at its lease. An ack timeout also replaces
 the peer's socket (a fresh connection, not one stuck in TCP's retransmission backoff).
-``send_pages`` blocks while its peer is over ``max_queued_bytes`` (:class:`SendBudget`). The
+``send_pages`` blocks while its peer is over ``max_queued_bytes`` (:class:`SendBudget`); on
+the stream backend it starts CUDA pages' copy to pinned host buffers on a side stream
+(``kvtransfer.staging``, as many bytes as the budget at most; beyond, pages go as before). The
 commands are ``kvtransfer.send_commands``'s, a peer's handshake and wire
 ``kvtransfer.send_peer``'s.
 """
@@ -38,6 +40,7 @@ from kvtransfer.metrics import TransferStats
 from kvtransfer.send_budget import SendBudget, TransferBackpressureError, TransferSpec, check_pages
 from kvtransfer.send_commands import Abort, Command, Finish, Open, Retract, SendPages
 from kvtransfer.send_peer import Peer, PeerState
+from kvtransfer.staging import HostStager, StagingPool
 
 __all__ = ["KVSender", "SentCallback", "TransferBackpressureError", "TransferSpec"]
 
@@ -89,6 +92,10 @@ class KVSender:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._budget = SendBudget(max_queued_bytes)
+        # the stream backend's sendmsg has copied a payload when it returns, so its buffer
+        # may be reused at once; ZeroMQ's zero-copy send holds it longer (kept on .cpu())
+        streamed = self.backend is Backend.STREAM
+        self._stager = HostStager(StagingPool(max_queued_bytes)) if streamed else None
         self.stats = TransferStats(self.backend.value)
 
     def start(self) -> None:
@@ -131,7 +138,10 @@ class KVSender:
         if not self._budget.reserve(spec.endpoint, nbytes, self._ack_timeout, self._stop):
             self._put(Abort(transfer_id, "backpressure timeout"))
             raise TransferBackpressureError(f"decode worker {spec.endpoint} is not draining")
-        self._put(SendPages(transfer_id, layer_start, pages, nbytes, spec.endpoint))
+        staged = None
+        if self._stager is not None and pages.device.type == "cuda":
+            staged = self._stager.try_stage(pages)  # None: the sending thread copies them
+        self._put(SendPages(transfer_id, layer_start, pages, nbytes, spec.endpoint, staged))
 
     def finish(self, transfer_id: bytes, first_token_id: int) -> None:
         """All pages are queued: send DONE with the first token and await the ack."""
@@ -238,9 +248,10 @@ class KVSender:
         tid = command.transfer_id
         transfer = self._transfers.get(tid)
         match command:
-            case SendPages(layer_start=layer_start, pages=pages):
+            case SendPages(layer_start=layer_start, pages=pages, staged=staged):
                 try:
                     if transfer is not None and transfer.failed is None:
+                        pages = pages if staged is None else staged.wait()
                         transfer.sent = True
                         nbytes = peer.send_page(
                             self.backend, self._auth, transfer.spec, layer_start, pages
@@ -392,6 +403,8 @@ class KVSender:
     def _release_bytes(self, command: SendPages) -> None:
         """A pages command left the queue (sent or dropped): its bytes leave the budget."""
         self._budget.release(command.endpoint, command.nbytes)
+        if command.staged is not None:
+            command.staged.release()
 
 
 def _close_fds(*fds: int) -> None:
