@@ -13,6 +13,9 @@ A HELLO also names its sender (a random id per :class:`~kvtransfer.sender.KVSend
 same MAC): the decode worker binds each reservation to the sender that first wrote to it
 (:func:`sender_of`), so that sender may end it from a new connection (an ABORT after a
 reconnect) and no other peer can.
+
+A HELLO also states how much of a PAGE its tag covers (:func:`payload_integrity`), and the
+decode worker logs it with the peer it accepts: on nccl only the header is sealed.
 """
 
 from __future__ import annotations
@@ -43,13 +46,28 @@ def peer_fingerprint(fields: dict[str, Any]) -> Fingerprint:
 
 MAX_SENDER_ID_CHARS = 64
 
+HEADER_ONLY = "header_only"
+TAGGED = "header_and_payload"
+
+
+def payload_integrity(backend: str) -> str:
+    """What a PAGE's tag (MAC or checksum) covers on ``backend``: :data:`TAGGED` (header and
+    payload), or :data:`HEADER_ONLY` on nccl, whose payload goes GPU to GPU through
+    torch.distributed without its bytes ever reaching the host: a forged or corrupted nccl
+    payload under an authentic header is not detected (a known limitation)."""
+    return HEADER_ONLY if backend == "nccl" else TAGGED
+
 
 def hello_fields(
     fingerprint: Fingerprint, clock: Callable[[], float] = time.time, sender: str = ""
 ) -> dict[str, Any]:
-    """What a HELLO carries: the sender's fingerprint, when it was sent (wall clock) and, if
-    given, the sender's id."""
-    fields: dict[str, Any] = {"fingerprint": fingerprint.to_fields(), "sent_at": clock()}
+    """What a HELLO carries: the sender's fingerprint, when it was sent (wall clock), what
+    its PAGE tags cover (:func:`payload_integrity`) and, if given, the sender's id."""
+    fields: dict[str, Any] = {
+        "fingerprint": fingerprint.to_fields(),
+        "sent_at": clock(),
+        "payload_integrity": payload_integrity(fingerprint.backend),
+    }
     if sender:
         fields["sender"] = sender
     return fields

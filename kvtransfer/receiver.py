@@ -350,7 +350,8 @@ class KVReceiver:
         )
         sender = sender_of(hello.fields, identity)
         self._peers.admit(identity, theirs, sender, offer, replaces=self._auth.key is not None)
-        log.info("kv_peer_accepted", backend=self.backend.value)
+        integrity = str(hello.fields.get("payload_integrity", "unstated"))[:32]
+        log.info("kv_peer_accepted", backend=self.backend.value, payload_integrity=integrity)
 
     def _refuse_stranger(self, identity: bytes, header: wire.Header) -> None:
         """An authentic frame from a peer that has not handshaken with this process (it

@@ -8,10 +8,13 @@ from core.ticket import LAYOUT, Fingerprint, IncompatiblePeerError, check_match
 from kvtransfer import wire
 from kvtransfer.datapath import Backend
 from kvtransfer.handshake import (
+    HEADER_ONLY,
     MAX_SENDER_ID_CHARS,
+    TAGGED,
     HelloGuard,
     StaleHelloError,
     hello_fields,
+    payload_integrity,
     sender_of,
 )
 from tests.kvtransfer.harness import MISMATCHES, fingerprint, mismatched
@@ -115,3 +118,11 @@ def test_remembered_hellos_are_forgotten_once_they_could_not_be_fresh() -> None:
 )
 def test_a_hello_names_its_sender_or_its_connection_stands_in(fields: dict, who: str) -> None:
     assert sender_of(fields, b"\x01\x02") == who
+
+
+def test_the_hello_states_what_page_tags_cover() -> None:
+    assert payload_integrity("nccl") == HEADER_ONLY  # the payload never reaches the host
+    for backend in (Backend.ZMQ, Backend.STREAM, Backend.GLOO):
+        assert payload_integrity(backend.value) == TAGGED
+        assert hello_fields(fingerprint(backend))["payload_integrity"] == TAGGED
+    assert hello_fields(fingerprint(Backend.NCCL))["payload_integrity"] == HEADER_ONLY
