@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine.attention_varlen import VarlenBatch, varlen_attend
 from engine.kernels import PagedAttentionKernel
 from engine.kv_cache import KVCache
 
@@ -76,6 +77,8 @@ class AttentionBatch:
     prefill: PrefillGroup | None
     native: NativeDecode | None  # instead of ``decode`` groups: every decode token, from 0
     workspace: torch.Tensor  # (>= 2 * max(B * MB) * bs * KVH * D,) scratch for gathered K and V
+    varlen: VarlenBatch | None = None  # CUDA: every token through one FlashAttention call
+    # (:mod:`engine.attention_varlen`), instead of ``decode``, ``prefill`` and ``native``
 
 
 def paged_attention(
@@ -113,6 +116,7 @@ def attend(
         packed tokens   [ d0 d1 d2 | d3 d4 ... | p0 p0 p0 p0 p1 p1 p1 ... ]
                           decode groups          prefill group (starts at Bd)
 
+    - with ``batch.varlen`` (CUDA), all of them in one FlashAttention call over the pool;
     - decode tokens: with the native kernel (:mod:`engine.kernels`, CPU), all at once, each
       reading its context's blocks in place. Otherwise each decode group (similar context
       lengths, so padding stays small; a few groups at most) gathers its sequences' whole blocks
@@ -128,6 +132,8 @@ def attend(
     slots = layer_kv.view(2, -1, cache.num_kv_heads, cache.head_dim)  # (2, NB * bs, KVH, D)
     slots[0].index_copy_(0, batch.slot_mapping, k.transpose(0, 1))  # (N, KVH, D) each
     slots[1].index_copy_(0, batch.slot_mapping, v.transpose(0, 1))
+    if batch.varlen is not None:
+        return varlen_attend(batch.varlen, layer_kv, q, scale)
 
     num_heads, num_tokens, head_dim = q.shape
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)

@@ -24,6 +24,7 @@ from engine.attention import (
     NativeDecode,
     PrefillGroup,
 )
+from engine.attention_varlen import SeqSpan, VarlenBatch, VarlenKernel, build_varlen_batch
 from engine.kernels import LayerOps, LinearKernel, PagedAttentionKernel
 from engine.kernels.quant_linear import QuantLinearKernel
 from engine.kv_cache import KVCache
@@ -62,6 +63,7 @@ class ModelRunner:
         grammars: GrammarManager | None = None,
         weights: WeightPlan = FLOAT_PLAN,
         quant: QuantLinearKernel | None = None,
+        varlen: VarlenKernel | None = None,
     ) -> None:
         """Takes the model over: Llama-family models run through :class:`LlamaForward` (fused
         projections, no per-step module overhead), others through transformers with
@@ -71,8 +73,10 @@ class ModelRunner:
         attend through it (see :mod:`engine.kernels`). ``grammars`` masks the rows of
         sequences with a structured-output constraint (required to run any). ``weights`` says
         which layers compute from quantized blocks, through ``quant``
-        (:mod:`engine.quantized_weights`)."""
+        (:mod:`engine.quantized_weights`). With ``varlen`` (CUDA), every token attends through
+        it in one call per layer instead (:mod:`engine.attention_varlen`)."""
         self.model = model
+        self.varlen = varlen
         self.weights = weights
         self.grammars = grammars
         self.kernel = kernel
@@ -199,7 +203,11 @@ class ModelRunner:
             last_index.append(len(positions) - 1)
         native = None
         decode: tuple[DecodeGroup, ...] = ()
-        if self.kernel is not None and num_decode:
+        prefill = None
+        varlen = None
+        if self.varlen is not None and items:
+            varlen = self._varlen_batch(self.varlen, items)
+        elif self.kernel is not None and num_decode:
             native = self._native_decode(self.kernel, items[:num_decode])
         else:
             decode = tuple(
@@ -208,8 +216,7 @@ class ModelRunner:
                     [-(-(item.seq.num_computed_tokens + 1) // bs) for item in items[:num_decode]]
                 )
             )
-        prefill = None
-        if num_decode < len(items):
+        if varlen is None and num_decode < len(items):
             prefill = self._prefill_group(items[num_decode:], start=num_decode)
         sampled = [k for k, item in enumerate(items) if item.sample]
         dev = self.device
@@ -220,6 +227,7 @@ class ModelRunner:
             prefill=prefill,
             native=native,
             workspace=self._workspace_for(decode, prefill),
+            varlen=varlen,
         )
         return ModelInputs(
             input_ids=torch.tensor([input_ids], dtype=torch.long, device=dev),
@@ -231,6 +239,13 @@ class ModelRunner:
             sample_requests=[sample_request(items[k].seq) for k in sampled],
             sample_items=[order[k] for k in sampled],
         )
+
+    def _varlen_batch(self, kernel: VarlenKernel, items: Sequence[ScheduledSeq]) -> VarlenBatch:
+        spans = [
+            SeqSpan(item.seq.num_computed_tokens, item.num_new_tokens, item.seq.block_table)
+            for item in items
+        ]
+        return build_varlen_batch(spans, self.kv_cache.block_size, self.device, kernel)
 
     def _native_decode(
         self, kernel: PagedAttentionKernel, items: Sequence[ScheduledSeq]
