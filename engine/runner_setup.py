@@ -1,11 +1,19 @@
-"""An engine's model runner, assembled from its config: the native kernels it takes and the
-weights its linear layers compute from (:mod:`engine.native`, :mod:`engine.quantized_weights`)."""
+"""An engine's model runner, assembled from its config: the native kernels it takes, the
+weights its linear layers compute from and its attention path (:mod:`engine.native`,
+:mod:`engine.quantized_weights`, :mod:`engine.attention_varlen`)."""
 
 from __future__ import annotations
 
 import structlog
 import torch
 
+from engine.attention_varlen import (
+    AttentionBackend,
+    VarlenKernel,
+    choose_attention_backend,
+    detect_varlen_support,
+    load_varlen_kernel,
+)
 from engine.config import DEFAULT_MODEL, EngineConfig, WeightsChoice
 from engine.kv_cache import KVCache
 from engine.model_files import is_default_model
@@ -35,14 +43,35 @@ def build_runner(
     name = DEFAULT_MODEL if is_default_model(config.model) else config.model.model
     weights = plan_weights(config.weights, name, model, quant is not None)
     log.info("weights_planned", weights=weights.label)
+    kernel = load_attention_kernel(config, dtype, device)
     return ModelRunner(
         model,
         kv_cache,
         Sampler(),
-        load_attention_kernel(config, dtype, device),
+        kernel,
         load_linear_kernel(config, dtype, device),
         load_layer_ops(config, dtype, device),
         grammars=grammars,
         weights=weights,
         quant=None if weights.choice is WeightsChoice.FLOAT else quant,
+        varlen=_varlen_kernel(kv_cache, native_kernel=kernel is not None),
     )
+
+
+def _varlen_kernel(kv_cache: KVCache, native_kernel: bool) -> VarlenKernel | None:
+    """The varlen FlashAttention kernel when this device, dtype and pool can use it (CUDA
+    only); logs the attention path chosen and why either way."""
+    device = kv_cache.device
+    support = detect_varlen_support(device)
+    choice = choose_attention_backend(
+        device, kv_cache.dtype, kv_cache.block_size, kv_cache.head_dim, support, native_kernel
+    )
+    log.info(
+        "attention_backend_chosen",
+        backend=choice.backend.value,
+        reason=choice.reason,
+        block_size_needed=choice.block_size_needed,
+    )
+    if choice.backend is not AttentionBackend.VARLEN:
+        return None
+    return load_varlen_kernel()
