@@ -144,7 +144,7 @@ def varlen_attend(
         num_splits=1,  # batch invariance
     )
     assert isinstance(out, torch.Tensor)
-    return out
+    return out.contiguous()  # (N, H, D); a no-op unless the kernel kept q's strides
 
 
 class AttentionBackend(enum.Enum):

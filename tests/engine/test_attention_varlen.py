@@ -25,7 +25,9 @@ from engine.attention_varlen import (
     VarlenSupport,
     build_varlen_batch,
     choose_attention_backend,
+    detect_varlen_support,
     load_varlen_kernel,
+    varlen_attend,
     varlen_takes_paged_kv,
 )
 from engine.config import ModelConfig
@@ -80,7 +82,9 @@ def reference_varlen_attn(
         q = query[q0:q1].transpose(0, 1)  # (H, n, D)
         scores = q @ k.transpose(1, 2) * kwargs["scale"]  # (H, n, used)
         n = q1 - q0
-        visible = torch.arange(used)[None, :] <= (used - n + torch.arange(n))[:, None]  # (n, used)
+        ctx_pos = torch.arange(used, device=q.device)
+        q_pos = used - n + torch.arange(n, device=q.device)  # bottom-right aligned
+        visible = ctx_pos[None, :] <= q_pos[:, None]  # (n, used)
         scores = scores.masked_fill(~visible, float("-inf"))
         out[q0:q1] = (scores.softmax(-1) @ v).transpose(0, 1)
     return out
@@ -315,3 +319,72 @@ def test_unsupported_block_size_reports_the_size_needed() -> None:
     choice = choose_attention_backend(CUDA, torch.bfloat16, 300, 64, FULL)
     assert choice.block_size_needed == 2 * VARLEN_PAGE_MULTIPLE
     assert choose_attention_backend(CUDA, torch.bfloat16, 256, 64, FULL).block_size_needed is None
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA_BS, CUDA_H, CUDA_KVH, CUDA_D = VARLEN_PAGE_MULTIPLE, 8, 2, 64
+
+
+def cuda_case(
+    spans: list[SeqSpan], dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random pool and queries on CUDA: layer_kv (2, NB, bs, KVH, D) and q (H, N, D), q as a
+    strided slice of a fused qkv buffer (as :class:`LlamaForward` hands it over)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    num_blocks = 1 + max(max(span.block_table) for span in spans)
+    shape = (2, num_blocks, CUDA_BS, CUDA_KVH, CUDA_D)
+    layer_kv = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+    n = sum(span.num_new for span in spans)
+    qkv = torch.randn((n, CUDA_H + 2 * CUDA_KVH, CUDA_D), generator=gen, device="cuda")
+    return layer_kv, qkv.to(dtype)[:, :CUDA_H].transpose(0, 1)
+
+
+# decode over two blocks, a fresh prompt, a chunk with context, a prefix hit sharing blocks 0-1
+CUDA_SPANS = [
+    SeqSpan(300, 1, [3, 4]),
+    SeqSpan(0, 40, [5]),
+    SeqSpan(266, 50, [6, 7]),
+    SeqSpan(512, 9, [0, 1, 2]),
+]
+
+
+@needs_cuda
+def test_cuda_backend_is_varlen_for_bfloat16() -> None:
+    support = detect_varlen_support(CUDA)
+    choice = choose_attention_backend(CUDA, torch.bfloat16, CUDA_BS, CUDA_D, support)
+    assert choice.backend is AttentionBackend.VARLEN, choice.reason
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_kernel_matches_reference(dtype: torch.dtype) -> None:
+    kernel = load_varlen_kernel()
+    assert kernel is not None
+    layer_kv, q = cuda_case(CUDA_SPANS, dtype)
+    meta = build_varlen_batch(CUDA_SPANS, CUDA_BS, CUDA, kernel)
+    out = varlen_attend(meta, layer_kv, q, CUDA_D**-0.5)  # (N, H, D)
+    assert out.shape == (q.shape[1], CUDA_H, CUDA_D) and out.is_contiguous()
+    ref_meta = build_varlen_batch(CUDA_SPANS, CUDA_BS, CUDA, reference_varlen_attn)
+    expected = varlen_attend(ref_meta, layer_kv.float(), q.float(), CUDA_D**-0.5)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+def test_cuda_kernel_is_batch_invariant() -> None:
+    """num_splits=1: a sequence's output is bitwise the same alone and inside a batch."""
+    kernel = load_varlen_kernel()
+    assert kernel is not None
+    layer_kv, q = cuda_case(CUDA_SPANS, torch.bfloat16, seed=1)
+    batch = varlen_attend(
+        build_varlen_batch(CUDA_SPANS, CUDA_BS, CUDA, kernel), layer_kv, q, CUDA_D**-0.5
+    )
+    offset = 0
+    for span in CUDA_SPANS:
+        alone = varlen_attend(
+            build_varlen_batch([span], CUDA_BS, CUDA, kernel),
+            layer_kv,
+            q[:, offset : offset + span.num_new],
+            CUDA_D**-0.5,
+        )
+        assert torch.equal(alone, batch[offset : offset + span.num_new])
+        offset += span.num_new
