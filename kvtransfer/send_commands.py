@@ -44,6 +44,15 @@ class SendPages:
     endpoint: str
     staged: StagedPages | None = None
 
+    def ready(self) -> torch.Tensor:
+        """The pages to send: the staged host copy once its copy is done, else ``pages``."""
+        return self.pages if self.staged is None else self.staged.wait()
+
+    def release_staged(self) -> None:
+        """Give the staged copy's buffer back (sent or dropped; again is harmless)."""
+        if self.staged is not None:
+            self.staged.release()
+
 
 @dataclass(frozen=True)
 class Finish:

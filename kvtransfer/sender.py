@@ -10,9 +10,7 @@ having said so (a lost connection, an ack timeout, a "handshake required" nack, 
 is retracted: an ABORT for it follows on the peer's next handshake, which begins at once, so
 the decode worker frees its reservation now, not at its lease. An ack timeout also replaces
 the peer's socket (a fresh connection, not one stuck in TCP's retransmission backoff).
-``send_pages`` blocks while its peer is over ``max_queued_bytes`` (:class:`SendBudget`); on
-the stream backend it starts CUDA pages' copy to pinned host buffers on a side stream
-(``kvtransfer.staging``, as many bytes as the budget at most; beyond, pages go as before). The
+``send_pages`` blocks while its peer is over ``max_queued_bytes`` (:class:`SendBudget`). The
 commands are ``kvtransfer.send_commands``'s, a peer's handshake and wire
 ``kvtransfer.send_peer``'s.
 """
@@ -40,7 +38,7 @@ from kvtransfer.metrics import TransferStats
 from kvtransfer.send_budget import SendBudget, TransferBackpressureError, TransferSpec, check_pages
 from kvtransfer.send_commands import Abort, Command, Finish, Open, Retract, SendPages
 from kvtransfer.send_peer import Peer, PeerState
-from kvtransfer.staging import HostStager, StagingPool
+from kvtransfer.staging import stager_for
 
 __all__ = ["KVSender", "SentCallback", "TransferBackpressureError", "TransferSpec"]
 
@@ -92,10 +90,7 @@ class KVSender:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._budget = SendBudget(max_queued_bytes)
-        # the stream backend's sendmsg has copied a payload when it returns, so its buffer
-        # may be reused at once; ZeroMQ's zero-copy send holds it longer (kept on .cpu())
-        streamed = self.backend is Backend.STREAM
-        self._stager = HostStager(StagingPool(max_queued_bytes)) if streamed else None
+        self._stager = stager_for(self.backend, max_queued_bytes)  # CUDA pages to the host
         self.stats = TransferStats(self.backend.value)
 
     def start(self) -> None:
@@ -138,9 +133,7 @@ class KVSender:
         if not self._budget.reserve(spec.endpoint, nbytes, self._ack_timeout, self._stop):
             self._put(Abort(transfer_id, "backpressure timeout"))
             raise TransferBackpressureError(f"decode worker {spec.endpoint} is not draining")
-        staged = None
-        if self._stager is not None and pages.device.type == "cuda":
-            staged = self._stager.try_stage(pages)  # None: the sending thread copies them
+        staged = None if self._stager is None else self._stager.try_stage(pages)  # never waits
         self._put(SendPages(transfer_id, layer_start, pages, nbytes, spec.endpoint, staged))
 
     def finish(self, transfer_id: bytes, first_token_id: int) -> None:
@@ -173,19 +166,15 @@ class KVSender:
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self._wake_r, 4096):
                         pass
-            try:
-                command: Command | None = self._commands.get_nowait()
-            except queue.Empty:
-                command = None
-            while command is not None:
+            while True:
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
                 try:
                     self._route(command)
                 except Exception as exc:  # bad input fails its transfer, never this thread
                     self._fail(command.transfer_id, f"error: {exc}")
-                try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
-                    command = None
             for peer in list(self._peers.values()):
                 if peer.lost_connection():
                     self._lost(peer)
@@ -248,13 +237,12 @@ class KVSender:
         tid = command.transfer_id
         transfer = self._transfers.get(tid)
         match command:
-            case SendPages(layer_start=layer_start, pages=pages, staged=staged):
+            case SendPages(layer_start=layer_start):
                 try:
                     if transfer is not None and transfer.failed is None:
-                        pages = pages if staged is None else staged.wait()
                         transfer.sent = True
                         nbytes = peer.send_page(
-                            self.backend, self._auth, transfer.spec, layer_start, pages
+                            self.backend, self._auth, transfer.spec, layer_start, command.ready()
                         )
                         self.stats.pages += 1
                         self.stats.bytes += nbytes
@@ -403,8 +391,7 @@ class KVSender:
     def _release_bytes(self, command: SendPages) -> None:
         """A pages command left the queue (sent or dropped): its bytes leave the budget."""
         self._budget.release(command.endpoint, command.nbytes)
-        if command.staged is not None:
-            command.staged.release()
+        command.release_staged()
 
 
 def _close_fds(*fds: int) -> None:

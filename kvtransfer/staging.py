@@ -32,7 +32,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["HostStager", "StagedPages", "StagingBuffer", "StagingExhaustedError", "StagingPool"]
+from kvtransfer.modes import Backend
+
+__all__ = [
+    "HostStager",
+    "StagedPages",
+    "StagingBuffer",
+    "StagingExhaustedError",
+    "StagingPool",
+    "stager_for",
+]
 
 _GRANULE = 4096  # buffer sizes are rounded up to this, so near sizes share buffers
 
@@ -226,8 +235,11 @@ class HostStager:
         return StagedPages(buffer.tensor, buffer, done, self.pool)
 
     def try_stage(self, pages: torch.Tensor) -> StagedPages | None:
-        """:meth:`stage` without waiting: None (counted in ``misses``) when the pool has no
-        room now, and the caller copies the pages another way."""
+        """:meth:`stage` for CUDA pages, without waiting; None for pages elsewhere (nothing
+        to stage) or when the pool has no room now (counted in ``misses``): the caller then
+        sends ``pages`` as they are (a socket backend copies them with ``.cpu()``)."""
+        if pages.device.type != "cuda":
+            return None
         try:
             return self.stage(pages)
         except StagingExhaustedError:
@@ -239,3 +251,12 @@ class HostStager:
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device)
         return stream
+
+
+def stager_for(backend: Backend, max_bytes: int) -> HostStager | None:
+    """What a sender on ``backend`` stages CUDA pages with (``max_bytes`` of buffers at most):
+    a stager on the stream backend, whose ``sendmsg`` has copied a payload when it returns, so
+    its buffer may be reused at once; None elsewhere: ZeroMQ's zero-copy send may still read a
+    payload after it returns (its pages stay on fresh ``.cpu()`` memory), nccl sends the CUDA
+    tensor itself and gloo's pages are on the CPU already. Allocates nothing yet."""
+    return HostStager(StagingPool(max_bytes)) if backend is Backend.STREAM else None

@@ -12,9 +12,16 @@ import torch
 
 from core.ticket import Fingerprint
 from kvtransfer import wire
+from kvtransfer.datapath import Backend
 from kvtransfer.send_commands import SendPages
 from kvtransfer.sender import KVSender, TransferSpec
-from kvtransfer.staging import HostStager, StagedPages, StagingExhaustedError, StagingPool
+from kvtransfer.staging import (
+    HostStager,
+    StagedPages,
+    StagingExhaustedError,
+    StagingPool,
+    stager_for,
+)
 
 MIB = 1 << 20
 
@@ -164,7 +171,7 @@ def test_cpu_pages_pass_through_without_a_copy() -> None:
     staged.release()  # nothing to give back
     assert (pool.lent_bytes, pool.free_bytes) == (0, 0)
     assert stager.streams == 0  # no CUDA stream (or event) made for CPU pages
-    assert stager.try_stage(pages) is not None and stager.misses == 0
+    assert stager.try_stage(pages) is None and stager.misses == 0  # nothing to stage
 
 
 def test_staged_pages_give_their_buffer_back_once() -> None:
@@ -194,6 +201,15 @@ def test_the_sender_queues_cpu_pages_unstaged(backend: str) -> None:
         commands.append(kv._commands.get_nowait())
     sent = [c for c in commands if isinstance(c, SendPages)]
     assert len(sent) == 1 and sent[0].staged is None and sent[0].pages is pages
+    assert sent[0].ready() is pages  # the CPU path sends the very tensor: no copy
     kv._release_bytes(sent[0])  # a dropped command frees its bytes (no buffer to give back)
     assert kv._stager is None or kv._stager.pool.lent_bytes == 0
     assert dataclasses.replace(sent[0]).staged is None
+
+
+def test_only_the_stream_backend_stages() -> None:
+    stager = stager_for(Backend.STREAM, MIB)
+    assert stager is not None and stager.pool.max_bytes == MIB
+    assert (stager.pool.lent_bytes, stager.pool.free_bytes, stager.streams) == (0, 0, 0)
+    for backend in (Backend.ZMQ, Backend.GLOO, Backend.NCCL):
+        assert stager_for(backend, MIB) is None
