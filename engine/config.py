@@ -117,6 +117,9 @@ class EngineConfig:
     linear layers)."""
     weights: WeightsChoice = WeightsChoice.AUTO
     """Float or quantized linear layers (:class:`WeightsChoice`)."""
+    cuda_graphs: bool = True
+    """On CUDA, decode steps replay a CUDA graph per batch-size bucket (``engine.cuda_graphs``)
+    instead of launching each kernel; off CUDA there are none, whatever this says."""
     step_timeout_s: float = 60.0
     """Seconds the busy engine may go without progress (a step begun, a layer finished) before
     the worker declares it stalled and exits (``server_runtime.engine_watchdog``; 0: never).

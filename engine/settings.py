@@ -88,6 +88,12 @@ ENGINE = Group(
             help="do not reuse the KV of prompt prefixes computed before",
         ),
         Setting(
+            "--no-cuda-graphs",
+            switch=True,
+            help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs captured "
+            "per batch-size bucket (1, 2, 4 ... up to --max-num-seqs); ignored off CUDA",
+        ),
+        Setting(
             "--max-num-seqs",
             field="scheduler.max_num_seqs",
             type=int,
@@ -163,5 +169,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         attention_kernel=KernelChoice(args.attention_kernel),
         layer_kernels=KernelChoice(args.layer_kernels),
         weights=WeightsChoice(args.weights),
+        cuda_graphs=not args.no_cuda_graphs,
         **ENGINE.fields(args),
     )
