@@ -186,10 +186,12 @@ def load_varlen_kernel() -> VarlenKernel | None:
 
 
 def detect_varlen_support(device: torch.device) -> VarlenSupport:
+    """What ``device`` offers; off CUDA nothing, without looking (importing the varlen module
+    pulls in ``torch._dynamo``, a second of CPU start-up for nothing)."""
+    if device.type != "cuda":
+        return VarlenSupport(has_varlen=False, takes_block_table=False, capability=None)
     kernel = load_varlen_kernel()
-    capability = None
-    if device.type == "cuda" and torch.cuda.is_available():
-        capability = torch.cuda.get_device_capability(device)
+    capability = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
     return VarlenSupport(
         has_varlen=kernel is not None,
         takes_block_table=kernel is not None and varlen_takes_paged_kv(kernel),

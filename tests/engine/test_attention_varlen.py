@@ -252,6 +252,10 @@ def test_takes_paged_kv_is_read_from_the_signature() -> None:
     assert kernel is not None and varlen_takes_paged_kv(kernel)  # the pinned torch has it
 
 
+def test_nothing_is_looked_up_off_cuda() -> None:
+    assert detect_varlen_support(CPU) == VarlenSupport(False, False, None)
+
+
 FULL = VarlenSupport(has_varlen=True, takes_block_table=True, capability=(9, 0))
 
 
