@@ -3,6 +3,7 @@
 #
 #   scripts/gpu_check.sh              run every step (on the GPU machine)
 #   scripts/gpu_check.sh --dry-run    list the steps and their commands; run none (any machine)
+#   scripts/gpu_check.sh --only install,bench   run these steps alone (a rerun of a part)
 #
 # Steps, each with its own timeout, all inside one budget (GPU_CHECK_BUDGET_S, default 470 s):
 # install the wheels of .whl/ (scripts/fetch_gpu_wheels.sh fills it; the GPU machine has no
@@ -24,12 +25,15 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
 dry_run=0
-for arg in "$@"; do
-    case "$arg" in
+only=""
+while (($#)); do
+    case "$1" in
         --dry-run) dry_run=1 ;;
-        -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "gpu_check.sh: unknown argument: $arg" >&2; exit 2 ;;
+        --only) only=${2:-}; shift ;;
+        -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "gpu_check.sh: unknown argument: $1" >&2; exit 2 ;;
     esac
+    shift
 done
 
 PYTHON=${PYTHON:-python3}
@@ -53,6 +57,8 @@ STEPS=(
     "bench|300|1|$PYTHON benchmarks/gpu_check.py --out $OUT_DIR --budget-s \$((GPU_CHECK_STEP_TIMEOUT - 60))"
 )
 
+selected() { [[ -z $only || ",$only," == *",$1,"* ]]; }
+
 cuda_present() {
     command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1
 }
@@ -61,6 +67,7 @@ if ((dry_run)); then
     echo "gpu_check.sh --dry-run: budget ${BUDGET_S} s, output under $OUT_DIR, PYTHONPATH=$SITE:$ROOT"
     for step in "${STEPS[@]}"; do
         IFS='|' read -r name limit cuda command <<<"$step"
+        selected "$name" || continue
         what="would run"
         ((cuda)) && what="CUDA step, skipped in a dry run; would run"
         echo "step $name (timeout ${limit} s): $what: $command"
@@ -79,13 +86,19 @@ mkdir -p "$OUT_DIR"
 : >"$SUMMARY"
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-if ! cuda_present; then
+needs_cuda=0
+for step in "${STEPS[@]}"; do
+    IFS='|' read -r name limit cuda command <<<"$step"
+    selected "$name" && ((cuda)) && needs_cuda=1
+done
+if ((needs_cuda)) && ! cuda_present; then
     echo "gpu_check.sh: no CUDA device here (nvidia-smi finds none); use --dry-run" | tee -a "$SUMMARY"
     exit 3
 fi
 
 for step in "${STEPS[@]}"; do
     IFS='|' read -r name limit cuda command <<<"$step"
+    selected "$name" || continue
     left=$((DEADLINE - $(date +%s)))
     ((limit > left)) && limit=$left
     if ((limit < 10)); then

@@ -4,6 +4,7 @@ CUDA, and its sections' logic runs on a tiny model on CPU (no figures are assert
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -56,11 +57,38 @@ def test_unknown_argument_is_refused():
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine runs it all")
 def test_a_real_run_without_cuda_stops_at_once(tmp_path: Path):
-    import os
-
     done = _bash(env={**os.environ, "OUT": str(tmp_path)})
     assert done.returncode == 3
     assert "no CUDA device" in (tmp_path / "summary.txt").read_text()
+
+
+def test_only_runs_the_named_steps_with_logs_under_out(tmp_path: Path):
+    """A non-CUDA step alone runs anywhere: its output lands in the log, a line a step in the
+    summary."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = _bash("--only", "versions", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("versions: ok in ")
+    assert summary[-1].startswith("total: ")
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "===== step versions" in log and '"varlen_attn"' in log
+
+
+def test_a_step_past_the_budget_is_skipped(tmp_path: Path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = _bash("--only", "versions", env={**env, "GPU_CHECK_BUDGET_S": "5"})
+    assert done.returncode == 1
+    assert "versions: skipped (time" in (tmp_path / "summary.txt").read_text()
+
+
+def test_dry_run_with_only_lists_those_steps():
+    done = _bash("--dry-run", "--only", "install,bench")
+    assert done.returncode == 0
+    assert [line.split()[1] for line in done.stdout.splitlines() if line.startswith("step ")] == [
+        "install",
+        "bench",
+    ]
 
 
 def test_benchmark_dry_run_and_help(capsys: pytest.CaptureFixture[str]):
