@@ -278,7 +278,7 @@ def section_kv_copy(ctx: Context) -> list[Row]:
     model, spec = load(ctx.folder(ctx.shapes[0]), "bfloat16", ctx.device)
     engine = make_engine(model, spec)
     cache = engine.kv_cache
-    block_ids = list(range(0, 256))  # 256 blocks x 16 tokens: a 4,096-token prompt's KV
+    block_ids = list(range(16384 // cache.block_size))  # a 16,384-token prompt's KV
     pages = cache.gather_pages(block_ids)
     nbytes = pages.numel() * pages.element_size()
     stager = _stager(nbytes)
