@@ -33,7 +33,7 @@ def _bash(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 
 
 def test_dry_run_lists_every_step_and_skips_the_cuda_ones():
-    done = _bash("--dry-run")
+    done = _bash("--dry-run", env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr
     lines = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith("step ")}
     assert tuple(lines) == STEPS
