@@ -13,7 +13,7 @@ import torch.distributed as dist
 from kvtransfer.config import Backend, BackendDeviceError, check_backend_device
 from kvtransfer.modes import device_refusal
 from pdserve import launcher
-from pdserve.cli import build_parser, main
+from pdserve.cli import build_parser
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -83,14 +83,19 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("command", ["prefill", "decode"])
-def test_a_worker_refuses_before_loading_the_model(
-    command: str, clean_env: None, capsys: pytest.CaptureFixture[str]
-) -> None:
-    argv = [command, "--kv-insecure", "--kv-backend", "nccl", "--device", "cpu"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"pdserve {command}: --kv-backend nccl moves CUDA tensors")
-    assert "Traceback" not in err
+def test_a_worker_refuses_before_loading_the_model(command: str) -> None:
+    """In a process of its own, as it runs (main() configures the process's logging)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PDSERVE_")}
+    argv = [sys.executable, "-m", "pdserve.cli", command, "--kv-insecure"]
+    argv += ["--kv-backend", "nccl", "--device", "cpu"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"pdserve {command}: --kv-backend nccl moves CUDA tensors")
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize(
