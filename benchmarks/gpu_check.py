@@ -34,42 +34,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-try:
-    from benchmarks.gpu_check_models import (
-        SHAPES,
-        attention_path,
-        build_random_model,
-        capabilities,
-        copy_bandwidth,
-        engine_has_graphs_setting,
-        free_memory,
-        generated,
-        greedy_reference,
-        load,
-        make_engine,
-        run_to_completion,
-        sequence,
-        sync,
-        weight_bytes,
-    )
-except ImportError:  # run as a script: benchmarks/ is on sys.path, the project root is not
-    from gpu_check_models import (  # type: ignore[no-redef]
-        SHAPES,
-        attention_path,
-        build_random_model,
-        capabilities,
-        copy_bandwidth,
-        engine_has_graphs_setting,
-        free_memory,
-        generated,
-        greedy_reference,
-        load,
-        make_engine,
-        run_to_completion,
-        sequence,
-        sync,
-        weight_bytes,
-    )
+if __package__ in (None, ""):  # run as a script: benchmarks/ is on sys.path, the root is not
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.gpu_check_models import (
+    SHAPES,
+    attention_path,
+    build_random_model,
+    capabilities,
+    copy_bandwidth,
+    engine_has_graphs_setting,
+    free_memory,
+    generated,
+    greedy_reference,
+    load,
+    make_engine,
+    run_to_completion,
+    sequence,
+    sync,
+    weight_bytes,
+)
 
 SECTIONS = (
     ("identity", "greedy identity vs transformers on CUDA, bfloat16 and float32"),
