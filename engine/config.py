@@ -72,6 +72,40 @@ class SchedulerConfig:
     """Reuse the KV of full blocks whose token prefix was computed before (chained hashes)."""
 
 
+class SpeculativeMethod(enum.Enum):
+    """Where a decoding sequence's draft tokens come from (``--speculative``)."""
+
+    OFF = "off"
+    NGRAM = "ngram"
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's
+    last few tokens (in its prompt or its output); no extra model."""
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding on this worker (:mod:`engine.speculative`)."""
+
+    method: SpeculativeMethod = SpeculativeMethod.OFF
+    num_tokens: int = 3
+    """Draft tokens per sequence and step at most (fewer while its drafts are rejected)."""
+    ngram_min: int = 2
+    """The shortest trailing n-gram looked up in the sequence (prompt lookup)."""
+    ngram_max: int = 4
+    """The longest trailing n-gram looked up (the longest match wins)."""
+    max_seqs: int = 8
+    """No sequence speculates in a step with more decoding sequences than this: a large batch
+    already reads each weight once for many tokens, and draft rows then cost compute."""
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 1:
+            raise ValueError(f"--num-speculative-tokens must be at least 1, not {self.num_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(
+                f"need 1 <= --prompt-lookup-min ({self.ngram_min}) <= --prompt-lookup-max "
+                f"({self.ngram_max})"
+            )
+
+
 class KernelChoice(enum.Enum):
     """Whether a part of the forward pass runs a native kernel of :mod:`engine.kernels`."""
 
@@ -104,6 +138,7 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     num_threads: int | None = None
     """torch intra-op threads for this process; torch's default when unset."""
     cpus: tuple[int, ...] | None = None

@@ -100,7 +100,9 @@ class Engine:
             block_size=config.cache.block_size,
             bytes=num_blocks * self.kv_cache.bytes_per_block,
         )
-        self.scheduler = Scheduler(config.scheduler, self.pool, config.cache.block_size)
+        self.scheduler = Scheduler(
+            config.scheduler, self.pool, config.cache.block_size, config.speculative
+        )
         self.grammars = GrammarManager.for_model(spec.path, spec.vocab_size, spec.eos_token_ids)
         self.runner = build_runner(config, model, self.kv_cache, self.grammars)
         self.spec = replace(spec, weights=self.runner.weights.label)
@@ -207,6 +209,7 @@ class Engine:
                 num_preemptions=self.scheduler.num_preemptions,
                 prefix_query_tokens=self.scheduler.prefix_query_tokens,
                 prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
+                spec=self.scheduler.speculator.counters.snapshot(),
             )
 
     def held_prefix_blocks(self, chains: list[list[bytes]]) -> list[int]:
@@ -228,7 +231,7 @@ class Engine:
             return imported
         self.runner.layer_listener = self.monitor.listening(self._layer_listener(batch))
         try:
-            sampled, logprobs = self.runner.execute_with_logprobs(batch)
+            sampled, logprobs = self.runner.execute_step(batch)
         except Exception as exc:  # fail the batch's requests, keep serving
             log.exception("engine_step_failed", batch_size=len(batch.items))
             return self._fail_batch(batch, f"engine step failed: {exc}")
@@ -236,8 +239,9 @@ class Engine:
             self.runner.layer_listener = None
         with self._lock:
             self._in_flight = None
+            before = [item.seq.num_tokens for item in batch.items]
             finished = self.scheduler.update(batch, sampled)
-            outputs = self._collect(batch, sampled, finished, logprobs)
+            outputs = self._collect(batch, before, finished, logprobs)
             outputs.extend(self._apply_pending_aborts())
         return imported + outputs
 
@@ -337,19 +341,23 @@ class Engine:
     def _collect(
         self,
         batch: ScheduledBatch,
-        sampled: list[int],
+        before: list[int],
         finished: list[Finished],
-        logprobs: list[TokenLogprob | None],
+        logprobs: list[tuple[TokenLogprob, ...]],
     ) -> list[RequestOutput]:
+        """The step's outputs: each sampled item's tokens appended by ``update`` (``before``:
+        each item's token count before it), with their logprobs."""
         reasons = {f.seq.request_id: f.reason for f in finished}
         outputs: list[RequestOutput] = []
-        for item, token, lp in zip(batch.items, sampled, logprobs, strict=True):
+        for item, start, lp in zip(batch.items, before, logprobs, strict=True):
             seq = item.seq
             if not item.sample or seq.is_finished:
                 continue
             reason = reasons.get(seq.request_id)
-            failed = reason is FinishReason.ERROR  # (its grammar rejected the token)
-            tokens, lps = ((), ()) if failed else ((token,), () if lp is None else (lp,))
+            tokens = tuple(seq.token_ids[start:])  # a failed sampling appended nothing
+            if reason is FinishReason.ERROR and seq.grammar is not None:
+                tokens = ()  # its grammar rejected the token appended last (one per step)
+            lps = lp[: len(tokens)]
             if seq.export_kv:  # its work here ends with its first token, whatever comes next
                 streamed = self._exports_layerwise()
                 pages = None if streamed else self.kv_cache.gather_pages(self._prompt_blocks(seq))

@@ -5,6 +5,12 @@ per sequence) first, then prefill chunks; attention finds each sequence's contex
 block table (see :mod:`engine.attention`). When sampled rows carry a grammar, their
 allowed-token mask is computed on a helper thread during the forward pass and applied before
 sampling (see :mod:`engine.structured`); batches without one pay nothing for it.
+
+Speculative decoding (:mod:`engine.speculative`): a sequence with a draft is packed as one
+decode row per token (its last token, then each draft token), each row attending the context
+up to its own position, so each row's logits are those a plain decode step at that position
+would compute (the rows go through the same attention path and per-row kernels). Every row is
+sampled as its position would be; the kept prefix is decided here (``accepted_tokens``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from engine.quantized_weights import FLOAT_PLAN, WeightPlan
 from engine.sampler import Sampler, SampleRequest
 from engine.scheduler import ScheduledBatch, ScheduledSeq
 from engine.sequence import Sequence as EngineSequence
+from engine.speculative import accepted_tokens
 from engine.structured import GrammarManager, PendingMask
 
 log = structlog.get_logger(__name__)
@@ -43,9 +50,22 @@ class ModelInputs(NamedTuple):
     input_ids: torch.Tensor  # (1, N)
     position_ids: torch.Tensor  # (1, N)
     attention: AttentionBatch
-    logits_index: torch.Tensor  # (S,) packed index of each sampled sequence's last new token
+    logits_index: torch.Tensor  # (S,) packed index of each sampled row's token
     sample_requests: list[SampleRequest]
     sample_items: list[int]  # (S,) index in ``batch.items`` of each sampled row
+    sample_offsets: list[int]  # (S,) each row's place in its item's draft (0: no draft)
+
+
+class _Span(NamedTuple):
+    """Positions ``[start, start + size)`` of one sequence computed in the step."""
+
+    seq: EngineSequence
+    start: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
 
 
 LayerListener = Callable[[int], None]
@@ -118,15 +138,28 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int]:
-        """Run the batch; returns one token per item (0 for items that do not sample)."""
-        return self.execute_with_logprobs(batch)[0]
+        """Run the batch; returns one token per item (0 for items that do not sample; the
+        first of a verified draft's tokens)."""
+        return [tokens[0] if tokens else 0 for tokens in self.execute_step(batch)[0]]
 
     @torch.inference_mode()
     def execute_with_logprobs(
         self, batch: ScheduledBatch
     ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """As :meth:`execute`, with each item's logprobs (None: not sampled or not asked). An
-        item whose row could not be sampled gets a negative token (see
+        """As :meth:`execute`, with each item's logprobs (None: not sampled or not asked)."""
+        tokens, logprobs = self.execute_step(batch)
+        return (
+            [t[0] if t else 0 for t in tokens],
+            [lp[0] if lp else None for lp in logprobs],
+        )
+
+    @torch.inference_mode()
+    def execute_step(
+        self, batch: ScheduledBatch
+    ) -> tuple[list[tuple[int, ...]], list[tuple[TokenLogprob, ...]]]:
+        """Run the batch; for each item the tokens it yields (none when it does not sample;
+        one, or a verified draft's kept tokens and the next) and their logprobs (empty when not
+        asked). A row that could not be sampled gives a negative token (see
         :data:`engine.sampler.SAMPLING_FAILURES`), which fails that sequence alone."""
         inputs = self.prepare(batch)
         pending = self._start_masks(batch, inputs.sample_items)  # runs during the forward
@@ -140,15 +173,24 @@ class ModelRunner:
             tokens, logprobs = self.sampler.sample_with_logprobs(
                 logits, inputs.sample_requests, mask
             )
-        result = [0] * len(batch.items)
-        result_lp: list[TokenLogprob | None] = [None] * len(batch.items)
-        for row, token, lp in zip(inputs.sample_items, tokens, logprobs, strict=True):
-            result[row] = token
-            result_lp[row] = lp
-            if token < 0:
-                log.warning(
-                    "sampling_failed", request_id=batch.items[row].seq.request_id, code=token
-                )
+        n = len(batch.items)
+        rows: list[list[int]] = [[0] * (len(item.draft) + 1) for item in batch.items]
+        row_lp: list[list[TokenLogprob | None]] = [[None] * len(r) for r in rows]
+        for i, j, token, lp in zip(
+            inputs.sample_items, inputs.sample_offsets, tokens, logprobs, strict=True
+        ):
+            rows[i][j] = token
+            row_lp[i][j] = lp
+        result: list[tuple[int, ...]] = [()] * n
+        result_lp: list[tuple[TokenLogprob, ...]] = [()] * n
+        for i, item in enumerate(batch.items):
+            if not item.sample:
+                continue
+            kept = accepted_tokens(item.draft, rows[i]) if item.draft else (rows[i][0],)
+            result[i] = kept
+            result_lp[i] = tuple(lp for lp in row_lp[i][: len(kept)] if lp is not None)
+            if kept[-1] < 0:
+                log.warning("sampling_failed", request_id=item.seq.request_id, code=kept[-1])
         return result, result_lp
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
@@ -185,40 +227,55 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> ModelInputs:
         bs = self.kv_cache.block_size
-        order = [i for i, item in enumerate(batch.items) if item.num_new_tokens == 1]
-        order.sort(key=lambda i: batch.items[i].seq.num_computed_tokens)  # stable
-        num_decode = len(order)
-        order += [i for i, item in enumerate(batch.items) if item.num_new_tokens > 1]
-        items = [batch.items[i] for i in order]  # packed order: decode by context, then prefill
+        # decode rows: one per decoding token (a draft's tokens included), by context length
+        rows = [
+            (i, j)
+            for i, item in enumerate(batch.items)
+            if item.num_new_tokens == 1 or item.draft
+            for j in range(item.num_new_tokens)
+        ]
+        rows.sort(key=lambda r: batch.items[r[0]].seq.num_computed_tokens + r[1])  # stable
+        num_decode = len(rows)
+        rows += [
+            (i, 0)
+            for i, item in enumerate(batch.items)
+            if item.num_new_tokens > 1 and not item.draft
+        ]
+        spans: list[_Span] = []
         input_ids: list[int] = []
-        positions: list[int] = []
         slot_mapping: list[int] = []
-        last_index: list[int] = []  # packed index of each item's last new token
-        for item in items:
-            seq, start, count = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+        sampled: list[tuple[int, int, int]] = []  # (packed index, item, offset) of sampled rows
+        for k, (i, j) in enumerate(rows):
+            item = batch.items[i]
+            seq, start = item.seq, item.seq.num_computed_tokens + j
+            count = 1 if k < num_decode else item.num_new_tokens
+            if j:
+                input_ids.append(item.draft[j - 1])
+            else:
+                input_ids.extend(seq.token_ids[start : start + count])
             table = seq.block_table
-            input_ids.extend(seq.token_ids[start : start + count])
-            positions.extend(range(start, start + count))
             slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + count))
-            last_index.append(len(positions) - 1)
+            spans.append(_Span(seq, start, count))
+            if item.sample:
+                sampled.append((len(input_ids) - 1, i, j))
+        positions = [p for span in spans for p in range(span.start, span.end)]
         native = None
         decode: tuple[DecodeGroup, ...] = ()
         prefill = None
         varlen = None
-        if self.varlen is not None and items:
-            varlen = self._varlen_batch(self.varlen, items)
+        if self.varlen is not None and spans:
+            varlen = self._varlen_batch(self.varlen, spans)
         elif self.kernel is not None and num_decode:
-            native = self._native_decode(self.kernel, items[:num_decode])
+            native = self._native_decode(self.kernel, spans[:num_decode])
         else:
             decode = tuple(
-                DecodeGroup(start, end - start, self._context(items[start:end], query_len=1))
+                DecodeGroup(start, end - start, self._context(spans[start:end], query_len=1))
                 for start, end in split_by_length(
-                    [-(-(item.seq.num_computed_tokens + 1) // bs) for item in items[:num_decode]]
+                    [-(-(span.start + 1) // bs) for span in spans[:num_decode]]
                 )
             )
-        if varlen is None and num_decode < len(items):
-            prefill = self._prefill_group(items[num_decode:], start=num_decode)
-        sampled = [k for k, item in enumerate(items) if item.sample]
+        if varlen is None and num_decode < len(spans):
+            prefill = self._prefill_group(spans[num_decode:], start=num_decode)
         dev = self.device
         attention = AttentionBatch(
             kv_cache=self.kv_cache,
@@ -233,62 +290,56 @@ class ModelRunner:
             input_ids=torch.tensor([input_ids], dtype=torch.long, device=dev),
             position_ids=torch.tensor([positions], dtype=torch.long, device=dev),
             attention=attention,
-            logits_index=torch.tensor(
-                [last_index[k] for k in sampled], dtype=torch.long, device=dev
-            ),
-            sample_requests=[sample_request(items[k].seq) for k in sampled],
-            sample_items=[order[k] for k in sampled],
+            logits_index=torch.tensor([k for k, _, _ in sampled], dtype=torch.long, device=dev),
+            sample_requests=[sample_request(batch.items[i], j) for _, i, j in sampled],
+            sample_items=[i for _, i, _ in sampled],
+            sample_offsets=[j for _, _, j in sampled],
         )
 
-    def _varlen_batch(self, kernel: VarlenKernel, items: Sequence[ScheduledSeq]) -> VarlenBatch:
-        spans = [
-            SeqSpan(item.seq.num_computed_tokens, item.num_new_tokens, item.seq.block_table)
-            for item in items
-        ]
-        return build_varlen_batch(spans, self.kv_cache.block_size, self.device, kernel)
+    def _varlen_batch(self, kernel: VarlenKernel, spans: Sequence[_Span]) -> VarlenBatch:
+        spans_ = [SeqSpan(span.start, span.size, span.seq.block_table) for span in spans]
+        return build_varlen_batch(spans_, self.kv_cache.block_size, self.device, kernel)
 
-    def _native_decode(
-        self, kernel: PagedAttentionKernel, items: Sequence[ScheduledSeq]
-    ) -> NativeDecode:
+    def _native_decode(self, kernel: PagedAttentionKernel, spans: Sequence[_Span]) -> NativeDecode:
         bs = self.kv_cache.block_size
-        lengths = [item.seq.num_computed_tokens + 1 for item in items]
+        lengths = [span.start + 1 for span in spans]
         max_blocks = -(-max(lengths) // bs)
-        table = _padded_block_tables(items, max_blocks)
+        table = _padded_block_tables(spans, max_blocks)
         dev = self.device
         return NativeDecode(
             kernel=kernel,
-            block_table=torch.tensor(table, dtype=torch.long, device=dev).view(len(items), -1),
+            block_table=torch.tensor(table, dtype=torch.long, device=dev).view(len(spans), -1),
             context_len=torch.tensor(lengths, dtype=torch.long, device=dev),
         )
 
-    def _prefill_group(self, items: Sequence[ScheduledSeq], start: int) -> PrefillGroup:
+    def _prefill_group(self, spans: Sequence[_Span], start: int) -> PrefillGroup:
         """Sequences with several new tokens, packed from ``start`` on."""
-        fresh = all(item.seq.num_computed_tokens == 0 for item in items)
-        lengths = [item.num_new_tokens for item in items]
+        fresh = all(span.start == 0 for span in spans)
+        lengths = [span.size for span in spans]
         if fresh:  # each prompt attends its own tokens: no context, no padding
             return PrefillGroup(start, tuple(lengths), None, None, None)
         max_q = max(lengths)
-        context = self._context(items, query_len=max_q)
-        if len(items) == 1:
+        context = self._context(spans, query_len=max_q)
+        if len(spans) == 1:
             return PrefillGroup(start, tuple(lengths), context, None, None)
         length_t = torch.tensor(lengths)  # (B,)
         q_off = torch.arange(max_q)  # (Q,)
         q_valid = q_off[None, :] < length_t[:, None]  # (B, Q)
         offsets = torch.cumsum(length_t, 0) - length_t  # (B,) group index of each first token
         query_index = (offsets[:, None] + q_off[None, :]).masked_fill(~q_valid, 0)  # (B, Q)
-        output_index = (torch.arange(len(items))[:, None] * max_q + q_off[None, :])[q_valid]
+        output_index = (torch.arange(len(spans))[:, None] * max_q + q_off[None, :])[q_valid]
         dev = self.device
         return PrefillGroup(
             start, tuple(lengths), context, query_index.to(dev), output_index.to(dev)
         )
 
-    def _context(self, items: Sequence[ScheduledSeq], query_len: int) -> ContextGather:
-        """Block ids and mask for items whose queries are padded to ``query_len``."""
+    def _context(self, spans: Sequence[_Span], query_len: int) -> ContextGather:
+        """Block ids and mask for spans whose queries are padded to ``query_len``."""
         bs = self.kv_cache.block_size
-        starts = [item.seq.num_computed_tokens for item in items]
-        ends = [s + item.num_new_tokens for s, item in zip(starts, items, strict=True)]
+        starts = [span.start for span in spans]
+        ends = [span.end for span in spans]
         max_blocks = -(-max(ends) // bs)
-        block_ids = _padded_block_tables(items, max_blocks)
+        block_ids = _padded_block_tables(spans, max_blocks)
         dev = self.device
         context_len = max_blocks * bs
         mask = None
@@ -296,7 +347,7 @@ class ModelRunner:
             mask = self._mask(starts, ends, query_len, context_len)
         return ContextGather(
             block_ids=torch.tensor(block_ids, dtype=torch.long, device=dev),
-            num_seqs=len(items),
+            num_seqs=len(spans),
             blocks_per_seq=max_blocks,
             mask=mask,
         )
@@ -331,18 +382,24 @@ class ModelRunner:
         return self._workspace
 
 
-def sample_request(seq: EngineSequence) -> SampleRequest:
-    """What the sampler needs of ``seq``: its token ids by reference (read only by penalties)."""
+def sample_request(item: ScheduledSeq, offset: int = 0) -> SampleRequest:
+    """What the sampler needs of an item's next token, or of the token after its draft's first
+    ``offset`` tokens: the sequence's token ids by reference (read only by penalties; with the
+    draft's tokens before that one when penalties read them)."""
+    seq = item.seq
+    tokens: Sequence[int] = seq.token_ids
+    if offset and seq.sampling.penalized:
+        tokens = [*seq.token_ids, *item.draft[:offset]]
     return SampleRequest(
-        seq.sampling, seq.num_tokens, seq.token_ids, seq.output_start, seq.eos_token_ids
+        seq.sampling, seq.num_tokens + offset, tokens, seq.output_start, seq.eos_token_ids
     )
 
 
-def _padded_block_tables(items: Sequence[ScheduledSeq], max_blocks: int) -> list[int]:
-    """The items' block tables, each cut or padded (with block 0) to ``max_blocks``, flat."""
+def _padded_block_tables(spans: Sequence[_Span], max_blocks: int) -> list[int]:
+    """The spans' block tables, each cut or padded (with block 0) to ``max_blocks``, flat."""
     flat: list[int] = []
-    for item in items:
-        row = item.seq.block_table[:max_blocks]
+    for span in spans:
+        row = span.seq.block_table[:max_blocks]
         flat.extend(row)
         flat.extend([0] * (max_blocks - len(row)))
     return flat

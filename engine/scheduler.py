@@ -9,6 +9,10 @@ sequence takes what it needs within the token budget, preempting the newest runn
 budget, ``max_num_seqs`` and blocks allow. Long prompts are therefore chunked, and a sequence
 never waits while holding blocks that nobody can take back (no deadlock).
 
+Speculative decoding (:mod:`engine.speculative`): a decoding sequence may carry draft tokens
+into its step (``ScheduledSeq.draft``); they cost token budget and blocks taken only from free
+ones, and after the step only the kept tokens count as computed and the blocks past them return.
+
 All methods run under the engine's lock, and only these methods edit the queues. Blocks return
 to the pool on every exit: finish (the engine calls :meth:`release`, or :meth:`retire` for an
 exported prompt), abort, failed transfer and preemption.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,15 +30,18 @@ from core.errors import OutOfBlocksError
 from core.prefix_hash import ROOT, prefix_hashes
 from core.sampling import FinishReason
 from engine.block_pool import BlockPool
-from engine.config import SchedulerConfig
+from engine.config import SchedulerConfig, SpeculativeConfig
 from engine.sampler import BAD_LOGITS_TOKEN
 from engine.sequence import Sequence, SequenceStatus
+from engine.speculative import Speculator
 
 
 class ScheduledSeq(NamedTuple):
     seq: Sequence
-    num_new_tokens: int  # tokens of this sequence computed in this step
+    num_new_tokens: int  # tokens of this sequence computed in this step (its draft's included)
     sample: bool  # whether this step ends with a new token for the sequence
+    draft: tuple[int, ...] = ()
+    """Draft tokens verified after the sequence's last token (a decoding sequence only)."""
 
 
 @dataclass(frozen=True)
@@ -53,10 +61,17 @@ class Finished(NamedTuple):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool, block_size: int) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        pool: BlockPool,
+        block_size: int,
+        speculative: SpeculativeConfig | None = None,
+    ) -> None:
         self.config = config
         self.pool = pool
         self.block_size = block_size
+        self.speculator = Speculator(speculative or SpeculativeConfig())
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.awaiting_kv: dict[str, Sequence] = {}
@@ -68,6 +83,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence whose prompt this worker computes."""
+        self._attach_spec(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
@@ -89,6 +105,7 @@ class Scheduler:
             seq.num_cached_tokens = len(hits) * self.block_size
             self.prefix_hit_tokens += seq.num_cached_tokens
         seq.block_table = [*hits, *self.pool.allocate(needed)]
+        self._attach_spec(seq)
         seq.status = SequenceStatus.WAITING_FOR_KV
         self.awaiting_kv[seq.request_id] = seq
         return list(seq.block_table)
@@ -129,14 +146,16 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         items: list[ScheduledSeq] = []
         budget = self.config.max_num_batched_tokens
+        speculate = self._speculates()
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._grow(seq, num_new, first_unscheduled=index):
                 continue  # ``seq`` itself was preempted; the same index is the next sequence
-            items.append(self._item(seq, num_new))
-            budget -= num_new
+            draft = self._draft(seq, budget - num_new) if speculate and num_new == 1 else ()
+            items.append(self._item(seq, num_new + len(draft), draft))
+            budget -= num_new + len(draft)
             index += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
@@ -165,16 +184,24 @@ class Scheduler:
             budget -= num_new
         return ScheduledBatch(tuple(items)) if items else None
 
-    def update(self, batch: ScheduledBatch, sampled: list[int]) -> list[Finished]:
-        """Record the step's results. Finished sequences leave ``running``; the caller reads
-        what it needs of them, then gives their blocks back with :meth:`release`."""
+    def update(self, batch: ScheduledBatch, sampled: Seq[int | Seq[int]]) -> list[Finished]:
+        """Record the step's results: for each item its token, or the tokens its verified
+        draft yielded (:func:`engine.speculative.accepted_tokens`), appended in order until one
+        ends the sequence. Finished sequences leave ``running``; the caller reads what it needs
+        of them, then gives their blocks back with :meth:`release`."""
         finished: list[Finished] = []
-        for item, token in zip(batch.items, sampled, strict=True):
+        for item, result in zip(batch.items, sampled, strict=True):
+            tokens = (result,) if isinstance(result, int) else tuple(result)
             seq = item.seq
             if seq.is_finished:
                 continue  # aborted while its step ran
-            seq.num_computed_tokens += item.num_new_tokens
-            if token == BAD_LOGITS_TOKEN:  # NaN/inf KV: keep it out of the prefix cache
+            if item.draft:  # its last token's KV and the kept draft tokens' are valid
+                seq.num_computed_tokens += len(tokens)
+                if seq.spec is not None:
+                    self.speculator.record(seq.spec, len(item.draft), len(tokens) - 1)
+            else:
+                seq.num_computed_tokens += item.num_new_tokens
+            if BAD_LOGITS_TOKEN in tokens:  # NaN/inf KV: keep it out of the prefix cache
                 self.pool.forget(seq.block_table)
             else:
                 self._register_full_blocks(seq)
@@ -182,10 +209,16 @@ class Scheduler:
                 continue
             if seq.first_token_time is None:
                 seq.first_token_time = time.monotonic()
-            reason = seq.append_token(token)
+            reason = None
+            for token in tokens:
+                reason = seq.append_token(token)
+                if reason is not None:
+                    break
             if reason is not None:
                 self.running.remove(seq)
                 finished.append(Finished(seq, reason))
+            elif item.draft:
+                self._drop_blocks_past(seq.num_tokens, seq)
         return finished
 
     def release(self, seq: Sequence, reason: FinishReason) -> None:
@@ -253,11 +286,47 @@ class Scheduler:
             self.pool.register(seq.block_table[index], block_hash)
             seq.block_hashes.append(block_hash)
 
-    def _item(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+    def _item(self, seq: Sequence, num_new: int, draft: tuple[int, ...] = ()) -> ScheduledSeq:
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = time.monotonic()
-        completes = seq.num_computed_tokens + num_new == seq.num_tokens
-        return ScheduledSeq(seq, num_new, completes)
+        completes = seq.num_computed_tokens + num_new - len(draft) == seq.num_tokens
+        return ScheduledSeq(seq, num_new, completes, draft)
+
+    # -- speculative decoding ---------------------------------------------------------------
+
+    def _attach_spec(self, seq: Sequence) -> None:
+        """Give a sequence that may speculate its state: not an exporting prompt (its work here
+        ends with its first token), not a constrained one (its grammar advances one sampled
+        token at a time)."""
+        if seq.spec is None and not seq.export_kv and seq.sampling.structured is None:
+            seq.spec = self.speculator.new_state()
+
+    def _speculates(self) -> bool:
+        """Whether drafts are proposed this step: at most ``max_seqs`` sequences decode."""
+        if not self.speculator.enabled:
+            return False
+        decoding = sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1)
+        return decoding <= self.speculator.config.max_seqs
+
+    def _draft(self, seq: Sequence, budget: int) -> tuple[int, ...]:
+        """Draft tokens for a decoding sequence whose next token's blocks are in place: at most
+        ``budget``, none past its ``max_tokens``, and only as many as free blocks hold."""
+        remaining = seq.sampling.max_tokens - seq.num_completion_tokens - 1
+        draft = self.speculator.draft(seq.token_ids, seq.spec, min(budget, remaining))
+        while draft:
+            needed = self.blocks_for(seq.num_tokens + len(draft)) - len(seq.block_table)
+            if self.pool.can_allocate(needed):
+                seq.block_table.extend(self.pool.allocate(needed))
+                break
+            draft = draft[:-1]
+        return draft
+
+    def _drop_blocks_past(self, num_tokens: int, seq: Sequence) -> None:
+        """Return the blocks past the first ``num_tokens`` tokens' (a rejected draft's tail)."""
+        keep = self.blocks_for(num_tokens)
+        if len(seq.block_table) > keep:
+            self.pool.free(seq.block_table[keep:])
+            del seq.block_table[keep:]
 
     def _grow(self, seq: Sequence, num_new: int, first_unscheduled: int) -> bool:
         """Give a running sequence blocks for ``num_new`` more tokens, preempting the newest

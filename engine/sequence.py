@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from core.sampling import FinishReason, RequestTimings, SamplingParams, TokenLogprob
 from engine.sampler import SAMPLING_FAILURES
+from engine.speculative import SpecState
 from engine.structured import GrammarState, GrammarStatus
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ class Sequence:
     for the presence and frequency penalties (see :attr:`output_start`)."""
     grammar: GrammarState | None = None
     """The structured-output matcher over the output (set by the engine when constrained)."""
+    spec: SpecState | None = None
+    """Its speculative decoding (the scheduler's; None: it decodes one token per step)."""
     error: str | None = None
     """Why the request itself cannot go on (its grammar failed): another worker would fail it
     the same way, so it is the caller's INVALID_ARGUMENT, not a worker failure."""

@@ -19,6 +19,8 @@ from engine.config import (
     KernelChoice,
     ModelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
+    SpeculativeMethod,
     WeightsChoice,
 )
 
@@ -107,6 +109,44 @@ ENGINE = Group(
             default=2048,
             help="tokens in one forward pass at most (longer prompts are chunked)",
         ),
+        Setting(
+            "--speculative",
+            choices=[m.value for m in SpeculativeMethod],
+            default="off",
+            help="speculative decoding on this worker's decoding sequences: ngram (prompt "
+            "lookup: propose what followed the latest earlier occurrence of the last few "
+            "tokens; no extra model), off. Output is unchanged: greedy and seeded requests "
+            "produce the same tokens as without it",
+        ),
+        Setting(
+            "--num-speculative-tokens",
+            field="speculative.num_tokens",
+            type=int,
+            default=3,
+            help="draft tokens per sequence and step at most (adapted to each sequence's "
+            "recent acceptance)",
+        ),
+        Setting(
+            "--prompt-lookup-min",
+            field="speculative.ngram_min",
+            type=int,
+            default=2,
+            help="ngram: the shortest trailing n-gram looked up",
+        ),
+        Setting(
+            "--prompt-lookup-max",
+            field="speculative.ngram_max",
+            type=int,
+            default=4,
+            help="ngram: the longest trailing n-gram looked up (the longest match wins)",
+        ),
+        Setting(
+            "--speculative-max-seqs",
+            field="speculative.max_seqs",
+            type=int,
+            default=8,
+            help="no speculation in a step with more decoding sequences than this",
+        ),
         Setting("--threads", type=int, help="torch threads for this process"),
         Setting(
             "--engine-step-timeout",
@@ -163,6 +203,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(**ENGINE.fields(args, "cache")),
         scheduler=SchedulerConfig(
             **ENGINE.fields(args, "scheduler"), enable_prefix_caching=not args.no_prefix_caching
+        ),
+        speculative=SpeculativeConfig(
+            method=SpeculativeMethod(args.speculative), **ENGINE.fields(args, "speculative")
         ),
         num_threads=int(args.threads) if args.threads else None,
         cpus=tuple(int(c) for c in str(args.cpus).split(",")) if args.cpus else None,

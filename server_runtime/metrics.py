@@ -288,6 +288,22 @@ class _StateCollector(Collector):
                 "Prompt tokens found in the prefix cache.",
                 stats.prefix_hit_tokens,
             ),
+            (
+                "pdserve_spec_proposed_tokens",
+                "Speculative draft tokens verified.",
+                stats.spec.proposed,
+            ),
+            (
+                "pdserve_spec_accepted_tokens",
+                "Speculative draft tokens kept (acceptance rate: accepted / proposed).",
+                stats.spec.accepted,
+            ),
+            (
+                "pdserve_spec_verify_steps",
+                "Sequence-steps that verified a draft (tokens per such step: "
+                "(accepted + steps) / steps).",
+                stats.spec.verify_steps,
+            ),
         ):
             counter = CounterMetricFamily(name, doc, labels=["tier"])
             counter.add_metric([tier], value)

@@ -204,7 +204,7 @@ def test_running_sequences_take_the_budget_first() -> None:
     batch, _ = sim.step()
     assert batch is not None and batch.items[-1].num_new_tokens == 5
     batch, _ = sim.step()
-    assert batch is not None and batch.items[-1][1:] == (2, True)
+    assert batch is not None and batch.items[-1][1:3] == (2, True)
 
 
 def test_max_num_seqs_is_respected() -> None:
