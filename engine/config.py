@@ -79,6 +79,9 @@ class SpeculativeMethod(enum.Enum):
     NGRAM = "ngram"
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's
     last few tokens (in its prompt or its output); no extra model."""
+    DRAFT = "draft"
+    """A smaller model with the same tokenizer (``draft_model``) proposes greedily, over its
+    own KV at the target's block ids (one pool, one accounting)."""
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,12 @@ class SpeculativeConfig:
     max_seqs: int = 8
     """No sequence speculates in a step with more decoding sequences than this: a large batch
     already reads each weight once for many tokens, and draft rows then cost compute."""
+    draft_model: str | None = None
+    """``draft``: the draft model (a local transformers folder, or the default model's name)."""
 
     def __post_init__(self) -> None:
+        if (self.method is SpeculativeMethod.DRAFT) != (self.draft_model is not None):
+            raise ValueError("--draft-model goes with --speculative draft, and only with it")
         if self.num_tokens < 1:
             raise ValueError(f"--num-speculative-tokens must be at least 1, not {self.num_tokens}")
         if not 1 <= self.ngram_min <= self.ngram_max:

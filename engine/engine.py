@@ -26,7 +26,8 @@ from core.pool_stats import PoolStats
 from core.sampling import FinishReason, TokenLogprob
 from engine.attention import register_paged_attention
 from engine.block_pool import BlockPool
-from engine.config import EngineConfig
+from engine.config import EngineConfig, SpeculativeMethod
+from engine.draft_model import build_draft_proposer, load_draft_model
 from engine.engine_thread import StepMonitor
 from engine.kv_cache import KVCache
 from engine.kv_connector import (
@@ -44,6 +45,7 @@ from engine.model_files import ModelSpec
 from engine.runner_setup import build_runner
 from engine.scheduler import Finished, ScheduledBatch, Scheduler
 from engine.sequence import RequestOutput, Sequence, output_for
+from engine.speculative import Speculator
 from engine.structured import GrammarManager
 
 __all__ = ["Engine", "LayerSink", "OutputSink", "RequestOutput"]
@@ -79,20 +81,13 @@ class Engine:
         self._importer: ImportConnector | None = None
         weights = next(model.parameters())  # the KV cache matches the weights' device and dtype
         model.set_attn_implementation(register_paged_attention())  # type: ignore[operator]
-        num_blocks = blocks_for_memory(
-            config.cache,
-            spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * weights.element_size(),
-            weights.device,
-        )
-        self.kv_cache = KVCache(
-            num_layers=spec.num_layers,
-            num_blocks=num_blocks,
-            block_size=config.cache.block_size,
-            num_kv_heads=spec.num_kv_heads,
-            head_dim=spec.head_dim,
-            dtype=weights.dtype,
-            device=weights.device,
-        )
+        draft = None  # a draft model's KV shares the pool: each block holds both models' KV
+        if config.speculative.method is SpeculativeMethod.DRAFT:
+            draft = load_draft_model(config, spec)
+        specs = [spec] if draft is None else [spec, draft[1]]
+        per_token = sum(KVCache.token_bytes(s, weights.dtype) for s in specs)
+        num_blocks = blocks_for_memory(config.cache, per_token, weights.device)
+        self.kv_cache = KVCache.for_model(spec, num_blocks, config.cache.block_size, weights)
         self.pool = BlockPool(num_blocks)
         log.info(
             "kv_pool_sized",
@@ -100,10 +95,10 @@ class Engine:
             block_size=config.cache.block_size,
             bytes=num_blocks * self.kv_cache.bytes_per_block,
         )
-        self.scheduler = Scheduler(
-            config.scheduler, self.pool, config.cache.block_size, config.speculative
-        )
         self.grammars = GrammarManager.for_model(spec.path, spec.vocab_size, spec.eos_token_ids)
+        proposer = draft and build_draft_proposer(config, *draft, num_blocks, self.grammars)
+        speculator = Speculator(config.speculative, proposer)
+        self.scheduler = Scheduler(config.scheduler, self.pool, config.cache.block_size, speculator)
         self.runner = build_runner(config, model, self.kv_cache, self.grammars)
         self.spec = replace(spec, weights=self.runner.weights.label)
         self.runner.install_layer_hooks()
@@ -231,6 +226,7 @@ class Engine:
             return imported
         self.runner.layer_listener = self.monitor.listening(self._layer_listener(batch))
         try:
+            batch = self.scheduler.speculator.fill(batch)  # drafts (may run the draft model)
             sampled, logprobs = self.runner.execute_step(batch)
         except Exception as exc:  # fail the batch's requests, keep serving
             log.exception("engine_step_failed", batch_size=len(batch.items))

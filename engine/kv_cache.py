@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from engine.model_files import ModelSpec
+
 
 class KVCache:
     """Owns the KV tensor. Which blocks belong to whom is the :class:`BlockPool`'s business."""
@@ -44,6 +46,26 @@ class KVCache:
             device=device,
         )
         self._bytes: memoryview | None = None  # the whole CPU pool as bytes, made on first use
+
+    @classmethod
+    def for_model(
+        cls, spec: ModelSpec, num_blocks: int, block_size: int, like: torch.Tensor
+    ) -> KVCache:
+        """A cache for ``spec``'s layers on ``like``'s device and dtype (its weights')."""
+        return cls(
+            spec.num_layers,
+            num_blocks,
+            block_size,
+            spec.num_kv_heads,
+            spec.head_dim,
+            like.dtype,
+            like.device,
+        )
+
+    @staticmethod
+    def token_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
+        """KV bytes one token of ``spec`` takes (every layer's K and V)."""
+        return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * dtype.itemsize
 
     @property
     def bytes_per_block(self) -> int:

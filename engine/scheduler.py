@@ -42,6 +42,9 @@ class ScheduledSeq(NamedTuple):
     sample: bool  # whether this step ends with a new token for the sequence
     draft: tuple[int, ...] = ()
     """Draft tokens verified after the sequence's last token (a decoding sequence only)."""
+    draft_slots: int = 0
+    """Draft tokens the step has room for (budget, blocks); :meth:`Speculator.fill` puts up
+    to that many into ``draft`` before the forward pass."""
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,12 @@ class Scheduler:
         config: SchedulerConfig,
         pool: BlockPool,
         block_size: int,
-        speculative: SpeculativeConfig | None = None,
+        speculator: Speculator | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
         self.block_size = block_size
-        self.speculator = Speculator(speculative or SpeculativeConfig())
+        self.speculator = speculator or Speculator(SpeculativeConfig())
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.awaiting_kv: dict[str, Sequence] = {}
@@ -153,9 +156,9 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._grow(seq, num_new, first_unscheduled=index):
                 continue  # ``seq`` itself was preempted; the same index is the next sequence
-            draft = self._draft(seq, budget - num_new) if speculate and num_new == 1 else ()
-            items.append(self._item(seq, num_new + len(draft), draft))
-            budget -= num_new + len(draft)
+            slots = self._draft_slots(seq, budget - num_new) if speculate and num_new == 1 else 0
+            items.append(self._item(seq, num_new)._replace(draft_slots=slots))
+            budget -= num_new + slots
             index += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
@@ -217,8 +220,10 @@ class Scheduler:
             if reason is not None:
                 self.running.remove(seq)
                 finished.append(Finished(seq, reason))
-            elif item.draft:
+            elif item.draft_slots:
                 self._drop_blocks_past(seq.num_tokens, seq)
+            if seq.spec is not None:  # the draft model's KV past the kept tokens is not valid
+                seq.spec.draft_computed = min(seq.spec.draft_computed, seq.num_computed_tokens)
         return finished
 
     def release(self, seq: Sequence, reason: FinishReason) -> None:
@@ -286,11 +291,11 @@ class Scheduler:
             self.pool.register(seq.block_table[index], block_hash)
             seq.block_hashes.append(block_hash)
 
-    def _item(self, seq: Sequence, num_new: int, draft: tuple[int, ...] = ()) -> ScheduledSeq:
+    def _item(self, seq: Sequence, num_new: int) -> ScheduledSeq:
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = time.monotonic()
-        completes = seq.num_computed_tokens + num_new - len(draft) == seq.num_tokens
-        return ScheduledSeq(seq, num_new, completes, draft)
+        completes = seq.num_computed_tokens + num_new == seq.num_tokens
+        return ScheduledSeq(seq, num_new, completes)
 
     # -- speculative decoding ---------------------------------------------------------------
 
@@ -308,18 +313,19 @@ class Scheduler:
         decoding = sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1)
         return decoding <= self.speculator.config.max_seqs
 
-    def _draft(self, seq: Sequence, budget: int) -> tuple[int, ...]:
-        """Draft tokens for a decoding sequence whose next token's blocks are in place: at most
-        ``budget``, none past its ``max_tokens``, and only as many as free blocks hold."""
+    def _draft_slots(self, seq: Sequence, budget: int) -> int:
+        """Room for draft tokens in a decoding sequence's step, its next token's blocks being in
+        place: at most ``budget``, none past its ``max_tokens``, and only as many as free
+        blocks hold (a draft never preempts); their blocks are allocated here."""
         remaining = seq.sampling.max_tokens - seq.num_completion_tokens - 1
-        draft = self.speculator.draft(seq.token_ids, seq.spec, min(budget, remaining))
-        while draft:
-            needed = self.blocks_for(seq.num_tokens + len(draft)) - len(seq.block_table)
+        slots = self.speculator.slots(seq.spec, min(budget, remaining))
+        while slots:
+            needed = self.blocks_for(seq.num_tokens + slots) - len(seq.block_table)
             if self.pool.can_allocate(needed):
                 seq.block_table.extend(self.pool.allocate(needed))
                 break
-            draft = draft[:-1]
-        return draft
+            slots -= 1
+        return slots
 
     def _drop_blocks_past(self, num_tokens: int, seq: Sequence) -> None:
         """Return the blocks past the first ``num_tokens`` tokens' (a rejected draft's tail)."""
@@ -355,6 +361,8 @@ class Scheduler:
                 seq.block_table = []
                 seq.block_hashes = []
                 seq.num_computed_tokens = 0
+                if seq.spec is not None:
+                    seq.spec.draft_computed = 0
                 self.num_preemptions += 1
         return self.pool.can_allocate(needed)
 
@@ -367,6 +375,8 @@ class Scheduler:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+        if seq.spec is not None:
+            seq.spec.draft_computed = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

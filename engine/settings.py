@@ -115,8 +115,15 @@ ENGINE = Group(
             default="off",
             help="speculative decoding on this worker's decoding sequences: ngram (prompt "
             "lookup: propose what followed the latest earlier occurrence of the last few "
-            "tokens; no extra model), off. Output is unchanged: greedy and seeded requests "
-            "produce the same tokens as without it",
+            "tokens; no extra model), draft (a smaller model with the same tokenizer, "
+            "--draft-model, proposes greedily), off. Output is unchanged: greedy and seeded "
+            "requests produce the same tokens as without it",
+        ),
+        Setting(
+            "--draft-model",
+            field="speculative.draft_model",
+            help="--speculative draft: the draft model (a local transformers folder with the "
+            "target's tokenizer); its KV takes the target's block ids in the same pool",
         ),
         Setting(
             "--num-speculative-tokens",

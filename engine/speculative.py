@@ -26,10 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from core.pool_stats import SpecStats
 from engine.config import SpeculativeConfig, SpeculativeMethod
+
+if TYPE_CHECKING:
+    from engine.scheduler import ScheduledBatch
+    from engine.sequence import Sequence as EngineSequence
 
 MAX_BACKOFF_STEPS = 64
 """The longest pause, in steps, of a sequence whose drafts keep being rejected."""
@@ -75,6 +79,8 @@ class SpecState:
     """Steps left without proposing (after drafts that kept nothing)."""
     misses: int = 0
     """Drafts in a row that kept nothing."""
+    draft_computed: int = 0
+    """Positions whose draft-model KV is valid (``draft``; 0 again after a preemption)."""
 
     def record(self, proposed: int, kept: int, max_k: int) -> None:
         """Adapt after a verified draft of ``proposed`` tokens of which ``kept`` survived."""
@@ -90,15 +96,24 @@ class SpecState:
             self.pause = min(2 ** (self.misses - 2), MAX_BACKOFF_STEPS)
 
 
+class DraftRequest(NamedTuple):
+    """A sequence that may take up to ``k`` draft tokens this step (blocks are in place)."""
+
+    seq: EngineSequence
+    k: int
+
+
 class Proposer(Protocol):
-    """Proposes draft tokens for one sequence."""
+    """Proposes draft tokens for the step's speculating sequences."""
 
     def new_state(self, k: int) -> SpecState:
         """The state of a sequence about to start speculating (its draft length ``k``)."""
         ...
 
-    def propose(self, state: SpecState, tokens: Sequence[int], k: int) -> tuple[int, ...]:
-        """Up to ``k`` tokens likely to follow ``tokens`` (empty: nothing worth verifying)."""
+    def propose(self, requests: Sequence[DraftRequest]) -> list[tuple[int, ...]]:
+        """For each request up to ``k`` tokens likely to follow its sequence's tokens (empty:
+        nothing worth verifying). Runs on the engine thread outside the engine's lock, before
+        the step's forward pass; reads the sequences, never changes them."""
         ...
 
 
@@ -112,9 +127,12 @@ class NgramProposer:
     def new_state(self, k: int) -> SpecState:
         return SpecState(k, NgramIndex(self.min_n, self.max_n))
 
-    def propose(self, state: SpecState, tokens: Sequence[int], k: int) -> tuple[int, ...]:
-        assert state.index is not None
-        return state.index.propose(tokens, k)
+    def propose(self, requests: Sequence[DraftRequest]) -> list[tuple[int, ...]]:
+        drafts = []
+        for seq, k in requests:
+            assert seq.spec is not None and seq.spec.index is not None
+            drafts.append(seq.spec.index.propose(seq.token_ids, k))
+        return drafts
 
 
 @dataclass
@@ -133,15 +151,19 @@ class SpecCounters:
 
 
 class Speculator:
-    """Proposes drafts for the scheduler and learns from their verification (engine lock).
+    """Sizes drafts for the scheduler, fills them before the forward pass, and learns from
+    their verification.
 
     ``proposer``: where drafts come from; by default the configured method's (none when
-    ``off``). Tests give their own (a draft that is always right, or always wrong)."""
+    ``off``; ``draft`` needs its model's, see :mod:`engine.draft_model`). Tests give their own
+    (a draft that is always right, or always wrong)."""
 
     def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None) -> None:
         self.config = config
         if proposer is None and config.method is SpeculativeMethod.NGRAM:
             proposer = NgramProposer(config.ngram_min, config.ngram_max)
+        if proposer is None and config.method is SpeculativeMethod.DRAFT:
+            raise ValueError("--speculative draft needs its draft model's proposer")
         self.proposer = proposer
         self.counters = SpecCounters()
 
@@ -149,15 +171,29 @@ class Speculator:
     def enabled(self) -> bool:
         return self.proposer is not None
 
-    def draft(self, tokens: Sequence[int], state: SpecState | None, limit: int) -> tuple[int, ...]:
-        """Up to ``min(limit, state.k)`` draft tokens for a sequence whose tokens are ``tokens``
-        (``state``: its :meth:`new_state`, None for a sequence that never speculates)."""
+    def slots(self, state: SpecState | None, limit: int) -> int:
+        """How many draft tokens to make room for in a sequence's step: up to
+        ``min(limit, state.k)`` (scheduler, engine lock); none while it pauses."""
         if state is None or limit <= 0 or self.proposer is None:
-            return ()
+            return 0
         if state.pause:
             state.pause -= 1
-            return ()
-        return self.proposer.propose(state, tokens, min(limit, state.k))[:limit]
+            return 0
+        return min(limit, state.k)
+
+    def fill(self, batch: ScheduledBatch) -> ScheduledBatch:
+        """The batch with each item that has draft slots given its draft (engine thread,
+        outside the lock: proposing may run a model). An item whose proposer found nothing
+        stays a plain decode item; its unused slots' blocks go back after the step."""
+        wanted = [i for i, item in enumerate(batch.items) if item.draft_slots]
+        if not wanted or self.proposer is None:
+            return batch
+        requests = [DraftRequest(batch.items[i].seq, batch.items[i].draft_slots) for i in wanted]
+        items = list(batch.items)
+        for i, draft in zip(wanted, self.proposer.propose(requests), strict=True):
+            draft = draft[: items[i].draft_slots]
+            items[i] = items[i]._replace(num_new_tokens=1 + len(draft), draft=draft)
+        return type(batch)(tuple(items))
 
     def new_state(self) -> SpecState | None:
         """A sequence's speculation state (None when this worker does not speculate)."""

@@ -33,10 +33,11 @@ from engine.attention_varlen import (
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.model_loader import load_model
-from engine.model_runner import ModelInputs, ModelRunner
+from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, ScheduledSeq
 from engine.sequence import Sequence
+from engine.step_inputs import ModelInputs
 from tests.support.tiny_models import build_tiny_model
 
 BS, KVH, GROUP, D = 4, 2, 3, 8

@@ -29,7 +29,7 @@ from engine.engine import Engine, RequestOutput
 from engine.model_files import ModelSpec
 from engine.model_loader import load_model
 from engine.sequence import Sequence
-from engine.speculative import SpecState, Speculator
+from engine.speculative import DraftRequest, SpecState, Speculator
 from tests.engine.tiny_engine import greedy_reference
 from tests.support.tiny_models import build_tiny_model
 
@@ -81,7 +81,10 @@ class Oracle:
     def new_state(self, k: int) -> SpecState:
         return SpecState(k)
 
-    def propose(self, state: SpecState, tokens: Seq[int], k: int) -> tuple[int, ...]:
+    def propose(self, requests: Seq[DraftRequest]) -> list[tuple[int, ...]]:
+        return [self._one(seq.token_ids, k) for seq, k in requests]
+
+    def _one(self, tokens: Seq[int], k: int) -> tuple[int, ...]:
         for prompt, rest in self.continuations.items():
             if tuple(tokens[: len(prompt)]) == prompt:
                 done = len(tokens) - len(prompt)
@@ -263,3 +266,54 @@ def test_unseeded_sampling_keeps_its_distribution(tmp_path: Path) -> None:
     # and the test itself rejects a different distribution
     skewed = Counter({k: v * (3 if i % 2 else 1) for i, (k, v) in enumerate(off.items())})
     assert chi_square_p(skewed, off) < 1e-3
+
+
+def draft_engine(spec: ModelSpec, model: torch.nn.Module, draft: Path, **kw: int) -> Engine:
+    config = EngineConfig(
+        model=ModelConfig(model=str(spec.path)),
+        cache=CacheConfig(block_size=4, num_blocks=kw.get("num_blocks", 256)),
+        scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=kw.get("budget", 2048)),
+        speculative=SpeculativeConfig(
+            SpeculativeMethod.DRAFT, num_tokens=3, max_seqs=16, draft_model=str(draft)
+        ),
+    )
+    return Engine(config, model, spec, sink=lambda outputs: None)
+
+
+@pytest.mark.parametrize(
+    ("budget", "num_blocks"), [(2048, 256), (64, 30)], ids=["one-shot", "preempting"]
+)
+def test_the_target_as_its_own_draft_keeps_every_token(
+    tiny: tuple[torch.nn.Module, ModelSpec, list[list[int]]], budget: int, num_blocks: int
+) -> None:
+    model, spec, expected = tiny
+    engine = draft_engine(spec, model, spec.path, budget=budget, num_blocks=num_blocks)
+    got = run(engine, greedy_seqs(spec))
+    for i, want in enumerate(expected):
+        assert got[f"r{i}"] == want, f"request {i}"
+    counters = engine.scheduler.speculator.counters
+    assert counters.accepted == counters.proposed > 0
+    if num_blocks == 30:
+        assert engine.scheduler.num_preemptions > 0
+
+
+def test_another_model_as_draft_changes_no_token(
+    tiny: tuple[torch.nn.Module, ModelSpec, list[list[int]]], tmp_path: Path
+) -> None:
+    model, spec, expected = tiny
+    other = build_tiny_model(tmp_path, spec.family, 512, seed=9)  # same vocabulary, other weights
+    engine = draft_engine(spec, model, other)
+    got = run(engine, greedy_seqs(spec))
+    for i, want in enumerate(expected):
+        assert got[f"r{i}"] == want, f"request {i}"
+    counters = engine.scheduler.speculator.counters
+    assert counters.proposed > 0 and counters.accepted < counters.proposed
+
+
+def test_a_draft_with_another_vocabulary_is_refused(
+    tiny: tuple[torch.nn.Module, ModelSpec, list[list[int]]], tmp_path: Path
+) -> None:
+    model, spec, _ = tiny
+    other = build_tiny_model(tmp_path, spec.family, 300, seed=9)
+    with pytest.raises(ValueError, match="share the target's tokenizer"):
+        draft_engine(spec, model, other)

@@ -22,7 +22,13 @@ from engine.block_pool import BlockPool
 from engine.config import SchedulerConfig, SpeculativeConfig, SpeculativeMethod
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from engine.speculative import NgramProposer, SpecState, Speculator, accepted_tokens
+from engine.speculative import (
+    DraftRequest,
+    NgramProposer,
+    SpecState,
+    Speculator,
+    accepted_tokens,
+)
 
 BS = 4
 REQUESTS = 250
@@ -46,10 +52,15 @@ class MixedProposer:
     def new_state(self, k: int) -> SpecState:
         return self.ngram.new_state(k)
 
-    def propose(self, state: SpecState, tokens: Seq[int], k: int) -> tuple[int, ...]:
-        if self.rng.random() < 0.5:
-            return self.ngram.propose(state, tokens, k)
-        return tuple(self.rng.randrange(VOCAB) for _ in range(self.rng.randrange(k + 1)))
+    def propose(self, requests: Seq[DraftRequest]) -> list[tuple[int, ...]]:
+        drafts = []
+        for request in requests:
+            if self.rng.random() < 0.5:
+                drafts.extend(self.ngram.propose([request]))
+            else:
+                k = self.rng.randrange(request.k + 1)
+                drafts.append(tuple(self.rng.randrange(VOCAB) for _ in range(k)))
+        return drafts
 
 
 class World:
@@ -60,8 +71,7 @@ class World:
         config = SchedulerConfig(
             max_num_seqs=6, max_num_batched_tokens=40, enable_prefix_caching=prefix_caching
         )
-        self.sched = Scheduler(config, self.pool, BS, spec)
-        self.sched.speculator = Speculator(spec, MixedProposer(self.rng))
+        self.sched = Scheduler(config, self.pool, BS, Speculator(spec, MixedProposer(self.rng)))
         self.kv: dict[int, int] = {}  # slot -> the token whose KV it holds
         self.outputs: dict[str, list[int]] = {}
         self.prompts: dict[str, list[int]] = {}
@@ -78,6 +88,7 @@ class World:
         self.check()
         if batch is None:
             return
+        batch = self.sched.speculator.fill(batch)
         sampled: list[tuple[int, ...]] = []
         for item in batch.items:
             seq, start = item.seq, item.seq.num_computed_tokens
@@ -170,7 +181,7 @@ def test_a_draft_never_preempts_and_shrinks_to_the_free_blocks() -> None:
     batch = world.sched.schedule()
     assert batch is not None
     assert world.sched.num_preemptions == 0
-    for item in batch.items:
+    for item in world.sched.speculator.fill(batch).items:
         free_room = len(item.seq.block_table) * BS - item.seq.num_computed_tokens - 1
         assert len(item.draft) <= free_room
 
@@ -182,8 +193,8 @@ class _Always:
     def new_state(self, k: int) -> SpecState:
         return SpecState(k)
 
-    def propose(self, state: SpecState, tokens: Seq[int], k: int) -> tuple[int, ...]:
-        return self.draft[:k]
+    def propose(self, requests: Seq[DraftRequest]) -> list[tuple[int, ...]]:
+        return [self.draft[: r.k] for r in requests]
 
 
 def test_exporting_and_constrained_sequences_never_speculate() -> None:

@@ -4,11 +4,15 @@ the kept prefix of a verified draft, and the per-sequence adaptation."""
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Sequence as Seq
 
 import pytest
 
+from core.pool_stats import SpecStats
+from core.sampling import SamplingParams
 from engine.config import SpeculativeConfig, SpeculativeMethod
+from engine.scheduler import ScheduledBatch, ScheduledSeq
+from engine.sequence import Sequence
 from engine.speculative import (
     MAX_BACKOFF_STEPS,
     NgramIndex,
@@ -18,7 +22,7 @@ from engine.speculative import (
 )
 
 
-def brute_force(tokens: Sequence[int], k: int, min_n: int, max_n: int) -> tuple[int, ...]:
+def brute_force(tokens: Seq[int], k: int, min_n: int, max_n: int) -> tuple[int, ...]:
     """The continuation of the latest earlier occurrence of the longest trailing n-gram."""
     n = len(tokens)
     for size in range(min(max_n, n - 1), min_n - 1, -1):
@@ -99,26 +103,41 @@ def test_rejected_drafts_back_off_exponentially_and_success_resets() -> None:
     assert state.misses == 0
 
 
-def test_speculator_respects_its_limit_and_pause() -> None:
+def test_speculator_sizes_fills_and_counts_drafts() -> None:
     spec = Speculator(SpeculativeConfig(SpeculativeMethod.NGRAM, num_tokens=3))
-    state = spec.new_state()
-    assert state is not None
-    tokens = [1, 2, 3, 4, 5, 6, 1, 2]
-    assert spec.draft(tokens, state, limit=10) == (3, 4, 5)  # state.k == 3
-    assert spec.draft(tokens, state, limit=2) == (3, 4)
-    assert spec.draft(tokens, state, limit=0) == ()
-    state.pause = 2
-    assert spec.draft(tokens, state, limit=3) == ()
-    assert spec.draft(tokens, state, limit=3) == ()
-    assert spec.draft(tokens, state, limit=3) == (3, 4, 5)
-    spec.record(state, proposed=3, kept=2)
-    assert spec.counters.snapshot() == type(spec.counters.snapshot())(3, 2, 1)
+    seq = Sequence("a", [1, 2, 3, 4, 5, 6, 1, 2], 8, SamplingParams())
+    seq.spec = spec.new_state()
+    assert seq.spec is not None
+    assert spec.slots(seq.spec, limit=10) == 3  # state.k
+    assert spec.slots(seq.spec, limit=2) == 2
+    assert spec.slots(seq.spec, limit=0) == 0
+    seq.spec.pause = 2
+    assert [spec.slots(seq.spec, limit=3) for _ in range(3)] == [0, 0, 3]
+    other = Sequence("b", [9, 8, 7], 3, SamplingParams())
+    other.spec = spec.new_state()
+    batch = ScheduledBatch(
+        (ScheduledSeq(seq, 1, True, draft_slots=2), ScheduledSeq(other, 1, True, draft_slots=3))
+    )
+    filled = spec.fill(batch).items
+    assert filled[0].draft == (3, 4) and filled[0].num_new_tokens == 3  # cut to its slots
+    assert filled[1].draft == () and filled[1].num_new_tokens == 1  # no match: plain decode
+    spec.record(seq.spec, proposed=2, kept=1)
+    assert spec.counters.snapshot() == SpecStats(2, 1, 1)
 
 
 def test_off_gives_no_state_and_no_draft() -> None:
     spec = Speculator(SpeculativeConfig())
     assert not spec.enabled and spec.new_state() is None
-    assert spec.draft([1, 2, 1, 2], None, limit=3) == ()
+    assert spec.slots(None, limit=3) == 0
+
+
+def test_draft_needs_its_model_and_its_proposer() -> None:
+    with pytest.raises(ValueError, match="--draft-model"):
+        SpeculativeConfig(SpeculativeMethod.DRAFT)
+    with pytest.raises(ValueError, match="--draft-model"):
+        SpeculativeConfig(SpeculativeMethod.NGRAM, draft_model="x")
+    with pytest.raises(ValueError, match="proposer"):
+        Speculator(SpeculativeConfig(SpeculativeMethod.DRAFT, draft_model="x"))
 
 
 def test_config_is_checked() -> None:

@@ -1,4 +1,5 @@
-"""ModelRunner.prepare: packed inputs and paged-attention metadata for a mixed batch.
+"""engine.step_inputs, through ModelRunner.prepare: packed inputs and paged-attention metadata
+for a mixed batch.
 
 ``prepare`` never calls the model, so a placeholder stands in for it. The last test feeds the
 metadata to :func:`engine.attention.paged_attention` and compares with plain causal attention
@@ -18,16 +19,16 @@ import torch
 from core.sampling import SamplingParams
 from engine.attention import paged_attention
 from engine.kv_cache import KVCache
-from engine.model_runner import (
-    GROUP_COST_BLOCKS,
-    MAX_DECODE_GROUPS,
-    ModelInputs,
-    ModelRunner,
-    split_by_length,
-)
+from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, ScheduledSeq
 from engine.sequence import Sequence
+from engine.step_inputs import (
+    GROUP_COST_BLOCKS,
+    MAX_DECODE_GROUPS,
+    ModelInputs,
+    split_by_length,
+)
 
 BS = 4
 H, KVH, D = 2, 1, 8
@@ -321,3 +322,32 @@ def test_metadata_drives_paged_attention_like_plain_attention() -> None:
     torch.testing.assert_close(slots[0][inputs.attention.slot_mapping], new_k)
     torch.testing.assert_close(slots[1][inputs.attention.slot_mapping], new_v)
     assert not cache.kv[0].any()
+
+
+def test_a_draft_is_one_decode_row_per_token_each_sampled() -> None:
+    # d: 6 tokens, 5 computed, a 2-token draft (positions 5, 6, 7); p: a plain decode token
+    d = make_seq("d", 6, 5, [4, 11], 2)
+    d.sampling = SamplingParams(seed=2, repetition_penalty=1.2)
+    p = make_seq("p", 3, 2, [6], 1)
+    batch = ScheduledBatch(
+        (ScheduledSeq(d, 3, True, draft=(70, 80), draft_slots=2), ScheduledSeq(p, 1, True))
+    )
+    inputs = make_runner(make_cache()).prepare(batch)
+    # rows by context length: p's (position 2), then d's three
+    assert inputs.input_ids.tolist() == [[102, 205, 70, 80]]
+    assert inputs.position_ids.tolist() == [[2, 5, 6, 7]]
+    table = [4, 11]
+    assert inputs.attention.slot_mapping.tolist() == [6 * BS + 2] + [
+        slot(table, q) for q in (5, 6, 7)
+    ]
+    assert inputs.sample_items == [1, 0, 0, 0]
+    assert inputs.sample_offsets == [0, 0, 1, 2]
+    assert inputs.logits_index.tolist() == [0, 1, 2, 3]
+    assert [r.position for r in inputs.sample_requests] == [3, 6, 7, 8]
+    # a penalized row sees the draft tokens before it as output so far
+    assert list(inputs.sample_requests[3].token_ids) == [*d.token_ids, 70, 80]
+    native = inputs.attention.native
+    if native is not None:
+        assert native.context_len.tolist() == [3, 6, 7, 8]
+    else:
+        assert inputs.attention.prefill is None  # no draft row goes the prefill way
