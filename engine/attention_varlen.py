@@ -42,6 +42,9 @@ import torch
 
 VARLEN_PAGE_MULTIPLE = 256
 """FlashAttention 2 reads paged KV only in pages of a multiple of 256 token slots."""
+SMALL_BLOCK_SIZE = 16
+"""The automatic block size wherever varlen FlashAttention does not run (CPU, the gather
+fallback): a sequence's last, partial block wastes at most 15 slots."""
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 MIN_CAPABILITY = (8, 0)
@@ -243,3 +246,29 @@ def choose_attention_backend(
             block_size_needed=needed,
         )
     return BackendChoice(AttentionBackend.VARLEN, "cuda: varlen FlashAttention over paged KV")
+
+
+class BlockSizeChoice(NamedTuple):
+    block_size: int
+    reason: str
+
+
+def choose_block_size(
+    requested: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    support: VarlenSupport,
+) -> BlockSizeChoice:
+    """The pool's block size: ``requested`` unless it is 0 (``--block-size auto``); then
+    :data:`VARLEN_PAGE_MULTIPLE` where :func:`choose_attention_backend` would take the varlen
+    path with it (CUDA, a torch whose ``varlen_attn`` takes ``block_table``, sm80+, float16 or
+    bfloat16, a head size it takes), else :data:`SMALL_BLOCK_SIZE`."""
+    if requested:
+        return BlockSizeChoice(requested, "--block-size")
+    choice = choose_attention_backend(device, dtype, VARLEN_PAGE_MULTIPLE, head_dim, support)
+    if choice.backend is AttentionBackend.VARLEN:
+        return BlockSizeChoice(
+            VARLEN_PAGE_MULTIPLE, f"auto: paged FlashAttention reads pages of {VARLEN_PAGE_MULTIPLE}"
+        )
+    return BlockSizeChoice(SMALL_BLOCK_SIZE, f"auto: {choice.reason}")

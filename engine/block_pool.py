@@ -144,6 +144,14 @@ class BlockPool:
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
 
+    def intact(self) -> bool:
+        """Whether :meth:`check_integrity` passes."""
+        try:
+            self.check_integrity()
+        except Exception:
+            return False
+        return True
+
     def check_integrity(self) -> None:
         """Raise :class:`BlockPoolCorruptedError` unless every block is in exactly one state and
         the hash maps agree."""

@@ -47,17 +47,32 @@ class ModelConfig:
     """Cap on prompt + output tokens; the model's own context length when unset."""
 
 
+AUTO_BLOCK_SIZE = 0
+"""``CacheConfig.block_size`` when none was given (``--block-size auto``): the engine picks the
+device's (as port 0 asks for any port; no block has 0 slots)."""
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Shape of the paged KV pool."""
 
-    block_size: int = 16
-    """Token slots per block. 16 keeps the last partial block's waste small."""
+    block_size: int = AUTO_BLOCK_SIZE
+    """Token slots per block; :data:`AUTO_BLOCK_SIZE` (the default): the engine picks it for
+    its device once it starts (:func:`engine.attention_varlen.choose_block_size`): 16 on CPU
+    (the last partial block's waste stays small), 256 on CUDA where varlen FlashAttention
+    runs (it reads pages of a multiple of 256 slots), else 16. Both tiers must end with the
+    same one (it is part of the KV fingerprint)."""
     num_blocks: int = 2048
     """Blocks in the pool. 2048 x 16 slots x 46 KB/token is ~1.5 GB for the default model."""
     memory: str | None = None
     """Size the pool from memory instead: bytes ("4GiB", "512MiB", "1000000") or a fraction
-    of the memory available now ("0.3": of MemAvailable on CPU, of free memory on a GPU)."""
+    ("0.9"). On CUDA a fraction is of the GPU's total memory, less the weights and the peak
+    activations of a profiling forward pass at the worst-case step
+    (:func:`engine.kv_memory.plan_kv_pool`); on CPU it is of MemAvailable at start."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 0:
+            raise ValueError(f"--block-size must be positive (or auto), not {self.block_size}")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch
 
 from core.sampling import SamplingParams
 from engine.attention import register_paged_attention
-from engine.config import EngineConfig
+from engine.config import EngineConfig, SpeculativeMethod
 from engine.kv_cache import KVCache
 from engine.model_files import ModelSpec
 from engine.model_loader import load_model
@@ -82,12 +82,14 @@ class DraftModelProposer:
         return [tuple(t for t in draft if t >= 0) for draft in drafts]
 
 
-def load_draft_model(config: EngineConfig, target: ModelSpec) -> tuple[torch.nn.Module, ModelSpec]:
-    """The draft model of ``config.speculative`` on the target's device and dtype; raises
-    ValueError when its vocabulary is not the target's (a different tokenizer)."""
+def load_draft_model(
+    config: EngineConfig, target: ModelSpec
+) -> tuple[torch.nn.Module, ModelSpec] | None:
+    """The draft model of ``--speculative draft`` on the target's device and dtype (None for
+    any other method); raises ValueError when its vocabulary is not the target's."""
     name = config.speculative.draft_model
-    if name is None:
-        raise ValueError("--speculative draft needs --draft-model")
+    if config.speculative.method is not SpeculativeMethod.DRAFT or name is None:
+        return None
     model, spec = load_model(replace(config.model, model=name))
     if spec.vocab_size != target.vocab_size:
         raise ValueError(

@@ -26,7 +26,7 @@ from core.pool_stats import PoolStats
 from core.sampling import FinishReason, TokenLogprob
 from engine.attention import register_paged_attention
 from engine.block_pool import BlockPool
-from engine.config import EngineConfig, SpeculativeMethod
+from engine.config import EngineConfig
 from engine.draft_model import build_draft_proposer, load_draft_model
 from engine.engine_thread import StepMonitor
 from engine.kv_cache import KVCache
@@ -36,11 +36,12 @@ from engine.kv_connector import (
     ImportConnector,
     ImportResult,
     ImportStatus,
-    LayerPages,
+    LayerSink,
     LayerSinkExport,
     Reservation,
+    layer_saver,
 )
-from engine.kv_memory import blocks_for_memory
+from engine.kv_memory import plan_kv_pool
 from engine.model_files import ModelSpec
 from engine.runner_setup import build_runner
 from engine.scheduler import Finished, ScheduledBatch, Scheduler
@@ -55,10 +56,6 @@ log = structlog.get_logger(__name__)
 _IDLE_WAIT_S = 0.5
 
 OutputSink = Callable[[list[RequestOutput]], None]
-LayerSink = Callable[[str, int, torch.Tensor], None]
-"""``(request key, layer, pages (1, 2, n, bs, KVH, D))``: one layer of an exporting prompt's KV,
-called on the engine thread while the forward pass continues with the next layer (the callable
-form of a LAYERWISE :class:`~engine.kv_connector.ExportConnector`)."""
 
 
 class Engine:
@@ -81,20 +78,14 @@ class Engine:
         self._importer: ImportConnector | None = None
         weights = next(model.parameters())  # the KV cache matches the weights' device and dtype
         model.set_attn_implementation(register_paged_attention())  # type: ignore[operator]
-        draft = None  # a draft model's KV shares the pool: each block holds both models' KV
-        if config.speculative.method is SpeculativeMethod.DRAFT:
-            draft = load_draft_model(config, spec)
-        specs = [spec] if draft is None else [spec, draft[1]]
+        draft = load_draft_model(config, spec)  # None unless --speculative draft
+        specs = [spec] if draft is None else [spec, draft[1]]  # (a block holds both's KV)
         per_token = sum(KVCache.token_bytes(s, weights.dtype) for s in specs)
-        num_blocks = blocks_for_memory(config.cache, per_token, weights.device)
-        self.kv_cache = KVCache.for_model(spec, num_blocks, config.cache.block_size, weights)
+        plan = plan_kv_pool(config, model, spec, per_token, weights)  # logs kv_pool_sized
+        self.config = config = replace(config, cache=plan.cache)  # block size, blocks resolved
+        num_blocks = plan.cache.num_blocks
+        self.kv_cache = KVCache.for_model(spec, plan.kv_blocks, plan.cache.block_size, weights)
         self.pool = BlockPool(num_blocks)
-        log.info(
-            "kv_pool_sized",
-            blocks=num_blocks,
-            block_size=config.cache.block_size,
-            bytes=num_blocks * self.kv_cache.bytes_per_block,
-        )
         self.grammars = GrammarManager.for_model(spec.path, spec.vocab_size, spec.eos_token_ids)
         proposer = draft and build_draft_proposer(config, *draft, num_blocks, self.grammars)
         speculator = Speculator(config.speculative, proposer)
@@ -108,6 +99,7 @@ class Engine:
         self._in_flight: ScheduledBatch | None = None
         self._idle_step = False  # the last step found work it could not schedule
         self._stopping = False
+        self._parking = False  # draining: park decoding sequences (see :meth:`park_all`)
         self.monitor = StepMonitor(lambda: self._in_flight, self.scheduler.has_work)
         self.set_layer_sink(layer_sink)
 
@@ -117,11 +109,7 @@ class Engine:
         """Queue a sequence to compute here. With ``export_kv`` it stops after its first token
         and its output carries a copy of the prompt's KV pages."""
         with self._lock:
-            self._check_running()
-            self.scheduler.check_fits(seq, export_kv)
-            seq.arrival_time = time.monotonic()
-            seq.export_kv = export_kv
-            self.grammars.attach(seq)
+            self._intake(seq, export_kv)
             self.scheduler.add(seq)
             self._wakeup.notify()
 
@@ -134,10 +122,7 @@ class Engine:
         its end comes through the import connector (or :meth:`kv_ready`). Raises
         OutOfBlocksError."""
         with self._lock:
-            self._check_running()
-            self.scheduler.check_fits(seq, export_kv=False)
-            seq.arrival_time = time.monotonic()
-            self.grammars.attach(seq)
+            self._intake(seq, export_kv=False)
             block_ids = self.scheduler.reserve(seq)
             cached = seq.num_cached_tokens // self.kv_cache.block_size
             return Reservation(seq.request_id, tuple(block_ids), cached)
@@ -145,10 +130,9 @@ class Engine:
     def kv_ready(self, request_id: str, first_token_id: int) -> None:
         """All pages of a reserved prompt arrived: the sequence joins the running batch (the
         direct form of an import connector's READY result)."""
+        result = ImportResult(request_id, ImportStatus.READY, first_token_id)
         with self._lock:
-            outputs = self._finish_import(
-                ImportResult(request_id, ImportStatus.READY, first_token_id)
-            )
+            outputs = self._finish_import(result)
             self._wakeup.notify()
         if outputs:
             self._emit(outputs)
@@ -183,24 +167,39 @@ class Engine:
         if seq is not None and reason is not FinishReason.CANCELLED:
             self._emit([output_for(seq, (), reason, error=error)])
 
+    # -- migration (a draining worker's sequences leave with their KV) ----------------------
+
+    def park_all(self) -> None:
+        """From the next step on, decoding sequences stop (an output with ``parked`` says so)
+        and wait, blocks kept, for :meth:`parked_pages` and :meth:`abort`; prompts once out."""
+        with self._lock:
+            self._parking = True
+            self._wakeup.notify()
+
+    def parked_pages(self, request_id: str) -> tuple[torch.Tensor, int, int]:
+        """A parked sequence's KV for a target that reserved its tokens but the last: a copy
+        of the pages of every position computed, ``(L, 2, n, bs, KVH, D)``, its last token
+        (the target's first: already emitted) and the positions the pages hold. KeyError when
+        the sequence is not parked here (it ended, or was never parked)."""
+        with self._lock:
+            seq = self.scheduler.parked[request_id]
+            computed = seq.num_computed_tokens
+            blocks = seq.block_table[: self.scheduler.blocks_for(computed)]
+            return self.kv_cache.gather_pages(blocks), seq.last_token_id, computed
+
     def set_layer_sink(self, sink: LayerSink | None) -> None:
         """Stream exporting prompts' KV layer by layer into ``sink`` (set before :meth:`start`)."""
         self.set_export_connector(LayerSinkExport(sink) if sink is not None else None)
 
     def stats(self) -> PoolStats:
         with self._lock:
-            try:
-                self.pool.check_integrity()
-                ok = True
-            except Exception:
-                ok = False
             return PoolStats(
                 total_blocks=self.pool.num_blocks,
                 free_blocks=self.pool.num_free,
                 running=len(self.scheduler.running),
                 waiting=len(self.scheduler.waiting),
                 awaiting_kv=len(self.scheduler.awaiting_kv),
-                pool_ok=ok,
+                pool_ok=self.pool.intact(),
                 num_preemptions=self.scheduler.num_preemptions,
                 prefix_query_tokens=self.scheduler.prefix_query_tokens,
                 prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
@@ -219,6 +218,9 @@ class Engine:
         """One engine step: schedule -> run -> update. Returns what it produced."""
         with self._lock:
             imported = self._take_imports()
+            if self._parking:  # draining: decoding sequences stop here, to be migrated
+                parked = self.scheduler.park_decoding()
+                imported += [output_for(s, (), None, parked=True) for s in parked]
             batch = self.scheduler.schedule()
             self._in_flight = batch
             self._idle_step = batch is None
@@ -321,15 +323,7 @@ class Engine:
         if not exporting:
             return None
 
-        def on_layer(layer: int) -> None:
-            for key, blocks in exporting:
-                pages = self.kv_cache.gather_pages(blocks, slice(layer, layer + 1))
-                try:
-                    exporter.save_layer(LayerPages(key, layer, pages))
-                except Exception:  # the connector's failure is that one transfer's alone
-                    log.exception("kv_layer_export_failed", layer=layer)
-
-        return on_layer
+        return layer_saver(exporter, self.kv_cache, exporting)
 
     def _prompt_blocks(self, seq: Sequence) -> list[int]:
         return seq.block_table[: self.scheduler.blocks_for(seq.num_prompt_tokens)]
@@ -392,6 +386,11 @@ class Engine:
         except Exception:
             log.exception("engine_sink_failed")
 
-    def _check_running(self) -> None:
+    def _intake(self, seq: Sequence, export_kv: bool) -> None:
+        """Checks and marks of a sequence arriving (lock held)."""
         if self._stopping:
             raise EngineStoppedError("engine is shutting down")
+        self.scheduler.check_fits(seq, export_kv)
+        seq.arrival_time = time.monotonic()
+        seq.export_kv = export_kv
+        self.grammars.attach(seq)

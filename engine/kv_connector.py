@@ -16,7 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import structlog
 import torch
+
+from engine.kv_cache import KVCache
+
+log = structlog.get_logger(__name__)
 
 
 class ExportMode(enum.Enum):
@@ -43,6 +48,29 @@ class ExportConnector(Protocol):
     def mode(self) -> ExportMode: ...
 
     def save_layer(self, layer: LayerPages) -> None: ...
+
+
+LayerSink = Callable[[str, int, torch.Tensor], None]
+"""``(request key, layer, pages (1, 2, n, bs, KVH, D))``: one layer of an exporting prompt's KV,
+called on the engine thread while the forward pass continues with the next layer (the callable
+form of a LAYERWISE :class:`ExportConnector`, see :class:`LayerSinkExport`)."""
+
+
+def layer_saver(
+    exporter: ExportConnector, kv_cache: KVCache, exporting: list[tuple[str, list[int]]]
+) -> Callable[[int], None]:
+    """The layer listener of a step whose ``exporting`` prompts (key, their blocks) complete:
+    saves each finished layer's pages of each through ``exporter`` (engine thread)."""
+
+    def on_layer(layer: int) -> None:
+        for key, blocks in exporting:
+            pages = kv_cache.gather_pages(blocks, slice(layer, layer + 1))
+            try:
+                exporter.save_layer(LayerPages(key, layer, pages))
+            except Exception:  # the connector's failure is that one transfer's alone
+                log.exception("kv_layer_export_failed", layer=layer)
+
+    return on_layer
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.awaiting_kv: dict[str, Sequence] = {}
+        self.parked: dict[str, Sequence] = {}
+        """Decoding sequences a draining worker stopped (blocks kept) until they migrate."""
         self.num_preemptions = 0
         self.prefix_query_tokens = 0  # tokens of admitted sequences looked up in the cache
         self.prefix_hit_tokens = 0  # of which found (their KV was not recomputed)
@@ -86,7 +88,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence whose prompt this worker computes."""
-        self._attach_spec(seq)
+        self.speculator.attach(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
@@ -108,7 +110,7 @@ class Scheduler:
             seq.num_cached_tokens = len(hits) * self.block_size
             self.prefix_hit_tokens += seq.num_cached_tokens
         seq.block_table = [*hits, *self.pool.allocate(needed)]
-        self._attach_spec(seq)
+        self.speculator.attach(seq)
         seq.status = SequenceStatus.WAITING_FOR_KV
         self.awaiting_kv[seq.request_id] = seq
         return list(seq.block_table)
@@ -130,7 +132,7 @@ class Scheduler:
 
     def abort(self, request_id: str, reason: FinishReason) -> Sequence | None:
         """Drop a sequence wherever it is; returns it, or None when it is unknown or done."""
-        seq = self.awaiting_kv.pop(request_id, None)
+        seq = self.awaiting_kv.pop(request_id, None) or self.parked.pop(request_id, None)
         if seq is None:
             seq = next((s for s in self.running if s.request_id == request_id), None)
             if seq is not None:
@@ -149,7 +151,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         items: list[ScheduledSeq] = []
         budget = self.config.max_num_batched_tokens
-        speculate = self._speculates()
+        speculate = self.speculator.speculates(self.running)
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
@@ -237,6 +239,21 @@ class Scheduler:
             self.running.remove(seq)
         self._release(seq, reason)
 
+    def park_decoding(self) -> list[Sequence]:
+        """Stop every running sequence that decodes (its output begun, its next token's KV the
+        only one missing) and keep it, blocks and all, in :attr:`parked` (a draining worker's
+        sequences, to be migrated); prompts still computing park once they decode."""
+        parked = [
+            s
+            for s in self.running
+            if s.num_tokens - s.num_computed_tokens == 1 and s.num_completion_tokens > 0
+        ]
+        for seq in parked:
+            self.running.remove(seq)
+            seq.status = SequenceStatus.PARKED
+            self.parked[seq.request_id] = seq
+        return parked
+
     def is_awaiting_kv(self, request_id: str) -> bool:
         """Whether blocks are reserved for this sequence and its pages are still in flight."""
         return request_id in self.awaiting_kv
@@ -298,20 +315,6 @@ class Scheduler:
         return ScheduledSeq(seq, num_new, completes)
 
     # -- speculative decoding ---------------------------------------------------------------
-
-    def _attach_spec(self, seq: Sequence) -> None:
-        """Give a sequence that may speculate its state: not an exporting prompt (its work here
-        ends with its first token), not a constrained one (its grammar advances one sampled
-        token at a time)."""
-        if seq.spec is None and not seq.export_kv and seq.sampling.structured is None:
-            seq.spec = self.speculator.new_state()
-
-    def _speculates(self) -> bool:
-        """Whether drafts are proposed this step: at most ``max_seqs`` sequences decode."""
-        if not self.speculator.enabled:
-            return False
-        decoding = sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1)
-        return decoding <= self.speculator.config.max_seqs
 
     def _draft_slots(self, seq: Sequence, budget: int) -> int:
         """Room for draft tokens in a decoding sequence's step, its next token's blocks being in

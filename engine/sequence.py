@@ -30,6 +30,7 @@ class SequenceStatus(enum.Enum):
     WAITING_FOR_KV = "waiting_for_kv"  # blocks reserved, pages in flight from a prefill worker
     WAITING = "waiting"  # queued for (more) prefill compute
     RUNNING = "running"  # in the batch: one token per step
+    PARKED = "parked"  # stopped by a draining worker, blocks kept, until it migrates or ends
     FINISHED = "finished"  # done; blocks already returned
 
 
@@ -147,6 +148,9 @@ class RequestOutput:
     timings: RequestTimings | None = None  # on the last output of a request
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token when the request asked for them
     num_cached_tokens: int = 0  # prompt tokens whose KV came from this worker's prefix cache
+    parked: bool = False
+    """The worker is draining and stopped the sequence here (no token with it): it waits,
+    blocks kept, to be migrated (:meth:`engine.engine.Engine.parked_pages`) or ended."""
     invalid_request: bool = False
     """With ``error``: the request's own failure (its grammar, sampling parameters that leave
     nothing to sample), INVALID_ARGUMENT to the caller,
@@ -161,6 +165,7 @@ def output_for(
     error: str | None = None,
     last: bool = False,
     logprobs: tuple[TokenLogprob, ...] = (),
+    parked: bool = False,
 ) -> RequestOutput:
     """``last``: the request's final output here even without a finish reason (export). An
     ERROR without ``error`` reports the sequence's own (:attr:`Sequence.error`)."""
@@ -176,5 +181,6 @@ def output_for(
         timings=seq.timings(time.monotonic()) if last or reason is not None else None,
         logprobs=logprobs,
         num_cached_tokens=seq.num_cached_tokens,
+        parked=parked,
         invalid_request=own and seq.error_is_own,
     )

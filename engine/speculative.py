@@ -171,6 +171,20 @@ class Speculator:
     def enabled(self) -> bool:
         return self.proposer is not None
 
+    def attach(self, seq: EngineSequence) -> None:
+        """Give a sequence that may speculate its state: not an exporting prompt (its work here
+        ends with its first token), not a constrained one (its grammar advances one sampled
+        token at a time)."""
+        if seq.spec is None and not seq.export_kv and seq.sampling.structured is None:
+            seq.spec = self.new_state()
+
+    def speculates(self, running: Sequence[EngineSequence]) -> bool:
+        """Whether a step over ``running`` proposes drafts: at most ``max_seqs`` decode."""
+        if self.proposer is None:
+            return False
+        decoding = sum(1 for s in running if s.num_tokens - s.num_computed_tokens == 1)
+        return decoding <= self.config.max_seqs
+
     def slots(self, state: SpecState | None, limit: int) -> int:
         """How many draft tokens to make room for in a sequence's step: up to
         ``min(limit, state.k)`` (scheduler, engine lock); none while it pauses."""
