@@ -269,6 +269,7 @@ def choose_block_size(
     choice = choose_attention_backend(device, dtype, VARLEN_PAGE_MULTIPLE, head_dim, support)
     if choice.backend is AttentionBackend.VARLEN:
         return BlockSizeChoice(
-            VARLEN_PAGE_MULTIPLE, f"auto: paged FlashAttention reads pages of {VARLEN_PAGE_MULTIPLE}"
+            VARLEN_PAGE_MULTIPLE,
+            f"auto: paged FlashAttention reads pages of {VARLEN_PAGE_MULTIPLE}",
         )
     return BlockSizeChoice(SMALL_BLOCK_SIZE, f"auto: {choice.reason}")

@@ -15,10 +15,18 @@ smallest bucket that holds it::
     block_tables  bt0   bt1   bt2    [padding_block] * max_blocks
     seq_lens      l0    l1    l2     1
 
-Padding rows compute a throwaway token whose K and V land in the *padding block*, a block the
-caller withholds from the :class:`~engine.block_pool.BlockPool` (it belongs to no sequence, so
-writing it harms nothing), and attend to that one slot (``seq_len`` 1: never an empty softmax).
-Batches with a prefill chunk, or larger than the largest bucket, run eagerly.
+Padding rows compute a throwaway token whose K and V land in the *padding block*: the KV
+tensor's last block, which the :class:`~engine.block_pool.BlockPool` never hands out (it
+belongs to no sequence, so writing it harms nothing; :func:`padding_blocks`), and attend to
+that one slot (``seq_len`` 1: never an empty softmax).
+
+Only pure-decode steps replay a graph (:func:`decode_metadata`): every item one new token, no
+draft (a speculative item is several rows), no prompt exporting its KV layer by layer (a graph
+cannot call back after each layer). Anything else, a batch larger than the largest bucket, a
+bucket whose capture failed, and every step off CUDA run eagerly. The captured step is
+:func:`varlen_decode_step` (the runner's Llama forward over varlen FlashAttention, whose
+metadata all lives in device tensors); the gather fallback's metadata changes shape with the
+batch's contexts, so it runs eagerly.
 
 Nothing here touches a device at import; off CUDA (or with graphs turned off) no graph, stream
 or graph memory pool is ever created and :meth:`DecodeGraphs.replay` says "run eagerly".
@@ -27,9 +35,18 @@ or graph memory pool is ever created and :meth:`DecodeGraphs.replay` says "run e
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import structlog
 import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionBatch
+from engine.attention_varlen import VarlenBatch, VarlenKernel
+from engine.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from engine.scheduler import ScheduledBatch
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -38,8 +55,13 @@ __all__ = [
     "DecodeTensors",
     "StaticDecodeBuffers",
     "choose_bucket",
+    "decode_metadata",
     "graph_buckets",
+    "padding_blocks",
+    "varlen_decode_step",
 ]
+
+log = structlog.get_logger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 """Batch sizes captured by default: powers of two keep padding under half a batch, and seven
@@ -66,6 +88,13 @@ def choose_bucket(buckets: Sequence[int], batch_size: int, has_prefill: bool) ->
     if has_prefill or batch_size < 1:
         return None
     return next((b for b in buckets if b >= batch_size), None)
+
+
+def padding_blocks(enabled: bool, device: torch.device) -> int:
+    """Blocks the KV tensor holds beyond the pool for graphs' padding rows: 1 on CUDA with
+    graphs on (the tensor's last block, the :class:`StaticDecodeBuffers` ``padding_block``),
+    else 0 (the pool is the whole tensor, as it always is on CPU)."""
+    return 1 if enabled and device.type == "cuda" else 0
 
 
 class DecodeMetadata(NamedTuple):
@@ -164,10 +193,79 @@ class StaticDecodeBuffers:
         target[: host.shape[0]].copy_(host, non_blocking=True)
 
 
+EMPTY = DecodeMetadata((), (), (), (), ())
+
+
+def decode_metadata(batch: ScheduledBatch, block_size: int) -> DecodeMetadata | None:
+    """A pure-decode batch's rows in the packed order of :mod:`engine.step_inputs` (shortest
+    context first, ties in batch order), so row k's logits are packed token k's; None when
+    any item is not one plain decode token (see the module's docstring)."""
+    items = batch.items
+    if not items or any(i.num_new_tokens != 1 or i.draft or i.seq.export_kv for i in items):
+        return None
+    rows = sorted(items, key=lambda item: item.seq.num_computed_tokens)  # stable
+    bs = block_size
+    ids, positions, slots, tables, lens = [], [], [], [], []
+    for item in rows:
+        seq, p = item.seq, item.seq.num_computed_tokens
+        table = seq.block_table[: p // bs + 1]  # the blocks its context covers
+        ids.append(seq.token_ids[p])
+        positions.append(p)
+        slots.append(table[p // bs] * bs + p % bs)
+        tables.append(table)
+        lens.append(p + 1)
+    return DecodeMetadata(ids, positions, slots, tables, lens)
+
+
 DecodeStep = Callable[[DecodeTensors], torch.Tensor]
 """A decode step over static buffers' views: returns a tensor with one row per (padded)
 sequence, e.g. the logits ``(bucket, vocab)``. It must read its inputs only from the views it
 is given and allocate nothing that outlives the step (what CUDA graph capture requires)."""
+
+DecodeForward = Callable[[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor], torch.Tensor]
+"""``(input_ids (B,), positions (B,), batch, logits_index (S,)) -> logits (S, V)``: the
+runner's :class:`~engine.llama_forward.LlamaForward`."""
+
+
+def varlen_decode_step(
+    forward: DecodeForward, kv_cache: KVCache, kernel: VarlenKernel, max_context: int
+) -> DecodeStep:
+    """The decode step a graph captures: ``forward`` over :class:`DecodeTensors`, attention
+    through varlen FlashAttention whose metadata is computed on the device from the buffers
+    (one query per row; the kernel is told ``max_context``, the longest context a row of
+    the buffers holds, and reads each row's own length from ``seq_lens``). Logits for
+    every row, padding included: ``(bucket, V)``."""
+
+    def step(t: DecodeTensors) -> torch.Tensor:
+        rows, dev = t.input_ids.shape[0], t.input_ids.device
+        varlen = VarlenBatch(
+            kernel=kernel,
+            cu_seq_q=torch.arange(rows + 1, dtype=torch.int32, device=dev),  # (B + 1,)
+            cu_seq_k=F.pad(torch.cumsum(t.seq_lens, 0, dtype=torch.int32), (1, 0)),  # (B + 1,)
+            seqused_k=t.seq_lens,  # (B,)
+            block_table=t.block_tables,  # (B, M)
+            max_q=1,
+            max_k=max_context,
+        )
+        batch = AttentionBatch(
+            kv_cache=kv_cache,
+            slot_mapping=t.slot_mapping,
+            decode=(),
+            prefill=None,
+            native=None,
+            workspace=torch.empty(0, dtype=kv_cache.dtype, device=dev),
+            varlen=varlen,
+        )
+        return forward(t.input_ids, t.positions, batch, torch.arange(rows, device=dev))
+
+    return step
+
+
+class Captured(NamedTuple):
+    """One bucket's graph and the output tensor each of its replays writes."""
+
+    graph: Any  # torch.cuda.CUDAGraph (anything with ``replay()``)
+    output: torch.Tensor
 
 
 class DecodeGraphs:
@@ -184,7 +282,8 @@ class DecodeGraphs:
         self.buffers = buffers
         self.buckets = tuple(sorted(b for b in buckets if b <= buffers.max_batch))
         self.enabled = enabled
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[int, Captured] = {}
+        self._pool: Any = None  # the graph memory pool all buckets share, made at capture
 
     def available(self) -> bool:
         return self.enabled and self.buffers.device.type == "cuda" and torch.cuda.is_available()
@@ -194,34 +293,50 @@ class DecodeGraphs:
         """The buckets that have a graph."""
         return tuple(sorted(self._graphs))
 
+    @torch.inference_mode()
     def capture(self, step: DecodeStep, warmup: int = 2) -> None:
-        """Capture ``step`` once per bucket, largest first, sharing one graph memory pool
-        (each runs ``warmup`` times eagerly on a side stream first, as torch requires: lazy
-        initialisation and autotuning must not happen inside capture). The buffers hold only
-        padding meanwhile, so capture writes K and V into the padding block alone."""
+        """Capture ``step`` once per bucket, largest first. A bucket whose capture raises is
+        logged (``cuda_graph_capture_failed``) and left without a graph: its batches run
+        eagerly. The buffers hold only padding meanwhile, so capture writes K and V into the
+        padding block alone."""
         if not self.available():
             return
-        pool = torch.cuda.graph_pool_handle()
         for bucket in reversed(self.buckets):
-            inputs = self.buffers.fill(DecodeMetadata((), (), (), (), ()), bucket)
-            side = torch.cuda.Stream(self.buffers.device)
-            side.wait_stream(torch.cuda.current_stream(self.buffers.device))
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    step(inputs)
-            torch.cuda.current_stream(self.buffers.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                output = step(inputs)
-            self._graphs[bucket] = (graph, output)
+            inputs = self.buffers.fill(EMPTY, bucket)
+            try:
+                self._graphs[bucket] = self._capture_bucket(step, inputs, warmup)
+            except Exception as exc:  # that bucket runs eagerly; serving goes on
+                log.warning(
+                    "cuda_graph_capture_failed", bucket=bucket, error=f"{type(exc).__name__}: {exc}"
+                )
+        log.info("cuda_graphs_captured", buckets=list(self.captured))
+
+    def _capture_bucket(self, step: DecodeStep, inputs: DecodeTensors, warmup: int) -> Captured:
+        """One graph: ``warmup`` eager runs on a side stream first, as torch requires (lazy
+        initialisation and autotuning must not happen inside capture), then the capture,
+        in the memory pool the buckets share."""
+        device = self.buffers.device
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step(inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = step(inputs)
+        return Captured(graph, output)
 
     def replay(self, meta: DecodeMetadata, has_prefill: bool = False) -> torch.Tensor | None:
         """The step's output for ``meta``'s rows, from the bucket's graph; None when this
-        batch must run eagerly (no graph for it, prefill work, too many rows or blocks)."""
-        bucket = choose_bucket(self.captured, len(meta.input_ids), has_prefill)
-        if bucket is None or not self.buffers.fits(meta):
+        batch must run eagerly (prefill work, too many rows or blocks, no graph for its
+        bucket)."""
+        bucket = choose_bucket(self.buckets, len(meta.input_ids), has_prefill)
+        if bucket is None or bucket not in self._graphs or not self.buffers.fits(meta):
             return None
+        captured = self._graphs[bucket]
         self.buffers.fill(meta, bucket)
-        graph, output = self._graphs[bucket]
-        graph.replay()
-        return output[: len(meta.input_ids)]
+        captured.graph.replay()
+        return captured.output[: len(meta.input_ids)]

@@ -82,7 +82,9 @@ def plan_kv_pool(
             budget = int(fraction * available_memory(device))
         else:
             memory = CudaMemory(device)
-            profile = profile_memory(model, spec, config.scheduler, cache.block_size, weights, memory)
+            profile = profile_memory(
+                model, spec, config.scheduler, cache.block_size, weights, memory
+            )
             budget = pool_budget(fraction, profile)
             log.info("kv_memory_profiled", budget=budget, **profile._asdict())
         blocks = blocks_for_budget(budget, block_bytes, padding, cache.memory)
