@@ -3,6 +3,11 @@
 Domain failures are raised, not caught: the server's :class:`~server_runtime.interceptors.CallScope`
 maps them to a status with :data:`STATUS_CODES`, binds the request id, and admits each
 ``Generate`` through the server's :class:`~server_runtime.grpc_runtime.Lifecycle`.
+
+Migration: when the server drains (SIGTERM) the worker parks its decoding sequences; each one's
+``Generate`` stream says ``migrating`` after its last token and stays open while the gateway
+moves it (``Migrate``, with another worker's ticket) or lets it finish here (``Migrate``
+without a ticket); the gateway cancels the call once the sequence is elsewhere.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import grpc
 
 from core.errors import EngineStoppedError, InvalidRequestError
 from core.sampling import FinishReason
-from decode_service.worker import DecodeWorker
+from decode_service.worker import DecodeWorker, MigrationFailedError, NotParkedError
 from engine.async_engine import RequestHandle
 from engine.engine import RequestOutput
 from protos.pdserve.v1 import worker_pb2, worker_pb2_grpc
@@ -25,13 +30,18 @@ from server_runtime.proto_convert import (
     FINISH_TO_PROTO,
     logprobs_to_proto,
     sampling_from_proto,
+    ticket_from_proto,
     ticket_to_proto,
 )
 from server_runtime.request_checks import check_request
 from server_runtime.worker_runtime import Tier
 from server_runtime.worker_servicer import LoadReporting
 
-STATUS_CODES = dict(BASE_STATUS_CODES)
+STATUS_CODES = {
+    **BASE_STATUS_CODES,
+    NotParkedError: grpc.StatusCode.FAILED_PRECONDITION,
+    MigrationFailedError: grpc.StatusCode.UNAVAILABLE,
+}
 WORK_METHODS = ("/pdserve.v1.Decode/Generate",)
 TIER = Tier(
     "decode",
@@ -59,6 +69,8 @@ class DecodeServicer(LoadReporting, worker_pb2_grpc.DecodeServicer):
         super().__init__(worker, model_name, lifecycle)
         self.worker: DecodeWorker = worker
         self.metrics = metrics
+        if lifecycle is not None and worker.config.migrate:
+            lifecycle.on_drain(worker.park_all)
 
     async def Generate(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
@@ -90,10 +102,25 @@ class DecodeServicer(LoadReporting, worker_pb2_grpc.DecodeServicer):
                     return
             first = local
             async for out in handle.outputs():
+                if out.parked:  # draining: the gateway moves it, or lets it go on here
+                    migrating = worker_pb2.Migrating(
+                        key=handle.key, completion_tokens=out.num_completion_tokens
+                    )
+                    yield worker_pb2.DecodeResponse(migrating=migrating)
+                    continue
                 yield self._response(out, prompt, local, first)
                 first = False
         finally:
             self.worker.release(handle)
+
+    async def Migrate(
+        self, request: worker_pb2.MigrateRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.MigrateResponse:
+        if not request.HasField("ticket"):
+            self.worker.keep(request.key)
+            return worker_pb2.MigrateResponse()
+        sent = await self.worker.migrate(request.key, ticket_from_proto(request.ticket))
+        return worker_pb2.MigrateResponse(bytes=sent)
 
     async def _until_pages_arrive(self, handle: RequestHandle) -> tuple[bool, RequestOutput | None]:
         """Wait for the reservation's pages, or the request's first output if that comes

@@ -47,6 +47,12 @@ SERVER = Group(
             default=60.0,
             help="free a reservation whose pages have not all arrived by then",
         ),
+        Setting(
+            "--no-migration",
+            switch=True,
+            help="on SIGTERM, let streams finish here within --shutdown-grace instead of "
+            "moving each running sequence, KV and all, to another decode worker",
+        ),
         METRICS_PORT.with_default(9102),
     ),
 )
@@ -61,4 +67,6 @@ def decode_config(args: argparse.Namespace) -> DecodeConfig:
 
     engine, transfer = engine_config(args), transfer_config(args)
     check_backend_device(transfer.backend, engine.model.device)  # before the model loads
-    return DecodeConfig(engine=engine, transfer=transfer, **SERVER.fields(args))
+    return DecodeConfig(
+        engine=engine, transfer=transfer, migrate=not args.no_migration, **SERVER.fields(args)
+    )

@@ -5,6 +5,12 @@ transfer's end to the engine's import connector (an :class:`ImportQueue`), which
 drains before each step. :meth:`DecodeWorker.release` cancels the transfer before the blocks are
 freed, so no page lands in blocks that were given back. :meth:`DecodeWorker.arrival` resolves
 on the event loop once a reservation's pages are all in (the gateway is told, see the servicer).
+
+Migration (a draining worker's sequences move on with their KV): :meth:`DecodeWorker.park_all`
+stops every decoding sequence; :meth:`DecodeWorker.migrate` pushes one's pages to the worker
+whose ticket the gateway brings, through this worker's own :class:`KVSender` (the same
+authenticated, integrity-checked transfer layer as prefill's), and frees its blocks only once
+that worker acknowledged them; :meth:`DecodeWorker.keep` lets it finish here instead.
 """
 
 from __future__ import annotations
@@ -15,17 +21,28 @@ from dataclasses import dataclass
 
 import structlog
 
+from core.errors import EngineStoppedError
 from core.pool_stats import PoolStats
 from core.sampling import SamplingParams
-from core.ticket import TransferTicket
+from core.ticket import TransferTicket, check_ticket
 from engine.async_engine import AsyncEngine, RequestHandle
 from engine.config import EngineConfig
 from engine.kv_connector import ImportQueue
 from engine.model_loader import ModelSpec
 from kvtransfer.config import TransferConfig, check_backend_device, fingerprint_for
 from kvtransfer.receiver import KVReceiver
+from kvtransfer.send_budget import TransferSpec
+from kvtransfer.sender import KVSender
 
 log = structlog.get_logger(__name__)
+
+
+class NotParkedError(EngineStoppedError):
+    """Migrate named no parked sequence here (it ended, or was never offered)."""
+
+
+class MigrationFailedError(EngineStoppedError):
+    """The sequence's pages did not reach the target (UNAVAILABLE: resume it elsewhere)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,8 @@ class DecodeConfig:
     """Endpoint prefill workers connect to; the bound endpoint when unset."""
     kv_lease_s: float = 60.0
     """A reservation whose pages have not all arrived by then is freed."""
+    migrate: bool = True
+    """On SIGTERM, move running sequences to other decode workers (else they finish here)."""
     kv_stream_port: int = 0
     """Stream backend over tcp: the port its page listener takes on the advertised host (0: an
     ephemeral one, announced in each handshake; fix it where a NetworkPolicy names ports)."""
@@ -70,15 +89,74 @@ class DecodeWorker:
         # the loop, read from the receiver's thread (dict operations are atomic)
         self._arrivals: dict[str, asyncio.Future[None]] = {}
         self.kv_endpoint = config.kv_advertise or config.kv_bind
+        self.sender = KVSender(  # migration's: this worker's sequences to another's blocks
+            self.fingerprint,
+            config.transfer.auth(),
+            ack_timeout_s=config.transfer.ack_timeout_s,
+            handshake_timeout_s=config.transfer.handshake_timeout_s,
+            max_queued_bytes=config.transfer.max_queued_bytes,
+            on_sent=self._on_sent,
+        )
+        self._sent: dict[str, asyncio.Future[tuple[bool, str]]] = {}  # engine key -> its ack
 
     def start(self) -> None:
         bound = self.receiver.start()
         self.kv_endpoint = self.config.kv_advertise or bound
+        self.sender.start()
         self.engine.start()
 
     def stop(self) -> None:
         self.receiver.stop()
+        self.sender.stop()
         self.engine.stop()
+
+    def park_all(self) -> None:
+        """Draining: every decoding sequence stops after its tokens so far, to be migrated."""
+        log.info("migration_drain_started")
+        self.engine.park_all()
+
+    def keep(self, key: str) -> None:
+        """A parked sequence finishes here after all (no other worker could take it)."""
+        if not self.engine.unpark(key):
+            raise NotParkedError(f"no parked sequence {key!r} on this worker")
+
+    async def migrate(self, key: str, ticket: TransferTicket) -> int:
+        """Push parked sequence ``key``'s KV to ``ticket``'s worker, which reserved its tokens
+        but the last; the last goes as the DONE frame's token. Returns the bytes sent once the
+        target acknowledged them, then frees the blocks here (the target owns the sequence
+        now). On failure the sequence stays parked (the gateway resumes it elsewhere and
+        cancels its call, which frees it)."""
+        try:
+            pages, last_token, computed = await asyncio.to_thread(self.engine.parked_pages, key)
+        except KeyError:
+            raise NotParkedError(f"no parked sequence {key!r} on this worker") from None
+        check_ticket(ticket, self.fingerprint, self.engine.blocks_for(computed))
+        pages = pages[:, :, ticket.cached_blocks :]
+        spec = TransferSpec(key, ticket.transfer_id, ticket.kv_endpoint, ticket.blocks_to_send)
+        acked = asyncio.get_running_loop().create_future()
+        self._sent[key] = acked
+        try:
+            self.sender.open(spec)
+            await asyncio.to_thread(self.sender.send_pages, ticket.transfer_id, 0, pages)
+            self.sender.finish(ticket.transfer_id, last_token)
+            ok, message = await acked
+        except BaseException:
+            self.sender.abort(ticket.transfer_id, "migration cancelled or failed")
+            raise
+        finally:
+            self._sent.pop(key, None)
+        if not ok:
+            raise MigrationFailedError(f"migration to {ticket.kv_endpoint} failed: {message}")
+        self.engine.abort(key)  # the target acknowledged every page: the blocks go back
+        nbytes = pages.numel() * pages.element_size()
+        log.info("sequence_migrated", key=key, target=ticket.kv_endpoint, bytes=nbytes)
+        return nbytes
+
+    def _on_sent(self, key: str, ok: bool, message: str) -> None:
+        """The sender's thread: a migration's transfer was acknowledged, or failed."""
+        acked = self._sent.get(key)
+        if acked is not None:
+            acked.get_loop().call_soon_threadsafe(_settle, acked, (ok, message))
 
     def generate_local(
         self,
@@ -145,6 +223,11 @@ class DecodeWorker:
 
     def pending_transfers(self) -> int:
         return self.receiver.pending()
+
+
+def _settle(future: asyncio.Future[tuple[bool, str]], result: tuple[bool, str]) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -110,7 +110,7 @@ class AsyncEngine:
     def reserve(self, seq: Sequence) -> tuple[RequestHandle, list[int]]:
         handle = self._register(seq.request_id)
         try:
-            block_ids = self.engine.reserve(seq)
+            block_ids = list(self.engine.reserve_import(seq).block_ids)
         except BaseException:
             self._forget(seq.request_id)
             raise
@@ -131,6 +131,18 @@ class AsyncEngine:
     ) -> None:
         """Stop a request by engine key (any thread); see :meth:`Engine.abort`."""
         self.engine.abort(key, reason, error)
+
+    def park_all(self) -> None:
+        """Park every decoding sequence for migration (see :meth:`Engine.park_all`)."""
+        self.engine.park_all()
+
+    def parked_pages(self, key: str) -> tuple[torch.Tensor, int, int]:
+        """A parked sequence's KV copy, last token and positions held (any thread)."""
+        return self.engine.parked_pages(key)
+
+    def unpark(self, key: str) -> bool:
+        """Let a parked sequence decode here after all (it parks no more); False: not parked."""
+        return self.engine.unpark(key)
 
     def set_export_connector(self, connector: ExportConnector | None) -> None:
         self.engine.set_export_connector(connector)

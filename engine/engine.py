@@ -113,10 +113,6 @@ class Engine:
             self.scheduler.add(seq)
             self._wakeup.notify()
 
-    def reserve(self, seq: Sequence) -> list[int]:
-        """Reserve blocks for a prompt another worker computes; see :meth:`Scheduler.reserve`."""
-        return list(self.reserve_import(seq).block_ids)
-
     def reserve_import(self, seq: Sequence) -> Reservation:
         """Reserve blocks for a prompt whose pages an importer writes (only ``writable`` ones);
         its end comes through the import connector (or :meth:`kv_ready`). Raises
@@ -172,9 +168,10 @@ class Engine:
     def park_all(self) -> None:
         """From the next step on, decoding sequences stop (an output with ``parked`` says so)
         and wait, blocks kept, for :meth:`parked_pages` and :meth:`abort`; prompts once out."""
-        with self._lock:
-            self._parking = True
+        self._parking = True  # never blocks (a watchdog's drain may call it on a stuck step)
+        if self._lock.acquire(blocking=False):
             self._wakeup.notify()
+            self._lock.release()
 
     def parked_pages(self, request_id: str) -> tuple[torch.Tensor, int, int]:
         """A parked sequence's KV for a target that reserved its tokens but the last: a copy
@@ -182,10 +179,17 @@ class Engine:
         (the target's first: already emitted) and the positions the pages hold. KeyError when
         the sequence is not parked here (it ended, or was never parked)."""
         with self._lock:
-            seq = self.scheduler.parked[request_id]
+            seq = self.scheduler.parking.parked[request_id]
             computed = seq.num_computed_tokens
             blocks = seq.block_table[: self.scheduler.blocks_for(computed)]
             return self.kv_cache.gather_pages(blocks), seq.last_token_id, computed
+
+    def unpark(self, request_id: str) -> bool:
+        """A parked sequence decodes here after all; False when it is not parked."""
+        with self._lock:
+            ok = self.scheduler.unpark(request_id)
+            self._wakeup.notify()
+            return ok
 
     def set_layer_sink(self, sink: LayerSink | None) -> None:
         """Stream exporting prompts' KV layer by layer into ``sink`` (set before :meth:`start`)."""

@@ -31,6 +31,7 @@ from core.prefix_hash import ROOT, prefix_hashes
 from core.sampling import FinishReason
 from engine.block_pool import BlockPool
 from engine.config import SchedulerConfig, SpeculativeConfig
+from engine.parking import ParkingLot
 from engine.sampler import BAD_LOGITS_TOKEN
 from engine.sequence import Sequence, SequenceStatus
 from engine.speculative import Speculator
@@ -78,8 +79,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.awaiting_kv: dict[str, Sequence] = {}
-        self.parked: dict[str, Sequence] = {}
-        """Decoding sequences a draining worker stopped (blocks kept) until they migrate."""
+        self.parking = ParkingLot()  # a draining worker's stopped sequences
         self.num_preemptions = 0
         self.prefix_query_tokens = 0  # tokens of admitted sequences looked up in the cache
         self.prefix_hit_tokens = 0  # of which found (their KV was not recomputed)
@@ -132,7 +132,7 @@ class Scheduler:
 
     def abort(self, request_id: str, reason: FinishReason) -> Sequence | None:
         """Drop a sequence wherever it is; returns it, or None when it is unknown or done."""
-        seq = self.awaiting_kv.pop(request_id, None) or self.parked.pop(request_id, None)
+        seq = self.awaiting_kv.pop(request_id, None) or self.parking.take(request_id)
         if seq is None:
             seq = next((s for s in self.running if s.request_id == request_id), None)
             if seq is not None:
@@ -240,19 +240,19 @@ class Scheduler:
         self._release(seq, reason)
 
     def park_decoding(self) -> list[Sequence]:
-        """Stop every running sequence that decodes (its output begun, its next token's KV the
-        only one missing) and keep it, blocks and all, in :attr:`parked` (a draining worker's
-        sequences, to be migrated); prompts still computing park once they decode."""
-        parked = [
-            s
-            for s in self.running
-            if s.num_tokens - s.num_computed_tokens == 1 and s.num_completion_tokens > 0
-        ]
+        """Stop the running sequences that decode and keep them, blocks and all, in
+        :attr:`parking` (a draining worker's, to be migrated; see :mod:`engine.parking`)."""
+        parked = self.parking.park(self.running)
         for seq in parked:
             self.running.remove(seq)
-            seq.status = SequenceStatus.PARKED
-            self.parked[seq.request_id] = seq
         return parked
+
+    def unpark(self, request_id: str) -> bool:
+        """Put a parked sequence back in the batch for good (it is not parked again)."""
+        seq = self.parking.release(request_id)
+        if seq is not None:
+            self.running.append(seq)
+        return seq is not None
 
     def is_awaiting_kv(self, request_id: str) -> bool:
         """Whether blocks are reserved for this sequence and its pages are still in flight."""

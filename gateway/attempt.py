@@ -21,6 +21,7 @@ deadline. Every exit path cancels the attempt's worker calls and releases its wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -30,9 +31,11 @@ import structlog
 
 from core.sampling import SamplingParams
 from gateway.errors import UpstreamError
+from gateway.migration import hand_over
 from gateway.router import Route, Router
-from gateway.worker_calls import TokenEvent
+from gateway.worker_calls import MigrationOffered, TokenEvent
 from gateway.worker_clients import DecodeClient, PrefillClient
+from server_runtime.metrics import GatewayMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -94,8 +97,10 @@ async def run_attempt(
     kv_arrival_timeout_s: float,
     resumed_tokens: int = 0,
     on_cached: Callable[[Route], None] | None = None,
+    metrics: GatewayMetrics | None = None,
 ) -> AsyncGenerator[TokenEvent, None]:
-    """The attempt's events; raises UpstreamError naming the worker that failed. Once the
+    """The attempt's events; raises UpstreamError naming the worker that failed. A decode
+    worker that drains mid-stream hands the sequence over (:mod:`gateway.migration`). Once the
     decode stream's first token is out, the prompt's full blocks are in the prefix caches of
     every worker of the route (the decode worker registered them on computing or receiving
     them): ``on_cached(route)`` is called then (or when the prefill's first token ends the
@@ -158,13 +163,46 @@ async def run_attempt(
                 arrival.result()  # raises if the decode stream failed instead
             finally:
                 await _cancelled(arrival)
-        async for event in stream.events():
-            if on_cached is not None:
-                on_cached(route)  # before the yield: the consumer may stop at this event
-                on_cached = None
-            if prefill is not None and event.cached_tokens:
-                event = dataclasses.replace(event, cached_tokens=0)  # the prefill's counts
-            yield event
+        produced = [] if prefill is None else [first.first_token_id]
+        try:
+            async for event in stream.events():
+                if on_cached is not None:
+                    on_cached(route)  # before the yield: the consumer may stop at this event
+                    on_cached = None
+                if prefill is not None and event.cached_tokens:
+                    event = dataclasses.replace(event, cached_tokens=0)  # the prefill's counts
+                produced.extend(event.token_ids)
+                yield event
+        except MigrationOffered as offer:  # the decode worker drains: move the sequence on
+            if not produced:
+                raise _unavailable_after_offer(decode.address) from offer
+            moved = hand_over(
+                router,
+                decode,
+                stream,
+                offer,
+                request_id,
+                prompt + produced,
+                len(prompt),
+                sampling,
+                resumed_tokens,
+                deadline,
+                kv_arrival_timeout_s,
+                metrics,
+            )
+            async with contextlib.aclosing(moved):
+                async for event in moved:
+                    yield event
     finally:
         stream.cancel()
         await router.registry.decode.release(decode)
+
+
+def _unavailable_after_offer(address: str) -> UpstreamError:
+    return UpstreamError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"decode worker {address} drains and stopped the stream before its first token",
+        tier="decode",
+        address=address,
+        retryable=True,
+    )

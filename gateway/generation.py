@@ -232,6 +232,7 @@ class GenerationCore:
                 kv_arrival_timeout_s=self.failover.kv_arrival_timeout_s,
                 resumed_tokens=len(generated),
                 on_cached=on_cached,
+                metrics=self.metrics,
             )
             try:
                 async with contextlib.aclosing(attempt_events):  # ends worker calls at once

@@ -262,6 +262,17 @@ class Router:
             decode, pick.worker, "disaggregated", pick.reason, (*fallbacks, *pick.fallbacks)
         )
 
+    def migration_target(self, prompt: Sequence[int], source: str) -> WorkerEntry | None:
+        """A decode worker to take over a draining worker's sequence (its tokens ``prompt``):
+        by the decode policy among the routable ones with room, never ``source``; None when
+        there is none (the sequence then finishes where it is)."""
+        entries = [
+            e
+            for e in self.registry.decode.routable()
+            if e.address != source and (e.load is None or not e.load.full)
+        ]
+        return self.decode_policy.pick(entries, prompt).worker if entries else None
+
     def pinned(self, route: Route) -> Route | None:
         """``route``'s workers again, for another sample of the same prompt (its KV is in their
         prefix caches: :mod:`gateway.fanout`), while each is routable and below its admission

@@ -107,6 +107,15 @@ class OpenCalls:
             raise error from None
 
 
+class MigrationOffered(Exception):
+    """The decode worker drains and stopped this stream's sequence (after the tokens already
+    read): move it with ``DecodeClient.migrate(key, ...)`` while the stream stays open."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"sequence {key} offered for migration")
+        self.key = key
+
+
 class DecodeStream:
     """One open ``Decode.Generate`` call: REMOTE mode reads :meth:`ticket`, then
     :meth:`arrival`, then :meth:`events`; LOCAL mode only :meth:`events`. :meth:`cancel` on
@@ -152,10 +161,14 @@ class DecodeStream:
             self._unread = msg
 
     async def events(self) -> AsyncIterator[TokenEvent]:
+        """The stream's tokens; raises :class:`MigrationOffered` when the worker drains (the
+        iteration may start again after a migration that kept the sequence there)."""
         while True:
             msg = await self._read()
             if msg.HasField("kv_arrived"):
                 continue
+            if msg.HasField("migrating"):
+                raise MigrationOffered(msg.migrating.key)
             chunk = msg.tokens
             finish = FINISH_FROM_PROTO[chunk.finish_reason]
             yield TokenEvent(

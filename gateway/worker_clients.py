@@ -179,6 +179,22 @@ class DecodeClient(_WorkerClient):
         call = self._decode.Generate(request, timeout=timeout, metadata=_metadata(request_id))
         return DecodeStream(self.address, call, self._open)
 
+    async def migrate(
+        self, request_id: str, key: str, ticket: TransferTicket | None, timeout: float | None
+    ) -> int:
+        """Move the sequence this (draining) worker offered as ``key`` to ``ticket``'s worker;
+        without a ticket it finishes here. Returns the KV bytes moved; raises UpstreamError."""
+        request = worker_pb2.MigrateRequest(key=key)
+        if ticket is not None:
+            request.ticket.CopyFrom(ticket_to_proto(ticket))
+        call = self._decode.Migrate(request, timeout=timeout, metadata=_metadata(request_id))
+        self._open.add(call)
+        try:
+            reply = await self._open.settle("decode", self.address, call, call)
+        finally:
+            self._open.discard(call)
+        return int(reply.bytes)
+
 
 @dataclass(frozen=True)
 class PrefillOutcome:

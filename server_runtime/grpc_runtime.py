@@ -15,7 +15,7 @@ import asyncio
 import collections
 import logging
 import signal
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import grpc
 import structlog
@@ -106,6 +106,7 @@ class Lifecycle:
         self.in_flight = 0
         self.total = 0
         self.draining = False
+        self._drain_hooks: list[Callable[[], None]] = []
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -165,8 +166,19 @@ class Lifecycle:
         if self.in_flight == 0:
             self._idle.set()
 
+    def on_drain(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` (on the event loop) when the drain begins, before in-flight work is
+        waited for: a decode worker starts migrating its sequences then."""
+        self._drain_hooks.append(hook)
+
     def drain(self) -> None:
+        first = not self.draining
         self.draining = True
+        for hook in self._drain_hooks if first else ():
+            try:
+                hook()
+            except Exception:
+                log.exception("drain_hook_failed")
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

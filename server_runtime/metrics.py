@@ -169,6 +169,21 @@ class GatewayMetrics:
             "Streams broken after their first token: resumed elsewhere, or failed (UNAVAILABLE).",
             "outcome",
         )
+        self._migrations = _TierCounter(
+            registry,
+            g,
+            "pdserve_migrations",
+            "Streams a draining decode worker offered: moved with their KV (migrated), left "
+            "to finish there (kept: no other worker), or resumed by re-prefill (failed).",
+            "outcome",
+        )
+        self.migration_pause = _histogram(
+            registry,
+            g,
+            "pdserve_migration_pause_seconds",
+            "A migrated stream's gap: from the offer to the target's first token.",
+            ITL_BUCKETS,
+        )
         self._http = _TierCounter(
             registry,
             g,
@@ -200,6 +215,10 @@ class GatewayMetrics:
     def decode_resume(self, outcome: str) -> None:
         """``resumed``: a broken stream continued on another route; ``failed``: it could not."""
         self._resumes.inc(outcome)
+
+    def migration(self, outcome: str) -> None:
+        """A draining worker's stream: ``migrated``, ``kept`` or ``failed``."""
+        self._migrations.inc(outcome)
 
 
 class WorkerMetrics:

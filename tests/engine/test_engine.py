@@ -149,7 +149,7 @@ def test_exported_kv_continues_on_another_engine(tiny):
         out = exported[f"r{i}"]
         assert out.pages is not None and out.finish_reason is None
         seq = _seq(spec, i, prompt, n)
-        block_ids = decode.reserve(seq)
+        block_ids = list(decode.reserve_import(seq).block_ids)
         decode.kv_cache.scatter_pages(block_ids, out.pages)
         decode.kv_ready(seq.request_id, out.token_ids[0])
     outputs = _run_to_completion(decode)
@@ -164,7 +164,7 @@ def test_abort_frees_blocks_in_every_state(tiny):
     engine.add(_seq(spec, 0, PROMPTS[1], 50))  # long prompt: still waiting after one chunk
     engine.add(_seq(spec, 1, PROMPTS[0], 50))
     reserved = _seq(spec, 2, PROMPTS[2], 5)
-    engine.reserve(reserved)
+    engine.reserve_import(reserved)
     engine.step()
     for rid in ("r0", "r1", "r2"):
         engine.abort(rid)
@@ -179,7 +179,7 @@ def test_request_larger_than_the_pool_is_refused(tiny):
     with pytest.raises(OutOfBlocksError, match="needs 10 KV blocks"):
         engine.add(_seq(spec, 0, list(range(3, 33)), 10))
     with pytest.raises(OutOfBlocksError):
-        engine.reserve(_seq(spec, 1, list(range(3, 33)), 10))
+        engine.reserve_import(_seq(spec, 1, list(range(3, 33)), 10))
     assert engine.pool.num_free == 8
 
 

@@ -116,7 +116,7 @@ def test_exported_first_token_obeys_and_the_decode_side_continues_it(tiny) -> No
     first = out.token_ids[0]
     assert tokenizer.decode([first]).startswith("{")
     seq = _seq(tiny, "r", JSON)
-    block_ids = decode.reserve(seq)
+    block_ids = list(decode.reserve_import(seq).block_ids)
     decode.kv_cache.scatter_pages(block_ids, out.pages)
     decode.kv_ready(seq.request_id, first)  # the grammar consumes the imported token first
     outputs = _run(decode)
