@@ -240,7 +240,7 @@ def profile_forward(
         workspace=torch.empty(0, dtype=cache.dtype, device=dev),
     )
     out = model(
-        input_ids=torch.zeros((1, tokens), dtype=torch.long, device=dev),  # any token will do
+        input_ids=torch.ones((1, tokens), dtype=torch.long, device=dev),  # not 0: often padding
         position_ids=positions[None],
         use_cache=False,
         logits_to_keep=torch.arange(tokens - rows, tokens, device=dev),
