@@ -12,6 +12,7 @@ from pathlib import Path
 
 from core.settings import Group, Setting
 from engine.config import (
+    AUTO_BLOCK_SIZE,
     DEFAULT_MODEL,
     CacheConfig,
     DType,
@@ -25,6 +26,20 @@ from engine.config import (
 )
 
 _KERNELS = [k.value for k in KernelChoice]
+
+
+def block_size(text: str) -> int:
+    """``--block-size``: "auto" (:data:`~engine.config.AUTO_BLOCK_SIZE`) or a positive number."""
+    if text.strip().lower() == "auto":
+        return AUTO_BLOCK_SIZE
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a block size: {text!r} (auto or N)") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"a block holds at least 1 slot, not {number}")
+    return number
+
 
 MODEL = Group(
     "model",
@@ -63,9 +78,13 @@ ENGINE = Group(
         Setting(
             "--block-size",
             field="cache.block_size",
-            type=int,
-            default=16,
-            help="token slots per KV block",
+            type=block_size,
+            default=AUTO_BLOCK_SIZE,
+            metavar="{auto,N}",
+            format=lambda value: str(value or "auto"),
+            help="token slots per KV block: auto (16 on CPU; 256 on CUDA where varlen "
+            "FlashAttention runs, which reads pages of a multiple of 256, else 16; logged as "
+            "kv_pool_sized) or a number; prefill and decode workers must end with the same one",
         ),
         Setting(
             "--num-blocks",
@@ -78,7 +97,9 @@ ENGINE = Group(
             "--kv-cache-memory",
             field="cache.memory",
             help="size the KV pool from memory instead of --num-blocks: bytes (4GiB, 512MiB) "
-            "or a fraction of the memory available at start (0.3)",
+            "or a fraction (0.9): on CUDA of the GPU's total memory, less the weights and the "
+            "activations a profiling forward pass of --max-batched-tokens tokens peaks at; on "
+            "CPU of MemAvailable at start",
         ),
         Setting(
             "--cpus",
