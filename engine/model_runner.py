@@ -6,6 +6,8 @@ rows carry a grammar, their allowed-token mask is computed on a helper thread du
 pass and applied before sampling (see :mod:`engine.structured`); batches without one pay
 nothing for it. A verified draft (speculative decoding, :mod:`engine.speculative`) has every
 row sampled as its position would be; the kept prefix is decided here (``accepted_tokens``).
+On CUDA a pure-decode step replays a captured graph instead of launching its kernels one by
+one, when :mod:`engine.runner_setup` captured one for its batch size (:mod:`engine.cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from core.sampling import TokenLogprob
 from engine import llama_forward
 from engine.attention_varlen import VarlenKernel
+from engine.cuda_graphs import DecodeGraphs, decode_metadata
 from engine.kernels import LayerOps, LinearKernel, PagedAttentionKernel
 from engine.kernels.quant_linear import QuantLinearKernel
 from engine.kv_cache import KVCache
@@ -73,6 +76,8 @@ class ModelRunner:
         self.layer_listener: LayerListener | None = None
         """Called with a layer index as soon as that layer's KV is in the cache (during
         :meth:`execute`); the engine sets it for steps that stream KV out layer by layer."""
+        self.graphs: DecodeGraphs | None = None
+        """CUDA graphs of pure-decode steps (set by :mod:`engine.runner_setup` on CUDA)."""
         self._inputs = InputBuilder(kv_cache)
         if isinstance(model, torch.nn.Module):
 
@@ -130,7 +135,7 @@ class ModelRunner:
         inputs = self.prepare(batch)
         pending = self._start_masks(batch, inputs.sample_items)  # runs during the forward
         try:
-            logits = self._forward(inputs)  # (S, V)
+            logits = self._logits(inputs, batch)  # (S, V)
         finally:  # joined even when the forward fails: the helper touches the batch's matchers
             mask = pending.wait() if pending is not None else None
         tokens: list[int] = []
@@ -159,8 +164,14 @@ class ModelRunner:
                 log.warning("sampling_failed", request_id=item.seq.request_id, code=kept[-1])
         return result, result_lp
 
+    def _logits(self, inputs: ModelInputs, batch: ScheduledBatch) -> torch.Tensor:
+        """The logits ``(S, V)`` of the sampled rows: replayed from a CUDA graph where one
+        covers the step, else computed eagerly."""
+        replayed = self._replay(inputs, batch)
+        return replayed if replayed is not None else self._forward(inputs)
+
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
-        """The logits ``(S, V)`` of the sampled rows."""
+        """The logits ``(S, V)`` of the sampled rows, computed eagerly."""
         if self.fast is not None:
             return self.fast(
                 inputs.input_ids[0],
@@ -177,6 +188,15 @@ class ModelRunner:
             pdserve_batch=inputs.attention,
         )
         return out.logits[0]
+
+    def _replay(self, inputs: ModelInputs, batch: ScheduledBatch) -> torch.Tensor | None:
+        """The sampled rows' logits from the step's graph (rows in packed order, so
+        ``logits_index`` picks them as in the eager step), or None: run eagerly."""
+        if self.graphs is None:
+            return None
+        meta = decode_metadata(batch, self.kv_cache.block_size)
+        out = self.graphs.replay(meta) if meta is not None else None  # (B, V)
+        return out[inputs.logits_index] if out is not None else None  # (S, V), a copy
 
     def _start_masks(self, batch: ScheduledBatch, sample_items: list[int]) -> PendingMask | None:
         """Start the sampled rows' grammar masks (None when no row is constrained)."""

@@ -1,25 +1,45 @@
-"""engine.cuda_graphs on CPU: buckets, padding into static buffers, the setting, and that
-nothing graph-related is made off CUDA."""
+"""engine.cuda_graphs on CPU: buckets, padding into static buffers, the setting, that nothing
+graph-related is made off CUDA, and the runner's side with the graph emulated (a replay
+recomputes the captured step on its buffers): decode rows in the eager step's packed order,
+replayed logits equal to the eager step's, the steps a graph never takes, and a failed capture
+logged and left to run eagerly."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 
+from core.sampling import SamplingParams
 from core.settings import add_settings
-from engine.config import EngineConfig
+from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.cuda_graphs import (
     DEFAULT_BUCKETS,
+    Captured,
     DecodeGraphs,
     DecodeMetadata,
     DecodeTensors,
     StaticDecodeBuffers,
     choose_bucket,
+    decode_metadata,
     graph_buckets,
+    padding_blocks,
+    varlen_decode_step,
 )
+from engine.engine import Engine
+from engine.kv_cache import KVCache
+from engine.model_runner import ModelRunner
+from engine.runner_setup import decode_graphs
+from engine.sampler import Sampler
+from engine.scheduler import ScheduledBatch, ScheduledSeq
+from engine.sequence import Sequence
 from engine.settings import ENGINE, MODEL, engine_config
+from tests.engine.test_attention_varlen import reference_varlen_attn
+from tests.engine.tiny_engine import tiny_model
 
 CPU = torch.device("cpu")
 
@@ -161,3 +181,189 @@ def test_the_variable_turns_graphs_off(
 def test_the_setting_is_declared_once() -> None:
     flags = [s.flag for s in ENGINE if "cuda-graphs" in s.flag]
     assert flags == ["--no-cuda-graphs"]
+
+
+# -- the runner's side: decode rows, the captured step, capture failures, CPU -----------------
+
+
+def test_graphs_pad_with_one_block_beyond_the_pool_on_cuda_only() -> None:
+    assert padding_blocks(True, torch.device("cuda")) == 1
+    assert padding_blocks(False, torch.device("cuda")) == 0
+    assert padding_blocks(True, CPU) == 0
+
+
+BS = 4
+
+
+def _seq(rid: str, computed: int, table: list[int], export: bool = False) -> Sequence:
+    tokens = [(7 * i + len(rid)) % 500 + 3 for i in range(computed + 4)]
+    seq = Sequence(rid, tokens, 2, SamplingParams())
+    seq.block_table = list(table)
+    seq.num_computed_tokens = computed
+    seq.export_kv = export
+    return seq
+
+
+def _decode_batch() -> ScheduledBatch:
+    """Three decoding sequences, not in context order; the middle one has a spare block."""
+    return ScheduledBatch(
+        (
+            ScheduledSeq(_seq("a", 9, [4, 2, 7]), 1, True),  # position 9: block 7
+            ScheduledSeq(_seq("bb", 2, [5, 11]), 1, True),  # position 2: block 5 (11 spare)
+            ScheduledSeq(_seq("ccc", 9, [1, 3, 6]), 1, True),  # the same length as "a"
+        )
+    )
+
+
+def test_decode_rows_are_the_eager_steps_packed_rows() -> None:
+    batch = _decode_batch()
+    meta = decode_metadata(batch, BS)
+    assert meta is not None
+    cache = KVCache(2, 16, BS, 2, 8, torch.float32, CPU)
+    eager = ModelRunner(object(), cache, Sampler(seed=0)).prepare(batch)  # type: ignore[arg-type]
+    assert list(meta.input_ids) == eager.input_ids[0].tolist()
+    assert list(meta.positions) == eager.position_ids[0].tolist() == [2, 9, 9]
+    assert list(meta.slot_mapping) == eager.attention.slot_mapping.tolist()
+    assert [list(t) for t in meta.block_tables] == [[5], [4, 2, 7], [1, 3, 6]]
+    assert list(meta.seq_lens) == [3, 10, 10]
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        ScheduledSeq(_seq("prefill", 4, [1, 2]), 3, True),  # a chunk of a prompt
+        ScheduledSeq(_seq("draft", 4, [1, 2]), 3, True, (5, 6)),  # speculative: three rows
+        ScheduledSeq(_seq("export", 4, [1, 2], export=True), 1, True),  # streams its KV out
+    ],
+    ids=["prefill", "draft", "export"],
+)
+def test_a_batch_with_anything_but_plain_decode_runs_eagerly(item: ScheduledSeq) -> None:
+    batch = ScheduledBatch((*_decode_batch().items, item))
+    assert decode_metadata(batch, BS) is None
+    assert decode_metadata(ScheduledBatch(()), BS) is None
+
+
+class _EagerGraph:
+    """A CUDA graph's contract, emulated on CPU: a replay recomputes the step on the same
+    input buffers into the same output tensor."""
+
+    def __init__(self, step: Any, inputs: DecodeTensors, output: torch.Tensor) -> None:
+        self.step, self.inputs, self.output = step, inputs, output
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.output.copy_(self.step(self.inputs))
+
+
+def _emulate_graphs(monkeypatch: pytest.MonkeyPatch, fail: set[int] = frozenset()) -> None:
+    def capture_bucket(
+        self: DecodeGraphs, step: Any, inputs: DecodeTensors, warmup: int
+    ) -> Captured:
+        if len(inputs.input_ids) in fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        output = step(inputs)
+        return Captured(_EagerGraph(step, inputs, output), output)
+
+    monkeypatch.setattr(DecodeGraphs, "available", lambda self: True)
+    monkeypatch.setattr(DecodeGraphs, "_capture_bucket", capture_bucket)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    return tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def _runner(tiny_llama: tuple[Any, Any], seed: int = 0) -> ModelRunner:
+    """A runner on CPU whose attention is the varlen reference kernel, over a pool of 15
+    blocks and a padding block (16), with random stale KV."""
+    model, spec = tiny_llama
+    cache = KVCache(spec.num_layers, 17, BS, spec.num_kv_heads, spec.head_dim, torch.float32, CPU)
+    cache.kv.copy_(torch.randn(cache.kv.shape, generator=torch.Generator().manual_seed(seed)))
+    return ModelRunner(model, cache, Sampler(seed=0), varlen=reference_varlen_attn)
+
+
+def _graphs(runner: ModelRunner, buckets: tuple[int, ...] = (1, 2, 4, 8)) -> DecodeGraphs:
+    assert runner.fast is not None and runner.varlen is not None
+    cache = runner.kv_cache
+    buffers = StaticDecodeBuffers(max(buckets), 4, BS, cache.num_blocks - 1, CPU)
+    graphs = DecodeGraphs(buffers, buckets)
+    graphs.capture(varlen_decode_step(runner.fast, cache, runner.varlen, 4 * BS))
+    return graphs
+
+
+def test_a_replayed_step_computes_the_eager_steps_logits(
+    tiny_llama: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _emulate_graphs(monkeypatch)
+    eager_runner, graph_runner = _runner(tiny_llama), _runner(tiny_llama)
+    padding_before = graph_runner.kv_cache.kv[:, :, -1].clone()
+    pool_before = graph_runner.kv_cache.kv[:, :, :-1].clone()
+    graph_runner.graphs = _graphs(graph_runner)
+    assert torch.equal(graph_runner.kv_cache.kv[:, :, :-1], pool_before)  # capture: padding only
+    batch = _decode_batch()  # 3 rows: bucket 4, one padding row
+    with torch.inference_mode():
+        eager = eager_runner._logits(eager_runner.prepare(batch), batch)
+        replayed = graph_runner._logits(graph_runner.prepare(batch), batch)
+    assert graph_runner.graphs.captured == (1, 2, 4, 8)
+    graph = graph_runner.graphs._graphs[4].graph
+    assert isinstance(graph, _EagerGraph) and graph.replays == 1
+    torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+    # the same KV written into the pool; padding rows wrote the padding block alone
+    pool = graph_runner.kv_cache.kv[:, :, :-1]
+    torch.testing.assert_close(pool, eager_runner.kv_cache.kv[:, :, :-1], rtol=0, atol=1e-6)
+    assert not torch.equal(pool, pool_before)
+    assert not torch.equal(graph_runner.kv_cache.kv[:, :, -1], padding_before)
+    # and through the runner's own step: the same tokens, sampled from the replayed logits
+    assert graph_runner.execute(batch) == eager_runner.execute(batch)
+    assert graph.replays == 2
+
+
+def test_a_step_a_graph_cannot_take_runs_eagerly(
+    tiny_llama: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _emulate_graphs(monkeypatch)
+    runner = _runner(tiny_llama)
+    graphs = runner.graphs = _graphs(runner)
+    chunk = ScheduledBatch((*_decode_batch().items, ScheduledSeq(_seq("c", 4, [8, 9]), 2, False)))
+    eager_runner = _runner(tiny_llama)
+    with torch.inference_mode():
+        got = runner._logits(runner.prepare(chunk), chunk)
+        want = eager_runner._logits(eager_runner.prepare(chunk), chunk)
+    assert all(c.graph.replays == 0 for c in graphs._graphs.values())
+    assert torch.equal(got, want)
+
+
+def test_a_failed_capture_is_logged_and_its_bucket_runs_eagerly(
+    tiny_llama: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _emulate_graphs(monkeypatch, fail={4})
+    runner = _runner(tiny_llama)
+    with capture_logs() as logs:
+        graphs = runner.graphs = _graphs(runner)
+    failed = [e for e in logs if e["event"] == "cuda_graph_capture_failed"]
+    assert [(e["bucket"], e["log_level"]) for e in failed] == [(4, "warning")]
+    assert "RuntimeError: operation not permitted" in failed[0]["error"]
+    assert graphs.captured == (1, 2, 8)
+    batch = _decode_batch()  # bucket 4: no graph, so the eager step, and the right logits
+    eager_runner = _runner(tiny_llama)
+    with torch.inference_mode():
+        got = runner._logits(runner.prepare(batch), batch)
+        want = eager_runner._logits(eager_runner.prepare(batch), batch)
+    assert all(c.graph.replays == 0 for c in graphs._graphs.values())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    two = ScheduledBatch(batch.items[:2])
+    with torch.inference_mode():
+        runner._logits(runner.prepare(two), two)
+    assert graphs._graphs[2].graph.replays == 1
+
+
+def test_no_graphs_on_cpu_whatever_the_setting(tmp_path: Path) -> None:
+    model, spec = tiny_model(tmp_path)
+    config = EngineConfig(
+        model=ModelConfig(model=str(spec.path)), cache=CacheConfig(block_size=BS, num_blocks=16)
+    )
+    assert config.cuda_graphs
+    engine = Engine(config, model, spec, sink=lambda outputs: None)
+    assert engine.runner.graphs is None
+    assert decode_graphs(config, engine.runner, model) is None
