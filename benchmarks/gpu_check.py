@@ -14,7 +14,8 @@ Rows of the table (``--out``/table.md, also printed):
 * decode tok/s at batch 1/16/64 against the HBM bound (weight bytes / measured copy bandwidth);
 * TTFT at 512 and 2,048 prompt tokens;
 * KV D2H / H2D goodput against a plain pinned copy of the same bytes;
-* CUDA graphs on vs off (``n/a`` while the engine has no such setting).
+* CUDA graphs on vs off: decode tok/s at batch 1/16 with ``cuda_graphs`` on and off (the
+  note says which buckets were captured; ``eager`` when none was).
 
 Colocated and disaggregated serving on one GPU (two processes) are not run here: the table says
 so. Every section checks the time left (``--budget-s``) and is reported ``skipped (time)`` when
@@ -46,6 +47,7 @@ from benchmarks.gpu_check_models import (
     engine_has_graphs_setting,
     free_memory,
     generated,
+    graph_path,
     greedy_reference,
     load,
     make_engine,
@@ -61,7 +63,7 @@ SECTIONS = (
     ("decode", "decode tok/s at batch 1/16/64 vs the HBM bandwidth bound"),
     ("ttft", "TTFT at 512 and 2,048 prompt tokens"),
     ("kv_copy", "KV D2H/H2D goodput vs a plain pinned copy of the same bytes"),
-    ("graphs", "CUDA graphs on vs off at batch 1/16 (n/a without an engine setting)"),
+    ("graphs", "CUDA graphs on vs off: decode tok/s at batch 1/16, buckets captured"),
     ("serving", "colocated / disaggregated on one GPU (not run: in-process engine only)"),
 )
 
@@ -187,7 +189,8 @@ def section_decode(
                     f"{tok_s:,.0f}",
                     f"HBM bound {batch / bound_s:,.0f} tok/s "
                     f"({wbytes / 1e9:.3f} GB at {ctx.bandwidth / 1e12:.2f} TB/s): "
-                    f"{100 * tok_s * bound_s / batch:.1f}%; attention: {attention_path(engine)}",
+                    f"{100 * tok_s * bound_s / batch:.1f}%; attention: {attention_path(engine)}, "
+                    f"{graph_path(engine)}",
                 )
             )
         del engine, model
@@ -334,10 +337,17 @@ def section_graphs(ctx: Context) -> list[Row]:
     name = engine_has_graphs_setting()
     if name is None:
         return [Row("CUDA graphs", "on vs off", "n/a", "the engine has no CUDA-graph setting yet")]
-    rows = []
-    for value in (True, False):
-        for row in section_decode(ctx, {name: value}, ctx.shapes[:1], (1, 16)):
-            rows.append(row._replace(check=f"CUDA graphs {'on' if value else 'off'}"))
+    on, off = (
+        section_decode(ctx, {name: value}, ctx.shapes[:1], (1, 16)) for value in (True, False)
+    )
+    rows = [r._replace(check="CUDA graphs on") for r in on]
+    rows += [r._replace(check="CUDA graphs off") for r in off]
+    for a, b in zip(on, off, strict=False):
+        try:
+            ratio = float(a.result.replace(",", "")) / float(b.result.replace(",", ""))
+        except (ValueError, ZeroDivisionError):
+            continue  # a section skipped for time
+        rows.append(Row("CUDA graphs speedup", a.setting, f"{ratio:.2f}x", "decode tok/s on / off"))
     return rows
 
 

@@ -203,6 +203,13 @@ def attention_path(engine: Any) -> str:
     return "varlen" if getattr(engine.runner, "varlen", None) is not None else "fallback"
 
 
+def graph_path(engine: Any) -> str:
+    """The batch sizes whose decode steps replay a CUDA graph, or ``eager``."""
+    graphs = getattr(engine.runner, "graphs", None)
+    captured = graphs.captured if graphs is not None else ()
+    return "graphs " + ",".join(map(str, captured)) if captured else "eager"
+
+
 def run_to_completion(engine: Any, steps_limit: int = 100_000) -> list[Any]:
     outputs: list[Any] = []
     for _ in range(steps_limit):

@@ -135,3 +135,8 @@ def test_sections_run_on_a_tiny_model_on_cpu(tmp_path: Path):
     assert "| sampled | 8 requests, 4 seeds | ok |" in table
     assert "needs CUDA" in table
     assert "colocated / disaggregated" in table
+    # graphs on vs off, side by side; off CUDA no bucket is ever captured
+    assert "| CUDA graphs on | tiny bf16 B=1 C=256 |" in table
+    assert "| CUDA graphs off | tiny bf16 B=16 C=256 |" in table
+    assert "| CUDA graphs speedup | tiny bf16 B=1 C=256 |" in table
+    assert "graphs 1" not in table and "eager" in table
