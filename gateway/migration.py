@@ -89,25 +89,27 @@ async def hand_over(
         resumed_tokens=resumed_tokens + moved,
     )
     try:
-        try:
-            ticket = await stream.ticket()
-            nbytes = await source_client.migrate(
-                request_id, offer.key, ticket, deadline.remaining()
-            )
-            await asyncio.wait_for(stream.arrival(), kv_arrival_timeout_s)
+        try:  # a wedged worker must not hold the stream: the whole move has a time limit
+            async with asyncio.timeout(kv_arrival_timeout_s):
+                ticket = await stream.ticket()
+                nbytes = await source_client.migrate(
+                    request_id, offer.key, ticket, deadline.remaining()
+                )
+                await stream.arrival()
         except (UpstreamError, TimeoutError) as exc:
             if metrics is not None:
                 metrics.migration("failed")
             failed = (
                 exc.address if isinstance(exc, UpstreamError) and exc.address else source.address
             )
+            why = str(exc) or f"no answer within {kv_arrival_timeout_s:g} s"
             log.warning(
-                "migration_failed", source=source.address, target=target.address, error=str(exc)
+                "migration_failed", source=source.address, target=target.address, error=why
             )
             raise UpstreamError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"moving the stream from draining decode worker {source.address} to "
-                f"{target.address} failed: {exc}",
+                f"{target.address} failed: {why}",
                 tier="decode",
                 address=failed,
                 retryable=True,

@@ -14,9 +14,10 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from pdserve.client import AsyncClient
@@ -65,12 +66,16 @@ def migrating(tmp_path_factory: pytest.TempPathFactory, cluster_logs: Path) -> I
 
 
 async def _stream(
-    client: AsyncClient, prompt: list[int], seed: int | None, progress: list[int]
+    client: AsyncClient,
+    prompt: list[int],
+    seed: int | None,
+    progress: list[int],
+    max_tokens: int = MAX_TOKENS,
 ) -> list[int]:
     tokens: list[int] = []
     async for chunk in client.generate(
         prompt_token_ids=prompt,
-        max_tokens=MAX_TOKENS,
+        max_tokens=max_tokens,
         temperature=0.0 if seed is None else 0.9,
         seed=seed,
         ignore_eos=True,
@@ -90,27 +95,31 @@ def _gone(pid: int) -> bool:
         return stat.read().split(")")[-1].split()[0] == "Z"
 
 
-def test_sigterm_moves_every_stream_with_its_kv(migrating: Migrating) -> None:
-    cluster = migrating.cluster
-    prompts = [_prompt(10 + i) for i in range(8)]
-    seeds: list[int | None] = [None] * 6 + [41, 42]
-    # (ignore_eos: transformers goes on past EOS too when it has none)
+PROMPTS = [_prompt(10 + i) for i in range(8)]
+SEEDS: list[int | None] = [None] * 6 + [41, 42]
+
+
+@pytest.fixture(scope="module")
+def expected(migrating: Migrating) -> list[list[int]]:
+    """transformers' greedy output for the greedy streams (ignore_eos: it goes on past EOS
+    too when it has none), an undisturbed run's for the seeded ones."""
     greedy = [
-        reference.greedy(migrating.model, p, MAX_TOKENS, eos_token_id=None) for p in prompts[:6]
+        reference.greedy(migrating.model, p, MAX_TOKENS, eos_token_id=None) for p in PROMPTS[:6]
     ]
 
     async def undisturbed() -> list[list[int]]:
-        async with AsyncClient(cluster.gateway) as client:
-            return list(
-                await asyncio.gather(
-                    *[
-                        _stream(client, p, s, [])
-                        for p, s in zip(prompts[6:], seeds[6:], strict=True)
-                    ]
-                )
-            )
+        async with AsyncClient(migrating.cluster.gateway) as client:
+            runs = [_stream(client, p, s, []) for p, s in zip(PROMPTS[6:], SEEDS[6:], strict=True)]
+            return list(await asyncio.gather(*runs))
 
-    sampled = asyncio.run(undisturbed())
+    return [*greedy, *asyncio.run(undisturbed())]
+
+
+def test_sigterm_moves_every_stream_with_its_kv(
+    migrating: Migrating, expected: list[list[int]]
+) -> None:
+    cluster = migrating.cluster
+    prompts, seeds = PROMPTS, SEEDS
     gateway_before = scrape(migrating.metrics_port)
     prompt_tokens_before = [
         migrating.worker_metric(i, "pdserve_prompt_tokens_total") for i in (0, 1)
@@ -143,7 +152,7 @@ def test_sigterm_moves_every_stream_with_its_kv(migrating: Migrating) -> None:
         return results, exited, finished, on_victim
 
     results, exited, finished, on_victim = asyncio.run(run())
-    for i, (got, want) in enumerate(zip(results, [*greedy, *sampled], strict=True)):
+    for i, (got, want) in enumerate(zip(results, expected, strict=True)):
         assert got == want, f"stream {i}: first difference at {_first_difference(got, want)}"
     assert on_victim >= 1, "the drained worker held no stream"
     gateway = scrape(migrating.metrics_port)
@@ -164,8 +173,94 @@ def test_sigterm_moves_every_stream_with_its_kv(migrating: Migrating) -> None:
         f"\nmigration: {on_victim} streams moved; drained worker exited {exited:.2f} s after "
         f"SIGTERM, streams finished {finished:.2f} s after it"
     )
-    cluster.decode = cluster.decode[:1]
-    for status in cluster.wait_idle(timeout_s=20):
+    _wait_idle(cluster)
+
+
+async def _under_fault(
+    cluster: Cluster, fault: Callable[[], None]
+) -> list[list[int] | grpc.StatusCode]:
+    """The 8 streams, with ``fault`` applied once every one is decoding; each stream's tokens,
+    or the status it ended with."""
+
+    async def one(client: AsyncClient, prompt: list[int], seed: int | None, progress: list[int]):
+        try:
+            return await _stream(client, prompt, seed, progress)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+
+    progress: list[int] = []
+    async with AsyncClient(cluster.gateway) as client:
+        tasks = [
+            asyncio.create_task(one(client, p, s, progress))
+            for p, s in zip(PROMPTS, SEEDS, strict=True)
+        ]
+        while sum(progress) < 8 * 40:
+            await asyncio.sleep(0.01)
+        held = [cluster.status_of(a).running for a in cluster.decode]
+        assert all(held), f"streams per decode worker: {held}"
+        fault()
+        return list(await asyncio.gather(*tasks))
+
+
+def test_the_source_dying_mid_migration_resumes_every_stream_token_exact(
+    migrating: Migrating, expected: list[list[int]]
+) -> None:
+    cluster = migrating.cluster
+    _wait_idle(cluster)  # both decode workers serve again (the supervisor restarted decode-1)
+    victim = cluster.children()["decode-1"].pid
+
+    def fault() -> None:
+        os.kill(victim, signal.SIGTERM)  # migrations start...
+        deadline = time.monotonic() + 5
+        while cluster.status_of(cluster.decode[1]).running and time.monotonic() < deadline:
+            pass  # (until its sequences are parked)
+        os.kill(victim, signal.SIGKILL)  # ...and the source dies under them
+
+    results = asyncio.run(_under_fault(cluster, fault))
+    for i, (got, want) in enumerate(zip(results, expected, strict=True)):
+        assert got == want, f"stream {i}: {got if isinstance(got, grpc.StatusCode) else 'differs'}"
+    _wait_idle(cluster)
+
+
+def test_the_target_dying_mid_migration_ends_each_stream_exact_or_cleanly(
+    migrating: Migrating, expected: list[list[int]]
+) -> None:
+    cluster = migrating.cluster
+    _wait_idle(cluster)
+    source, target = cluster.children()["decode-1"].pid, cluster.children()["decode-0"].pid
+
+    def fault() -> None:
+        os.kill(source, signal.SIGTERM)
+        os.kill(target, signal.SIGKILL)  # the only worker that could take the streams
+
+    results = asyncio.run(_under_fault(cluster, fault))
+    for i, (got, want) in enumerate(zip(results, expected, strict=True)):
+        if isinstance(got, grpc.StatusCode):  # no worker left to resume on: a clean status
+            assert got == grpc.StatusCode.UNAVAILABLE, f"stream {i}: {got}"
+        else:
+            assert got == want, f"stream {i} differs"
+    _wait_idle(cluster)
+
+
+def _wait_idle(cluster: Cluster) -> None:
+    """Every decode worker serves, is routed to again by the gateway, and has every block
+    free."""
+    for address in cluster.decode:
+        cluster.wait_serving(address)
+
+    async def routed() -> None:
+        async with AsyncClient(cluster.gateway) as client:
+            for address in cluster.decode:
+                before = cluster.status_of(address).requests_total
+                deadline = time.monotonic() + 30
+                while cluster.status_of(address).requests_total == before:
+                    assert time.monotonic() < deadline, f"the gateway routes nothing to {address}"
+                    await asyncio.gather(
+                        *[_stream(client, _prompt(1), None, [], 2) for _ in range(4)]
+                    )
+
+    asyncio.run(routed())
+    for status in cluster.wait_idle(timeout_s=30):
         assert status.free_blocks == status.total_blocks, status
         assert status.running == 0 and status.waiting == 0 and status.pool_ok, status
 
