@@ -90,7 +90,12 @@ class Sim:
     def check(self) -> None:
         """Every used block belongs to exactly one live sequence."""
         self.pool.check_integrity()
-        live = [*self.sched.waiting, *self.sched.running, *self.sched.awaiting_kv.values()]
+        live = [
+            *self.sched.waiting,
+            *self.sched.running,
+            *self.sched.awaiting_kv.values(),
+            *self.sched.parking.parked.values(),
+        ]
         tables = [b for seq in live for b in seq.block_table]
         assert len(tables) == len(set(tables)), "a block is in two block tables"
         assert len(tables) == self.pool.num_used, "a used block belongs to no live sequence"
