@@ -1,22 +1,32 @@
-"""``benchmarks/speculative.py``'s pure parts, without a model: the seeded workloads, the
-Prometheus counters and their deltas, decode tok/s and ITL from client timestamps, and the
-greedy comparison between systems."""
+"""``benchmarks/speculative.py`` without a server: the seeded workloads, the Prometheus
+counters and their deltas, decode tok/s and ITL from client timestamps, the greedy comparison
+between systems, the flags and header of each system, and the truncated draft (on a tiny model:
+its logits are the target's early exit)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from benchmarks.speculative import (
     Stream,
     acceptance,
     greedy_mismatches,
     grounded,
+    header,
+    num_layers,
+    parse_args,
     spec_counters,
     summarize,
+    system_flags,
+    truncated_draft,
     ungrounded,
 )
+from tests.support.tiny_models import build_tiny_model
 
 EXPOSITION = """\
 # HELP pdserve_spec_proposed_tokens_total Draft tokens proposed
@@ -95,3 +105,37 @@ def test_greedy_mismatches_name_the_first_differing_token() -> None:
     assert compared == 3
     assert [(d["batch"], d["prompt"], d["first_diff"]) for d in differ] == [(1, 1, 1), (2, 0, 2)]
     assert greedy_mismatches(cells[1:2]) == (0, [])
+
+
+def test_system_flags_name_the_draft_model_folder() -> None:
+    assert system_flags("ngram", 4) == ("--speculative", "ngram", "--num-speculative-tokens", "4")
+    flags = system_flags("draft", None, Path("/tmp/d"))
+    assert flags == ("--speculative", "draft", "--draft-model", "/tmp/d")
+    with pytest.raises(ValueError):
+        system_flags("draft", None)
+
+
+def test_header_reports_the_draft_layer_count() -> None:
+    args = parse_args(["--systems", "off,draft", "--draft-layers", "6"])
+    assert args.draft_layers == 6 and args.systems == ["off", "draft"]
+    assert header(args, 6).endswith("; draft: 6 layers (the target's first)")
+    assert "draft" not in header(parse_args(["--systems", "off,ngram"]), None)
+    with pytest.raises(SystemExit):
+        parse_args(["--systems", "off,eagle"])
+
+
+def test_truncated_draft_is_the_targets_early_exit(tmp_path: Path) -> None:
+    source = build_tiny_model(tmp_path / "target", "llama", vocab_size=512)
+    draft = truncated_draft(source, 1, tmp_path / "draft")
+    assert num_layers(draft) == 1
+    assert (draft / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    target = AutoModelForCausalLM.from_pretrained(source).eval()
+    early = AutoModelForCausalLM.from_pretrained(draft).eval()
+    ids = torch.tensor([[5, 17, 99, 3, 250, 41]])
+    with torch.no_grad():
+        hidden = target(ids, output_hidden_states=True).hidden_states[1]
+        want = target.lm_head(target.model.norm(hidden))
+        assert torch.allclose(early(ids).logits, want, atol=1e-5)
+    for layers in (0, 2):  # the target has 2: keep at least one, drop at least one
+        with pytest.raises(SystemExit):
+            truncated_draft(source, layers, tmp_path / f"bad{layers}")
