@@ -123,6 +123,7 @@ async def hand_over(
                 if metrics is not None:
                     metrics.migration("migrated")
                     metrics.migration_pause.observe(pause)
+                    metrics.migration_bytes.inc(nbytes)
                 log.info(
                     "stream_migrated",
                     source=source.address,

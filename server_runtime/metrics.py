@@ -177,6 +177,9 @@ class GatewayMetrics:
             "to finish there (kept: no other worker), or resumed by re-prefill (failed).",
             "outcome",
         )
+        self.migration_bytes = _counter(
+            registry, g, "pdserve_migration_bytes", "KV bytes moved by stream migrations."
+        )
         self.migration_pause = _histogram(
             registry,
             g,

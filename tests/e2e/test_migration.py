@@ -162,6 +162,8 @@ def test_sigterm_moves_every_stream_with_its_kv(
 
     assert delta("pdserve_migrations_total", outcome="migrated") == on_victim
     assert delta("pdserve_migrations_total", outcome="failed") == 0
+    assert delta("pdserve_migration_bytes_total") > 0
+    assert delta("pdserve_migration_pause_seconds_count") == on_victim
     assert delta("pdserve_decode_resumes_total", outcome="resumed") == 0  # no re-prefill
     # the target computed only the prompts routed to it at first, none of the moved ones
     target_prompts = migrating.worker_metric(0, "pdserve_prompt_tokens_total")
