@@ -39,14 +39,16 @@ def rate(metric: str, extra: str = "") -> str:
     return f"rate({metric}{{{matchers}}}[$__rate_interval])"
 
 
-def quantiles(histogram: str, by: str = "tier") -> tuple[Target, ...]:
-    """p50/p90/p99 of a histogram, one line per ``by`` value."""
+def quantiles(
+    histogram: str, by: str = "tier", qs: tuple[float, ...] = QUANTILES
+) -> tuple[Target, ...]:
+    """p50/p90/p99 (or ``qs``) of a histogram, one line per ``by`` value."""
     return tuple(
         Target(
             f"histogram_quantile({q}, sum by (le, {by}) ({rate(histogram + '_bucket')}))",
             f"p{round(q * 100)} {{{{{by}}}}}",
         )
-        for q in QUANTILES
+        for q in qs
     )
 
 
@@ -177,6 +179,35 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 ),
                 "Attempts retried before the first token, and streams broken after it: resumed "
                 "on another decode worker or ended with UNAVAILABLE.",
+            ),
+            Panel(
+                "Migrations / s by outcome",
+                "short",
+                (
+                    Target(
+                        f"sum by (outcome) ({rate('pdserve_migrations_total')})",
+                        "{{outcome}}",
+                    ),
+                ),
+                "Streams a draining decode worker (scale-in, rollout, node drain) offered: "
+                "migrated (moved with their KV to another decode worker), kept (no other worker "
+                "had room: they finish on the draining one within its --shutdown-grace) or "
+                "failed (the move broke: resumed by re-prefill, see Retries and resumes).",
+            ),
+            Panel(
+                "Migration pause",
+                "s",
+                quantiles("pdserve_migration_pause_seconds", qs=(0.5, 0.99)),
+                "What a migrated stream's client sees: the gap from the draining worker's offer "
+                "to the new worker's first token (a fraction of a second: ~0.2 s fixed, plus "
+                "the sequence's KV bytes over the link between the two).",
+            ),
+            Panel(
+                "KV moved by migrations",
+                "Bps",
+                (Target(f"sum({rate('pdserve_migration_bytes_total')})", "moved"),),
+                "KV bytes per second that draining decode workers pushed to other decode "
+                "workers for migrated streams (decode to decode, on the kv port).",
             ),
         ),
     ),

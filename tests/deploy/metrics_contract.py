@@ -50,6 +50,9 @@ METRICS: dict[str, MetricType] = {
     "pdserve_router_fallbacks_total": MetricType.COUNTER,
     "pdserve_prefill_retries_total": MetricType.COUNTER,
     "pdserve_decode_resumes_total": MetricType.COUNTER,
+    "pdserve_migrations_total": MetricType.COUNTER,
+    "pdserve_migration_pause_seconds": MetricType.HISTOGRAM,
+    "pdserve_migration_bytes_total": MetricType.COUNTER,
     "pdserve_requests_total": MetricType.COUNTER,
     "pdserve_http_requests_total": MetricType.COUNTER,
 }
@@ -90,6 +93,10 @@ GATEWAY_ONLY = frozenset(
         "pdserve_router_fallbacks_total",
         "pdserve_prefill_retries_total",
         "pdserve_decode_resumes_total",
+        # Live KV migration: the gateway moves a draining decode worker's streams.
+        "pdserve_migrations_total",
+        "pdserve_migration_pause_seconds",
+        "pdserve_migration_bytes_total",
     }
 )
 

@@ -4,12 +4,12 @@ Every overlay is rendered (tests/deploy/kustomize_lite.py; compared with ``kubec
 where kubectl exists), every built-in object validates strictly with kubernetes-validate, and
 the objects are checked against what the processes really do: the ports they listen on (from
 their own CLI parser), the gRPC services their health servicers report, their graceful-stop
-grace period, and the Services that tie the tiers together.
+grace period (the decode tier's against live KV migration), and the Services that tie the
+tiers together.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import shutil
 import subprocess
@@ -19,10 +19,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from decode_service import server as decode_server
 from decode_service.servicer import TIER as DECODE_TIER
 from gateway import server as gateway_server
-from prefill_service import server as prefill_server
 from prefill_service.servicer import TIER as PREFILL_TIER
 from tests.deploy import kustomize_lite
 from tests.deploy.manifests import (
@@ -53,16 +51,18 @@ BUILT_IN_KINDS = {"Namespace", "ConfigMap", "Service", "Deployment", "PodDisrupt
 CUSTOM_KINDS = {"ScaledObject"}  # checked against KEDA's CRD schema in test_keda.py
 MIN_STARTUP_BUDGET_S = 120  # model load, including a first-time conversion
 SHUTDOWN_MARGIN_S = 5
+DNS_TTL_S = 5
+"""CoreDNS's TTL for Service records (its kubernetes plugin's default): how stale a gateway's
+view of the headless Services may be on top of its own --resolve-interval."""
+ENDPOINT_PROPAGATION_S = 1
+"""A pod's readiness to its EndpointSlice and CoreDNS."""
+MAX_DECODE_PRE_STOP_S = 10
+"""A decode pod starts moving its streams on SIGTERM: a longer preStop only delays that."""
 
 HEALTH_SERVICE = {
     "gateway": gateway_server.SERVICE_NAME,
     "prefill": PREFILL_TIER.service_name,
     "decode": DECODE_TIER.service_name,
-}
-SERVE = {
-    "gateway": gateway_server.serve,
-    "prefill": prefill_server.serve,
-    "decode": decode_server.serve,
 }
 
 
@@ -235,12 +235,45 @@ def test_graceful_shutdown_fits_the_termination_grace_period(objects: list[Obj])
         # Endpoints drop the pod once it is deleted; the sleep covers propagation (kube-proxy,
         # DNS, Envoy's 5 s re-resolution) and at least one readiness period.
         assert pre_stop >= max(readiness["periodSeconds"], 5), tier
-        grace_s = inspect.signature(SERVE[tier]).parameters["grace_s"].default
+        # The grace the process really gets (--shutdown-grace / PDSERVE_SHUTDOWN_GRACE, or its
+        # default), as pdserve parses the container's command line and environment.
+        grace_s = float(parse_command_line(container, objects).shutdown_grace)
         needed = pre_stop + grace_s + SHUTDOWN_MARGIN_S
         assert needed <= pod["terminationGracePeriodSeconds"] <= needed + 30, (
             f"{tier}: terminationGracePeriodSeconds should be about preStop ({pre_stop}s) + "
             f"pdserve's stop grace ({grace_s}s) + margin"
         )
+
+
+def test_decode_drain_fits_live_kv_migration(objects: list[Obj]) -> None:
+    """A draining decode pod moves its streams to the other decode pods on SIGTERM
+    (gateway/migration.py): the manifests must leave migration on, not hold it back behind a
+    long preStop, give each move the time the gateway allows it, and let a rollout's surge pod
+    (where the streams usually go) reach every gateway's view before the old pod drains."""
+    deployments = _deployments(objects)
+    decode = deployments["decode"]
+    container = only_container(decode)
+    args = parse_command_line(container, objects)
+    gateway = parse_command_line(only_container(deployments["gateway"]), objects)
+    assert args.no_migration is False, "decode pods drain by migration (no --no-migration)"
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pre_stop <= MAX_DECODE_PRE_STOP_S, (
+        f"decode preStop {pre_stop}s: SIGTERM starts the migration, a long sleep only delays it"
+    )
+    # The gateway gives up on a move after --kv-arrival-timeout (then re-prefills the stream
+    # elsewhere); the drain must not cut a move before that.
+    move_limit = float(gateway.kv_arrival_timeout)
+    assert move_limit > 0, "the gateway's --kv-arrival-timeout must bound each move"
+    assert float(args.shutdown_grace) >= move_limit + SHUTDOWN_MARGIN_S, (
+        f"decode --shutdown-grace {args.shutdown_grace}s would cut moves the gateway still "
+        f"allows ({move_limit}s)"
+    )
+    discovery = ENDPOINT_PROPAGATION_S + DNS_TTL_S + float(gateway.resolve_interval)
+    from_ready_to_drain = decode["spec"]["minReadySeconds"] + pre_stop
+    assert from_ready_to_drain >= discovery, (
+        f"a rollout's new decode pod may be unknown to the gateways when the old one drains: "
+        f"minReadySeconds + preStop = {from_ready_to_drain}s < {discovery}s"
+    )
 
 
 def test_pods_run_unprivileged_without_service_links(objects: list[Obj]) -> None:
