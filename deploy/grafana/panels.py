@@ -298,6 +298,38 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
         ),
     ),
     (
+        "Speculative decoding",
+        (
+            Panel(
+                "Draft acceptance rate",
+                "percentunit",
+                (
+                    Target(
+                        f"sum by (tier, pod) ({rate('pdserve_spec_accepted_tokens_total')})"
+                        f" / sum by (tier, pod) ({rate('pdserve_spec_proposed_tokens_total')})",
+                        "{{tier}} {{pod}}",
+                    ),
+                ),
+                "Share of speculative draft tokens the target model kept (--speculative); no "
+                "data where speculation is off. Output is the same either way.",
+            ),
+            Panel(
+                "Tokens per verify step",
+                "short",
+                (
+                    Target(
+                        f"(sum by (tier, pod) ({rate('pdserve_spec_accepted_tokens_total')})"
+                        f" + sum by (tier, pod) ({rate('pdserve_spec_verify_steps_total')}))"
+                        f" / sum by (tier, pod) ({rate('pdserve_spec_verify_steps_total')})",
+                        "{{tier}} {{pod}}",
+                    ),
+                ),
+                "Tokens a sequence gains per step that verified a draft (the accepted ones "
+                "plus the one the step samples): 1 means speculation saves nothing.",
+            ),
+        ),
+    ),
+    (
         "KV transfer",
         (
             Panel(
