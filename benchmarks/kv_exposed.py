@@ -98,14 +98,14 @@ def sender_main(
             sender.send_pages(transfer.transfer_id, layer, pages)
 
     compute_end = [0.0]
-    execute = engine.runner.execute_with_logprobs  # what Engine.step calls
+    execute = engine.runner.execute_step  # what Engine.step calls
 
-    def timed_execute(batch: ScheduledBatch) -> tuple[list[int], list[Any]]:
+    def timed_execute(batch: ScheduledBatch) -> tuple[list[Any], list[Any]]:
         sampled = execute(batch)
         compute_end[0] = time.monotonic()  # forward pass and sampling are done
         return sampled
 
-    engine.runner.execute_with_logprobs = timed_execute  # type: ignore[method-assign]
+    engine.runner.execute_step = timed_execute  # type: ignore[method-assign]
     rng = random.Random(seed)
     vocab_top = min(49000, spec.vocab_size)
 
