@@ -126,12 +126,13 @@ class DecodeWorker:
         target acknowledged them, then frees the blocks here (the target owns the sequence
         now). On failure the sequence stays parked (the gateway resumes it elsewhere and
         cancels its call, which frees it)."""
-        try:
-            pages, last_token, computed = await asyncio.to_thread(self.engine.parked_pages, key)
+        try:  # (the blocks the target holds cached already are not copied)
+            pages, last_token, computed = await asyncio.to_thread(
+                self.engine.parked_pages, key, ticket.cached_blocks
+            )
         except KeyError:
             raise NotParkedError(f"no parked sequence {key!r} on this worker") from None
         check_ticket(ticket, self.fingerprint, self.engine.blocks_for(computed))
-        pages = pages[:, :, ticket.cached_blocks :]
         spec = TransferSpec(key, ticket.transfer_id, ticket.kv_endpoint, ticket.blocks_to_send)
         acked = asyncio.get_running_loop().create_future()
         self._sent[key] = acked

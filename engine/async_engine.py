@@ -136,9 +136,10 @@ class AsyncEngine:
         """Park every decoding sequence for migration (see :meth:`Engine.park_all`)."""
         self.engine.park_all()
 
-    def parked_pages(self, key: str) -> tuple[torch.Tensor, int, int]:
-        """A parked sequence's KV copy, last token and positions held (any thread)."""
-        return self.engine.parked_pages(key)
+    def parked_pages(self, key: str, skip: int = 0) -> tuple[torch.Tensor, int, int]:
+        """A parked sequence's KV copy past ``skip`` blocks, last token and positions computed
+        (any thread; see :meth:`Engine.parked_pages`)."""
+        return self.engine.parked_pages(key, skip)
 
     def unpark(self, key: str) -> bool:
         """Let a parked sequence decode here after all (it parks no more); False: not parked."""

@@ -173,15 +173,15 @@ class Engine:
             self._wakeup.notify()
             self._lock.release()
 
-    def parked_pages(self, request_id: str) -> tuple[torch.Tensor, int, int]:
+    def parked_pages(self, request_id: str, skip: int = 0) -> tuple[torch.Tensor, int, int]:
         """A parked sequence's KV for a target that reserved its tokens but the last: a copy
-        of the pages of every position computed, ``(L, 2, n, bs, KVH, D)``, its last token
-        (the target's first: already emitted) and the positions the pages hold. KeyError when
-        the sequence is not parked here (it ended, or was never parked)."""
+        of the pages of every position computed past its first ``skip`` blocks (the target's
+        cached prefix), ``(L, 2, n, bs, KVH, D)``, its last token (the target's first, already
+        emitted) and the positions computed. KeyError when the sequence is not parked here."""
         with self._lock:
             seq = self.scheduler.parking.parked[request_id]
             computed = seq.num_computed_tokens
-            blocks = seq.block_table[: self.scheduler.blocks_for(computed)]
+            blocks = seq.block_table[skip : self.scheduler.blocks_for(computed)]
             return self.kv_cache.gather_pages(blocks), seq.last_token_id, computed
 
     def unpark(self, request_id: str) -> bool:

@@ -114,17 +114,6 @@ class ModelRunner:
         return [tokens[0] if tokens else 0 for tokens in self.execute_step(batch)[0]]
 
     @torch.inference_mode()
-    def execute_with_logprobs(
-        self, batch: ScheduledBatch
-    ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """As :meth:`execute`, with each item's logprobs (None: not sampled or not asked)."""
-        tokens, logprobs = self.execute_step(batch)
-        return (
-            [t[0] if t else 0 for t in tokens],
-            [lp[0] if lp else None for lp in logprobs],
-        )
-
-    @torch.inference_mode()
     def execute_step(
         self, batch: ScheduledBatch
     ) -> tuple[list[tuple[int, ...]], list[tuple[TokenLogprob, ...]]]:

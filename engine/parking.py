@@ -23,9 +23,7 @@ class ParkingLot:
         parked = [
             s
             for s in running
-            if s.num_tokens - s.num_computed_tokens == 1
-            and s.num_completion_tokens > 0
-            and s.request_id not in self._kept
+            if s.is_decoding and s.num_completion_tokens > 0 and s.request_id not in self._kept
         ]
         for seq in parked:
             seq.status = SequenceStatus.PARKED

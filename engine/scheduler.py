@@ -360,12 +360,7 @@ class Scheduler:
             if self.pool.can_allocate(needed):
                 break
             if seq.block_table:
-                self.pool.free(seq.block_table)
-                seq.block_table = []
-                seq.block_hashes = []
-                seq.num_computed_tokens = 0
-                if seq.spec is not None:
-                    seq.spec.draft_computed = 0
+                self._drop_kv(seq)
                 self.num_preemptions += 1
         return self.pool.can_allocate(needed)
 
@@ -374,15 +369,20 @@ class Scheduler:
         Recompute rather than swap: on CPU a swap is a copy into the same memory, and the
         recomputed KV is bit-identical, so greedy output does not change."""
         self.running.remove(seq)
-        self.pool.free(seq.block_table)  # its full blocks stay cached: recompute will hit them
+        self._drop_kv(seq)  # its full blocks stay cached: recompute will hit them
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _drop_kv(self, seq: Sequence) -> None:
+        """Free a sequence's blocks; it recomputes its KV (the draft model's too) when next
+        admitted."""
+        self.pool.free(seq.block_table)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
         if seq.spec is not None:
             seq.spec.draft_computed = 0
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
-        self.num_preemptions += 1
 
     def _release(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.block_table:

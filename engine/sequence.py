@@ -89,6 +89,11 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def is_decoding(self) -> bool:
+        """Only its last token's KV is missing: its next step computes one token (or a draft)."""
+        return self.num_tokens - self.num_computed_tokens == 1
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 

@@ -182,7 +182,7 @@ class Speculator:
         """Whether a step over ``running`` proposes drafts: at most ``max_seqs`` decode."""
         if self.proposer is None:
             return False
-        decoding = sum(1 for s in running if s.num_tokens - s.num_computed_tokens == 1)
+        decoding = sum(1 for s in running if s.is_decoding)
         return decoding <= self.config.max_seqs
 
     def slots(self, state: SpecState | None, limit: int) -> int:

@@ -103,9 +103,7 @@ async def hand_over(
                 exc.address if isinstance(exc, UpstreamError) and exc.address else source.address
             )
             why = str(exc) or f"no answer within {kv_arrival_timeout_s:g} s"
-            log.warning(
-                "migration_failed", source=source.address, target=target.address, error=why
-            )
+            log.warning("migration_failed", source=source.address, target=target.address, error=why)
             raise UpstreamError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"moving the stream from draining decode worker {source.address} to "

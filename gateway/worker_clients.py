@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -132,6 +133,14 @@ class _WorkerClient:
     async def close(self) -> None:
         await self._channel.close()
 
+    async def _unary(self, call: grpc.aio.UnaryUnaryCall) -> Any:
+        """A request call's reply, the call tracked while it runs (:meth:`abandon_calls`)."""
+        self._open.add(call)
+        try:
+            return await self._open.settle(self.tier, self.address, call, call)
+        finally:
+            self._open.discard(call)
+
 
 def _stream_ended(tier: str, address: str, what: str) -> UpstreamError:
     return UpstreamError(
@@ -188,11 +197,7 @@ class DecodeClient(_WorkerClient):
         if ticket is not None:
             request.ticket.CopyFrom(ticket_to_proto(ticket))
         call = self._decode.Migrate(request, timeout=timeout, metadata=_metadata(request_id))
-        self._open.add(call)
-        try:
-            reply = await self._open.settle("decode", self.address, call, call)
-        finally:
-            self._open.discard(call)
+        reply = await self._unary(call)
         return int(reply.bytes)
 
 
@@ -233,11 +238,7 @@ class PrefillClient(_WorkerClient):
             resumed_tokens=resumed_tokens,
         )
         call = self._prefill.Prefill(request, timeout=timeout, metadata=_metadata(request_id))
-        self._open.add(call)
-        try:
-            reply = await self._open.settle("prefill", self.address, call, call)
-        finally:
-            self._open.discard(call)
+        reply = await self._unary(call)
         first_lp = (
             logprob_from_proto(reply.first_logprob) if reply.HasField("first_logprob") else None
         )
